@@ -1,0 +1,49 @@
+"""Atomic save, safe load: the one checkpoint format.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
+`weights_only=True`: a file carrying a pickled object that would run code is refused.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+from .errors import KdlError
+from .runs import atomic_write
+
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write to a temp file beside `path`, fsync, rename over it: a kill leaves the old one."""
+    import torch
+
+    state = {"format": FORMAT_VERSION, **state}
+    atomic_write(path, lambda handle: torch.save(state, handle))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint with weights_only=True; anything unsafe or damaged is a clear error."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise KdlError(f"checkpoint {path} does not exist; the run may not have finished an epoch")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise KdlError(
+            f"refused to load {path}: it holds pickled Python objects that could run code "
+            f"({str(exc).splitlines()[0][:200]}). kdl only loads plain tensors and values; "
+            "do not use checkpoints from untrusted sources."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise KdlError(
+            f"checkpoint {path} cannot be read ({str(exc).splitlines()[0][:200]}); it is damaged "
+            "or incomplete. Use the other checkpoint (--checkpoint last|best) or re-run."
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+        raise KdlError(f"{path} is not a kdl checkpoint (format {FORMAT_VERSION} expected)")
+    return state

@@ -1,0 +1,335 @@
+"""What `kdl train` and `kdl eval` do, between the CLI and the trainer.
+
+Everything that can fail because of bad input (config, data, device) is checked before the run
+folder exists, so a mistake leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import runs
+from .checkpoint import load_checkpoint
+from .config import Config, apply_overrides, load_config, resolve
+from .data import Batches, DataBundle, build_data
+from .errors import KdlError, RunFailed
+from .optim import LRSchedule, build_optimizer
+from .progress import Reporter
+from .tasks import Task, build_task
+from .trainer import Trainer, evaluate, seed_everything
+
+EXIT_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    folder: Path
+    status: str
+    exit_code: int
+    summary: dict[str, Any]
+
+
+@dataclass
+class Experiment:
+    """Everything built from a config, before any file is written."""
+
+    cfg: Config
+    device: torch.device
+    data: DataBundle
+    task: Task
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise KdlError(
+                f"train.device: {name!r} asked for a CUDA GPU but torch sees none "
+                f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}). "
+                "Use --device cpu or train.device: auto, or install a CUDA build of torch."
+            )
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise KdlError(
+                f"train.device: {name!r} but only {torch.cuda.device_count()} GPU(s) are visible"
+            )
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise KdlError("train.device: 'mps' asked for Apple's GPU but it is not available here")
+    return torch.device(name)
+
+
+def build_experiment(cfg: Config, device_override: str | None = None) -> Experiment:
+    """Device, data and task from a validated config; every input error surfaces here."""
+    device = resolve_device(device_override or cfg.train.device)
+    if cfg.train.precision == "fp16" and device.type == "cpu":
+        raise KdlError(
+            "train.precision: fp16 needs a GPU; on the CPU use bf16 or fp32 (--set train.precision=bf16)"
+        )
+    seed_everything(cfg.seed, cfg.train.deterministic)
+    data = build_data(cfg.data)
+    if cfg.data.batch_size > len(data.train):
+        raise KdlError(
+            f"data.batch_size is {cfg.data.batch_size} but the training set has only "
+            f"{len(data.train)} samples; set data.batch_size to at most {len(data.train)}"
+        )
+    task = build_task(cfg, data.info, device)
+    split, _, metric = cfg.train.best_metric.partition(".")
+    if metric not in task.metric_names:
+        raise KdlError(
+            f"train.best_metric: {cfg.train.best_metric!r} is not a metric of the {task.name} task; "
+            f"choose one of {', '.join(f'{split}.{m}' for m in task.metric_names)}"
+        )
+    if split == "val" and data.val is None:
+        raise KdlError(
+            f"train.best_metric is {cfg.train.best_metric!r} but there is no validation split "
+            "(data.val_fraction is 0); set data.val_fraction > 0 or train.best_metric: train.loss"
+        )
+    task.to(device)
+    return Experiment(cfg, device, data, task)
+
+
+def versions(device: torch.device) -> dict[str, Any]:
+    import torchvision
+
+    return {
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+    }
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def train(
+    config_path: str | None,
+    overrides: list[str],
+    runs_root: Path,
+    command: list[str],
+    quiet: bool = False,
+    resume: str | None = None,
+    allow_changes: bool = False,
+) -> TrainResult:
+    """Start a run from a config file, or resume one from its own folder."""
+    if resume:
+        run, cfg, changes = _resume_config(runs_root, resume, overrides, allow_changes)
+    else:
+        cfg, run, changes = load_config(config_path, overrides), None, {}
+    exp = build_experiment(cfg)
+    task = exp.task
+    optimizers = {name: build_optimizer(cfg.optimizer, task.parameters_for(name))
+                  for name in task.models}
+    train_batches = Batches(exp.data.train, cfg.data.batch_size, seed=cfg.seed, shuffle=True,
+                            num_workers=cfg.data.num_workers)
+    val_batches = _eval_batches(cfg, exp.data.val)
+    total_steps = len(train_batches) * cfg.train.epochs
+    if cfg.train.max_steps is not None:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    schedules = {name: LRSchedule(cfg.scheduler, cfg.optimizer.lr, len(train_batches), total_steps)
+                 for name in optimizers}
+
+    folder = run.path if run else _new_run_folder(runs_root, cfg)
+    writer = runs.RunWriter(folder)
+    reporter = Reporter(quiet)
+    trainer = Trainer(cfg.train, task, optimizers, schedules, train_batches, val_batches,
+                      writer, reporter, exp.device)
+    previous_duration = float(writer.meta.get("duration_s") or 0.0)
+    if run:
+        checkpoint = load_checkpoint(run.checkpoint("last"))
+        trainer.load_state_dict(checkpoint)
+        writer.keep_metrics_up_to(trainer.state.step)
+        resumes = writer.meta.get("resumes", []) + [
+            {"at": runs.utc_now(), "step": trainer.state.step, "command": command,
+             "changes": changes}
+        ]
+        writer.update_meta(status="running", resumes=resumes, **_process_fields(command))
+        writer.log(f"===== resumed at epoch {trainer.state.epoch} step {trainer.state.step} =====")
+    else:
+        writer.update_meta(**_first_meta(cfg, exp, folder, command))
+        writer.log(f"run {folder.name} started: {cfg.name} on {exp.device}")
+    reporter.message(f"run {folder.name}: {folder}")
+    return _drive(trainer, writer, previous_duration)
+
+
+def _drive(trainer: Trainer, writer: runs.RunWriter, previous_duration: float) -> TrainResult:
+    """Run the loop and leave the run folder in a final, truthful state whatever happens."""
+    began = time.time()
+    status, exit_code, error = "completed", 0, None
+    try:
+        state = trainer.fit()
+        if state.stop_reason == "signal":
+            status, exit_code = "interrupted", EXIT_SIGNALS.get(trainer.stop_signal, 130)
+    except KeyboardInterrupt:
+        status, exit_code = "interrupted", 130
+    except RunFailed as exc:
+        status, exit_code, error = "failed", 1, str(exc)
+    except KdlError as exc:
+        status, exit_code, error = "failed", exc.exit_code, str(exc)
+    except Exception as exc:  # an unexpected failure: keep the traceback in train.log
+        writer.log(traceback.format_exc())
+        status, exit_code, error = "failed", 1, f"{type(exc).__name__}: {exc}"
+    finally:
+        trainer.reporter.close()
+    duration = previous_duration + time.time() - began
+    summary = _summary(trainer, status, duration)
+    writer.update_meta(status=status, ended_at=runs.utc_now(), duration_s=round(duration, 3),
+                       error=error, epochs_done=trainer.state.epoch, step=trainer.state.step)
+    writer.write_summary(summary)
+    writer.log(f"run {status}" + (f": {error}" if error else ""))
+    writer.close()
+    if error:
+        trainer.reporter.message(f"error: {error}")
+    return TrainResult(writer.id, writer.folder, status, exit_code, summary)
+
+
+def _summary(trainer: Trainer, status: str, duration: float) -> dict[str, Any]:
+    state, cfg = trainer.state, trainer.cfg
+    return {
+        "status": status,
+        "epochs_done": state.epoch,
+        "steps": state.step,
+        "stop_reason": state.stop_reason,
+        "final": trainer.last_metrics,
+        "best": {"metric": cfg.best_metric, "mode": trainer.best_mode,
+                 "value": state.best_value, "epoch": state.best_epoch},
+        "skipped_steps": trainer.updater.skipped_steps,
+        "duration_s": round(duration, 3),
+    }
+
+
+def _new_run_folder(runs_root: Path, cfg: Config) -> Path:
+    folder = runs.create_run_folder(runs_root, cfg.name)
+    runs.write_text(folder / runs.CONFIG, f"# kdl train {folder / runs.CONFIG}\n" + cfg.to_yaml())
+    return folder
+
+
+def _process_fields(command: list[str]) -> dict[str, Any]:
+    env = runs.run_environment(command)
+    return {k: env[k] for k in ("command", "host", "pid", "pid_started")}
+
+
+def _first_meta(cfg: Config, exp: Experiment, folder: Path, command: list[str]) -> dict[str, Any]:
+    now = runs.utc_now()
+    return {
+        "id": folder.name,
+        "name": cfg.name,
+        "status": "running",
+        "created_at": now,
+        "started_at": now,
+        "ended_at": None,
+        "duration_s": 0.0,
+        "task": exp.task.name,
+        "model": cfg.model.name,
+        "dataset": cfg.data.name,
+        "config_hash": cfg.hash(),
+        "device": str(exp.device),
+        "epochs": cfg.train.epochs,
+        "epochs_done": 0,
+        "step": 0,
+        **runs.run_environment(command),
+        "versions": versions(exp.device),
+    }
+
+
+def _resume_config(
+    runs_root: Path, ref: str, overrides: list[str], allow_changes: bool
+) -> tuple[runs.Run, Config, dict[str, Any]]:
+    run = runs.resolve_run(runs_root, ref)
+    if run.status == "running":
+        raise KdlError(f"run {run.id} is still running (pid {run.meta.get('pid')}); stop it first")
+    raw = run.config_dict()
+    saved = resolve(raw, str(run.path / runs.CONFIG))
+    cfg = resolve(apply_overrides(raw, overrides), "--set") if overrides else saved
+    changes = _diff(saved.to_dict(), cfg.to_dict())
+    if changes and not allow_changes:
+        shown = ", ".join(f"{k}: {v['from']!r} -> {v['to']!r}" for k, v in changes.items())
+        raise KdlError(
+            f"resuming {run.id} with changes ({shown}) would not continue the same experiment; "
+            "add --allow-changes to resume anyway (the changes are recorded in meta.json)"
+        )
+    if not run.checkpoint("last").is_file():
+        raise KdlError(
+            f"run {run.id} has no checkpoints/last.pt to resume from; start it again with "
+            f"`kdl train {run.path / runs.CONFIG}`"
+        )
+    if run.status == "completed" and not changes:
+        raise KdlError(
+            f"run {run.id} already completed; to train longer resume with "
+            "--set train.epochs=N --allow-changes"
+        )
+    if changes:
+        runs.write_text(run.path / runs.CONFIG, f"# kdl train {run.path / runs.CONFIG}\n" + cfg.to_yaml())
+    return run, cfg, changes
+
+
+def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    changes = {}
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes.update(_diff(a, b, f"{prefix}{key}."))
+        elif a != b:
+            changes[f"{prefix}{key}"] = {"from": a, "to": b}
+    return changes
+
+
+def _eval_batches(cfg: Config, dataset: Any) -> Batches | None:
+    if dataset is None:
+        return None
+    size = cfg.data.eval_batch_size or max(cfg.data.batch_size, 256)
+    return Batches(dataset, size, num_workers=cfg.data.num_workers)
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def evaluate_run(
+    runs_root: Path, ref: str, checkpoint: str = "best", split: str = "val", device: str = "auto"
+) -> tuple[runs.Run, dict[str, Any]]:
+    """Rebuild data and model from the run's config.yaml, load a checkpoint, evaluate a split."""
+    run = runs.resolve_run(runs_root, ref)
+    cfg = resolve(run.config_dict(), str(run.path / runs.CONFIG))
+    path = run.checkpoint(checkpoint)
+    if not path.is_file():
+        other = "last" if checkpoint == "best" else "best"
+        raise KdlError(
+            f"run {run.id} has no checkpoints/{checkpoint}.pt yet"
+            + (f"; try --checkpoint {other}" if run.checkpoint(other).is_file() else "")
+        )
+    state = load_checkpoint(path)
+    exp = build_experiment(cfg, device_override=device)
+    dataset = getattr(exp.data, split)
+    if dataset is None:
+        raise KdlError(f"the {cfg.data.name} data of run {run.id} has no {split} split")
+    for name, model in exp.task.models.items():
+        model.load_state_dict(state["models"][name])
+    metrics = evaluate(exp.task, _eval_batches(cfg, dataset), detailed=True)
+    result = {
+        "run": run.id,
+        "checkpoint": checkpoint,
+        "split": split,
+        "epoch": state["loop"]["epoch"],
+        "step": state["loop"]["step"],
+        "samples": len(dataset),
+        "evaluated_at": runs.utc_now(),
+        "metrics": metrics,
+    }
+    (run.path / runs.EVAL).mkdir(exist_ok=True)
+    runs.write_json(run.path / runs.EVAL / f"{checkpoint}-{split}.json", result)
+    return run, result
+

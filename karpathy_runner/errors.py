@@ -1,0 +1,28 @@
+"""Errors the CLI turns into one clear paragraph and an exit code (never a traceback)."""
+
+from __future__ import annotations
+
+
+class KdlError(Exception):
+    """Bad usage, bad config or missing input: the user can fix it. Exit code 2."""
+
+    exit_code = 2
+
+
+class RunFailed(KdlError):
+    """The run itself failed (e.g. the loss became NaN). Exit code 1."""
+
+    exit_code = 1
+
+
+class ConfigError(KdlError):
+    """One or more problems in a config, each naming the key path and the fix."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = problems
+        self.source = source
+        where = f" in {source}" if source else ""
+        lines = [f"config error{where}:" if len(problems) > 1 else f"config error{where}: {problems[0]}"]
+        if len(problems) > 1:
+            lines += [f"  - {p}" for p in problems]
+        super().__init__("\n".join(lines))

@@ -1,0 +1,76 @@
+"""Optimizers from plain values, and learning-rate schedules as pure functions of the step.
+
+A schedule that is a function of the step needs no state of its own to resume exactly: the
+trainer sets each group's lr from `factor(step)` before every update.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+
+def build_optimizer(cfg: Any, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """`cfg` is the optimizer branch: name, lr, weight_decay and the name's own settings."""
+    params = [p for p in params if p.requires_grad]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+            weight_decay=cfg.weight_decay,
+        )
+    if cfg.name in ("adam", "adamw"):
+        cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+        return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                   weight_decay=cfg.weight_decay)
+    if cfg.name == "rmsprop":
+        return torch.optim.RMSprop(
+            params, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps, momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+        )
+    raise ValueError(f"unknown optimizer {cfg.name!r}")
+
+
+class LRSchedule:
+    """lr multiplier at each optimizer step: linear warm-up, then none|step|cosine|onecycle."""
+
+    def __init__(self, cfg: Any, base_lr: float, steps_per_epoch: int, total_steps: int):
+        self.cfg = cfg
+        self.base_lr = base_lr
+        self.steps_per_epoch = max(steps_per_epoch, 1)
+        self.total_steps = max(total_steps, 1)
+        self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
+
+    def factor(self, step: int) -> float:
+        cfg = self.cfg
+        if cfg.name == "onecycle":
+            return self._onecycle(step)
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if cfg.name == "step":
+            return cfg.gamma ** (step // (cfg.step_size * self.steps_per_epoch))
+        if cfg.name == "cosine":
+            span = max(self.total_steps - self.warmup_steps, 1)
+            progress = min((step - self.warmup_steps) / span, 1.0)
+            floor = cfg.min_lr / self.base_lr
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    def _onecycle(self, step: int) -> float:
+        """Cosine up from lr/div_factor to lr over pct_start, then cosine down to the floor."""
+        cfg = self.cfg
+        start = 1.0 / cfg.div_factor
+        end = start / cfg.final_div_factor
+        rise = max(round(cfg.pct_start * self.total_steps), 1)
+        if step < rise:
+            return _cosine_between(start, 1.0, step / rise)
+        return _cosine_between(1.0, end, min((step - rise) / max(self.total_steps - rise, 1), 1.0))
+
+    def lr(self, step: int) -> float:
+        return self.base_lr * self.factor(step)
+
+
+def _cosine_between(first: float, last: float, progress: float) -> float:
+    return last + (first - last) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -1,0 +1,23 @@
+"""Shared fixtures: a runs folder per test, and torchvision's md5 check skipped for test files."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torchvision.datasets.cifar
+
+
+@pytest.fixture
+def skip_md5(monkeypatch):
+    """Our files are not the published ones: keep torchvision's file check, drop its md5 part."""
+    monkeypatch.setattr(
+        torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path)
+    )
+
+
+@pytest.fixture
+def runs_dir(tmp_path, monkeypatch):
+    folder = tmp_path / "runs"
+    monkeypatch.setenv("KDL_RUNS_DIR", str(folder))
+    return folder
