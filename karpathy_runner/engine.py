@@ -47,6 +47,24 @@ class Experiment:
     task: Task
 
 
+MIN_VERSIONS = {"torch": (2, 6), "torchvision": (0, 21)}
+
+
+def check_versions() -> None:
+    """Refuse libraries whose weights_only loading is known to be unsafe (torch < 2.6)."""
+    import torchvision
+
+    for module in (torch, torchvision):
+        found = tuple(int(p) for p in module.__version__.split("+")[0].split(".")[:2])
+        needed = MIN_VERSIONS[module.__name__]
+        if found < needed:
+            raise KdlError(
+                f"{module.__name__} {module.__version__} is too old: kdl needs "
+                f"{module.__name__} >= {'.'.join(map(str, needed))} to load checkpoints safely. "
+                f"Upgrade with `pip install -U torch torchvision`."
+            )
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
@@ -73,6 +91,7 @@ def resolve_device(name: str) -> torch.device:
 
 def build_experiment(cfg: Config, device_override: str | None = None) -> Experiment:
     """Device, data and task from a validated config; every input error surfaces here."""
+    check_versions()
     device = resolve_device(device_override or cfg.train.device)
     if cfg.train.precision == "fp16" and device.type == "cpu":
         raise KdlError(
@@ -131,23 +150,10 @@ def train(
     else:
         cfg, run, changes = load_config(config_path, overrides), None, {}
     exp = build_experiment(cfg)
-    task = exp.task
-    optimizers = {name: build_optimizer(cfg.optimizer, task.parameters_for(name))
-                  for name in task.models}
-    train_batches = Batches(exp.data.train, cfg.data.batch_size, seed=cfg.seed, shuffle=True,
-                            num_workers=cfg.data.num_workers)
-    val_batches = _eval_batches(cfg, exp.data.val)
-    total_steps = len(train_batches) * cfg.train.epochs
-    if cfg.train.max_steps is not None:
-        total_steps = min(total_steps, cfg.train.max_steps)
-    schedules = {name: LRSchedule(cfg.scheduler, cfg.optimizer.lr, len(train_batches), total_steps)
-                 for name in optimizers}
-
     folder = run.path if run else _new_run_folder(runs_root, cfg)
     writer = runs.RunWriter(folder)
-    reporter = Reporter(quiet)
-    trainer = Trainer(cfg.train, task, optimizers, schedules, train_batches, val_batches,
-                      writer, reporter, exp.device)
+    trainer = build_trainer(exp, writer, Reporter(quiet))
+    reporter = trainer.reporter
     previous_duration = float(writer.meta.get("duration_s") or 0.0)
     if run:
         checkpoint = load_checkpoint(run.checkpoint("last"))
@@ -164,6 +170,22 @@ def train(
         writer.log(f"run {folder.name} started: {cfg.name} on {exp.device}")
     reporter.message(f"run {folder.name}: {folder}")
     return _drive(trainer, writer, previous_duration)
+
+
+def build_trainer(exp: Experiment, writer: runs.RunWriter, reporter: Reporter) -> Trainer:
+    """Optimizers, schedules and batches for an experiment, handed to the one loop."""
+    cfg, task = exp.cfg, exp.task
+    optimizers = {name: build_optimizer(cfg.optimizer, task.parameters_for(name))
+                  for name in task.models}
+    train_batches = Batches(exp.data.train, cfg.data.batch_size, seed=cfg.seed, shuffle=True,
+                            num_workers=cfg.data.num_workers)
+    total_steps = len(train_batches) * cfg.train.epochs
+    if cfg.train.max_steps is not None:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    schedules = {name: LRSchedule(cfg.scheduler, cfg.optimizer.lr, len(train_batches), total_steps)
+                 for name in optimizers}
+    return Trainer(cfg.train, task, optimizers, schedules, train_batches,
+                   _eval_batches(cfg, exp.data.val), writer, reporter, exp.device)
 
 
 def _drive(trainer: Trainer, writer: runs.RunWriter, previous_duration: float) -> TrainResult:
@@ -187,11 +209,17 @@ def _drive(trainer: Trainer, writer: runs.RunWriter, previous_duration: float) -
         trainer.reporter.close()
     duration = previous_duration + time.time() - began
     summary = _summary(trainer, status, duration)
-    writer.update_meta(status=status, ended_at=runs.utc_now(), duration_s=round(duration, 3),
-                       error=error, epochs_done=trainer.state.epoch, step=trainer.state.step)
-    writer.write_summary(summary)
-    writer.log(f"run {status}" + (f": {error}" if error else ""))
-    writer.close()
+    try:
+        writer.update_meta(status=status, ended_at=runs.utc_now(), duration_s=round(duration, 3),
+                           error=error, epochs_done=trainer.state.epoch, step=trainer.state.step)
+        writer.write_summary(summary)
+        writer.log(f"run {status}" + (f": {error}" if error else ""))
+        writer.close()
+    except OSError as exc:  # e.g. the disk filled up: say so, keep the original error first
+        status, exit_code = "failed", exit_code or 1
+        error = (error + " " if error else "") + (
+            f"The run folder {writer.folder} could not be updated ({exc.strerror or exc})."
+        )
     if error:
         trainer.reporter.message(f"error: {error}")
     return TrainResult(writer.id, writer.folder, status, exit_code, summary)

@@ -193,9 +193,7 @@ class Trainer:
         line = f"epoch {state.epoch}/{cfg.epochs}  {format_metrics(metrics)}"
         self.run.log(line)
         self.reporter.end_epoch(line)
-        self._save("last")
-        if improved:
-            self._save("best")
+        self._save(*(("last", "best") if improved else ("last",)))
         self.run.update_meta(
             epochs_done=state.epoch, step=state.step,
             best={"metric": cfg.best_metric, "value": state.best_value, "epoch": state.best_epoch},
@@ -302,15 +300,23 @@ class Trainer:
         self._window_samples = sum(int(r["count"]) for r in self.window)
         set_rng_state(state["rng"])
 
-    def _save(self, which: str) -> None:
-        """Flush metrics, then write the checkpoint; never with non-finite weights."""
+    def _save(self, *which: str) -> None:
+        """Flush metrics, then write the checkpoint(s); never with non-finite weights."""
         if not self.updater.skip_nonfinite:
             self._check_window_finite()
         if not all(bool(torch.isfinite(p).all()) for m in self.task.models.values()
                    for p in m.parameters()):
             self._nonfinite(self.state.step - 1)
-        self.run.flush()
-        save_checkpoint(self.run.checkpoint(which), self.state_dict())
+        paths = [self.run.checkpoint(name) for name in which]
+        try:
+            self.run.flush()
+            save_checkpoint(paths, self.state_dict())
+        except OSError as exc:
+            raise RunFailed(
+                f"could not write {paths[-1]}: {exc.strerror or exc}. The previous checkpoint is "
+                "intact; free some space (or fix the folder's permissions) and continue with "
+                f"`kdl train --resume {self.run.id}`."
+            ) from None
 
     def _check_window_finite(self) -> None:
         for offset, record in enumerate(self.window):
@@ -376,7 +382,7 @@ def rng_state() -> dict[str, Any]:
     version, keys, gauss = random.getstate()
     name, np_keys, pos, has_gauss, cached = np.random.get_state()
     return {
-        "python": [version, list(keys), gauss],
+        "python": [version, torch.tensor(keys, dtype=torch.int64), gauss],
         "numpy": [name, torch.from_numpy(np_keys.astype(np.int64)), pos, has_gauss, cached],
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -385,7 +391,7 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     version, keys, gauss = state["python"]
-    random.setstate((version, tuple(keys), gauss))
+    random.setstate((version, tuple(keys.tolist()), gauss))
     name, np_keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np_keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])

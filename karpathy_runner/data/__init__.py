@@ -1,0 +1,125 @@
+"""Data registry and the one batch iterator.
+
+A data family module turns its config branch into a `DataBundle`: train/val/test datasets that
+fetch whole batches by index (`get_batch`), plus `DataInfo`, what the model needs to know about
+shapes. Batch order is a pure function of (seed, epoch), so a run resumed mid-epoch sees exactly
+the batches an uninterrupted run would, with or without DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+# dataset name -> module under karpathy_runner.data that builds it
+REGISTRY: dict[str, str] = {
+    "digits": "images",
+    "cifar10": "images",
+    "cifar100": "images",
+    "mnist": "images",
+    "fashion_mnist": "images",
+    "image_folder": "images",
+}
+
+
+class BatchDataset(Protocol):
+    def __len__(self) -> int: ...
+
+    def get_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
+
+
+@dataclass
+class DataInfo:
+    """What the model and the task learn from the data (never written back into the config)."""
+
+    kind: str  # "image"
+    num_classes: int
+    class_names: list[str]
+    in_channels: int = 0
+    image_size: tuple[int, int] = (0, 0)
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataBundle:
+    train: BatchDataset
+    val: BatchDataset | None
+    test: BatchDataset | None
+    info: DataInfo
+
+
+def build_data(cfg: Any) -> DataBundle:
+    """Build the datasets named by the `data` config branch."""
+    module = importlib.import_module(f"{__name__}.{REGISTRY[cfg.name]}")
+    return module.build(cfg)
+
+
+def epoch_order(num_items: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
+    """The sample order of one epoch: a pure function of (seed, epoch)."""
+    if not shuffle:
+        return torch.arange(num_items)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_items, generator=generator)
+
+
+class _BatchFetcher(torch.utils.data.Dataset):
+    """Lets DataLoader workers fetch whole batches: item i is batch i of the epoch."""
+
+    def __init__(self, dataset: BatchDataset, chunks: list[torch.Tensor]):
+        self.dataset = dataset
+        self.chunks = chunks
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        return self.dataset.get_batch(self.chunks[i])
+
+
+class Batches:
+    """The batches of a dataset, epoch by epoch, in an order fixed by (seed, epoch).
+
+    `epoch(e, start)` skips the first `start` batches without loading them, which is how a run
+    resumed mid-epoch continues exactly where it stopped.
+    """
+
+    def __init__(
+        self,
+        dataset: BatchDataset,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = False,
+        num_workers: int = 0,
+    ):
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.num_workers = num_workers
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)
+
+    def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
+        order = epoch_order(len(self.dataset), self.seed, epoch, self.shuffle)
+        chunks = list(order.split(self.batch_size))[start:]
+        if self.num_workers == 0:
+            for chunk in chunks:
+                yield self.dataset.get_batch(chunk)
+            return
+        # an own generator: by default DataLoader draws worker seeds from the global RNG, which
+        # would shift dropout masks depending on where an epoch was resumed
+        loader = torch.utils.data.DataLoader(
+            _BatchFetcher(self.dataset, chunks),
+            batch_size=None,
+            shuffle=False,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch),
+        )
+        yield from loader

@@ -1,0 +1,300 @@
+"""Image classification data: torchvision datasets, scikit-learn digits and a user's folder.
+
+Small datasets live in memory as one uint8 (N, C, H, W) tensor, so a batch is a single indexing
+op; augmentation and normalisation happen later, on the device. A user's folder may not fit in
+memory, so it keeps file paths and decodes a batch when asked for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.transforms.functional import pil_to_tensor
+
+from ..config import ImageDataConfig
+from ..errors import KdlError
+from . import DataBundle, DataInfo
+
+# how many training images the mean/std of a dataset without published constants is computed from
+STATS_SAMPLES = 1000
+DIGITS_TEST_FRACTION = 0.2
+
+
+class TensorImages:
+    """Images and labels held in memory: uint8 (N, C, H, W) and int64 (N,)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        assert images.dtype == torch.uint8 and images.ndim == 4, (images.dtype, images.shape)
+        assert len(images) == len(labels)
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def get_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[indices], self.labels[indices]
+
+    def subset(self, indices: torch.Tensor) -> TensorImages:
+        return TensorImages(self.images[indices], self.labels[indices])
+
+
+class FolderImages:
+    """Image files decoded per batch: RGB, resized to (size, size), uint8 (B, 3, size, size)."""
+
+    def __init__(self, paths: list[str], labels: torch.Tensor, image_size: int):
+        assert len(paths) == len(labels)
+        self.paths = paths
+        self.labels = labels
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def get_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images = [self._load(self.paths[i]) for i in indices.tolist()]
+        return torch.stack(images), self.labels[indices]
+
+    def subset(self, indices: torch.Tensor) -> FolderImages:
+        paths = [self.paths[i] for i in indices.tolist()]
+        return FolderImages(paths, self.labels[indices], self.image_size)
+
+    def _load(self, path: str) -> torch.Tensor:
+        size = (self.image_size, self.image_size)
+        with Image.open(path) as image:
+            rgb = image.convert("RGB").resize(size, Image.Resampling.BILINEAR)
+        return pil_to_tensor(rgb)  # (3, H, W)
+
+
+ImageDataset = TensorImages | FolderImages
+
+
+def build(cfg: ImageDataConfig) -> DataBundle:
+    """Build train/val/test for `cfg.name`; val is `cfg.val_fraction` of the train split."""
+    if cfg.name == "digits":
+        return _build_digits(cfg)
+    if cfg.name == "image_folder":
+        return _build_folder(cfg)
+    return _build_torchvision(cfg)
+
+
+def split_off(num_items: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (kept, held out) with `fraction` held out at random; a pure function of the seed."""
+    if fraction == 0:
+        return torch.arange(num_items), torch.arange(0)
+    # at least one held-out item, so that a tiny dataset never gets an empty val split
+    num_held = max(1, round(num_items * fraction))
+    if num_held >= num_items:
+        raise KdlError(
+            f"cannot hold out {fraction:.0%} of {num_items} images and keep any for training; "
+            "lower data.val_fraction or add images"
+        )
+    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed))
+    # sorted, so a split reads the source in order (faster for files, same result)
+    return order[num_held:].sort().values, order[:num_held].sort().values
+
+
+def _train_val(
+    train: ImageDataset, cfg: ImageDataConfig
+) -> tuple[ImageDataset, ImageDataset | None]:
+    if cfg.val_fraction == 0:
+        return train, None
+    kept, held = split_off(len(train), cfg.val_fraction, cfg.split_seed)
+    return train.subset(kept), train.subset(held)
+
+
+def channel_stats(dataset: ImageDataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std in [0, 1] units, from the first STATS_SAMPLES images."""
+    images, _ = dataset.get_batch(torch.arange(min(len(dataset), STATS_SAMPLES)))
+    pixels = images.float().div(255).transpose(0, 1).flatten(1)  # (C, N*H*W)
+    mean, std = pixels.mean(dim=1), pixels.std(dim=1)
+    return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
+
+
+def _root(cfg: ImageDataConfig) -> Path:
+    return Path(cfg.root).expanduser().resolve()
+
+
+# ----------------------------------------------------------------------------- torchvision
+
+
+@dataclass(frozen=True)
+class _Published:
+    """A torchvision dataset: where it keeps its files, and its published normalisation."""
+
+    torchvision_class: str
+    folder: str  # under data.root
+    files: str  # what torchvision expects in `folder`, for the error message
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+_IDX_FILES = (
+    "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+    "t10k-labels-idx1-ubyte"
+)
+PUBLISHED: dict[str, _Published] = {
+    "cifar10": _Published(
+        "CIFAR10", "cifar-10-batches-py", "data_batch_1..5, test_batch, batches.meta",
+        (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+    ),
+    "cifar100": _Published(
+        "CIFAR100", "cifar-100-python", "train, test, meta",
+        (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+    ),
+    "mnist": _Published("MNIST", "MNIST/raw", _IDX_FILES, (0.1307,), (0.3081,)),
+    "fashion_mnist": _Published(
+        "FashionMNIST", "FashionMNIST/raw", _IDX_FILES, (0.2860,), (0.3530,)
+    ),
+}
+
+
+def _build_torchvision(cfg: ImageDataConfig) -> DataBundle:
+    spec = PUBLISHED[cfg.name]
+    train, classes = _load_split(cfg, spec, train=True)
+    test, _ = _load_split(cfg, spec, train=False)
+    train, val = _train_val(train, cfg)
+    channels, height, width = train.images.shape[1:]
+    info = DataInfo(
+        kind="image",
+        num_classes=len(classes),
+        class_names=list(classes),
+        in_channels=channels,
+        image_size=(height, width),
+        mean=spec.mean,
+        std=spec.std,
+    )
+    return DataBundle(train=train, val=val, test=test, info=info)
+
+
+def _load_split(
+    cfg: ImageDataConfig, spec: _Published, train: bool
+) -> tuple[TensorImages, list[str]]:
+    root = _root(cfg)
+    dataset_class = getattr(torchvision.datasets, spec.torchvision_class)
+    try:
+        dataset = dataset_class(root=str(root), train=train, download=cfg.download)
+    # torchvision reports missing files and failed downloads as RuntimeError or URLError (OSError)
+    except (RuntimeError, OSError) as exc:
+        raise KdlError(_unavailable_message(cfg, spec, dataset_class, root, exc)) from exc
+    images = torch.as_tensor(dataset.data)
+    # MNIST-like data is (N, H, W); CIFAR is (N, H, W, C) in numpy
+    images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
+    labels = torch.as_tensor(dataset.targets, dtype=torch.int64)
+    return TensorImages(images.contiguous(), labels), dataset.classes
+
+
+def _unavailable_message(
+    cfg: ImageDataConfig, spec: _Published, dataset_class: type, root: Path, exc: Exception
+) -> str:
+    folder = root / spec.folder
+    top = spec.folder.split("/")[0]
+    if not cfg.download:
+        return (
+            f"dataset {cfg.name!r} not found: {folder} is missing or incomplete (torchvision "
+            f"expects {spec.files} there, unmodified). Fix: set data.download: true (needs "
+            f"network), or put the {top} folder under {root} (data.root)."
+        )
+    url = getattr(dataset_class, "url", None) or dataset_class.mirrors[0]
+    reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return (
+        f"could not download dataset {cfg.name!r} from {url} into {root}: {reason}. Fix: check "
+        f"the network connection or proxy, or fetch the files on another machine and copy them "
+        f"so that {folder} holds {spec.files}, then set data.download: false."
+    )
+
+
+# ----------------------------------------------------------------------------- digits
+
+
+def _build_digits(cfg: ImageDataConfig) -> DataBundle:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()  # bundled with scikit-learn: no download
+    values = torch.as_tensor(digits.images, dtype=torch.float64)  # (N, 8, 8), 0..16
+    images = (values * 255 / 16).round().to(torch.uint8).unsqueeze(1)  # (N, 1, 8, 8)
+    full = TensorImages(images, torch.as_tensor(digits.target, dtype=torch.int64))
+    # digits has no official test split, so a fixed share of it plays that role
+    kept, held = split_off(len(full), DIGITS_TEST_FRACTION, cfg.split_seed)
+    train, val = _train_val(full.subset(kept), cfg)
+    mean, std = channel_stats(train)
+    info = DataInfo(
+        kind="image",
+        num_classes=len(digits.target_names),
+        class_names=[str(name) for name in digits.target_names],
+        in_channels=1,
+        image_size=(8, 8),
+        mean=mean,
+        std=std,
+    )
+    return DataBundle(train=train, val=val, test=full.subset(held), info=info)
+
+
+# ----------------------------------------------------------------------------- image folder
+
+_FOLDER_LAYOUT = (
+    "ROOT/train/<class>/<image> with one folder per class, plus optionally ROOT/val/<class>/... "
+    "and ROOT/test/<class>/... with the same class names"
+)
+
+
+def _build_folder(cfg: ImageDataConfig) -> DataBundle:
+    root = _root(cfg)
+    if not (root / "train").is_dir():
+        what = "does not exist" if not root.is_dir() else "has no train/ folder"
+        raise KdlError(
+            f"image_folder: {root} (data.root) {what}. Expected layout: {_FOLDER_LAYOUT}. "
+            f"Supported image types: {', '.join(IMG_EXTENSIONS)}."
+        )
+    try:
+        classes, class_to_idx = find_classes(root / "train")
+        train = _scan(root / "train", class_to_idx, cfg.image_size, allow_empty=False)
+    except FileNotFoundError as exc:
+        raise KdlError(
+            f"image_folder: {exc} (in {root / 'train'}). Expected: {_FOLDER_LAYOUT}."
+        ) from exc
+    if (root / "val").is_dir():
+        val = _scan_held(root / "val", class_to_idx, cfg.image_size)
+    else:
+        train, val = _train_val(train, cfg)
+    test = None
+    if (root / "test").is_dir():
+        test = _scan_held(root / "test", class_to_idx, cfg.image_size)
+    mean, std = channel_stats(train)
+    info = DataInfo(
+        kind="image",
+        num_classes=len(classes),
+        class_names=classes,
+        in_channels=3,
+        image_size=(cfg.image_size, cfg.image_size),
+        mean=mean,
+        std=std,
+    )
+    return DataBundle(train=train, val=val, test=test, info=info)
+
+
+def _scan(
+    folder: Path, class_to_idx: dict[str, int], image_size: int, allow_empty: bool
+) -> FolderImages:
+    samples = make_dataset(folder, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=allow_empty)
+    if not samples:
+        raise KdlError(f"image_folder: no images in {folder}. Expected: {_FOLDER_LAYOUT}.")
+    paths = [path for path, _ in samples]
+    labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
+    return FolderImages(paths, labels, image_size)
+
+
+def _scan_held(folder: Path, class_to_idx: dict[str, int], image_size: int) -> FolderImages:
+    """val/ or test/: may lack some classes, but a class unknown to train/ could never be right."""
+    unknown = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in class_to_idx)
+    if unknown:
+        raise KdlError(
+            f"image_folder: {folder} has class folders that train/ lacks: {', '.join(unknown)}. "
+            f"Train classes: {', '.join(class_to_idx)}. Rename or remove them."
+        )
+    return _scan(folder, class_to_idx, image_size, allow_empty=True)
