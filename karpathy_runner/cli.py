@@ -17,6 +17,7 @@ from typer.core import TyperGroup
 from . import runs
 from .errors import KdlError
 
+
 class _Commands(TyperGroup):
     """Turns a KdlError from any command into one paragraph on stderr and its exit code."""
 
@@ -69,10 +70,21 @@ def train(
     allow_changes: Annotated[
         bool, typer.Option(help="With --resume: accept --set changes (recorded in meta.json).")
     ] = False,
+    skip_existing: Annotated[
+        bool, typer.Option(help="Reuse a run of the same resolved config: print a completed one's "
+                           "id, resume an interrupted or crashed one.")
+    ] = False,
+    sweep: Annotated[
+        Optional[str], typer.Option(help="Tag the run as a point of sweep ID (its --set values).")  # noqa: UP045
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Train a model; prints the run id as the last line of stdout."""
+    """Train a model; prints the run id as the last line of stdout.
+
+    Exit codes: 0 done (or skipped), 1 the run failed, 2 bad usage/config/data,
+    130 interrupted by SIGINT, 143 by SIGTERM (checkpoint saved; resume with --resume).
+    """
     from . import engine
 
     overrides = list(set_ or [])
@@ -92,9 +104,11 @@ def train(
         quiet=quiet,
         resume=resume,
         allow_changes=allow_changes,
+        skip_existing=skip_existing,
+        sweep=sweep,
     )
     if as_json:
-        _out(json.dumps({"id": result.run_id, "status": result.status,
+        _out(json.dumps({"id": result.run_id, "status": result.status, "skipped": result.skipped,
                          "folder": str(result.folder), "summary": result.summary}))
     else:
         _out(result.run_id)
@@ -137,16 +151,111 @@ def validate(
     _out(cfg.to_yaml().rstrip())
 
 
-@app.command("runs")
-def list_runs(runs_dir: RunsDir = None, as_json: JsonFlag = False) -> None:
-    """List runs: id, status, name, model, dataset, epochs, best metric, duration."""
-    from .report import print_runs, run_row
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Argument(help="YAML config file.")],
+    grid: Annotated[
+        list[str], typer.Option(help="key=v1,v2: values of one key (repeatable; the product is run).")
+    ],
+    set_: SetOption = None,
+    jobs: Annotated[int, typer.Option(min=1, help="Points run at the same time.")] = 1,
+    fail_fast: Annotated[bool, typer.Option(help="Stop the sweep at the first failed point.")] = False,
+    skip_existing: Annotated[
+        bool, typer.Option(help="Skip points already completed; resume interrupted ones.")
+    ] = False,
+    emit: Annotated[
+        bool, typer.Option(help="Print one `kdl train` command per point instead of running them.")
+    ] = False,
+    runs_dir: RunsDir = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Run the Cartesian product of --grid values; prints the sweep id as the last stdout line.
 
-    rows = [run_row(run) for run in runs.iter_runs(runs.runs_dir(runs_dir))]
+    Each point is a normal run tagged with the sweep id (see `kdl runs --sweep`, `kdl compare
+    --sweep`). Exit code 0 when every point completed, 1 otherwise, 130 if interrupted.
+    """
+    from . import sweep as sweeps
+    from .config import load_config
+
+    base = list(set_ or [])
+    values = sweeps.grid_points(sweeps.parse_grid(grid))
+    for point in values:  # every point's config is checked before anything runs
+        load_config(config, base + sweeps.point_sets(point))
+    sweep_id = sweeps.new_sweep_id()
+    root = runs.runs_dir(runs_dir)
+    points = [
+        sweeps.Point(i, point, sweeps.train_argv(str(config), base + sweeps.point_sets(point),
+                                                 sweep_id, str(runs_dir) if runs_dir else None,
+                                                 skip_existing))
+        for i, point in enumerate(values)
+    ]
+    if emit:
+        _out(sweeps.emit(points))
+        return
+    log = (lambda line: None) if as_json else (lambda line: print(line, file=sys.stderr, flush=True))
+    log(f"sweep {sweep_id}: {len(points)} points, {jobs} at a time, runs in {root}")
+    code = sweeps.Sweep(points, jobs, fail_fast, log).run()
+    rows = sweeps.results(points, root)
+    if as_json:
+        _out(sweeps.to_json(sweep_id, rows))
+    else:
+        sweeps.print_summary(rows)
+        _out(sweep_id)
+    raise typer.Exit(code)
+
+
+@app.command("runs")
+def list_runs(
+    runs_dir: RunsDir = None,
+    status: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(metavar="STATUS",
+                     help="Only runs with this status: running, completed, failed, interrupted or "
+                          "crashed (repeatable: any of them)."),
+    ] = None,
+    name: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(metavar="PATTERN", help="Only runs whose name matches this glob, e.g. 'cifar*'."),
+    ] = None,
+    sweep: Annotated[
+        Optional[str], typer.Option(metavar="ID", help="Only the runs of this sweep id.")  # noqa: UP045
+    ] = None,
+    where: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(metavar="KEY=VALUE",
+                     help="Only runs where a config or meta.json key has this value, read as YAML: "
+                          "--where optimizer.lr=0.1, --where status=failed (repeatable: all hold)."),
+    ] = None,
+    sort: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(metavar="KEY",
+                     help="Order by a final metric (val.accuracy, train.loss), 'best', a config key "
+                          "(optimizer.lr) or a column (id, name, status, model, dataset, epochs, "
+                          "duration, created). Metrics go best first: accuracy descending, loss "
+                          "ascending; everything else ascending. A leading '-' reverses: "
+                          "--sort=-duration. Runs without the value come last."),
+    ] = None,
+    limit: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(min=1, help="Show N runs: the first N of --sort, else the N newest."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of runs.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print the runs as CSV.")] = False,
+) -> None:
+    """List runs: id, status, name, model, dataset, epochs, best metric, duration (oldest first)."""
+    from .compare import query_runs
+    from .report import ordering_rows, print_csv, print_runs
+
+    if as_json and as_csv:
+        raise KdlError("choose one of --json and --csv")
+    ordering = query_runs(runs.runs_dir(runs_dir), status, name, sweep, where, sort, limit)
+    rows, extra = ordering_rows(ordering)
     if as_json:
         _out(json.dumps(rows))
+    elif as_csv:
+        print_csv(rows)
     else:
-        print_runs(rows)
+        print_runs(rows, extra)
 
 
 @app.command()
@@ -154,10 +263,98 @@ def show(
     run: Annotated[str, typer.Argument(help="Run id, unique prefix, run folder or 'latest'.")],
     runs_dir: RunsDir = None,
 ) -> None:
-    """Show a run: its config, environment and per-epoch metrics."""
+    """Show a run: its config, environment, per-epoch metrics and a chart of its best metric."""
     from .report import print_show
 
     print_show(runs.resolve_run(runs.runs_dir(runs_dir), run))
+
+
+@app.command("rm")
+def remove(
+    run_refs: Annotated[
+        list[str], typer.Argument(metavar="RUN", help="Run ids, unique prefixes, run folders or 'latest'.")
+    ],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Remove without asking.")] = False,
+    runs_dir: RunsDir = None,
+) -> None:
+    """Delete run folders; asks first unless --yes, and refuses a run that is still running."""
+    import shutil
+
+    found = runs.resolve_runs(runs.runs_dir(runs_dir), run_refs)
+    running = [run.id for run in found if run.status == "running"]
+    if running:
+        raise KdlError(
+            f"{', '.join(running)} is still running; stop it first (Ctrl-C, or kill the pid in its "
+            "meta.json), then remove it. Nothing was removed."
+        )
+    if not yes:
+        for run in found:
+            print(f"  {run.path}", file=sys.stderr)
+        typer.confirm(f"Remove {len(found)} run folder(s)?", abort=True, err=True)
+    for run in found:
+        shutil.rmtree(run.path)
+        _out(f"removed {run.id}")
+
+
+@app.command("compare")
+def compare_runs(
+    run_refs: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Argument(metavar="RUN", help="Run ids, unique prefixes, run folders or 'latest'."),
+    ] = None,
+    sweep: Annotated[
+        Optional[str], typer.Option(metavar="ID", help="Compare all runs of this sweep id.")  # noqa: UP045
+    ] = None,
+    group_by: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(metavar="KEY",
+                     help="Config key to group by, e.g. optimizer.lr (repeatable): one row per group "
+                          "with mean ± sample std and n over the rest (the seeds)."),
+    ] = None,
+    runs_dir: RunsDir = None,
+    as_json: JsonFlag = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print the table as CSV.")] = False,
+) -> None:
+    """Compare runs: the config keys that differ, final and best metrics; the best row in green."""
+    import dataclasses
+
+    from . import compare
+    from .report import print_comparison, print_csv
+
+    if bool(run_refs) == bool(sweep):
+        raise KdlError("give run ids to compare, or --sweep ID (not both)")
+    if as_json and as_csv:
+        raise KdlError("choose one of --json and --csv")
+    root = runs.runs_dir(runs_dir)
+    found = runs.resolve_runs(root, run_refs) if run_refs else compare.sweep_runs(root, sweep)
+    comparison = compare.compare([compare.run_record(run) for run in found], group_by)
+    if as_json:
+        _out(json.dumps(dataclasses.asdict(comparison)))
+    elif as_csv:
+        print_csv(compare.flat_rows(comparison))
+    else:
+        print_comparison(comparison)
+
+
+@app.command()
+def plot(
+    run_refs: Annotated[
+        list[str], typer.Argument(metavar="RUN", help="Run ids, unique prefixes, run folders or 'latest'.")
+    ],
+    metric: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(metavar="SPLIT.KEY",
+                     help="What to draw: val.loss, val.accuracy, train.loss, train_epoch.loss... "
+                          "(default: the first run's best metric)."),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="PNG file to write.")] = Path("curves.png"),
+    runs_dir: RunsDir = None,
+) -> None:
+    """Draw the learning curves of runs on one figure (PNG); prints the file written."""
+    from .plot import plot_runs
+
+    found = runs.resolve_runs(runs.runs_dir(runs_dir), run_refs)
+    _out(str(plot_runs(found, metric or runs.best_metric_name(found[0]), out)))
 
 
 def main() -> None:

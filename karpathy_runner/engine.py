@@ -6,9 +6,12 @@ folder exists, so a mistake leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import sys
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,9 +20,10 @@ import torch
 
 from . import runs
 from .checkpoint import load_checkpoint
-from .config import Config, apply_overrides, load_config, resolve
+from .config import Config, apply_overrides, load_config, load_yaml, parse_override, resolve
 from .data import Batches, DataBundle, build_data
 from .errors import KdlError, RunFailed
+from .events import EventLog
 from .optim import LRSchedule, build_optimizer
 from .progress import Reporter
 from .tasks import Task, build_task
@@ -35,6 +39,7 @@ class TrainResult:
     status: str
     exit_code: int
     summary: dict[str, Any]
+    skipped: bool = False
 
 
 @dataclass
@@ -52,17 +57,26 @@ MIN_VERSIONS = {"torch": (2, 6), "torchvision": (0, 21)}
 
 def check_versions() -> None:
     """Refuse libraries whose weights_only loading is known to be unsafe (torch < 2.6)."""
-    import torchvision
-
-    for module in (torch, torchvision):
-        found = tuple(int(p) for p in module.__version__.split("+")[0].split(".")[:2])
-        needed = MIN_VERSIONS[module.__name__]
+    for name, needed in MIN_VERSIONS.items():
+        version = package_version(name)
+        found = tuple(int(p) for p in version.split("+")[0].split(".")[:2])
         if found < needed:
             raise KdlError(
-                f"{module.__name__} {module.__version__} is too old: kdl needs "
-                f"{module.__name__} >= {'.'.join(map(str, needed))} to load checkpoints safely. "
-                f"Upgrade with `pip install -U torch torchvision`."
+                f"{name} {version} is too old: kdl needs {name} >= {'.'.join(map(str, needed))} "
+                "to load checkpoints safely. Upgrade with `pip install -U torch torchvision`."
             )
+
+
+def package_version(name: str) -> str:
+    """An installed package's version, without importing it (torchvision takes seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    if name == "torch":
+        return torch.__version__
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "0.0"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -121,11 +135,9 @@ def build_experiment(cfg: Config, device_override: str | None = None) -> Experim
 
 
 def versions(device: torch.device) -> dict[str, Any]:
-    import torchvision
-
     return {
         "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        "torchvision": package_version("torchvision"),
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
@@ -143,8 +155,23 @@ def train(
     quiet: bool = False,
     resume: str | None = None,
     allow_changes: bool = False,
+    skip_existing: bool = False,
+    sweep: str | None = None,
 ) -> TrainResult:
-    """Start a run from a config file, or resume one from its own folder."""
+    """Start a run from a config file, or resume one from its own folder.
+
+    With `skip_existing`, a run of the same resolved config in `runs_root` is reused: a
+    completed one is reported as it is, an interrupted or crashed one is resumed.
+    """
+    if skip_existing and not resume:
+        cfg = load_config(config_path, overrides)
+        existing = _existing_run(runs_root, cfg)
+        if existing is not None and existing.status in ("completed", "running"):
+            Reporter(quiet).message(f"run {existing.id} has this config and is {existing.status}: skipped")
+            return TrainResult(existing.id, existing.path, existing.status, 0, existing.summary(),
+                               skipped=True)
+        if existing is not None:
+            resume, overrides = existing.id, []
     if resume:
         run, cfg, changes = _resume_config(runs_root, resume, overrides, allow_changes)
     else:
@@ -157,19 +184,45 @@ def train(
     previous_duration = float(writer.meta.get("duration_s") or 0.0)
     if run:
         checkpoint = load_checkpoint(run.checkpoint("last"))
-        trainer.load_state_dict(checkpoint)
+        with _checkpoint_must_fit(run.checkpoint("last")):
+            trainer.load_state_dict(checkpoint)
+        if changes:  # only now: a change the checkpoint cannot take must leave the run as it was
+            runs.write_text(folder / runs.CONFIG, f"# kdl train {folder / runs.CONFIG}\n" + cfg.to_yaml())
         writer.keep_metrics_up_to(trainer.state.step)
         resumes = writer.meta.get("resumes", []) + [
             {"at": runs.utc_now(), "step": trainer.state.step, "command": command,
              "changes": changes}
         ]
+        writer.events = EventLog(folder / runs.TENSORBOARD, purge_step=trainer.state.step + 1)
         writer.update_meta(status="running", resumes=resumes, **_process_fields(command))
         writer.log(f"===== resumed at epoch {trainer.state.epoch} step {trainer.state.step} =====")
     else:
         writer.update_meta(**_first_meta(cfg, exp, folder, command))
+        writer.events = EventLog(folder / runs.TENSORBOARD)
+        _log_examples(writer.events, exp)
+        if sweep:
+            point = dict((".".join(key), value) for key, value in map(parse_override, overrides))
+            writer.update_meta(sweep={"id": sweep, "point": point})
         writer.log(f"run {folder.name} started: {cfg.name} on {exp.device}")
     reporter.message(f"run {folder.name}: {folder}")
     return _drive(trainer, writer, previous_duration)
+
+
+def _log_examples(events: EventLog, exp: Experiment) -> None:
+    """The config as text and, for image data, a grid of training inputs as the model sees them."""
+    events.text("config", exp.cfg.to_yaml())
+    if exp.data.info.kind == "image":
+        images, _ = exp.data.train.get_batch(torch.arange(min(32, len(exp.data.train))))
+        events.images("train/examples", images)
+
+
+def _existing_run(runs_root: Path, cfg: Config) -> runs.Run | None:
+    """The newest run of the same resolved config that is not failed, if any."""
+    wanted = cfg.hash()
+    for run in sorted(runs.iter_runs(runs_root), key=lambda r: r.id, reverse=True):
+        if run.meta.get("config_hash") == wanted and run.status != "failed":
+            return run
+    return None
 
 
 def build_trainer(exp: Experiment, writer: runs.RunWriter, reporter: Reporter) -> Trainer:
@@ -220,8 +273,8 @@ def _drive(trainer: Trainer, writer: runs.RunWriter, previous_duration: float) -
         error = (error + " " if error else "") + (
             f"The run folder {writer.folder} could not be updated ({exc.strerror or exc})."
         )
-    if error:
-        trainer.reporter.message(f"error: {error}")
+    if error:  # shown even with --quiet: a failed run must say why
+        print(f"error: {error}", file=sys.stderr, flush=True)
     return TrainResult(writer.id, writer.folder, status, exit_code, summary)
 
 
@@ -280,7 +333,7 @@ def _resume_config(
     run = runs.resolve_run(runs_root, ref)
     if run.status == "running":
         raise KdlError(f"run {run.id} is still running (pid {run.meta.get('pid')}); stop it first")
-    raw = run.config_dict()
+    raw = load_yaml(run.path / runs.CONFIG)  # strict: a damaged config.yaml is not the defaults
     saved = resolve(raw, str(run.path / runs.CONFIG))
     cfg = resolve(apply_overrides(raw, overrides), "--set") if overrides else saved
     changes = _diff(saved.to_dict(), cfg.to_dict())
@@ -300,9 +353,21 @@ def _resume_config(
             f"run {run.id} already completed; to train longer resume with "
             "--set train.epochs=N --allow-changes"
         )
-    if changes:
-        runs.write_text(run.path / runs.CONFIG, f"# kdl train {run.path / runs.CONFIG}\n" + cfg.to_yaml())
     return run, cfg, changes
+
+
+@contextlib.contextmanager
+def _checkpoint_must_fit(path: Path) -> Iterator[None]:
+    """Loading a checkpoint into models built from a config it was not trained with is a clear
+    error (e.g. model.channels changed with --allow-changes), not a traceback."""
+    try:
+        yield
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise KdlError(
+            f"checkpoint {path} does not fit the model built from the run's config.yaml "
+            f"({str(exc).strip().splitlines()[0][:300]}). Keep the model.* keys the run was trained "
+            "with; to train another model start a new run."
+        ) from None
 
 
 def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -330,22 +395,26 @@ def evaluate_run(
     runs_root: Path, ref: str, checkpoint: str = "best", split: str = "val", device: str = "auto"
 ) -> tuple[runs.Run, dict[str, Any]]:
     """Rebuild data and model from the run's config.yaml, load a checkpoint, evaluate a split."""
+    check_versions()  # before anything is unpickled
     run = runs.resolve_run(runs_root, ref)
-    cfg = resolve(run.config_dict(), str(run.path / runs.CONFIG))
+    cfg = resolve(load_yaml(run.path / runs.CONFIG), str(run.path / runs.CONFIG))
     path = run.checkpoint(checkpoint)
     if not path.is_file():
         other = "last" if checkpoint == "best" else "best"
         raise KdlError(
             f"run {run.id} has no checkpoints/{checkpoint}.pt yet"
-            + (f"; try --checkpoint {other}" if run.checkpoint(other).is_file() else "")
+            + (f"; try --checkpoint {other}" if run.checkpoint(other).is_file() else
+               "; a run writes its checkpoints at the end of each epoch (and every "
+               "train.checkpoint_every_steps steps): evaluate it once it has")
         )
     state = load_checkpoint(path)
     exp = build_experiment(cfg, device_override=device)
     dataset = getattr(exp.data, split)
     if dataset is None:
         raise KdlError(f"the {cfg.data.name} data of run {run.id} has no {split} split")
-    for name, model in exp.task.models.items():
-        model.load_state_dict(state["models"][name])
+    with _checkpoint_must_fit(path):
+        for name, model in exp.task.models.items():
+            model.load_state_dict(state["models"][name])
     metrics = evaluate(exp.task, _eval_batches(cfg, dataset), detailed=True)
     result = {
         "run": run.id,

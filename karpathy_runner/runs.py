@@ -292,6 +292,7 @@ class RunWriter:
         self.meta: dict[str, Any] = read_json(self.folder / META)
         self._metrics = open(self.folder / METRICS, "a", encoding="utf-8")  # noqa: SIM115
         self._log = open(self.folder / LOG, "a", encoding="utf-8")  # noqa: SIM115
+        self.events: Any = None  # an events.EventLog once attached: TensorBoard gets every record
 
     @property
     def id(self) -> str:
@@ -307,6 +308,8 @@ class RunWriter:
     def log_metrics(self, record: dict[str, Any]) -> None:
         """Buffered: reaches the disk at `flush()` (every epoch and every checkpoint)."""
         self._metrics.write(json.dumps(record) + "\n")
+        if self.events is not None:
+            self.events.record(record)
 
     def log(self, line: str) -> None:
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
@@ -316,6 +319,8 @@ class RunWriter:
     def flush(self) -> None:
         self._metrics.flush()
         os.fsync(self._metrics.fileno())
+        if self.events is not None:
+            self.events.flush()
 
     def keep_metrics_up_to(self, step: int) -> None:
         """On resume: drop records written after the checkpoint being resumed from."""
@@ -331,6 +336,9 @@ class RunWriter:
         for handle in (self._metrics, self._log):
             if not handle.closed:
                 handle.close()
+        if self.events is not None:
+            self.events.close()
+            self.events = None
 
 
 # ----------------------------------------------------------------------------- reading many runs
@@ -369,3 +377,59 @@ def dotted_get(tree: dict[str, Any], key: str) -> Any:
 def sweep_id(run: Run) -> str | None:
     sweep = run.meta.get("sweep")
     return sweep.get("id") if isinstance(sweep, dict) else None
+
+
+def resolve_runs(root: Path, refs: list[str]) -> list[Run]:
+    """Several run references, each resolved like `resolve_run`; a run named twice counts once."""
+    found: dict[Path, Run] = {}
+    for ref in refs:
+        run = resolve_run(root, ref)
+        found.setdefault(run.path.resolve(), run)
+    return list(found.values())
+
+
+SERIES_SKIP = {"step", "epoch", "split", "time"}  # bookkeeping fields of a record, not metrics
+
+
+def series_names(records: list[dict[str, Any]]) -> list[str]:
+    """Every plottable metric in metrics.jsonl records, as split.key (val.loss, train.accuracy)."""
+    names: dict[str, None] = {}
+    for record in records:
+        for key, value in record.items():
+            if key not in SERIES_SKIP and _is_number(value):
+                names[f"{record.get('split')}.{key}"] = None
+    return list(names)
+
+
+def metric_series(records: list[dict[str, Any]], name: str) -> tuple[str, list[float], list[float]]:
+    """(x label, xs, ys) of one split.key metric: per step for the `train` split, else per epoch."""
+    split, _, key = name.partition(".")
+    axis = "step" if split == "train" else "epoch"
+    points = [(r[axis], r[key]) for r in records
+              if r.get("split") == split and r.get(axis) is not None and _is_number(r.get(key))]
+    return axis, [float(x) for x, _ in points], [float(y) for _, y in points]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def best_metric_name(run: Run) -> str:
+    """The metric a run is judged by (its train.best_metric), e.g. val.loss."""
+    best = run.meta.get("best") or run.summary().get("best") or {}
+    if best.get("metric"):
+        return best["metric"]
+    configured = dotted_get(read_config(run), "train.best_metric")
+    return configured if isinstance(configured, str) else "val.loss"
+
+
+def read_config(run: Run) -> dict[str, Any]:
+    """Like `Run.config_dict`, but through libyaml when PyYAML was built with it: about 10x faster
+    (0.5 ms against 4 ms a file), which decides how long --where and compare take over 300 runs."""
+    import yaml
+
+    try:
+        text = (run.path / CONFIG).read_text()
+        return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
+    except (OSError, yaml.YAMLError):
+        return {}

@@ -203,6 +203,10 @@ class Trainer:
 
     def _flush_window(self) -> None:
         """Reduce the window's step results on the host; the only sync in the train loop."""
+        if self.updater.skip_nonfinite and self.window and "loss" in self.window[0]:
+            # a skipped step changed no weights: keep its NaN out of the metrics (and the JSON) too
+            finite = torch.isfinite(torch.stack([r["loss"] for r in self.window]).cpu()).tolist()
+            self.window = [r for r, ok in zip(self.window, finite, strict=True) if ok]
         if not self.window:
             return
         state = self.state

@@ -9,6 +9,7 @@ the batches an uninterrupted run would, with or without DataLoader workers.
 from __future__ import annotations
 
 import importlib
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -121,5 +122,14 @@ class Batches:
             shuffle=False,
             num_workers=self.num_workers,
             generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch),
+            worker_init_fn=_leave_signals_to_the_main_process,
         )
         yield from loader
+
+
+def _leave_signals_to_the_main_process(worker_id: int) -> None:
+    """A terminal's Ctrl-C reaches every process of the group. A worker would otherwise die
+    (leaving the main process without batches mid-step) or run the trainer's handler it
+    inherited; the main process finishes its step and then shuts the workers down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -7,14 +7,13 @@ memory, so it keeps file paths and decodes a batch when asked for it.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-import torchvision
 from PIL import Image
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
-from torchvision.transforms.functional import pil_to_tensor
 
 from ..config import ImageDataConfig
 from ..errors import KdlError
@@ -68,7 +67,7 @@ class FolderImages:
         size = (self.image_size, self.image_size)
         with Image.open(path) as image:
             rgb = image.convert("RGB").resize(size, Image.Resampling.BILINEAR)
-        return pil_to_tensor(rgb)  # (3, H, W)
+        return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)  # (3, H, W)
 
 
 ImageDataset = TensorImages | FolderImages
@@ -176,6 +175,8 @@ def _load_split(
     cfg: ImageDataConfig, spec: _Published, train: bool
 ) -> tuple[TensorImages, list[str]]:
     root = _root(cfg)
+    import torchvision.datasets  # only here: importing torchvision costs seconds
+
     dataset_class = getattr(torchvision.datasets, spec.torchvision_class)
     try:
         dataset = dataset_class(root=str(root), train=train, download=cfg.download)
@@ -213,26 +214,40 @@ def _unavailable_message(
 
 
 def _build_digits(cfg: ImageDataConfig) -> DataBundle:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()  # bundled with scikit-learn: no download
-    values = torch.as_tensor(digits.images, dtype=torch.float64)  # (N, 8, 8), 0..16
+    pixels, targets = _digits_arrays()
+    values = torch.as_tensor(pixels, dtype=torch.float64).view(-1, 8, 8)  # (N, 8, 8), 0..16
     images = (values * 255 / 16).round().to(torch.uint8).unsqueeze(1)  # (N, 1, 8, 8)
-    full = TensorImages(images, torch.as_tensor(digits.target, dtype=torch.int64))
+    full = TensorImages(images, torch.as_tensor(targets, dtype=torch.int64))
     # digits has no official test split, so a fixed share of it plays that role
     kept, held = split_off(len(full), DIGITS_TEST_FRACTION, cfg.split_seed)
     train, val = _train_val(full.subset(kept), cfg)
     mean, std = channel_stats(train)
     info = DataInfo(
         kind="image",
-        num_classes=len(digits.target_names),
-        class_names=[str(name) for name in digits.target_names],
+        num_classes=10,
+        class_names=[str(digit) for digit in range(10)],
         in_channels=1,
         image_size=(8, 8),
         mean=mean,
         std=std,
     )
     return DataBundle(train=train, val=val, test=full.subset(held), info=info)
+
+
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits file, read as load_digits reads it (no download).
+
+    Reading the file directly skips importing scikit-learn and SciPy (about 2 s per process).
+    """
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec else None
+    if path is None or not path.is_file():
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        return digits.data, digits.target
+    table = np.loadtxt(path, delimiter=",")  # 64 pixel columns, then the digit
+    return table[:, :-1], table[:, -1].astype(np.int64)
 
 
 # ----------------------------------------------------------------------------- image folder
@@ -244,6 +259,8 @@ _FOLDER_LAYOUT = (
 
 
 def _build_folder(cfg: ImageDataConfig) -> DataBundle:
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
+
     root = _root(cfg)
     if not (root / "train").is_dir():
         what = "does not exist" if not root.is_dir() else "has no train/ folder"
@@ -281,6 +298,8 @@ def _build_folder(cfg: ImageDataConfig) -> DataBundle:
 def _scan(
     folder: Path, class_to_idx: dict[str, int], image_size: int, allow_empty: bool
 ) -> FolderImages:
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
     samples = make_dataset(folder, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=allow_empty)
     if not samples:
         raise KdlError(f"image_folder: no images in {folder}. Expected: {_FOLDER_LAYOUT}.")

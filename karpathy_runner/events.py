@@ -1,0 +1,41 @@
+"""TensorBoard event files under a run's tb/ folder, so `tensorboard --logdir runs` works.
+
+Every metrics record becomes scalars named split/metric (train/loss, val/accuracy, ...) at its
+step; image tasks add a grid of example inputs, and every run its config as text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+NOT_SCALARS = {"step", "epoch", "split", "time"}
+
+
+class EventLog:
+    def __init__(self, folder: Path, purge_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step drops events a resumed run is about to write again
+        self.writer = SummaryWriter(log_dir=str(folder), purge_step=purge_step, flush_secs=60)
+
+    def record(self, record: dict[str, Any]) -> None:
+        split, step = record.get("split", "train"), record.get("step", 0)
+        for key, value in record.items():
+            if key not in NOT_SCALARS and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"{split}/{key}", value, step)
+
+    def images(self, tag: str, images: torch.Tensor, step: int = 0) -> None:
+        """uint8 (B, C, H, W) images as one grid."""
+        self.writer.add_images(tag, images, step, dataformats="NCHW")
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        self.writer.add_text(tag, f"```\n{text}\n```", step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

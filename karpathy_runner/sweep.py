@@ -1,0 +1,228 @@
+"""`kdl sweep`: the Cartesian product of a grid, each point a normal `kdl train` process.
+
+Points run one by one or N at a time as separate processes, so a point that crashes or is
+killed takes nothing else with it; each is tagged with the sweep id and its point in meta.json.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import json
+import secrets
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+
+from .errors import KdlError
+
+STATUS_BY_EXIT = {0: "completed", 1: "failed", 2: "bad config", 130: "interrupted", 143: "interrupted"}
+
+
+def new_sweep_id() -> str:
+    return f"sweep-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+def split_values(text: str) -> list[str]:
+    """Split `0.1,0.01` on commas outside brackets, so `[16,32],[32,64]` gives two lists."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        if char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    return [p.strip() for p in parts]
+
+
+def parse_grid(items: list[str]) -> list[tuple[str, list[Any]]]:
+    """`--grid optimizer.lr=0.1,0.01` -> [('optimizer.lr', [0.1, 0.01])]; values read as YAML."""
+    from .config import parse_override
+
+    grid = []
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key.strip() or not values.strip():
+            raise KdlError(f"--grid {item!r} is malformed; write --grid key=v1,v2 e.g. --grid seed=0,1,2")
+        parsed = [parse_override(f"{key}={value}")[1] for value in split_values(values)]
+        if any(existing == key.strip() for existing, _ in grid):
+            raise KdlError(f"--grid {key.strip()!r} is given twice; put all its values in one --grid")
+        grid.append((key.strip(), parsed))
+    if not grid:
+        raise KdlError("kdl sweep needs at least one --grid key=v1,v2")
+    return grid
+
+
+def grid_points(grid: list[tuple[str, list[Any]]]) -> list[dict[str, Any]]:
+    keys = [key for key, _ in grid]
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(v for _, v in grid))]
+
+
+def point_sets(point: dict[str, Any]) -> list[str]:
+    """A point as `key=value` overrides whose values read back as the same YAML."""
+    return [f"{key}={_yaml_value(value)}" for key, value in point.items()]
+
+
+def _yaml_value(value: Any) -> str:
+    if isinstance(value, (list, dict)):  # compact JSON is YAML too, and has no spaces to quote
+        return json.dumps(value, separators=(",", ":"))
+    text = yaml.safe_dump(value, default_flow_style=True, width=1_000_000).strip()
+    return text[: -len("...")].strip() if text.endswith("...") else text
+
+
+@dataclass
+class Point:
+    index: int
+    values: dict[str, Any]
+    argv: list[str]
+    status: str = "pending"
+    exit_code: int | None = None
+    run_id: str | None = None
+    seconds: float = 0.0
+    error: str = ""
+    process: subprocess.Popen | None = field(default=None, repr=False)
+    files: tuple[IO[str], IO[str]] | None = field(default=None, repr=False)
+    started: float = 0.0
+
+    def label(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.values.items())
+
+
+def train_argv(config: str, sets: list[str], sweep_id: str, runs_dir: str | None,
+               skip_existing: bool) -> list[str]:
+    """The `kdl train` arguments of one point (without the program name)."""
+    argv = ["train", config, *itertools.chain.from_iterable(("--set", s) for s in sets),
+            "--sweep", sweep_id, "--quiet"]
+    if runs_dir:
+        argv += ["--runs-dir", runs_dir]
+    if skip_existing:
+        argv.append("--skip-existing")
+    return argv
+
+
+def emit(points: list[Point]) -> str:
+    return "\n".join(shlex.join(["kdl", *p.argv]) for p in points)
+
+
+class Sweep:
+    """Runs points as `python -m karpathy_runner train ...` processes, at most `jobs` at once."""
+
+    def __init__(self, points: list[Point], jobs: int, fail_fast: bool, log: Any):
+        self.points = points
+        self.jobs = max(jobs, 1)
+        self.fail_fast = fail_fast
+        self.log = log
+        self.stopping = False
+
+    def run(self) -> int:
+        pending = list(self.points)
+        running: list[Point] = []
+        try:
+            while pending or running:
+                while pending and len(running) < self.jobs and not self.stopping:
+                    running.append(self._start(pending.pop(0)))
+                for point in [p for p in running if p.process.poll() is not None]:
+                    running.remove(point)
+                    self._finish(point)
+                    if point.status != "completed" and self.fail_fast and not self.stopping:
+                        self._stop(running, signal.SIGTERM, "--fail-fast: stopping the sweep")
+                if self.stopping and not running:
+                    break
+                time.sleep(0.05)
+        except KeyboardInterrupt:
+            self._stop(running, signal.SIGINT, "interrupted: letting running points checkpoint")
+            for point in running:
+                point.process.wait()
+                self._finish(point)
+            return 130
+        for point in pending:
+            point.status = "not run"
+        return 0 if all(p.status == "completed" for p in self.points) else 1
+
+    def _start(self, point: Point) -> Point:
+        out = tempfile.TemporaryFile("w+")
+        err = tempfile.TemporaryFile("w+")
+        point.files = (out, err)
+        point.started = time.time()
+        point.process = subprocess.Popen(
+            [sys.executable, "-m", "karpathy_runner", *point.argv],
+            stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+        )
+        point.status = "running"
+        self.log(f"[{point.index + 1}/{len(self.points)}] started  {point.label()}")
+        return point
+
+    def _finish(self, point: Point) -> None:
+        point.exit_code = point.process.returncode
+        point.seconds = time.time() - point.started
+        out, err = point.files
+        out.seek(0)
+        err.seek(0)
+        lines = out.read().strip().splitlines()
+        point.run_id = lines[-1] if lines else None
+        point.error = err.read().strip()
+        out.close()
+        err.close()
+        point.status = STATUS_BY_EXIT.get(point.exit_code, f"exit {point.exit_code}")
+        self.log(f"[{point.index + 1}/{len(self.points)}] {point.status:<10} {point.label()} -> "
+                 f"{point.run_id or '-'} ({point.seconds:.1f}s)")
+        if point.status != "completed" and point.error:
+            self.log("    " + point.error.splitlines()[-1])
+
+    def _stop(self, running: list[Point], signum: int, why: str) -> None:
+        self.stopping = True
+        self.log(why)
+        for point in running:
+            if point.process.poll() is None:
+                point.process.send_signal(signum)
+
+
+def results(points: list[Point], runs_dir: Path) -> list[dict[str, Any]]:
+    """One record per point, with the best metric read from its run folder."""
+    from .runs import Run
+
+    rows = []
+    for point in points:
+        best = {}
+        if point.run_id and (runs_dir / point.run_id).is_dir():
+            best = Run(runs_dir / point.run_id).meta.get("best") or {}
+        rows.append({"index": point.index, "point": point.values, "status": point.status,
+                     "exit_code": point.exit_code, "run": point.run_id,
+                     "best_metric": best.get("metric"), "best_value": best.get("value"),
+                     "seconds": round(point.seconds, 2)})
+    return rows
+
+
+def to_json(sweep_id: str, rows: list[dict[str, Any]]) -> str:
+    return json.dumps({"sweep": sweep_id, "points": rows})
+
+
+def print_summary(rows: list[dict[str, Any]]) -> None:
+    """The end-of-sweep table, on stderr (stdout keeps just the sweep id for scripts)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    keys = list(rows[0]["point"]) if rows else []
+    table = Table(show_edge=False, header_style="bold")
+    for column in [*keys, "status", "run", "best", "seconds"]:
+        table.add_column(column)
+    for row in rows:
+        best = "-" if row["best_value"] is None else f"{row['best_metric']} {row['best_value']:.4g}"
+        style = None if row["status"] == "completed" else "red"
+        table.add_row(*(str(row["point"][k]) for k in keys), row["status"], row["run"] or "-",
+                      best, f"{row['seconds']:.1f}", style=style)
+    width = None if sys.stderr.isatty() else 200  # piped into a log: never fold the run ids
+    Console(stderr=True, highlight=False, width=width).print(table)

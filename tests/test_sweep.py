@@ -1,0 +1,114 @@
+"""Batch work: sweep grids and tagging, parallel points, --skip-existing, --emit, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from kdl import CONFIGS, TINY, kdl, train_tiny
+
+from karpathy_runner.errors import KdlError
+from karpathy_runner.runs import iter_runs
+from karpathy_runner.sweep import grid_points, parse_grid, point_sets, split_values
+
+TINY_SETS = [item for s in TINY for item in ("--set", s)]
+
+
+def test_grid_is_the_cartesian_product_with_yaml_values():
+    grid = parse_grid(["optimizer.lr=0.1,1e-3", "model.channels=[8,16],[4]", "seed=0,1,2"])
+    points = grid_points(grid)
+    assert len(points) == 2 * 2 * 3
+    assert points[0] == {"optimizer.lr": 0.1, "model.channels": [8, 16], "seed": 0}
+    assert points[-1] == {"optimizer.lr": 0.001, "model.channels": [4], "seed": 2}
+    assert point_sets(points[0]) == ["optimizer.lr=0.1", "model.channels=[8,16]", "seed=0"]
+    assert split_values("[1,2],{a: 1, b: 2},x") == ["[1,2]", "{a: 1, b: 2}", "x"]
+
+
+@pytest.mark.parametrize("bad", ["seed", "seed=", "=1,2"])
+def test_malformed_grid(bad):
+    with pytest.raises(KdlError):
+        parse_grid([bad])
+
+
+def test_bad_grid_key_runs_nothing(tmp_path):
+    result = kdl("sweep", CONFIGS / "digits_cnn.yaml", "--grid", "optimizer.lrr=0.1,0.2",
+                 "--runs-dir", tmp_path)
+    assert result.exit_code == 2 and "Did you mean 'optimizer.lr'" in result.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_sweep_runs_points_in_parallel_tags_them_and_records_failures(tmp_path):
+    # lr 1e6 makes the loss non-finite: that point fails (exit 1), the other still completes
+    result = kdl("sweep", CONFIGS / "digits_cnn.yaml", "--grid", "optimizer.lr=1e6,0.001",
+                 *TINY_SETS, "--set", "train.epochs=1", "--set", "optimizer.name=sgd",
+                 "--jobs", "2", "--runs-dir", tmp_path)
+    assert result.exit_code == 1
+    sweep_id = result.last_line
+    assert sweep_id.startswith("sweep-") and result.stdout.strip() == sweep_id
+    events = [line for line in result.stderr.splitlines() if line.startswith("[")]
+    first_end = next(i for i, line in enumerate(events) if "started" not in line)
+    assert sum("started" in line for line in events[:first_end]) == 2  # both ran at once
+    assert "failed" in result.stderr and "non-finite" in result.stderr
+    runs = {r.meta["sweep"]["point"]["optimizer.lr"]: r for r in iter_runs(tmp_path)}
+    assert {r.meta["sweep"]["id"] for r in runs.values()} == {sweep_id}
+    assert (runs[1e6].status, runs[0.001].status) == ("failed", "completed")
+
+
+def test_emitted_commands_run_as_is_in_a_shell(tmp_path):
+    result = kdl("sweep", CONFIGS / "digits_cnn.yaml", "--grid", "model.channels=[4],[4, 8]",
+                 *TINY_SETS, "--set", "train.max_steps=2", "--emit", "--runs-dir", tmp_path)
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("kdl train ") for line in lines)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    # the way a user would: one command per line into xargs, two at a time
+    subprocess.run(["xargs", "-d", "\n", "-P", "2", "-I", "CMD", "sh", "-c", "CMD"],
+                   input="\n".join(lines),
+                   text=True, check=True, env=env, capture_output=True)
+    runs = list(iter_runs(tmp_path))
+    assert sorted(len(r.config_dict()["model"]["channels"]) for r in runs) == [1, 2]
+    assert all(r.meta["sweep"]["point"]["train.max_steps"] == 2 for r in runs)
+
+
+def test_skip_existing_skips_completed_and_resumes_interrupted(tmp_path):
+    args = [sys.executable, "-m", "karpathy_runner", "train", str(CONFIGS / "digits_cnn.yaml"),
+            *TINY_SETS, "--set", "train.checkpoint_every_steps=1", "--set", "train.epochs=3",
+            "--runs-dir", str(tmp_path), "--quiet"]
+    child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob("*/checkpoints/last.pt")) and time.time() < deadline:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGINT)
+    out, _ = child.communicate(timeout=60)
+    assert child.returncode == 130
+    run_id = out.strip().splitlines()[-1]
+
+    resumed = kdl(*args[3:], "--skip-existing")
+    assert resumed.exit_code == 0 and resumed.last_line == run_id
+    meta = json.loads((tmp_path / run_id / "meta.json").read_text())
+    assert meta["status"] == "completed" and len(meta["resumes"]) == 1
+
+    skipped = kdl(*args[3:], "--skip-existing", "--json")
+    report = json.loads(skipped.stdout)
+    assert report["skipped"] and report["id"] == run_id
+    assert len(list(iter_runs(tmp_path))) == 1
+
+
+def test_tensorboard_event_files_are_readable(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = train_tiny(tmp_path)
+    events = EventAccumulator(str(tmp_path / result.last_line / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"train/loss", "val/loss", "val/accuracy", "train_epoch/loss"} <= set(tags["scalars"])
+    assert "train/examples" in tags["images"]
+    metrics = [json.loads(line) for line in (tmp_path / result.last_line / "metrics.jsonl").open()]
+    val = [r for r in metrics if r["split"] == "val"]
+    assert [e.step for e in events.Scalars("val/loss")] == [r["step"] for r in val] == [21, 42]
+    assert [e.value for e in events.Scalars("val/loss")] == pytest.approx([r["loss"] for r in val])
