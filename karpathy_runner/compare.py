@@ -41,7 +41,7 @@ class Fields:
 
     def config(self, run: Run) -> dict[str, Any]:
         if run.id not in self._configs:
-            self._configs[run.id] = runs.flatten(runs.read_config(run))
+            self._configs[run.id] = runs.flatten(run.config_dict())
         return self._configs[run.id]
 
     def final(self, run: Run) -> dict[str, Any]:
@@ -240,7 +240,7 @@ def run_record(run: Run) -> dict[str, Any]:
         "id": run.id,
         "name": run.meta.get("name"),
         "status": run.status,
-        "config": runs.flatten(runs.read_config(run)),
+        "config": runs.flatten(run.config_dict()),
         "final": summary.get("final") or {},
         "best": summary.get("best") or run.meta.get("best") or {},
     }

@@ -375,7 +375,6 @@ def _choices(loc: list[str]) -> list[str]:
 
 def default_metric_mode(metric: str, mode: str) -> str:
     """`auto` means min for losses and perplexities, max for everything else."""
-    if mode != "auto":
-        return mode
-    leaf = metric.split(".")[-1]
-    return "min" if ("loss" in leaf or leaf in ("bpc", "perplexity")) else "max"
+    from .runs import metric_mode
+
+    return metric_mode(metric) if mode == "auto" else mode

@@ -16,7 +16,7 @@ from .errors import KdlError
 
 def run_labels(found: list[runs.Run], most_keys: int = 3) -> list[str]:
     """Run ids, plus the config keys that differ between the runs when there are only a few."""
-    configs = [runs.flatten(runs.read_config(run)) for run in found]
+    configs = [runs.flatten(run.config_dict()) for run in found]
     keys = varying_keys(configs) if len(found) > 1 else []
     if not keys or len(keys) > most_keys:
         return [run.id for run in found]
