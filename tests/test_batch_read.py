@@ -182,7 +182,8 @@ def test_read_commands_never_import_torch(runs_dir, lr_sweep):
                      ["show", "latest"], ["compare", "--sweep", "s1", "--group-by", "optimizer.lr"]):
             result = CliRunner().invoke(app, args)
             assert result.exit_code == 0, (args, result.output)
-        heavy = [m for m in ("torch", "karpathy_runner.config", "matplotlib") if m in sys.modules]
+        heavy = [m for m in ("torch", "pydantic", "karpathy_runner.config", "matplotlib")
+                 if m in sys.modules]
         assert not heavy, heavy
     """)
     subprocess.run([sys.executable, "-c", script], check=True)
