@@ -112,3 +112,14 @@ def test_tensorboard_event_files_are_readable(tmp_path):
     val = [r for r in metrics if r["split"] == "val"]
     assert [e.step for e in events.Scalars("val/loss")] == [r["step"] for r in val] == [21, 42]
     assert [e.value for e in events.Scalars("val/loss")] == pytest.approx([r["loss"] for r in val])
+
+
+def test_shell_completion_completes_commands_and_options():
+    def complete(words: str, cword: int) -> str:
+        env = {**os.environ, "_KDL_COMPLETE": "complete_bash", "COMP_WORDS": words,
+               "COMP_CWORD": str(cword)}
+        return subprocess.run([str(Path(sys.executable).parent / "kdl")], env=env,
+                              capture_output=True, text=True, check=True).stdout.split()
+
+    assert complete("kdl sw", 1) == ["sweep"]
+    assert complete("kdl train --skip", 2) == ["--skip-existing"]
