@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import signal
 import time
@@ -129,6 +130,9 @@ class Trainer:
         cfg, state = self.cfg, self.state
         with self._signals():
             while state.epoch < cfg.epochs and state.stop_reason is None:
+                if self.stop_signal is not None:  # came while the epoch ended: last.pt is current
+                    state.stop_reason = "signal"
+                    break
                 self._train_epoch()
                 if state.stop_reason == "signal":
                     break
@@ -333,8 +337,12 @@ class Trainer:
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:
         """First SIGINT/SIGTERM: stop after this step with a checkpoint. Second SIGINT: now."""
+        owner = os.getpid()
 
         def handler(signum: int, frame: Any) -> None:
+            # a DataLoader worker forked with this handler, before it sets its own (data/__init__)
+            if os.getpid() != owner:
+                return
             if self.stop_signal is not None and signum == signal.SIGINT:
                 raise KeyboardInterrupt
             self.stop_signal = signum

@@ -128,8 +128,8 @@ class Batches:
 
 
 def _leave_signals_to_the_main_process(worker_id: int) -> None:
-    """A terminal's Ctrl-C reaches every process of the group. A worker would otherwise die
-    (leaving the main process without batches mid-step) or run the trainer's handler it
-    inherited; the main process finishes its step and then shuts the workers down."""
+    """A terminal's Ctrl-C, or a SIGTERM to the process group, reaches the workers too. By
+    default torch's worker dies on SIGTERM and the main process then fails mid-step; instead
+    workers ignore both, and the main process finishes its step and shuts them down."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -1,0 +1,165 @@
+"""Stopping a run at an exact step, in-process or as a real process, and comparing runs bit for bit."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from kdl import CONFIGS, TINY, Result, kdl
+
+from karpathy_runner.checkpoint import load_checkpoint
+from karpathy_runner.tasks.classify import Classify
+
+# everything that draws random numbers, on the deterministic CPU path: shuffling, dropout,
+# augmentation (digits are 8x8, so the crop pads by 1), a mid-epoch checkpoint every 4 steps, a
+# log window (3) that is not a divisor of the epoch (21 steps), early stopping that never fires
+RANDOM = [
+    *TINY,
+    "train.deterministic=true",
+    "model.dropout=0.3",
+    "data.augment=[crop,flip]",
+    "data.crop_padding=1",
+    "train.checkpoint_every_steps=4",
+    "train.log_every_steps=3",
+    "train.early_stopping.patience=5",
+]
+STEPS_PER_EPOCH = 21  # 1,293 digits training images in batches of 64
+VOLATILE = {"time", "samples_per_s", "duration_s"}  # wall-clock fields: the only ones allowed to differ
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """One intra-op thread, as the `kdl train` processes of these tests use (OMP_NUM_THREADS=1).
+
+    Runs compared bit for bit must use the same number of threads; and on a busy 2-core machine
+    two spin-waiting threads make a tiny run ten times slower.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def sets(overrides: Iterable[str]) -> list[str]:
+    return [item for s in overrides for item in ("--set", s)]
+
+
+def train(runs: Path, *overrides: str, resume: str | None = None) -> Result:
+    """`kdl train` of digits with RANDOM and `overrides`, in-process; or `--resume RUN`."""
+    if resume:
+        return kdl("train", "--resume", resume, "--runs-dir", runs, "--quiet")
+    return kdl("train", CONFIGS / "digits_cnn.yaml", *sets([*RANDOM, *overrides]), "--runs-dir", runs,
+               "--quiet")
+
+
+def signal_at(monkeypatch, steps: Iterable[int], signum: int = signal.SIGINT, times: int = 1) -> None:
+    """Deliver `signum` (`times` times) to this process during step n, for each n in `steps`.
+
+    Steps count from 1 like metrics.jsonl's `step`; each fires once, so a resumed run that
+    passes the same step again is not stopped twice.
+    """
+    pending = set(steps)
+    original = Classify.train_step
+
+    def train_step(self, batch, step, updater):
+        result = original(self, batch, step, updater)
+        if step + 1 in pending:
+            pending.discard(step + 1)
+            for _ in range(times):
+                signal.raise_signal(signum)
+                time.sleep(0.01)  # let the handler run before the next one arrives
+        return result
+
+    monkeypatch.setattr(Classify, "train_step", train_step)
+
+
+def final_state(folder: Path, which: str = "last") -> dict[str, Any]:
+    return load_checkpoint(folder / "checkpoints" / f"{which}.pt")
+
+
+def assert_same_tensors(a: Any, b: Any, where: str = "") -> None:
+    """Equal structure, and every tensor equal bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            assert_same_tensors(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_tensors(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def assert_same_training(resumed: Path, uninterrupted: Path) -> None:
+    """Weights, optimizer state, metrics and summary identical, wall-clock fields aside."""
+    for which in ("last", "best"):
+        a, b = final_state(resumed, which), final_state(uninterrupted, which)
+        assert_same_tensors(a["models"], b["models"], f"{which}.models")
+        assert_same_tensors(a["optimizers"], b["optimizers"], f"{which}.optimizers")
+        for key in ("epoch", "step", "batch", "best_value", "best_epoch", "bad_epochs"):
+            assert a["loop"][key] == b["loop"][key], (which, key)
+    assert metrics(resumed) == metrics(uninterrupted)
+    assert summary(resumed) == summary(uninterrupted)
+
+
+def metrics(folder: Path) -> list[dict[str, Any]]:
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE} for line in lines]
+
+
+def summary(folder: Path) -> dict[str, Any]:
+    return {k: v for k, v in read_json(folder / "summary.json").items() if k not in VOLATILE}
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def only_run(runs: Path) -> Path:
+    folders = [p for p in runs.iterdir() if p.is_dir()]
+    assert len(folders) == 1, folders
+    return folders[0]
+
+
+# ----------------------------------------------------------------------------- real processes
+
+
+def launch(runs: Path, *args: str, **popen: Any) -> subprocess.Popen:
+    """`kdl train ...` as a real process (`python -m karpathy_runner`), output to a log file."""
+    runs.mkdir(parents=True, exist_ok=True)
+    log = open(runs.parent / f"kdl-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115
+    env = {**os.environ, "KDL_RUNS_DIR": str(runs), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "karpathy_runner", "train", *args, "--quiet"]
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, **popen)
+    process.log_path = Path(log.name)  # type: ignore[attr-defined]
+    log.close()
+    return process
+
+
+def train_command(*overrides: str) -> list[str]:
+    return [str(CONFIGS / "digits_cnn.yaml"), *sets(overrides)]
+
+
+def output(process: subprocess.Popen) -> str:
+    return process.log_path.read_text()  # type: ignore[attr-defined]
+
+
+def wait_for(predicate, timeout: float = 60.0, every: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(every)

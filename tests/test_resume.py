@@ -1,0 +1,155 @@
+"""Exact resume: a run stopped at any step and resumed with `kdl train --resume RUN` ends with the
+weights, optimizer state and metrics of the same run left uninterrupted, bit for bit (CPU,
+train.deterministic: true)."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+from kdl import kdl
+from stopping import (
+    STEPS_PER_EPOCH,
+    assert_same_training,
+    final_state,
+    metrics,
+    one_thread,
+    only_run,
+    read_json,
+    signal_at,
+    train,
+)
+
+from karpathy_runner.tasks.classify import Classify
+
+SCHEDULES = {
+    "onecycle": ["scheduler.name=onecycle"],
+    "cosine_warmup_sgd": ["scheduler.name=cosine", "scheduler.warmup_epochs=0.5", "scheduler.min_lr=1e-5",
+                          "optimizer.name=sgd", "optimizer.lr=0.05", "optimizer.momentum=0.9",
+                          "train.grad_clip=1.0"],
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+def uninterrupted(runs, overrides):
+    result = train(runs, *overrides)
+    assert result.exit_code == 0, result.stderr
+    return runs / result.last_line
+
+
+def resumed_run(monkeypatch, runs, overrides, stops):
+    """Train, stopped by SIGINT at each of `stops`, resuming each time until the run completes."""
+    signal_at(monkeypatch, stops)
+    result = train(runs, *overrides)
+    folder = runs / result.last_line
+    for stop in stops:
+        assert result.exit_code == 130, result.stderr
+        meta = read_json(folder / "meta.json")
+        assert meta["status"] == "interrupted" and meta["step"] == stop
+        assert final_state(folder)["loop"]["step"] == stop  # the step in flight was finished
+        # metrics reached the disk up to the stop (logged every 3 steps), and nothing after it
+        assert [r["step"] for r in metrics(folder) if r["split"] == "train"] == list(
+            range(3, stop + 1, 3))
+        assert max((r["step"] for r in metrics(folder)), default=0) <= stop
+        result = train(runs, resume=folder.name)
+        assert result.last_line == folder.name
+    assert result.exit_code == 0, result.stderr
+    return folder
+
+
+@pytest.mark.parametrize(
+    "schedule, workers, stops",
+    [
+        # the first step, mid-epoch, the last step of an epoch, the first of the next, the last one
+        ("onecycle", 0, [1, 9, STEPS_PER_EPOCH, STEPS_PER_EPOCH + 1, 2 * STEPS_PER_EPOCH]),
+        ("cosine_warmup_sgd", 2, [6, STEPS_PER_EPOCH + 10]),  # DataLoader workers
+    ],
+)
+def test_stopped_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, schedule, workers, stops):
+    overrides = [*SCHEDULES[schedule], f"data.num_workers={workers}"]
+    baseline = uninterrupted(tmp_path / "straight", overrides)
+    folder = resumed_run(monkeypatch, tmp_path / "stopped", overrides, stops)
+
+    assert_same_training(folder, baseline)
+    # the same folder continued: one marker per resume in train.log, each recorded in meta.json
+    log = (folder / "train.log").read_text()
+    markers = [line for line in log.splitlines() if "===== resumed at" in line]
+    assert [int(m.split(" step ")[1].split()[0]) for m in markers] == stops
+    meta = read_json(folder / "meta.json")
+    assert meta["status"] == "completed"
+    assert [r["step"] for r in meta["resumes"]] == stops
+    assert all(r["changes"] == {} for r in meta["resumes"])
+    # no step logged twice, none missing
+    train_steps = [r["step"] for r in metrics(folder) if r["split"] == "train"]
+    assert train_steps == list(range(3, 2 * STEPS_PER_EPOCH + 1, 3))
+
+
+def test_resume_needs_only_the_run_folder(tmp_path, monkeypatch):
+    """No config file, no runs folder option: the path of the run folder is enough."""
+    signal_at(monkeypatch, [5])
+    first = train(tmp_path / "runs")
+    assert first.exit_code == 130
+    folder = only_run(tmp_path / "runs")
+    state = final_state(folder)  # everything the loop needs, by name
+    assert {"models", "optimizers", "scheduler", "scaler", "loop", "window", "rng"} <= state.keys()
+    assert state["rng"].keys() == {"python", "numpy", "torch", "cuda"}
+    assert (state["loop"]["epoch"], state["loop"]["batch"], state["loop"]["step"]) == (0, 5, 5)
+    assert {"best_value", "stop_value", "bad_epochs", "epoch_sums"} <= state["loop"].keys()
+    monkeypatch.chdir(tmp_path)
+    result = kdl("train", "--resume", str(folder), "--quiet")
+    assert result.exit_code == 0, result.stderr
+    assert result.last_line == folder.name
+    assert not (tmp_path / "runs" / "runs").exists() and len(list((tmp_path / "runs").iterdir())) == 1
+    assert final_state(folder)["loop"]["epoch"] == 2
+
+
+def test_resume_with_changes_is_refused_unless_allowed_and_recorded(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    signal_at(monkeypatch, [5])
+    assert train(runs).exit_code == 130
+    folder = only_run(runs)
+    before = (folder / "config.yaml").read_text()
+
+    refused = kdl("train", "--resume", folder.name, "--set", "train.epochs=3", "--runs-dir", runs)
+    assert refused.exit_code == 2
+    assert "train.epochs: 2 -> 3" in refused.stderr and "--allow-changes" in refused.stderr
+    assert (folder / "config.yaml").read_text() == before
+    assert read_json(folder / "meta.json")["status"] == "interrupted"
+
+    allowed = kdl("train", "--resume", folder.name, "--set", "train.epochs=3", "--allow-changes",
+                  "--runs-dir", runs, "--quiet")
+    assert allowed.exit_code == 0, allowed.stderr
+    meta = read_json(folder / "meta.json")
+    assert meta["resumes"][-1]["changes"] == {"train.epochs": {"from": 2, "to": 3}}
+    assert meta["status"] == "completed" and meta["epochs_done"] == 3
+    assert "epochs: 3" in (folder / "config.yaml").read_text()
+    assert json.loads((folder / "summary.json").read_text())["epochs_done"] == 3
+
+
+def test_a_signal_during_validation_stops_at_the_epoch_end(tmp_path, monkeypatch):
+    """Ctrl-C while the epoch ends (validation, checkpoint) stops right there, without another
+    step: the epoch-end checkpoint is the one to resume from."""
+    baseline = uninterrupted(tmp_path / "straight", [])
+    original, fired = Classify.eval_step, []
+
+    def eval_step(self, batch, detailed=False):
+        if not fired:
+            fired.append(True)
+            signal.raise_signal(signal.SIGINT)
+        return original(self, batch, detailed)
+
+    monkeypatch.setattr(Classify, "eval_step", eval_step)
+    result = train(tmp_path / "stopped")
+    assert result.exit_code == 130, result.stderr
+    folder = tmp_path / "stopped" / result.last_line
+    loop = final_state(folder)["loop"]
+    assert (loop["epoch"], loop["batch"], loop["step"]) == (1, 0, STEPS_PER_EPOCH)
+    assert read_json(folder / "meta.json")["status"] == "interrupted"
+    assert train(tmp_path / "stopped", resume=folder.name).exit_code == 0
+    assert_same_training(folder, baseline)
