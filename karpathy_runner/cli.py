@@ -19,7 +19,8 @@ from .errors import KdlError
 
 
 class _Commands(TyperGroup):
-    """Turns a KdlError from any command into one paragraph on stderr and its exit code."""
+    """Turns a KdlError from any command into one paragraph on stderr and its exit code,
+    and a Ctrl-C outside the training loop into exit 130 (not click's 'Aborted!' and 1)."""
 
     def invoke(self, ctx: typer.Context) -> object:
         try:
@@ -27,6 +28,9 @@ class _Commands(TyperGroup):
         except KdlError as exc:
             print(f"error: {exc}", file=sys.stderr, flush=True)
             raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:  # Ctrl-C before a loop started (a running loop has its own)
+            print("interrupted", file=sys.stderr, flush=True)
+            raise typer.Exit(130) from None
 
 
 app = typer.Typer(
@@ -57,7 +61,7 @@ def _out(text: str) -> None:
 
 @app.command()
 def train(
-    config: Annotated[Optional[Path], typer.Argument(help="YAML config file.")] = None,  # noqa: UP045
+    config: Annotated[Optional[Path], typer.Argument(metavar="CONFIG", help="YAML config file.")] = None,  # noqa: UP045
     set_: SetOption = None,
     name: Annotated[Optional[str], typer.Option(help="Run name (config key `name`).")] = None,  # noqa: UP045
     device: Annotated[
@@ -117,7 +121,9 @@ def train(
 
 @app.command("eval")
 def eval_(
-    run: Annotated[str, typer.Argument(help="Run id, unique prefix, run folder or 'latest'.")],
+    run: Annotated[
+        str, typer.Argument(metavar="RUN", help="Run id, unique prefix, run folder or 'latest'.")
+    ],
     checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
     split: Annotated[str, typer.Option(help="val or test.")] = "val",
     device: Annotated[str, typer.Option(help="Device to evaluate on.")] = "auto",
@@ -141,7 +147,7 @@ def eval_(
 
 @app.command()
 def validate(
-    config: Annotated[Path, typer.Argument(help="YAML config file.")],
+    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML config file.")],
     set_: SetOption = None,
 ) -> None:
     """Print the fully resolved config, or every problem in it."""
@@ -153,7 +159,7 @@ def validate(
 
 @app.command()
 def sweep(
-    config: Annotated[Path, typer.Argument(help="YAML config file.")],
+    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML config file.")],
     grid: Annotated[
         list[str], typer.Option(help="key=v1,v2: values of one key (repeatable; the product is run).")
     ],
@@ -260,7 +266,9 @@ def list_runs(
 
 @app.command()
 def show(
-    run: Annotated[str, typer.Argument(help="Run id, unique prefix, run folder or 'latest'.")],
+    run: Annotated[
+        str, typer.Argument(metavar="RUN", help="Run id, unique prefix, run folder or 'latest'.")
+    ],
     runs_dir: RunsDir = None,
 ) -> None:
     """Show a run: its config, environment, per-epoch metrics and a chart of its best metric."""

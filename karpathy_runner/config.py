@@ -241,7 +241,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         parsed = yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError:
         raise ConfigError(
-            [f"--set {text!r}: the value {value!r} is not a valid YAML scalar or list"]
+            [f"--set {text!r}: the value {value!r} is not a valid YAML scalar or list; quote it "
+             "for the shell and close its brackets, e.g. --set 'model.channels=[16, 32]'"]
         ) from None
     if isinstance(parsed, str) and SCIENTIFIC.match(parsed):
         parsed = float(parsed)  # YAML 1.1 reads 1e-3 (no dot) as text; users mean a number
@@ -260,7 +261,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 child = node[part] = {}
             if not isinstance(child, dict):
                 where = ".".join(path[: depth + 1])
-                raise ConfigError([f"--set {text!r}: {where!r} is a value, not a branch with keys"])
+                raise ConfigError([f"--set {text!r}: {where!r} is a value, not a branch with keys; "
+                                   f"set it directly, e.g. --set {where}=VALUE"])
             node = child
         node[path[-1]] = value
     return result

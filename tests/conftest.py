@@ -21,3 +21,14 @@ def runs_dir(tmp_path, monkeypatch):
     folder = tmp_path / "runs"
     monkeypatch.setenv("KDL_RUNS_DIR", str(folder))
     return folder
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The folder of a completed one-epoch tiny digits run, shared by a test module."""
+    from kdl import train_tiny
+
+    runs = tmp_path_factory.mktemp("runs")
+    result = train_tiny(runs, "--set", "train.epochs=1")
+    assert result.exit_code == 0, result.stderr
+    return runs / result.last_line

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kdl import CONFIGS, kdl, train_tiny
+from kdl import CONFIGS, kdl
 
 CONFIG = str(CONFIGS / "digits_cnn.yaml")
 
@@ -137,14 +137,6 @@ CASES = [
     ("eval a run without checkpoints", ["eval", "20990101-000000-twins-aab"],
      ["no checkpoints/best.pt", "end of each epoch"]),
 ]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    runs = tmp_path_factory.mktemp("runs")
-    result = train_tiny(runs, "--set", "train.epochs=1")
-    assert result.exit_code == 0, result.stderr
-    return runs / result.last_line
 
 
 def snapshot(runs: Path) -> dict[str, str]:

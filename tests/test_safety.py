@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kdl import CONFIGS, ROOT, kdl, train_tiny
+from kdl import CONFIGS, ROOT, kdl
 
 from karpathy_runner import engine
 
@@ -24,14 +24,6 @@ class Payload:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    runs = tmp_path_factory.mktemp("runs")
-    result = train_tiny(runs, "--set", "train.epochs=1")
-    assert result.exit_code == 0, result.stderr
-    return runs / result.last_line
 
 
 @pytest.fixture
