@@ -5,7 +5,7 @@ only difference is the loop) for the same number of steps, alternating in one pr
 warm-up; the tiny model makes any per-step cost of the loop show. kdl's side includes everything
 a real run does: its step, metric windows, log lines and the checkpoints written at epoch ends.
 
-    python bench/overhead.py [--steps 400] [--rounds 5]
+    python bench/overhead.py [--steps 400] [--rounds 5] [--threads N]
 """
 
 from __future__ import annotations
@@ -68,7 +68,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's choice); 1 is steadier on a busy machine")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     overrides = ["scheduler.name=none", "data.val_fraction=0", "train.best_metric=train.loss",
                  "train.device=cpu", "train.epochs=1000", f"train.max_steps={args.steps}"]
     cfg = load_config(CONFIG, overrides)
@@ -80,11 +84,14 @@ def main() -> None:
             plain.append(plain_loop(exp, args.steps))
             ours.append(kdl_loop(cfg, args.steps, Path(tmp)))
     p, k = statistics.median(plain), statistics.median(ours)
+    # each round's two loops ran back to back: their ratio cancels most of the machine's drift
+    ratios = [ours_round / plain_round for plain_round, ours_round in zip(plain, ours, strict=True)]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps of "
           f"batch {cfg.data.batch_size}, {args.rounds} rounds (median)")
     print(f"plain PyTorch loop: {p:9.0f} samples/s   (rounds: {', '.join(f'{v:.0f}' for v in plain)})")
     print(f"kdl trainer:        {k:9.0f} samples/s   (rounds: {', '.join(f'{v:.0f}' for v in ours)})")
-    print(f"ratio kdl/plain:    {k / p:9.3f}")
+    print(f"ratio kdl/plain:    {k / p:9.3f}   (median of per-round ratios: "
+          f"{statistics.median(ratios):.3f}; spread {min(ratios):.3f}-{max(ratios):.3f})")
 
 
 if __name__ == "__main__":
