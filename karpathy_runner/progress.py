@@ -66,6 +66,11 @@ class Reporter:
             f"epoch {epoch + 1}/{epochs}", total=total_batches, completed=done, metrics=""
         )
 
+    def advance(self, batches_done: int) -> None:
+        """Move the bar (no metrics: those need a device sync and come at log intervals)."""
+        if self._bar is not None:
+            self._progress.update(self._bar, completed=batches_done)
+
     def update(self, batches_done: int, metrics: dict[str, Any]) -> None:
         if self._progress is not None and self._bar is not None:
             self._progress.update(self._bar, completed=batches_done, metrics=format_metrics(metrics))

@@ -161,6 +161,8 @@ class Trainer:
             # log, checkpoint, stop: each only at its interval
             if state.step % cfg.log_every_steps == 0:
                 self._flush_window()
+            elif self.reporter.live:
+                self.reporter.advance(state.batch)
             if cfg.max_steps is not None and state.step >= cfg.max_steps:
                 state.stop_reason = "max_steps"
                 break
