@@ -187,7 +187,7 @@ def train(
         with _checkpoint_must_fit(run.checkpoint("last")):
             trainer.load_state_dict(checkpoint)
         if changes:  # only now: a change the checkpoint cannot take must leave the run as it was
-            runs.write_text(folder / runs.CONFIG, f"# kdl train {folder / runs.CONFIG}\n" + cfg.to_yaml())
+            _write_config(folder, cfg)
         writer.keep_metrics_up_to(trainer.state.step)
         resumes = writer.meta.get("resumes", []) + [
             {"at": runs.utc_now(), "step": trainer.state.step, "command": command,
@@ -197,12 +197,13 @@ def train(
         writer.update_meta(status="running", resumes=resumes, **_process_fields(command))
         writer.log(f"===== resumed at epoch {trainer.state.epoch} step {trainer.state.step} =====")
     else:
-        writer.update_meta(**_first_meta(cfg, exp, folder, command))
+        meta = _first_meta(cfg, exp, folder, command)
+        if sweep:  # the point is what this run's --set values made of the sweep's config
+            point = {".".join(key): value for key, value in map(parse_override, overrides)}
+            meta["sweep"] = {"id": sweep, "point": point}
+        writer.update_meta(**meta)
         writer.events = EventLog(folder / runs.TENSORBOARD)
         _log_examples(writer.events, exp)
-        if sweep:
-            point = dict((".".join(key), value) for key, value in map(parse_override, overrides))
-            writer.update_meta(sweep={"id": sweep, "point": point})
         writer.log(f"run {folder.name} started: {cfg.name} on {exp.device}")
     reporter.message(f"run {folder.name}: {folder}")
     return _drive(trainer, writer, previous_duration)
@@ -295,8 +296,13 @@ def _summary(trainer: Trainer, status: str, duration: float) -> dict[str, Any]:
 
 def _new_run_folder(runs_root: Path, cfg: Config) -> Path:
     folder = runs.create_run_folder(runs_root, cfg.name)
-    runs.write_text(folder / runs.CONFIG, f"# kdl train {folder / runs.CONFIG}\n" + cfg.to_yaml())
+    _write_config(folder, cfg)
     return folder
+
+
+def _write_config(folder: Path, cfg: Config) -> None:
+    """The resolved config, headed like every config by the command that runs it again."""
+    runs.write_text(folder / runs.CONFIG, f"# kdl train {folder / runs.CONFIG}\n" + cfg.to_yaml())
 
 
 def _process_fields(command: list[str]) -> dict[str, Any]:
