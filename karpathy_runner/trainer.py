@@ -83,7 +83,6 @@ class LoopState:
     stop_value: float | None = None  # best value of the early-stopping metric
     bad_epochs: int = 0
     epoch_sums: dict[str, float] = field(default_factory=dict)
-    epoch_samples: int = 0
     skipped_steps: int = 0
     stop_reason: str | None = None
 
@@ -192,7 +191,7 @@ class Trainer:
             )
         state.epoch += 1
         state.batch = 0
-        state.epoch_sums, state.epoch_samples = {}, 0
+        state.epoch_sums = {}
         self.last_metrics = metrics
         improved = self._track_best(metrics)
         self._track_early_stopping(metrics)
