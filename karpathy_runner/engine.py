@@ -403,7 +403,7 @@ def evaluate_run(
     """Rebuild data and model from the run's config.yaml, load a checkpoint, evaluate a split."""
     check_versions()  # before anything is unpickled
     run = runs.resolve_run(runs_root, ref)
-    cfg = resolve(load_yaml(run.path / runs.CONFIG), str(run.path / runs.CONFIG))
+    cfg = load_config(run.path / runs.CONFIG)
     path = run.checkpoint(checkpoint)
     if not path.is_file():
         other = "last" if checkpoint == "best" else "best"

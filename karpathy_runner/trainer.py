@@ -208,24 +208,20 @@ class Trainer:
 
     def _flush_window(self) -> None:
         """Reduce the window's step results on the host; the only sync in the train loop."""
-        if self.updater.skip_nonfinite and self.window and "loss" in self.window[0]:
+        if self.updater.skip_nonfinite:
             # a skipped step changed no weights: keep its NaN out of the metrics (and the JSON) too
-            finite = torch.isfinite(torch.stack([r["loss"] for r in self.window]).cpu()).tolist()
+            finite = self._window_finite()
             self.window = [r for r, ok in zip(self.window, finite, strict=True) if ok]
+        else:
+            self._check_window_finite()
         if not self.window:
             return
         state = self.state
-        first_step = state.step - len(self.window)
         sums = {}
         for key in self.window[0]:
             values = [r[key] for r in self.window]
             if isinstance(values[0], torch.Tensor):
-                stacked = torch.stack([v.float() for v in values]).cpu()
-                if key == "loss":
-                    bad = (~torch.isfinite(stacked)).nonzero()
-                    if len(bad) and not self.updater.skip_nonfinite:
-                        self._nonfinite(first_step + int(bad[0]))
-                sums[key] = float(stacked.sum())
+                sums[key] = float(torch.stack([v.float() for v in values]).sum())
             else:
                 sums[key] = float(sum(values))
         self.window = []
@@ -327,11 +323,16 @@ class Trainer:
                 f"`kdl train --resume {self.run.id}`."
             ) from None
 
+    def _window_finite(self) -> list[bool]:
+        """Per step of the window, whether its loss was finite (one stack, one sync)."""
+        if not self.window or not isinstance(self.window[0].get("loss"), torch.Tensor):
+            return [True] * len(self.window)
+        return torch.isfinite(torch.stack([r["loss"].float() for r in self.window])).tolist()
+
     def _check_window_finite(self) -> None:
-        for offset, record in enumerate(self.window):
-            loss = record.get("loss")
-            if isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss)):
-                self._nonfinite(self.state.step - len(self.window) + offset)
+        finite = self._window_finite()
+        if not all(finite):
+            self._nonfinite(self.state.step - len(self.window) + finite.index(False))
 
     # ------------------------------------------------------------------ signals
 
