@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from karpathy_runner import runs
 from karpathy_runner.config import Config, load_config
 from karpathy_runner.engine import Experiment, build_experiment, build_trainer
 from karpathy_runner.models import build_model
 from karpathy_runner.optim import build_optimizer
 from karpathy_runner.progress import Reporter
+from karpathy_runner.writer import RunWriter
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits_cnn.yaml"
 
@@ -54,7 +54,7 @@ def plain_loop(exp: Experiment, steps: int) -> float:
 
 def kdl_loop(cfg: Config, steps: int, root: Path) -> float:
     exp = build_experiment(cfg)
-    writer = runs.RunWriter(runs.create_run_folder(root, cfg.name))
+    writer = RunWriter.create(root, cfg.name, cfg.to_yaml())
     trainer = build_trainer(exp, writer, Reporter(quiet=True))
     started = time.perf_counter()
     trainer.fit()

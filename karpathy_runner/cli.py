@@ -138,11 +138,36 @@ def eval_(
     from . import engine
     from .report import print_eval
 
-    found, result = engine.evaluate_run(runs.runs_dir(runs_dir), run, checkpoint, split, device)
+    _, result = engine.evaluate_run(runs.runs_dir(runs_dir), run, checkpoint, split, device)
     if as_json:
         _out(json.dumps(result))
     else:
         print_eval(result)
+
+
+@app.command()
+def sample(
+    run: Annotated[
+        str, typer.Argument(metavar="RUN", help="Run id, unique prefix, run folder or 'latest'.")
+    ],
+    n: Annotated[int, typer.Option("-n", min=1, help="How many samples to draw.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed of the sampling noise.")] = 0,
+    out: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="File to write (default: the run's samples/ folder)."),
+    ] = None,
+    checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
+    device: Annotated[str, typer.Option(help="Device to sample on.")] = "auto",
+    runs_dir: RunsDir = None,
+) -> None:
+    """Draw new samples from a generative run (an image grid or text); prints the file written."""
+    if checkpoint not in ("best", "last"):
+        raise KdlError(f"--checkpoint must be best or last, got {checkpoint!r}")
+    from . import engine
+
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    _out(str(engine.sample_run(runs.runs_dir(runs_dir), run, n, seed, checkpoint, out, device)))
 
 
 @app.command()
@@ -359,10 +384,11 @@ def plot(
     runs_dir: RunsDir = None,
 ) -> None:
     """Draw the learning curves of runs on one figure (PNG); prints the file written."""
+    from .compare import best_metric_name
     from .plot import plot_runs
 
     found = runs.resolve_runs(runs.runs_dir(runs_dir), run_refs)
-    _out(str(plot_runs(found, metric or runs.best_metric_name(found[0]), out)))
+    _out(str(plot_runs(found, metric or best_metric_name(found[0]), out)))
 
 
 def main() -> None:

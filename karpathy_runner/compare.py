@@ -11,13 +11,48 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import runs
+from .dotted import MISSING, dotted_get, flatten
 from .errors import KdlError
-from .runs import MISSING, Run
+from .runs import Run
+
+# ----------------------------------------------------------------------------- what a run says
+
+
+def sweep_id(run: Run) -> str | None:
+    sweep = run.meta.get("sweep")
+    return sweep.get("id") if isinstance(sweep, dict) else None
+
+
+def metric_mode(run: Run, metric: str) -> str | None:
+    """Which way `metric` (split.name or name) is better, "min" or "max", as the run's task
+    declared it in meta.json; None when the run does not say (kdl never guesses from a name)."""
+    modes = run.meta.get("metric_modes")
+    mode = modes.get(metric.split(".", 1)[-1]) if isinstance(modes, dict) else None
+    return mode if mode in ("min", "max") else None
+
+
+def best_mode(run: Run) -> str | None:
+    """The direction the run judged its best metric by (recorded, else declared)."""
+    best = run.meta.get("best") or run.summary().get("best") or {}
+    if best.get("mode") in ("min", "max"):
+        return best["mode"]
+    return metric_mode(run, best_metric_name(run))
+
+
+def best_metric_name(run: Run) -> str:
+    """The metric a run is judged by (its train.best_metric), e.g. val.loss."""
+    best = run.meta.get("best") or run.summary().get("best") or {}
+    if best.get("metric"):
+        return best["metric"]
+    configured = dotted_get(run.config_dict(), "train.best_metric")
+    return configured if isinstance(configured, str) else "val.loss"
+
 
 # `kdl runs` columns that --sort accepts, and where each one's value lives
 COLUMNS = {
@@ -41,7 +76,7 @@ class Fields:
 
     def config(self, run: Run) -> dict[str, Any]:
         if run.id not in self._configs:
-            self._configs[run.id] = runs.flatten(run.config_dict())
+            self._configs[run.id] = flatten(run.config_dict())
         return self._configs[run.id]
 
     def final(self, run: Run) -> dict[str, Any]:
@@ -53,11 +88,11 @@ class Fields:
         """A meta key (status as `Run.status` reports it, so 'crashed' works), else a config key."""
         if key == "status":
             return run.status
-        found = runs.dotted_get(run.meta, key)
+        found = dotted_get(run.meta, key)
         return found if found is not MISSING else self.config(run).get(key, MISSING)
 
     def known_keys(self, run: Run) -> list[str]:
-        return [*runs.flatten(run.meta), *self.config(run)]
+        return [*flatten(run.meta), *self.config(run)]
 
 
 # ----------------------------------------------------------------------------- selecting
@@ -118,7 +153,7 @@ def select_runs(
             continue
         if name and not fnmatch.fnmatchcase(run.meta.get("name") or "", name):
             continue
-        if sweep and runs.sweep_id(run) != sweep:
+        if sweep and sweep_id(run) != sweep:
             continue
         # no short-circuit: every condition must see every run, to tell a typo from no match
         if all([cond.matches(fields.field(run, cond.key)) for cond in conditions]):
@@ -160,7 +195,7 @@ def sort_runs(items: list[Run], spec: str, fields: Fields) -> Ordering:
         raise KdlError(f"--sort {key}: no run has it. Sort by a column ({', '.join(COLUMNS)}), 'best', "
                        f"a final metric ({', '.join(_final_names(items, fields)) or 'none yet'}) "
                        "or a config key like optimizer.lr")
-    descending = is_metric and runs.metric_mode(_mode_metric(key, items)) == "max"
+    descending = is_metric and _declared_mode(key, items) == "max"
     if spec.startswith("-"):
         descending = not descending
     present = [run for run in items if not _absent(values[run.id])]
@@ -177,11 +212,10 @@ def _sort_value(run: Run, key: str, fields: Fields) -> Any:
     return final[key] if key in final else fields.field(run, key)
 
 
-def _mode_metric(key: str, items: list[Run]) -> str:
-    """'best' is judged like the runs' best metric (val.loss: lower first)."""
-    if key != "best":
-        return key
-    return next((runs.best_metric_name(run) for run in items if run.meta.get("best")), "val.loss")
+def _declared_mode(key: str, items: list[Run]) -> str | None:
+    """The direction the runs declare for a metric ('best': for their best metric)."""
+    modes = (best_mode(run) if key == "best" else metric_mode(run, key) for run in items)
+    return next((mode for mode in modes if mode is not None), None)
 
 
 def _final_names(items: list[Run], fields: Fields) -> list[str]:
@@ -223,9 +257,9 @@ def query_runs(
 
 
 def sweep_runs(root: Path, sweep: str) -> list[Run]:
-    found = [run for run in runs.iter_runs(root) if runs.sweep_id(run) == sweep]
+    found = [run for run in runs.iter_runs(root) if sweep_id(run) == sweep]
     if not found:
-        known = sorted({s for s in map(runs.sweep_id, runs.iter_runs(root)) if s})
+        known = sorted({s for s in map(sweep_id, runs.iter_runs(root)) if s})
         listed = f"; sweeps in {root}: {', '.join(known)}" if known else ""
         raise KdlError(f"no runs of sweep {sweep!r} in {root}{listed}")
     return found
@@ -240,9 +274,10 @@ def run_record(run: Run) -> dict[str, Any]:
         "id": run.id,
         "name": run.meta.get("name"),
         "status": run.status,
-        "config": runs.flatten(run.config_dict()),
+        "config": flatten(run.config_dict()),
         "final": summary.get("final") or {},
         "best": summary.get("best") or run.meta.get("best") or {},
+        "metric_modes": run.meta.get("metric_modes") or {},
     }
 
 
@@ -262,9 +297,8 @@ def mean_std(values: list[float]) -> dict[str, Any]:
     n = len(values)
     if n == 0:
         return {"mean": None, "std": None, "n": 0}
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
-    return {"mean": mean, "std": std, "n": n}
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if n > 1 else None,
+            "n": n}
 
 
 @dataclass
@@ -274,7 +308,7 @@ class Comparison:
     keys: list[str]  # config columns: the keys that differ, or the --group-by keys
     metrics: list[str]  # final metrics, then "best" (each run's value of best_metric)
     best_metric: str | None
-    best_mode: str
+    best_mode: str | None  # None: no run declares which way its best metric is better
     rows: list[dict[str, Any]]
     best_row: int | None  # the row with the best "best" (or best mean of it)
     group_by: list[str] = field(default_factory=list)
@@ -314,7 +348,7 @@ def group_stats(records: list[dict[str, Any]], values: list[dict[str, Any]], gro
     rows = []
     for members in groups.values():
         first = records[members[0]]["config"]
-        stats = {m: mean_std([values[i][m] for i in members if _is_number(values[i][m])])
+        stats = {m: mean_std([values[i][m] for i in members if is_number(values[i][m])])
                  for m in metrics}
         rows.append({"values": {key: first.get(key) for key in group_by}, "n": len(members),
                      "runs": [records[i]["id"] for i in members], "metrics": stats})
@@ -350,20 +384,23 @@ def _common_best_metric(records: list[dict[str, Any]]) -> str | None:
     return max(dict.fromkeys(names), key=names.count) if names else None
 
 
-def _best_mode(records: list[dict[str, Any]], best_metric: str | None) -> str:
+def _best_mode(records: list[dict[str, Any]], best_metric: str | None) -> str | None:
+    """As the runs recorded it with their best value, else as their tasks declare the metric;
+    None if no run says (then no row is marked best)."""
     modes = [r["best"].get("mode") for r in records if r["best"].get("metric") == best_metric]
-    recorded = next((m for m in modes if m in ("min", "max")), None)
-    return recorded or runs.metric_mode(best_metric or "val.loss")
+    if best_metric:
+        modes += [r.get("metric_modes", {}).get(best_metric.split(".", 1)[-1]) for r in records]
+    return next((m for m in modes if m in ("min", "max")), None)
 
 
-def _best_index(values: list[Any], mode: str) -> int | None:
-    scored = [(v, i) for i, v in enumerate(values) if _is_number(v) and math.isfinite(v)]
-    if not scored:
+def _best_index(values: list[Any], mode: str | None) -> int | None:
+    scored = [(v, i) for i, v in enumerate(values) if is_number(v) and math.isfinite(v)]
+    if not scored or mode is None:
         return None
     return (min(scored) if mode == "min" else max(scored, key=lambda pair: (pair[0], -pair[1])))[1]
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 

@@ -1,8 +1,15 @@
 """The typed config tree: defaults for every key, YAML loading, dotted overrides, validation.
 
-Each branch (data, model, optimizer, scheduler, train) is its own class and is handed alone to
-the component that owns it. Families that differ in their keys (models, datasets) are tagged
-unions on `name`, so a new family is one new class added to its tuple below.
+Each branch (data, model, task, optimizer, scheduler, train) is its own class and is handed alone
+to the component that owns it. Families that differ in their keys (datasets, models, tasks) are
+tagged unions on `name`, so a new family is one new class added to its tuple below, plus its
+module (the class's MODULE) under data/, models/ or tasks/.
+
+A task class also declares, as plain class values that need no torch: the models it trains (the
+keys of a per-model `optimizer` map), its metrics and which way each is better, and which model
+families it trains on which kind of data. That declaration picks the default task, checks
+`train.best_metric` and `train.early_stopping.metric`, and is stored in meta.json for `kdl runs
+--sort` and `kdl compare`.
 """
 
 from __future__ import annotations
@@ -12,12 +19,27 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from .dotted import MISSING, flatten
 from .errors import ConfigError
+
+# Part of every config hash: bump it when a key's meaning changes, so that runs made before the
+# change no longer count as the same experiment for --skip-existing. Adding a key with a default
+# needs no bump: the hash covers only values that differ from the defaults.
+SCHEMA_MAJOR = 1
 
 
 class Branch(BaseModel):
@@ -26,13 +48,19 @@ class Branch(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
 
 
-# ----------------------------------------------------------------------------- data
+def family_names(cls: type[Branch]) -> tuple[str, ...]:
+    """The `name` values a family class answers to."""
+    return get_args(cls.model_fields["name"].annotation)
 
-IMAGE_DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "image_folder")
+
+# ----------------------------------------------------------------------------- data
 
 
 class ImageDataConfig(Branch):
     """Image classification data (torchvision datasets, scikit-learn digits, a user's folder)."""
+
+    KIND: ClassVar[str] = "image"
+    MODULE: ClassVar[str] = "images"
 
     name: Literal["digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "image_folder"] = (
         "digits"
@@ -56,6 +84,8 @@ DATA_FAMILIES: tuple[type[Branch], ...] = (ImageDataConfig,)
 
 class CNNConfig(Branch):
     """A conv stack: per stage conv(k, same padding) -> [batch norm] -> ReLU -> pool 2."""
+
+    MODULE: ClassVar[str] = "cnn"
 
     name: Literal["cnn"] = "cnn"
     channels: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [32, 64])
@@ -82,6 +112,26 @@ class CNNConfig(Branch):
 
 MODEL_FAMILIES: tuple[type[Branch], ...] = (CNNConfig,)
 
+# ----------------------------------------------------------------------------- task
+
+
+class ClassifyConfig(Branch):
+    """Classification: cross-entropy, accuracy; per-class accuracy and a confusion matrix in eval."""
+
+    MODULE: ClassVar[str] = "classify"
+    MODELS: ClassVar[tuple[str, ...]] = ("model",)
+    METRICS: ClassVar[dict[str, str]] = {"loss": "min", "accuracy": "max"}
+    DEFAULT_METRIC: ClassVar[str] = "val.loss"
+    TRAINS: ClassVar[dict[str, tuple[str, ...]]] = {"image": ("cnn",)}  # data kind -> models
+
+    name: Literal["classify"] = "classify"
+    # training targets (1 - s) on the true class and s spread over all classes; eval reports the
+    # plain cross-entropy, so val.loss stays comparable across settings
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+TASK_FAMILIES: tuple[type[Branch], ...] = (ClassifyConfig,)
+
 # ----------------------------------------------------------------------------- optimization
 
 
@@ -107,6 +157,26 @@ class OptimizerConfig(Branch):
         return self
 
 
+def _optimizer_form(raw: Any) -> str:
+    """`optimizer` is one branch for every model, or a map of model name -> branch."""
+    if isinstance(raw, OptimizerConfig):
+        return "one"
+    if (isinstance(raw, dict) and raw and not set(raw) & set(OptimizerConfig.model_fields)
+            and all(isinstance(v, (dict, OptimizerConfig)) for v in raw.values())):
+        return "per_model"
+    return "one"
+
+
+Optimizers = Annotated[
+    Union[  # noqa: UP007
+        Annotated[OptimizerConfig, Tag("one")],
+        Annotated[dict[str, OptimizerConfig], Tag("per_model")],
+    ],
+    Discriminator(_optimizer_form),
+]
+UNION_TAGS = {"one", "per_model"}
+
+
 class SchedulerConfig(Branch):
     """Learning-rate schedule, applied per optimizer step, after an optional linear warm-up."""
 
@@ -120,14 +190,29 @@ class SchedulerConfig(Branch):
     final_div_factor: float = Field(1e4, ge=1.0)  # onecycle: end at start / final_div_factor
 
 
+Mode = Literal["auto", "min", "max"]  # auto: the direction the task declares for the metric
+
+
 class EarlyStoppingConfig(Branch):
     patience: int | None = Field(None, ge=1)  # epochs without improvement; null disables
     metric: str | None = None  # defaults to train.best_metric
+    mode: Mode = "auto"
     min_delta: float = Field(0.0, ge=0.0)
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, metric: str | None) -> str | None:
+        return metric if metric is None else _metric_shape(metric)
 
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 METRIC_PATTERN = re.compile(r"^(train|val)\.[a-z_]+$")
+
+
+def _metric_shape(metric: str) -> str:
+    if not METRIC_PATTERN.match(metric):
+        raise ValueError(f"must look like val.loss or val.accuracy, got {metric!r}")
+    return metric
 
 
 class TrainConfig(Branch):
@@ -136,8 +221,8 @@ class TrainConfig(Branch):
     device: str = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_clip: float | None = Field(None, gt=0.0)
-    best_metric: str = "val.loss"
-    best_mode: Literal["auto", "min", "max"] = "auto"
+    best_metric: str = "val.loss"  # the task's main metric unless set (see Config)
+    best_mode: Mode = "auto"
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     log_every_steps: int = Field(50, ge=1)
     checkpoint_every_steps: int | None = Field(None, ge=1)
@@ -154,9 +239,7 @@ class TrainConfig(Branch):
     @field_validator("best_metric")
     @classmethod
     def _metric(cls, metric: str) -> str:
-        if not METRIC_PATTERN.match(metric):
-            raise ValueError(f"must look like val.loss or val.accuracy, got {metric!r}")
-        return metric
+        return _metric_shape(metric)
 
 
 def _family(classes: tuple[type[Branch], ...]) -> Any:
@@ -173,9 +256,32 @@ class Config(Branch):
     seed: int = 0
     data: _family(DATA_FAMILIES) = Field(default_factory=DATA_FAMILIES[0])
     model: _family(MODEL_FAMILIES) = Field(default_factory=MODEL_FAMILIES[0])
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    task: _family(TASK_FAMILIES) = Field(default_factory=TASK_FAMILIES[0])
+    optimizer: Optimizers = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_defaults(cls, raw: Any) -> Any:
+        """The task defaults to the one that trains this model on this data, and the best metric
+        to that task's main metric. Filled in before validation so that the resolved config
+        (config.yaml) says which were used."""
+        if not isinstance(raw, dict):
+            return raw
+        raw = dict(raw)
+        task = raw.get("task")
+        if task is None or isinstance(task, dict) and "name" not in task:
+            chosen = default_task(_raw_name(raw, "model", MODEL_FAMILIES),
+                                  data_kind(_raw_name(raw, "data", DATA_FAMILIES)))
+            if chosen is not None:
+                raw["task"] = {**(task or {}), "name": family_names(chosen)[0]}
+        train = raw.get("train")
+        if train is None or isinstance(train, dict) and "best_metric" not in train:
+            spec = task_class(_raw_name(raw, "task", TASK_FAMILIES))
+            if spec is not None:
+                raw["train"] = {**(train or {}), "best_metric": spec.DEFAULT_METRIC}
+        return raw
 
     @field_validator("name")
     @classmethod
@@ -186,6 +292,14 @@ class Config(Branch):
             )
         return name
 
+    def optimizer_for(self, model: str) -> OptimizerConfig:
+        """The optimizer branch of one of the task's models."""
+        return self.optimizer[model] if isinstance(self.optimizer, dict) else self.optimizer
+
+    def metric_mode(self, metric: str, mode: str = "auto") -> str:
+        """Which way `metric` (split.name) is better: `mode` unless auto, else the task's word."""
+        return mode if mode != "auto" else type(self.task).METRICS[metric.split(".", 1)[1]]
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -193,9 +307,89 @@ class Config(Branch):
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
     def hash(self) -> str:
-        """Identity of the experiment: the resolved config, canonicalised."""
-        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """Identity of the experiment: the values that differ from the defaults (for this data,
+        model and task), canonicalised, with the schema's major version. A key added later with
+        a default therefore leaves the hash of every earlier run as it was."""
+        defaults = flatten(self._defaults().to_dict())
+        changed = {key: value for key, value in flatten(self.to_dict()).items()
+                   if defaults.get(key, MISSING) != value}
+        text = json.dumps({"schema": SCHEMA_MAJOR, "values": changed}, sort_keys=True,
+                          separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def _defaults(self) -> Config:
+        """The config with only this one's family names (and optimizer map keys) set."""
+        optimizer = {name: {} for name in self.optimizer} if isinstance(self.optimizer, dict) else {}
+        return type(self).model_validate({
+            "data": {"name": self.data.name}, "model": {"name": self.model.name},
+            "task": {"name": self.task.name}, "optimizer": optimizer,
+        })
+
+
+# ----------------------------------------------------------------------------- tasks and data
+
+
+def _raw_name(raw: dict[str, Any], branch: str, families: tuple[type[Branch], ...]) -> Any:
+    node = raw.get(branch)
+    if node is None:
+        return family_names(families[0])[0]
+    return node.get("name", family_names(families[0])[0]) if isinstance(node, dict) else None
+
+
+def data_kind(name: Any) -> str | None:
+    """What a dataset holds ("image", ...), from its config family."""
+    return next((cls.KIND for cls in DATA_FAMILIES if name in family_names(cls)), None)
+
+
+def task_class(name: Any) -> Any:
+    return next((cls for cls in TASK_FAMILIES if name in family_names(cls)), None)
+
+
+def default_task(model: Any, kind: str | None, tasks: tuple[Any, ...] = TASK_FAMILIES) -> Any:
+    """The first task that trains `model` on data of `kind`, or None."""
+    return next((cls for cls in tasks if model in cls.TRAINS.get(kind, ())), None)
+
+
+def task_problems(task: Any, model: str, data: str, kind: str,
+                  tasks: tuple[Any, ...] = TASK_FAMILIES) -> list[str]:
+    """Why a task cannot train this model on this data (empty when it can)."""
+    if model in task.TRAINS.get(kind, ()):
+        return []
+    task_name = family_names(task)[0]
+    suitable = default_task(model, kind, tasks)
+    if suitable is not None:
+        return [f"task.name: the {task_name} task cannot train model.name {model!r} on "
+                f"data.name {data!r} ({kind} data); for that pair use task.name: "
+                f"{family_names(suitable)[0]} (the default when task is not set)"]
+    models = [m for cls in tasks for m in cls.TRAINS.get(kind, ())]
+    fix = (f"on {kind} data use model.name: {' or '.join(dict.fromkeys(models))}" if models
+           else "choose another dataset")
+    return [f"model.name: no task trains model.name {model!r} on data.name {data!r} ({kind} "
+            f"data); {fix}"]
+
+
+def _cross_problems(cfg: Config) -> list[str]:
+    """Problems between branches: the task against the model and data, the metrics against the
+    task's declared ones, the optimizer map against the task's models."""
+    task = type(cfg.task)
+    problems = task_problems(task, cfg.model.name, cfg.data.name, type(cfg.data).KIND)
+    for key, metric in (("train.best_metric", cfg.train.best_metric),
+                        ("train.early_stopping.metric", cfg.train.early_stopping.metric)):
+        if metric is not None and metric.split(".", 1)[1] not in task.METRICS:
+            choices = ", ".join(f"{split}.{m}" for split in ("val", "train") for m in task.METRICS)
+            problems.append(f"{key}: {metric!r} is not a metric of the {cfg.task.name} task; "
+                            f"choose one of {choices}")
+    if isinstance(cfg.optimizer, dict) and set(cfg.optimizer) != set(task.MODELS):
+        wrong = [name for name in cfg.optimizer if name not in task.MODELS]
+        close = {name: difflib.get_close_matches(name, task.MODELS, n=1) for name in wrong}
+        hints = "".join(f" Did you mean 'optimizer.{close[n][0]}' for 'optimizer.{n}'?"
+                        for n in wrong if close[n])
+        problems.append(
+            f"optimizer: a per-model map needs exactly the {cfg.task.name} task's models "
+            f"({', '.join(task.MODELS)}), got {', '.join(cfg.optimizer) or 'none'}.{hints} Or give "
+            "one branch for every model, e.g. optimizer: {name: adam, lr: 0.001}"
+        )
+    return problems
 
 
 # ----------------------------------------------------------------------------- loading
@@ -274,9 +468,13 @@ def resolve(raw: dict[str, Any], source: str | None = None) -> Config:
     if problems:
         raise ConfigError(problems, source)
     try:
-        return Config.model_validate(raw)
+        cfg = Config.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError([_describe(err) for err in exc.errors()], source) from None
+    problems = _cross_problems(cfg)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
@@ -297,7 +495,7 @@ def _branch_class(annotation: Any, raw: Any) -> type[BaseModel] | None:
         members = [a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
         wanted = raw.get("name") if isinstance(raw, dict) else None
         for member in members:
-            if wanted in get_args(member.model_fields["name"].annotation):
+            if wanted in family_names(member):
                 return member
         return members[0] if members and wanted is None else None
     return None
@@ -317,20 +515,29 @@ def _unknown_keys(raw: Any, cls: type[BaseModel], prefix: str) -> list[str]:
             where = f"'{prefix[:-1]}'" if prefix else "the top level"
             problems.append(f"{path}: unknown key.{hint} Valid keys at {where}: {valid}")
             continue
+        if cls is Config and key == "optimizer":  # one branch, or one per model
+            branches = value.items() if _optimizer_form(value) == "per_model" else [(None, value)]
+            for model, branch in branches:
+                where = f"{path}.{model}." if model else f"{path}."
+                problems += _unknown_keys(branch, OptimizerConfig, where)
+            continue
         sub = _branch_class(fields[key].annotation, value)
         if sub is not None:
             problems += _unknown_keys(value, sub, f"{path}.")
     return problems
 
 
-_NAMES = {"data": "dataset", "model": "model", "optimizer": "optimizer", "scheduler": "scheduler"}
+_NAMES = {"data": "dataset", "model": "model", "task": "task", "optimizer": "optimizer",
+          "scheduler": "scheduler"}
+_FAMILIES = {"data": DATA_FAMILIES, "model": MODEL_FAMILIES, "task": TASK_FAMILIES}
 
 
 def _describe(err: dict[str, Any]) -> str:
     """One line per pydantic error: key path, what is wrong, the value given, the fix."""
     loc = [str(part) for part in err["loc"]]
     # tagged unions put the member's tag in the path: data.cifar10.batch_size -> data.batch_size
-    if len(loc) > 1 and loc[0] in ("data", "model") and loc[1] in _all_family_names(loc[0]):
+    if len(loc) > 1 and (loc[1] in _all_family_names(loc[0]) or loc[0] == "optimizer"
+                         and loc[1] in UNION_TAGS):
         loc.pop(1)
     path = ".".join(loc) or "(top level)"
     kind = err["type"]
@@ -362,21 +569,13 @@ def _describe(err: dict[str, Any]) -> str:
 
 
 def _all_family_names(branch: str) -> set[str]:
-    families = DATA_FAMILIES if branch == "data" else MODEL_FAMILIES
-    return {n for cls in families for n in get_args(cls.model_fields["name"].annotation)}
+    return {n for cls in _FAMILIES.get(branch, ()) for n in family_names(cls)}
 
 
 def _choices(loc: list[str]) -> list[str]:
     if not loc:
         return []
-    if loc[0] in ("data", "model"):
+    if loc[0] in _FAMILIES:
         return sorted(_all_family_names(loc[0]))
     cls = {"optimizer": OptimizerConfig, "scheduler": SchedulerConfig}.get(loc[0])
-    return list(get_args(cls.model_fields["name"].annotation)) if cls else []
-
-
-def default_metric_mode(metric: str, mode: str) -> str:
-    """`auto` means min for losses and perplexities, max for everything else."""
-    from .runs import metric_mode
-
-    return metric_mode(metric) if mode == "auto" else mode
+    return list(family_names(cls)) if cls else []

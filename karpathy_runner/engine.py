@@ -1,7 +1,8 @@
-"""What `kdl train` and `kdl eval` do, between the CLI and the trainer.
+"""What `kdl train`, `kdl eval` and `kdl sample` do, between the CLI and the trainer.
 
-Everything that can fail because of bad input (config, data, device) is checked before the run
-folder exists, so a mistake leaves nothing behind.
+`kdl train` is planned first (a fresh run, a resume, or --skip-existing finding the work done),
+then run. Everything that can fail because of bad input (config, data, device) is checked before
+a run folder is created or touched, so a mistake leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 import time
 import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +22,13 @@ import torch
 from . import runs
 from .checkpoint import load_checkpoint
 from .config import Config, apply_overrides, load_config, load_yaml, parse_override, resolve
-from .data import Batches, DataBundle, build_data
+from .data import Batches, DataBundle, Prepare, build_data
 from .errors import KdlError, RunFailed
-from .events import EventLog
 from .optim import LRSchedule, build_optimizer
 from .progress import Reporter
 from .tasks import Task, build_task
-from .trainer import Trainer, evaluate, seed_everything
+from .trainer import Trainer, autocast_for, evaluate, seed_everything
+from .writer import RunWriter
 
 EXIT_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -50,6 +51,7 @@ class Experiment:
     device: torch.device
     data: DataBundle
     task: Task
+    prepare: Prepare  # the data's batch preparation, on `device`
 
 
 MIN_VERSIONS = {"torch": (2, 6), "torchvision": (0, 21)}
@@ -103,35 +105,32 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_experiment(cfg: Config, device_override: str | None = None) -> Experiment:
+def build_experiment(cfg: Config, device_override: str | None = None,
+                     training: bool = True) -> Experiment:
     """Device, data and task from a validated config; every input error surfaces here."""
     check_versions()
     device = resolve_device(device_override or cfg.train.device)
-    if cfg.train.precision == "fp16" and device.type == "cpu":
+    if training and cfg.train.precision == "fp16" and device.type == "cpu":
         raise KdlError(
             "train.precision: fp16 needs a GPU; on the CPU use bf16 or fp32 (--set train.precision=bf16)"
         )
     seed_everything(cfg.seed, cfg.train.deterministic)
-    data = build_data(cfg.data)
-    if cfg.data.batch_size > len(data.train):
+    data = build_data(cfg.data, cfg.seed)
+    if training and cfg.data.batch_size > len(data.train):
         raise KdlError(
             f"data.batch_size is {cfg.data.batch_size} but the training set has only "
             f"{len(data.train)} samples; set data.batch_size to at most {len(data.train)}"
         )
-    task = build_task(cfg, data.info, device)
-    split, _, metric = cfg.train.best_metric.partition(".")
-    if metric not in task.metric_names:
-        raise KdlError(
-            f"train.best_metric: {cfg.train.best_metric!r} is not a metric of the {task.name} task; "
-            f"choose one of {', '.join(f'{split}.{m}' for m in task.metric_names)}"
-        )
-    if split == "val" and data.val is None:
-        raise KdlError(
-            f"train.best_metric is {cfg.train.best_metric!r} but there is no validation split "
-            "(data.val_fraction is 0); set data.val_fraction > 0 or train.best_metric: train.loss"
-        )
+    for key, metric in (("train.best_metric", cfg.train.best_metric),
+                        ("train.early_stopping.metric", cfg.train.early_stopping.metric)):
+        if training and metric and metric.startswith("val.") and data.val is None:
+            raise KdlError(
+                f"{key} is {metric!r} but there is no validation split (data.val_fraction is 0); "
+                f"set data.val_fraction > 0 or {key}: train.{metric.split('.', 1)[1]}"
+            )
+    task = build_task(cfg.task, cfg.model, data.info, device)
     task.to(device)
-    return Experiment(cfg, device, data, task)
+    return Experiment(cfg, device, data, task, data.prepare.to(device))
 
 
 def versions(device: torch.device) -> dict[str, Any]:
@@ -144,193 +143,48 @@ def versions(device: torch.device) -> dict[str, Any]:
     }
 
 
-# ----------------------------------------------------------------------------- train
+# ----------------------------------------------------------------------------- planning
 
 
-def train(
-    config_path: str | None,
-    overrides: list[str],
-    runs_root: Path,
-    command: list[str],
-    quiet: bool = False,
-    resume: str | None = None,
-    allow_changes: bool = False,
-    skip_existing: bool = False,
-    sweep: str | None = None,
-) -> TrainResult:
-    """Start a run from a config file, or resume one from its own folder.
+@dataclass
+class Plan:
+    """What a `kdl train` command line asks for, checked before anything is built or written."""
 
-    With `skip_existing`, a run of the same resolved config in `runs_root` is reused: a
-    completed one is reported as it is, an interrupted or crashed one is resumed.
-    """
+    cfg: Config
+    run: runs.Run | None = None  # continue this run; None: start a fresh one
+    changes: dict[str, Any] = field(default_factory=dict)  # --set changes to a resumed run
+    done: runs.Run | None = None  # --skip-existing found this run completed or running
+    sweep: dict[str, Any] | None = None  # the sweep tag of a fresh run
+
+
+def plan_train(config_path: str | None, overrides: list[str], runs_root: Path,
+               resume: str | None = None, allow_changes: bool = False,
+               skip_existing: bool = False, sweep: str | None = None) -> Plan:
+    """A fresh run, a resume, or (--skip-existing) a run of the same config to reuse."""
     if skip_existing and not resume:
         cfg = load_config(config_path, overrides)
         existing = _existing_run(runs_root, cfg)
         if existing is not None and existing.status in ("completed", "running"):
-            Reporter(quiet).message(f"run {existing.id} has this config and is {existing.status}: skipped")
-            return TrainResult(existing.id, existing.path, existing.status, 0, existing.summary(),
-                               skipped=True)
+            return Plan(cfg, done=existing)
         if existing is not None:
             resume, overrides = existing.id, []
     if resume:
         run, cfg, changes = _resume_config(runs_root, resume, overrides, allow_changes)
-    else:
-        cfg, run, changes = load_config(config_path, overrides), None, {}
-    exp = build_experiment(cfg)
-    folder = run.path if run else _new_run_folder(runs_root, cfg)
-    writer = runs.RunWriter(folder)
-    trainer = build_trainer(exp, writer, Reporter(quiet))
-    reporter = trainer.reporter
-    previous_duration = float(writer.meta.get("duration_s") or 0.0)
-    if run:
-        checkpoint = load_checkpoint(run.checkpoint("last"))
-        with _checkpoint_must_fit(run.checkpoint("last")):
-            trainer.load_state_dict(checkpoint)
-        if changes:  # only now: a change the checkpoint cannot take must leave the run as it was
-            _write_config(folder, cfg)
-        writer.keep_metrics_up_to(trainer.state.step)
-        resumes = writer.meta.get("resumes", []) + [
-            {"at": runs.utc_now(), "step": trainer.state.step, "command": command,
-             "changes": changes}
-        ]
-        writer.events = EventLog(folder / runs.TENSORBOARD, purge_step=trainer.state.step + 1)
-        writer.update_meta(status="running", resumes=resumes, **_process_fields(command))
-        writer.log(f"===== resumed at epoch {trainer.state.epoch} step {trainer.state.step} =====")
-    else:
-        meta = _first_meta(cfg, exp, folder, command)
-        if sweep:  # the point is what this run's --set values made of the sweep's config
-            point = {".".join(key): value for key, value in map(parse_override, overrides)}
-            meta["sweep"] = {"id": sweep, "point": point}
-        writer.update_meta(**meta)
-        writer.events = EventLog(folder / runs.TENSORBOARD)
-        _log_examples(writer.events, exp)
-        writer.log(f"run {folder.name} started: {cfg.name} on {exp.device}")
-    reporter.message(f"run {folder.name}: {folder}")
-    return _drive(trainer, writer, previous_duration)
-
-
-def _log_examples(events: EventLog, exp: Experiment) -> None:
-    """The config as text and, for image data, a grid of training inputs as the model sees them."""
-    events.text("config", exp.cfg.to_yaml())
-    if exp.data.info.kind == "image":
-        images, _ = exp.data.train.get_batch(torch.arange(min(32, len(exp.data.train))))
-        events.images("train/examples", images)
+        return Plan(cfg, run=run, changes=changes)
+    tag = None
+    if sweep:  # the point is what this run's --set values made of the sweep's config
+        tag = {"id": sweep, "point": {".".join(key): value
+                                      for key, value in map(parse_override, overrides)}}
+    return Plan(load_config(config_path, overrides), sweep=tag)
 
 
 def _existing_run(runs_root: Path, cfg: Config) -> runs.Run | None:
-    """The newest run of the same resolved config that is not failed, if any."""
+    """The newest run of the same experiment (config hash) that is not failed, if any."""
     wanted = cfg.hash()
     for run in sorted(runs.iter_runs(runs_root), key=lambda r: r.id, reverse=True):
         if run.meta.get("config_hash") == wanted and run.status != "failed":
             return run
     return None
-
-
-def build_trainer(exp: Experiment, writer: runs.RunWriter, reporter: Reporter) -> Trainer:
-    """Optimizers, schedules and batches for an experiment, handed to the one loop."""
-    cfg, task = exp.cfg, exp.task
-    optimizers = {name: build_optimizer(cfg.optimizer, task.parameters_for(name))
-                  for name in task.models}
-    train_batches = Batches(exp.data.train, cfg.data.batch_size, seed=cfg.seed, shuffle=True,
-                            num_workers=cfg.data.num_workers)
-    total_steps = len(train_batches) * cfg.train.epochs
-    if cfg.train.max_steps is not None:
-        total_steps = min(total_steps, cfg.train.max_steps)
-    schedules = {name: LRSchedule(cfg.scheduler, cfg.optimizer.lr, len(train_batches), total_steps)
-                 for name in optimizers}
-    return Trainer(cfg.train, task, optimizers, schedules, train_batches,
-                   _eval_batches(cfg, exp.data.val), writer, reporter, exp.device)
-
-
-def _drive(trainer: Trainer, writer: runs.RunWriter, previous_duration: float) -> TrainResult:
-    """Run the loop and leave the run folder in a final, truthful state whatever happens."""
-    began = time.time()
-    status, exit_code, error = "completed", 0, None
-    try:
-        state = trainer.fit()
-        if state.stop_reason == "signal":
-            status, exit_code = "interrupted", EXIT_SIGNALS.get(trainer.stop_signal, 130)
-    except KeyboardInterrupt:
-        status, exit_code = "interrupted", 130
-    except RunFailed as exc:
-        status, exit_code, error = "failed", 1, str(exc)
-    except KdlError as exc:
-        status, exit_code, error = "failed", exc.exit_code, str(exc)
-    except Exception as exc:  # an unexpected failure: keep the traceback in train.log
-        writer.log(traceback.format_exc())
-        status, exit_code, error = "failed", 1, f"{type(exc).__name__}: {exc}"
-    finally:
-        trainer.reporter.close()
-    duration = previous_duration + time.time() - began
-    summary = _summary(trainer, status, duration)
-    try:
-        writer.update_meta(status=status, ended_at=runs.utc_now(), duration_s=round(duration, 3),
-                           error=error, epochs_done=trainer.state.epoch, step=trainer.state.step)
-        writer.write_summary(summary)
-        writer.log(f"run {status}" + (f": {error}" if error else ""))
-        writer.close()
-    except OSError as exc:  # e.g. the disk filled up: say so, keep the original error first
-        status, exit_code = "failed", exit_code or 1
-        error = (error + " " if error else "") + (
-            f"The run folder {writer.folder} could not be updated ({exc.strerror or exc})."
-        )
-    if error:  # shown even with --quiet: a failed run must say why
-        print(f"error: {error}", file=sys.stderr, flush=True)
-    return TrainResult(writer.id, writer.folder, status, exit_code, summary)
-
-
-def _summary(trainer: Trainer, status: str, duration: float) -> dict[str, Any]:
-    state, cfg = trainer.state, trainer.cfg
-    return {
-        "status": status,
-        "epochs_done": state.epoch,
-        "steps": state.step,
-        "stop_reason": state.stop_reason,
-        "final": trainer.last_metrics,
-        "best": {"metric": cfg.best_metric, "mode": trainer.best_mode,
-                 "value": state.best_value, "epoch": state.best_epoch},
-        "skipped_steps": trainer.updater.skipped_steps,
-        "duration_s": round(duration, 3),
-    }
-
-
-def _new_run_folder(runs_root: Path, cfg: Config) -> Path:
-    folder = runs.create_run_folder(runs_root, cfg.name)
-    _write_config(folder, cfg)
-    return folder
-
-
-def _write_config(folder: Path, cfg: Config) -> None:
-    """The resolved config, headed like every config by the command that runs it again."""
-    runs.write_text(folder / runs.CONFIG, f"# kdl train {folder / runs.CONFIG}\n" + cfg.to_yaml())
-
-
-def _process_fields(command: list[str]) -> dict[str, Any]:
-    env = runs.run_environment(command)
-    return {k: env[k] for k in ("command", "host", "pid", "pid_started")}
-
-
-def _first_meta(cfg: Config, exp: Experiment, folder: Path, command: list[str]) -> dict[str, Any]:
-    now = runs.utc_now()
-    return {
-        "id": folder.name,
-        "name": cfg.name,
-        "status": "running",
-        "created_at": now,
-        "started_at": now,
-        "ended_at": None,
-        "duration_s": 0.0,
-        "task": exp.task.name,
-        "model": cfg.model.name,
-        "dataset": cfg.data.name,
-        "config_hash": cfg.hash(),
-        "device": str(exp.device),
-        "epochs": cfg.train.epochs,
-        "epochs_done": 0,
-        "step": 0,
-        **runs.run_environment(command),
-        "versions": versions(exp.device),
-    }
 
 
 def _resume_config(
@@ -362,6 +216,142 @@ def _resume_config(
     return run, cfg, changes
 
 
+def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    changes = {}
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes.update(_diff(a, b, f"{prefix}{key}."))
+        elif a != b:
+            changes[f"{prefix}{key}"] = {"from": a, "to": b}
+    return changes
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def train(
+    config_path: str | None,
+    overrides: list[str],
+    runs_root: Path,
+    command: list[str],
+    quiet: bool = False,
+    resume: str | None = None,
+    allow_changes: bool = False,
+    skip_existing: bool = False,
+    sweep: str | None = None,
+) -> TrainResult:
+    """`kdl train`: plan, build, then start a fresh run or continue one in its own folder."""
+    plan = plan_train(config_path, overrides, runs_root, resume, allow_changes, skip_existing, sweep)
+    reporter = Reporter(quiet)
+    if plan.done is not None:
+        reporter.message(f"run {plan.done.id} has this config and is {plan.done.status}: skipped")
+        return TrainResult(plan.done.id, plan.done.path, plan.done.status, 0, plan.done.summary(),
+                           skipped=True)
+    exp = build_experiment(plan.cfg)
+    if plan.run is None:
+        return start_run(exp, runs_root, command, reporter, plan.sweep)
+    return resume_run(exp, plan.run.path, plan.changes, command, reporter)
+
+
+def start_run(exp: Experiment, runs_root: Path, command: list[str], reporter: Reporter,
+              sweep: dict[str, Any] | None = None) -> TrainResult:
+    """A new run folder for a built experiment, trained to the end (or a stop)."""
+    cfg = exp.cfg
+    writer = RunWriter.create(runs_root, cfg.name, cfg.to_yaml())
+    trainer = build_trainer(exp, writer, reporter)
+    writer.start({
+        "name": cfg.name, "task": exp.task.name, "model": cfg.model.name,
+        "dataset": cfg.data.name, "config_hash": cfg.hash(), "device": str(exp.device),
+        "epochs": cfg.train.epochs, "metric_modes": exp.task.metrics,
+        "versions": versions(exp.device), **({"sweep": sweep} if sweep else {}),
+    }, command)
+    writer.log(f"run {writer.id} started: {cfg.name} on {exp.device}")
+    reporter.message(f"run {writer.id}: {writer.folder}")
+    return _drive(trainer, writer, previous_duration=0.0)
+
+
+def resume_run(exp: Experiment, folder: Path, changes: dict[str, Any], command: list[str],
+               reporter: Reporter) -> TrainResult:
+    """Continue the run in `folder` from its last checkpoint."""
+    writer = RunWriter(folder)
+    trainer = build_trainer(exp, writer, reporter)
+    last = writer.checkpoint("last")
+    checkpoint = load_checkpoint(last)
+    with _checkpoint_must_fit(last):
+        trainer.load_state_dict(checkpoint)
+    # the config is rewritten only now: a change the checkpoint cannot take leaves the run as it was
+    writer.resume(trainer.state.step, command, changes, exp.cfg.to_yaml() if changes else None)
+    writer.log(f"===== resumed at epoch {trainer.state.epoch} step {trainer.state.step} =====")
+    reporter.message(f"run {writer.id}: {writer.folder}")
+    return _drive(trainer, writer, previous_duration=float(writer.meta.get("duration_s") or 0.0))
+
+
+def build_trainer(exp: Experiment, writer: RunWriter, reporter: Reporter) -> Trainer:
+    """One optimizer and schedule per trainable model, the batches, handed to the one loop."""
+    cfg, task = exp.cfg, exp.task
+    optimizers = {name: build_optimizer(cfg.optimizer_for(name), task.param_groups(name))
+                  for name in task.trainable}
+    train_batches = Batches(exp.data.train, cfg.data.batch_size, seed=cfg.seed, shuffle=True,
+                            num_workers=cfg.data.num_workers)
+    total_steps = len(train_batches) * cfg.train.epochs
+    if cfg.train.max_steps is not None:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    schedules = {name: LRSchedule(cfg.scheduler, cfg.optimizer_for(name).lr, len(train_batches),
+                                  total_steps) for name in optimizers}
+    return Trainer(cfg.train, task, optimizers, schedules, exp.prepare, train_batches,
+                   _eval_batches(cfg, exp.data.val), writer, reporter, exp.device)
+
+
+def _drive(trainer: Trainer, writer: RunWriter, previous_duration: float) -> TrainResult:
+    """Run the loop and leave the run folder in a final, truthful state whatever happens."""
+    began = time.time()
+    status, exit_code, error = "completed", 0, None
+    try:
+        state = trainer.fit()
+        if state.stop_reason == "signal":
+            status, exit_code = "interrupted", EXIT_SIGNALS.get(trainer.stop_signal, 130)
+    except KeyboardInterrupt:
+        status, exit_code = "interrupted", 130
+    except RunFailed as exc:
+        status, exit_code, error = "failed", 1, str(exc)
+    except KdlError as exc:
+        status, exit_code, error = "failed", exc.exit_code, str(exc)
+    except Exception as exc:  # an unexpected failure: keep the traceback in train.log
+        writer.log(traceback.format_exc())
+        status, exit_code, error = "failed", 1, f"{type(exc).__name__}: {exc}"
+    finally:
+        trainer.reporter.close()
+    duration = previous_duration + time.time() - began
+    summary = _summary(trainer, status, duration)
+    try:
+        writer.finish(status, error, duration, summary)
+        writer.close()
+    except OSError as exc:  # e.g. the disk filled up: say so, keep the original error first
+        status, exit_code = "failed", exit_code or 1
+        error = (error + " " if error else "") + (
+            f"The run folder {writer.folder} could not be updated ({exc.strerror or exc})."
+        )
+    if error:  # shown even with --quiet: a failed run must say why
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    return TrainResult(writer.id, writer.folder, status, exit_code, summary)
+
+
+def _summary(trainer: Trainer, status: str, duration: float) -> dict[str, Any]:
+    state, cfg = trainer.state, trainer.cfg
+    return {
+        "status": status,
+        "epochs_done": state.epoch,
+        "steps": state.step,
+        "stop_reason": state.stop_reason,
+        "final": trainer.last_metrics,
+        "best": {"metric": cfg.best_metric, "mode": trainer.best_mode,
+                 "value": state.best_value, "epoch": state.best_epoch},
+        "skipped_steps": state.skipped_steps,
+        "duration_s": round(duration, 3),
+    }
+
+
 @contextlib.contextmanager
 def _checkpoint_must_fit(path: Path) -> Iterator[None]:
     """Loading a checkpoint into models built from a config it was not trained with is a clear
@@ -376,17 +366,6 @@ def _checkpoint_must_fit(path: Path) -> Iterator[None]:
         ) from None
 
 
-def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    changes = {}
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changes.update(_diff(a, b, f"{prefix}{key}."))
-        elif a != b:
-            changes[f"{prefix}{key}"] = {"from": a, "to": b}
-    return changes
-
-
 def _eval_batches(cfg: Config, dataset: Any) -> Batches | None:
     if dataset is None:
         return None
@@ -394,13 +373,20 @@ def _eval_batches(cfg: Config, dataset: Any) -> Batches | None:
     return Batches(dataset, size, num_workers=cfg.data.num_workers)
 
 
-# ----------------------------------------------------------------------------- eval
+# ----------------------------------------------------------------------------- eval and sample
 
 
-def evaluate_run(
-    runs_root: Path, ref: str, checkpoint: str = "best", split: str = "val", device: str = "auto"
-) -> tuple[runs.Run, dict[str, Any]]:
-    """Rebuild data and model from the run's config.yaml, load a checkpoint, evaluate a split."""
+@dataclass
+class Loaded:
+    """A finished or running run rebuilt from its config.yaml, with a checkpoint's weights."""
+
+    run: runs.Run
+    exp: Experiment
+    checkpoint: str
+    state: dict[str, Any]
+
+
+def load_run(runs_root: Path, ref: str, checkpoint: str, device: str) -> Loaded:
     check_versions()  # before anything is unpickled
     run = runs.resolve_run(runs_root, ref)
     cfg = load_config(run.path / runs.CONFIG)
@@ -414,25 +400,54 @@ def evaluate_run(
                "train.checkpoint_every_steps steps): evaluate it once it has")
         )
     state = load_checkpoint(path)
-    exp = build_experiment(cfg, device_override=device)
-    dataset = getattr(exp.data, split)
-    if dataset is None:
-        raise KdlError(f"the {cfg.data.name} data of run {run.id} has no {split} split")
+    exp = build_experiment(cfg, device_override=device, training=False)
     with _checkpoint_must_fit(path):
         for name, model in exp.task.models.items():
             model.load_state_dict(state["models"][name])
-    metrics = evaluate(exp.task, _eval_batches(cfg, dataset), detailed=True)
+    return Loaded(run, exp, checkpoint, state)
+
+
+def eval_precision(precision: str, device: torch.device) -> str:
+    """The run's precision, so eval repeats training's numbers; fp16 has no CPU path: fp32."""
+    return "fp32" if precision == "fp16" and device.type == "cpu" else precision
+
+
+def evaluate_run(
+    runs_root: Path, ref: str, checkpoint: str = "best", split: str = "val", device: str = "auto"
+) -> tuple[runs.Run, dict[str, Any]]:
+    """Rebuild data and model from the run's config.yaml, load a checkpoint, evaluate a split
+    under the run's precision."""
+    loaded = load_run(runs_root, ref, checkpoint, device)
+    exp, cfg = loaded.exp, loaded.exp.cfg
+    dataset = getattr(exp.data, split)
+    if dataset is None:
+        raise KdlError(f"the {cfg.data.name} data of run {loaded.run.id} has no {split} split")
+    precision = eval_precision(cfg.train.precision, exp.device)
+    metrics = evaluate(exp.task, _eval_batches(cfg, dataset), exp.prepare,
+                       autocast_for(precision, exp.device), detailed=True)
     result = {
-        "run": run.id,
+        "run": loaded.run.id,
         "checkpoint": checkpoint,
         "split": split,
-        "epoch": state["loop"]["epoch"],
-        "step": state["loop"]["step"],
+        "epoch": loaded.state["loop"]["epoch"],
+        "step": loaded.state["loop"]["step"],
         "samples": len(dataset),
+        "precision": precision,
         "evaluated_at": runs.utc_now(),
         "metrics": metrics,
     }
-    (run.path / runs.EVAL).mkdir(exist_ok=True)
-    runs.write_json(run.path / runs.EVAL / f"{checkpoint}-{split}.json", result)
-    return run, result
+    RunWriter(loaded.run.path).write_eval(result)
+    return loaded.run, result
 
+
+def sample_run(runs_root: Path, ref: str, n: int, seed: int, checkpoint: str = "best",
+               out: Path | None = None, device: str = "auto") -> Path:
+    """`kdl sample`: draw `n` samples from a run's checkpoint; the file written."""
+    loaded = load_run(runs_root, ref, checkpoint, device)
+    task = loaded.exp.task
+    task.train(False)
+    with torch.no_grad(), autocast_for(eval_precision(loaded.exp.cfg.train.precision,
+                                                      loaded.exp.device), loaded.exp.device)():
+        sample = task.sample(n, seed)
+    name = f"sample-{checkpoint}-seed{seed}-n{n}"
+    return RunWriter(loaded.run.path).write_sample(name, sample, path=out)

@@ -13,9 +13,12 @@ from typing import Any
 import torch
 
 
-def build_optimizer(cfg: Any, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """`cfg` is the optimizer branch: name, lr, weight_decay and the name's own settings."""
-    params = [p for p in params if p.requires_grad]
+def build_optimizer(
+    cfg: Any, params: Iterable[torch.nn.Parameter] | list[dict[str, Any]]
+) -> torch.optim.Optimizer:
+    """`cfg` is the optimizer branch: name, lr, weight_decay and the name's own settings.
+    `params` are parameters, or parameter groups (dicts, e.g. with an `lr_scale` for the loop)."""
+    params = list(params)
     if cfg.name == "sgd":
         return torch.optim.SGD(
             params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,

@@ -8,15 +8,38 @@ a notebook that imports us.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from . import runs
-from .compare import varying_keys
+from .compare import is_number, varying_keys
+from .dotted import flatten
 from .errors import KdlError
+
+SERIES_SKIP = {"step", "epoch", "split", "time"}  # bookkeeping fields of a record, not metrics
+
+
+def series_names(records: list[dict[str, Any]]) -> list[str]:
+    """Every plottable metric in metrics.jsonl records, as split.key (val.loss, train.accuracy)."""
+    names: dict[str, None] = {}
+    for record in records:
+        for key, value in record.items():
+            if key not in SERIES_SKIP and is_number(value):
+                names[f"{record.get('split')}.{key}"] = None
+    return list(names)
+
+
+def metric_series(records: list[dict[str, Any]], name: str) -> tuple[str, list[float], list[float]]:
+    """(x label, xs, ys) of one split.key metric: per step for the `train` split, else per epoch."""
+    split, _, key = name.partition(".")
+    axis = "step" if split == "train" else "epoch"
+    points = [(r[axis], r[key]) for r in records
+              if r.get("split") == split and r.get(axis) is not None and is_number(r.get(key))]
+    return axis, [float(x) for x, _ in points], [float(y) for _, y in points]
 
 
 def run_labels(found: list[runs.Run], most_keys: int = 3) -> list[str]:
     """Run ids, plus the config keys that differ between the runs when there are only a few."""
-    configs = [runs.flatten(run.config_dict()) for run in found]
+    configs = [flatten(run.config_dict()) for run in found]
     keys = varying_keys(configs) if len(found) > 1 else []
     if not keys or len(keys) > most_keys:
         return [run.id for run in found]
@@ -28,9 +51,9 @@ def plot_runs(found: list[runs.Run], metric: str, out: Path) -> Path:
     """Draw `metric` (split.key) of each run as one line; x is the step for the per-step `train`
     split, the epoch for `train_epoch` and `val`. Runs without the metric are left out."""
     records = [run.metrics() for run in found]
-    series = [runs.metric_series(r, metric) for r in records]
+    series = [metric_series(r, metric) for r in records]
     if not any(ys for _, _, ys in series):
-        available = list(dict.fromkeys(name for r in records for name in runs.series_names(r)))
+        available = list(dict.fromkeys(name for r in records for name in series_names(r)))
         raise KdlError(f"no metric {metric!r} in these runs; available: {', '.join(available) or 'none yet'}")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

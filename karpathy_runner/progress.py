@@ -1,7 +1,8 @@
 """What a training process shows a person: a progress bar on a terminal, plain lines otherwise.
 
 Everything goes to stderr, so that stdout holds only the run id (or the --json result).
-The bar is redrawn at most twice a second and fed only at log intervals, never every step.
+The bar moves every step (a counter, no device sync) and gets metrics at log intervals; rich
+redraws it at most twice a second.
 """
 
 from __future__ import annotations

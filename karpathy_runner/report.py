@@ -12,6 +12,9 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from . import runs
+from .compare import best_metric_name, sweep_id
+from .dotted import MISSING
+from .plot import metric_series
 from .progress import format_metrics
 
 if TYPE_CHECKING:
@@ -71,7 +74,7 @@ def run_row(run: runs.Run) -> dict[str, Any]:
         "best_value": best.get("value"),
         "duration_s": meta.get("duration_s"),
         "created_at": meta.get("created_at"),
-        "sweep": runs.sweep_id(run),
+        "sweep": sweep_id(run),
         "path": str(run.path),
     }
 
@@ -85,7 +88,7 @@ def ordering_rows(ordering: Ordering) -> tuple[list[dict[str, Any]], str | None]
     if extra:
         for row in rows:
             value = ordering.values.get(row["id"])
-            row[extra] = None if value is runs.MISSING else value
+            row[extra] = None if value is MISSING else value
     return rows, extra
 
 
@@ -147,7 +150,7 @@ def print_show(run: runs.Run) -> None:
     records = run.metrics()
     console.print("\n[bold]metrics per epoch[/bold]")
     console.print(epoch_table(records))
-    metric = runs.best_metric_name(run)
+    metric = best_metric_name(run)
     console.print(f"\n[bold]{metric}[/bold]")
     console.print("\n".join(metric_chart(records, metric)), markup=False)
     summary = run.summary()
@@ -240,7 +243,7 @@ def chart_rows(values: list[float], height: int = 6, width: int = 60) -> tuple[l
 
 def metric_chart(records: list[dict[str, Any]], metric: str, height: int = 6, width: int = 60) -> list[str]:
     """A run's curve of one split.key metric as text: the y range on the left, the x range below."""
-    axis, xs, ys = runs.metric_series(records, metric)
+    axis, xs, ys = metric_series(records, metric)
     if not any(math.isfinite(y) for y in ys):
         return [f"no {metric} values yet"]
     bars, low, high = chart_rows(ys, height, width)
@@ -292,6 +295,8 @@ def _stat_cell(stats: dict[str, Any], group_size: int) -> str:
 
 
 def _comparison_note(comparison: Comparison) -> str:
+    if comparison.best_mode is None:
+        return f"no row marked: these runs do not declare which way {comparison.best_metric} is better"
     direction = "lowest" if comparison.best_mode == "min" else "highest"
     note = f"* {direction} best {comparison.best_metric}"
     if comparison.group_by:

@@ -1,6 +1,8 @@
-"""The run-folder contract: create, find, list, read, status. The one place that knows the layout.
+"""The run-folder contract: layout, atomic files, create, find, list, read, status.
 
-Imports nothing heavy (no torch, no pydantic) so that `kdl runs` and `kdl show` start fast.
+Writing a run's files is writer.RunWriter's job; selecting, sorting and comparing many runs is
+compare.py's. Imports nothing heavy (no torch, no pydantic) so that `kdl runs` and `kdl show`
+start fast.
 """
 
 from __future__ import annotations
@@ -284,104 +286,6 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-# ----------------------------------------------------------------------------- writing
-
-
-class RunWriter:
-    """Everything a training process writes into its run folder goes through here."""
-
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-        self.meta: dict[str, Any] = read_json(self.folder / META)
-        self._metrics = open(self.folder / METRICS, "a", encoding="utf-8")  # noqa: SIM115
-        self._log = open(self.folder / LOG, "a", encoding="utf-8")  # noqa: SIM115
-        self.events: Any = None  # an events.EventLog once attached: TensorBoard gets every record
-
-    @property
-    def id(self) -> str:
-        return self.folder.name
-
-    def checkpoint(self, which: str) -> Path:
-        return self.folder / CHECKPOINTS / f"{which}.pt"
-
-    def update_meta(self, **fields: Any) -> None:
-        self.meta.update(fields)
-        write_json(self.folder / META, self.meta)
-
-    def log_metrics(self, record: dict[str, Any]) -> None:
-        """Buffered: reaches the disk at `flush()` (every epoch and every checkpoint)."""
-        self._metrics.write(json.dumps(record) + "\n")
-        if self.events is not None:
-            self.events.record(record)
-
-    def log(self, line: str) -> None:
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-        self._log.write(f"{stamp} {line}\n")
-        self._log.flush()
-
-    def flush(self) -> None:
-        self._metrics.flush()
-        os.fsync(self._metrics.fileno())
-        if self.events is not None:
-            self.events.flush()
-
-    def keep_metrics_up_to(self, step: int) -> None:
-        """On resume: drop records written after the checkpoint being resumed from."""
-        self._metrics.close()
-        kept = [r for r in read_jsonl(self.folder / METRICS) if r.get("step", 0) <= step]
-        write_text(self.folder / METRICS, "".join(json.dumps(r) + "\n" for r in kept))
-        self._metrics = open(self.folder / METRICS, "a", encoding="utf-8")  # noqa: SIM115
-
-    def write_summary(self, summary: dict[str, Any]) -> None:
-        write_json(self.folder / SUMMARY, summary)
-
-    def close(self) -> None:
-        for handle in (self._metrics, self._log):
-            if not handle.closed:
-                handle.close()
-        if self.events is not None:
-            self.events.close()
-            self.events = None
-
-
-# ----------------------------------------------------------------------------- reading many runs
-
-MISSING = object()  # a key a run does not have (None is a real value in configs)
-
-
-def metric_mode(metric: str) -> str:
-    """Which way is better: 'min' for losses and perplexities, 'max' for the rest (accuracy...)."""
-    leaf = metric.split(".")[-1]
-    return "min" if ("loss" in leaf or leaf in ("bpc", "perplexity")) else "max"
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mappings as the dotted names used everywhere: {"optimizer": {"lr": 0.1}} -> optimizer.lr."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def dotted_get(tree: dict[str, Any], key: str) -> Any:
-    """tree["a"]["b"] for "a.b", or MISSING."""
-    node: Any = tree
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return MISSING
-        node = node[part]
-    return node
-
-
-def sweep_id(run: Run) -> str | None:
-    sweep = run.meta.get("sweep")
-    return sweep.get("id") if isinstance(sweep, dict) else None
-
-
 def resolve_runs(root: Path, refs: list[str]) -> list[Run]:
     """Several run references, each resolved like `resolve_run`; a run named twice counts once."""
     found: dict[Path, Run] = {}
@@ -389,38 +293,3 @@ def resolve_runs(root: Path, refs: list[str]) -> list[Run]:
         run = resolve_run(root, ref)
         found.setdefault(run.path.resolve(), run)
     return list(found.values())
-
-
-SERIES_SKIP = {"step", "epoch", "split", "time"}  # bookkeeping fields of a record, not metrics
-
-
-def series_names(records: list[dict[str, Any]]) -> list[str]:
-    """Every plottable metric in metrics.jsonl records, as split.key (val.loss, train.accuracy)."""
-    names: dict[str, None] = {}
-    for record in records:
-        for key, value in record.items():
-            if key not in SERIES_SKIP and _is_number(value):
-                names[f"{record.get('split')}.{key}"] = None
-    return list(names)
-
-
-def metric_series(records: list[dict[str, Any]], name: str) -> tuple[str, list[float], list[float]]:
-    """(x label, xs, ys) of one split.key metric: per step for the `train` split, else per epoch."""
-    split, _, key = name.partition(".")
-    axis = "step" if split == "train" else "epoch"
-    points = [(r[axis], r[key]) for r in records
-              if r.get("split") == split and r.get(axis) is not None and _is_number(r.get(key))]
-    return axis, [float(x) for x, _ in points], [float(y) for _, y in points]
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def best_metric_name(run: Run) -> str:
-    """The metric a run is judged by (its train.best_metric), e.g. val.loss."""
-    best = run.meta.get("best") or run.summary().get("best") or {}
-    if best.get("metric"):
-        return best["metric"]
-    configured = dotted_get(run.config_dict(), "train.best_metric")
-    return configured if isinstance(configured, str) else "val.loss"

@@ -8,6 +8,7 @@ stay on the device in a small window that is reduced every `log_every_steps`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import random
@@ -20,55 +21,99 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import save_checkpoint
-from .config import TrainConfig, default_metric_mode
-from .data import Batches
+from .config import TrainConfig
+from .data import Batches, Prepare
 from .errors import RunFailed
 from .optim import LRSchedule
 from .progress import Reporter, format_metrics
-from .runs import RunWriter
-from .tasks import Task
+from .tasks import StepResult, Task, Totals
+from .writer import RunWriter
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def autocast_for(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of the autocast context for a precision (fp32: none), for training and eval."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
 class Updater:
-    """Backward and optimizer step under the run's precision, scaling and clipping policy."""
+    """Backward and optimizer step under the run's precision, scaling, clipping and non-finite
+    policy. With `skip_nonfinite`, a non-finite loss skips the whole step: no later update in it
+    runs, and updates already made in it (a GAN's discriminator) are undone, weights, optimizer
+    state and buffers (batch-norm statistics the bad forward pass touched) alike."""
 
     def __init__(
         self,
         optimizers: dict[str, torch.optim.Optimizer],
+        models: list[torch.nn.Module],
         precision: str,
         device: torch.device,
         grad_clip: float | None,
         skip_nonfinite: bool,
     ):
         self.optimizers = optimizers
-        self.dtype = PRECISIONS[precision]
-        self.device_type = device.type
+        self.models = models
+        self.autocast = autocast_for(precision, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.grad_clip = grad_clip
         self.skip_nonfinite = skip_nonfinite
-        self.skipped_steps = 0
+        self.skipped = False  # the step in flight met a non-finite loss
+        self._stepped = False  # some optimizer stepped in the step in flight
+        self._undo: list[Callable[[], None]] = []
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype)
+    def begin_step(self) -> None:
+        self.skipped, self._stepped, self._undo = False, False, []
+        if self.skip_nonfinite:
+            self._undo.append(_restorer([b for m in self.models for b in m.buffers()]))
 
     def step(self, name: str, loss: torch.Tensor) -> None:
         optimizer = self.optimizers[name]
         optimizer.zero_grad(set_to_none=True)
+        if self.skipped:
+            return
         # skip_step must look at the loss before updating: the one policy that syncs every step
         if self.skip_nonfinite and not bool(torch.isfinite(loss.detach())):
-            self.skipped_steps += 1
+            self.skipped = True
+            for undo in reversed(self._undo):
+                undo()
             return
+        # backward
         self.scaler.scale(loss).backward()
+        # clip
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         if self.grad_clip is not None:
             self.scaler.unscale_(optimizer)
-            params = [p for group in optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        # step (remembering what it changes, if a later loss of this step could undo it)
+        if self.skip_nonfinite and len(self.optimizers) > 1:
+            self._undo.append(_restorer(params, optimizer))
         self.scaler.step(optimizer)
+        self._stepped = True
+
+    def end_step(self) -> None:
+        """The scaler adapts once per step, after all its optimizers (and only if one stepped)."""
+        if self._stepped:
+            self.scaler.update()
+
+
+def _restorer(tensors: list[torch.Tensor], optimizer: torch.optim.Optimizer | None = None
+              ) -> Callable[[], None]:
+    """A function that puts `tensors` (and the optimizer's state) back as they are now."""
+    saved = [t.detach().clone() for t in tensors]
+    state = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
+
+    def restore() -> None:
+        with torch.no_grad():
+            for tensor, value in zip(tensors, saved, strict=True):
+                tensor.copy_(value)
+        if optimizer is not None:
+            optimizer.load_state_dict(state)
+
+    return restore
 
 
 @dataclass
@@ -82,7 +127,7 @@ class LoopState:
     best_epoch: int | None = None
     stop_value: float | None = None  # best value of the early-stopping metric
     bad_epochs: int = 0
-    epoch_sums: dict[str, float] = field(default_factory=dict)
+    epoch_sums: dict[str, Any] = field(default_factory=dict)  # this epoch's totals so far
     skipped_steps: int = 0
     stop_reason: str | None = None
 
@@ -94,6 +139,7 @@ class Trainer:
         task: Task,
         optimizers: dict[str, torch.optim.Optimizer],
         schedules: dict[str, LRSchedule],
+        prepare: Prepare,
         train_batches: Batches,
         val_batches: Batches | None,
         run: RunWriter,
@@ -104,30 +150,37 @@ class Trainer:
         self.task = task
         self.optimizers = optimizers
         self.schedules = schedules
+        self.prepare = prepare
         self.train_batches = train_batches
         self.val_batches = val_batches
         self.run = run
         self.reporter = reporter
         self.device = device
-        self.updater = Updater(
-            optimizers, cfg.precision, device, cfg.grad_clip, cfg.on_nonfinite == "skip_step"
-        )
+        self.updater = Updater(optimizers, list(task.models.values()), cfg.precision, device,
+                               cfg.grad_clip, cfg.on_nonfinite == "skip_step")
         self.state = LoopState()
-        self.window: list[dict[str, Any]] = []  # per-step results since the last log line
-        self.best_mode = default_metric_mode(cfg.best_metric, cfg.best_mode)
+        self.resumed = False
+        self.window: list[StepResult] = []  # per-step results since the last log line
+        self.best_mode = self.mode(cfg.best_metric, cfg.best_mode)
         self.stop_metric = cfg.early_stopping.metric or cfg.best_metric
-        self.stop_mode = default_metric_mode(self.stop_metric, cfg.best_mode)
+        self.stop_mode = self.mode(self.stop_metric, cfg.early_stopping.mode)
         self.stop_signal: int | None = None
         self.started = time.time()
         self._window_started = time.perf_counter()
         self._window_samples = 0
         self.last_metrics: dict[str, float] = {}
 
+    def mode(self, metric: str, configured: str) -> str:
+        """min or max: as configured, or (auto) the direction the task declares for the metric."""
+        return configured if configured != "auto" else self.task.metrics[metric.split(".", 1)[1]]
+
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> LoopState:
         cfg, state = self.cfg, self.state
         with self._signals():
+            if not self.resumed:
+                self._log_examples()
             while state.epoch < cfg.epochs and state.stop_reason is None:
                 if self.stop_signal is not None:  # came while the epoch ended: last.pt is current
                     state.stop_reason = "signal"
@@ -145,16 +198,17 @@ class Trainer:
         self.task.train(True)
         self.reporter.start_epoch(state.epoch, cfg.epochs, total, state.batch)
         for batch in self.train_batches.epoch(state.epoch, start=state.batch):
-            # learning rate for this step
-            for name, optimizer in self.optimizers.items():
-                lr = self.schedules[name].lr(state.step)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-            # forward, backward, update (the task's own step)
-            result = self.task.train_step(batch, state.step, self.updater)
-            self.updater.scaler.update()
-            self.window.append(result)
-            self._window_samples += int(result["count"])
+            # learning rate for this step: the schedule's value times each group's multiplier
+            self._set_lr(state.step)
+            # forward, backward, update: the task's own step, through the updater
+            self.updater.begin_step()
+            result = self.task.train_step(self.prepare(batch, state.step), state.step, self.updater)
+            self.updater.end_step()
+            if self.updater.skipped:  # changed nothing: no metrics either
+                state.skipped_steps += 1
+            else:
+                self.window.append(result)
+                self._window_samples += result.count
             state.step += 1
             state.batch += 1
             # log, checkpoint, stop: each only at its interval
@@ -173,17 +227,23 @@ class Trainer:
             if every and state.step % every == 0 and state.batch < total:
                 self._save("last")
 
+    def _set_lr(self, step: int) -> None:
+        for name, optimizer in self.optimizers.items():
+            lr = self.schedules[name].lr(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+
     def _end_epoch(self) -> None:
         cfg, state = self.cfg, self.state
         self._flush_window()
-        train = self._epoch_train_metrics()
+        train = self.task.summarize(_totals(state.epoch_sums)) if state.epoch_sums else {}
         self.run.log_metrics(
             {"step": state.step, "epoch": state.epoch + 1, "split": "train_epoch", **train,
              "time": round(time.time() - self.started, 3)}
         )
         metrics = {f"train.{k}": v for k, v in train.items()}
         if self.val_batches is not None:
-            val = evaluate(self.task, self.val_batches, self.updater.autocast)
+            val = evaluate(self.task, self.val_batches, self.prepare, self.updater.autocast)
             metrics.update({f"val.{k}": v for k, v in val.items()})
             self.run.log_metrics(
                 {"step": state.step, "epoch": state.epoch + 1, "split": "val", **val,
@@ -193,6 +253,9 @@ class Trainer:
         state.batch = 0
         state.epoch_sums = {}
         self.last_metrics = metrics
+        sample = self.task.on_epoch_end(state.epoch)  # the task's hook: samples to keep
+        if sample is not None:
+            self.run.write_sample(f"epoch-{state.epoch:03d}", sample, state.step)
         improved = self._track_best(metrics)
         self._track_early_stopping(metrics)
         line = f"epoch {state.epoch}/{cfg.epochs}  {format_metrics(metrics)}"
@@ -201,48 +264,46 @@ class Trainer:
         self._save(*(("last", "best") if improved else ("last",)))
         self.run.update_meta(
             epochs_done=state.epoch, step=state.step,
-            best={"metric": cfg.best_metric, "value": state.best_value, "epoch": state.best_epoch},
+            best={"metric": cfg.best_metric, "mode": self.best_mode, "value": state.best_value,
+                  "epoch": state.best_epoch},
         )
+
+    def _log_examples(self) -> None:
+        """The task's view of the first training items, into TensorBoard."""
+        dataset = self.train_batches.dataset
+        sample = self.task.example_inputs(dataset.get_batch(torch.arange(min(32, len(dataset)))))
+        if sample is not None and sample.images is not None:
+            self.run.images("train/examples", sample.images)
 
     # ------------------------------------------------------------------ metrics
 
     def _flush_window(self) -> None:
         """Reduce the window's step results on the host; the only sync in the train loop."""
-        if self.updater.skip_nonfinite:
-            # a skipped step changed no weights: keep its NaN out of the metrics (and the JSON) too
-            finite = self._window_finite()
-            self.window = [r for r, ok in zip(self.window, finite, strict=True) if ok]
-        else:
-            self._check_window_finite()
         if not self.window:
             return
         state = self.state
-        sums = {}
-        for key in self.window[0]:
-            values = [r[key] for r in self.window]
-            if isinstance(values[0], torch.Tensor):
-                sums[key] = float(torch.stack([v.float() for v in values]).sum())
-            else:
-                sums[key] = float(sum(values))
+        totals, finite = _reduce(self.window)
+        if not all(finite):
+            self._nonfinite(state.step - len(self.window) + finite.index(False))
         self.window = []
-        for key, value in sums.items():
-            state.epoch_sums[key] = state.epoch_sums.get(key, 0.0) + value
-        metrics = self.task.summarize(sums)
+        state.epoch_sums = _add(state.epoch_sums, totals)
+        metrics = self.task.summarize(totals)
         elapsed = time.perf_counter() - self._window_started
         samples_per_s = self._window_samples / elapsed if elapsed > 0 else 0.0
-        lr = self.optimizers[next(iter(self.optimizers))].param_groups[0]["lr"]
         self.run.log_metrics(
-            {"step": state.step, "epoch": state.epoch + 1, "split": "train", **metrics, "lr": lr,
-             "samples_per_s": round(samples_per_s, 1), "time": round(time.time() - self.started, 3)}
+            {"step": state.step, "epoch": state.epoch + 1, "split": "train", **metrics,
+             **self._lrs(state.step - 1), "samples_per_s": round(samples_per_s, 1),
+             "time": round(time.time() - self.started, 3)}
         )
         self.reporter.update(state.batch, {**metrics, "samples/s": round(samples_per_s)})
         self._window_started = time.perf_counter()
         self._window_samples = 0
 
-    def _epoch_train_metrics(self) -> dict[str, float]:
-        if not self.state.epoch_sums:
-            return {}
-        return self.task.summarize(self.state.epoch_sums)
+    def _lrs(self, step: int) -> dict[str, float]:
+        """Every optimizer's scheduled lr at `step`: `lr`, or `lr_<model>` for several."""
+        if len(self.schedules) == 1:
+            return {"lr": next(iter(self.schedules.values())).lr(step)}
+        return {f"lr_{name}": schedule.lr(step) for name, schedule in self.schedules.items()}
 
     def _nonfinite(self, step: int) -> None:
         epoch = self.state.epoch + 1
@@ -283,11 +344,9 @@ class Trainer:
         return {
             "models": {name: m.state_dict() for name, m in self.task.models.items()},
             "optimizers": {name: o.state_dict() for name, o in self.optimizers.items()},
-            "scheduler": {name: {"step": self.state.step} for name in self.schedules},
             "scaler": self.updater.scaler.state_dict(),
-            "loop": {**asdict(self.state), "skipped_steps": self.updater.skipped_steps},
-            "window": [{k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v)
-                        for k, v in r.items()} for r in self.window],
+            "loop": asdict(self.state),
+            "window": [_moved(asdict(r), torch.device("cpu")) for r in self.window],
             "rng": rng_state(),
         }
 
@@ -299,40 +358,21 @@ class Trainer:
         self.updater.scaler.load_state_dict(state["scaler"])
         self.state = LoopState(**state["loop"])
         self.state.stop_reason = None
-        self.updater.skipped_steps = self.state.skipped_steps
-        self.window = [{k: (v.to(self.device) if isinstance(v, torch.Tensor) else v)
-                        for k, v in r.items()} for r in state["window"]]
-        self._window_samples = sum(int(r["count"]) for r in self.window)
+        self.window = [StepResult(**_moved(r, self.device)) for r in state["window"]]
+        self._window_samples = sum(r.count for r in self.window)
         set_rng_state(state["rng"])
+        self.resumed = True
 
     def _save(self, *which: str) -> None:
         """Flush metrics, then write the checkpoint(s); never with non-finite weights."""
-        if not self.updater.skip_nonfinite:
-            self._check_window_finite()
+        if self.window:
+            finite = _reduce(self.window)[1]
+            if not all(finite):
+                self._nonfinite(self.state.step - len(self.window) + finite.index(False))
         if not all(bool(torch.isfinite(p).all()) for m in self.task.models.values()
                    for p in m.parameters()):
             self._nonfinite(self.state.step - 1)
-        paths = [self.run.checkpoint(name) for name in which]
-        try:
-            self.run.flush()
-            save_checkpoint(paths, self.state_dict())
-        except OSError as exc:
-            raise RunFailed(
-                f"could not write {paths[-1]}: {exc.strerror or exc}. The previous checkpoint is "
-                "intact; free some space (or fix the folder's permissions) and continue with "
-                f"`kdl train --resume {self.run.id}`."
-            ) from None
-
-    def _window_finite(self) -> list[bool]:
-        """Per step of the window, whether its loss was finite (one stack, one sync)."""
-        if not self.window or not isinstance(self.window[0].get("loss"), torch.Tensor):
-            return [True] * len(self.window)
-        return torch.isfinite(torch.stack([r["loss"].float() for r in self.window])).tolist()
-
-    def _check_window_finite(self) -> None:
-        finite = self._window_finite()
-        if not all(finite):
-            self._nonfinite(self.state.step - len(self.window) + finite.index(False))
+        self.run.save_checkpoint(which, self.state_dict())
 
     # ------------------------------------------------------------------ signals
 
@@ -367,25 +407,80 @@ def _better(value: float, best: float, mode: str, min_delta: float) -> bool:
     return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
+# ----------------------------------------------------------------------------- step results
+
+
+def _reduce(window: list[StepResult]) -> tuple[Totals, list[bool]]:
+    """The window's totals and, per step, whether all its losses were finite: one host sync."""
+    loss_names, sum_names = list(window[0].losses), list(window[0].sums)
+    losses = torch.stack([torch.stack([r.losses[n] for r in window]).float() for n in loss_names],
+                         dim=1)  # (steps, losses)
+    counts = torch.tensor([r.count for r in window], dtype=torch.float32, device=losses.device)
+    finite = torch.isfinite(losses).all(dim=1).float()  # (steps,)
+    loss_sums = (losses * counts[:, None]).sum(dim=0)  # (losses,)
+    metric_sums = [torch.stack([torch.as_tensor(r.sums[n]) for r in window]).float().sum().to(
+        losses.device) for n in sum_names]
+    host = torch.cat([finite, loss_sums, torch.stack(metric_sums) if metric_sums
+                      else loss_sums.new_zeros(0)]).tolist()
+    steps = len(window)
+    totals = Totals(
+        count=float(sum(r.count for r in window)),
+        losses=dict(zip(loss_names, host[steps:steps + len(loss_names)], strict=True)),
+        sums=dict(zip(sum_names, host[steps + len(loss_names):], strict=True)),
+    )
+    return totals, [bool(f) for f in host[:steps]]
+
+
+def _add(epoch: dict[str, Any], totals: Totals) -> dict[str, Any]:
+    """Running epoch totals (plain floats, saved in checkpoints) plus a window's."""
+    if not epoch:
+        return asdict(totals)
+    return {"count": epoch["count"] + totals.count,
+            "losses": {k: epoch["losses"][k] + v for k, v in totals.losses.items()},
+            "sums": {k: epoch["sums"][k] + v for k, v in totals.sums.items()}}
+
+
+def _totals(epoch: dict[str, Any]) -> Totals:
+    return Totals(count=epoch["count"], losses=dict(epoch["losses"]), sums=dict(epoch["sums"]))
+
+
+def _moved(tree: Any, device: torch.device) -> Any:
+    """A step result's tensors moved to `device` (a checkpoint keeps them on the CPU)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to(device)
+    if isinstance(tree, dict):
+        return {k: _moved(v, device) for k, v in tree.items()}
+    return tree
+
+
 @torch.no_grad()
 def evaluate(
     task: Task,
     batches: Batches,
+    prepare: Prepare,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     detailed: bool = False,
 ) -> dict[str, Any]:
-    """Run the task's eval step over every batch and summarise on the host."""
+    """Run the task's eval step over every batch, add up on the device, summarise on the host."""
     task.train(False)
-    totals: dict[str, Any] = {}
+    count, losses, sums = 0, {}, {}
     for batch in batches.epoch():
         with autocast():
-            sums = task.eval_step(batch, detailed)
-        for key, value in sums.items():
-            totals[key] = totals[key] + value if key in totals else value
-    host = {k: (v.cpu() if isinstance(v, torch.Tensor) and v.dim() else
-                float(v)) for k, v in totals.items()}
+            result = task.eval_step(prepare(batch, None), detailed)
+        count += result.count
+        for name, loss in result.losses.items():
+            weighted = loss.float() * result.count
+            losses[name] = losses[name] + weighted if name in losses else weighted
+        for name, value in result.sums.items():
+            sums[name] = sums[name] + value if name in sums else value
     task.train(True)
-    return task.summarize(host, detailed)
+    totals = Totals(
+        count=float(count),
+        losses={k: float(v) for k, v in losses.items()},
+        sums={k: (v.cpu() if isinstance(v, torch.Tensor) and v.dim() else float(v))
+              for k, v in sums.items()},
+    )
+    return task.summarize(totals, detailed)
 
 
 # ----------------------------------------------------------------------------- RNG states

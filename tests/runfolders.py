@@ -35,10 +35,12 @@ def make_run(
     status: str = "completed",
     sweep: str | None = None,
     pid: int | None = None,
+    metric_modes: dict[str, str] | None = None,
 ) -> Path:
     """One run folder under `root`. `val_loss` is the per-epoch curve; val.accuracy is 1 - loss/2 and
     train.loss is loss + 0.1, so every final and best value follows from it. `config` holds dotted
-    overrides (optimizer.lr=0.1). A 'running' run points at this (alive) test process unless `pid`
+    overrides (optimizer.lr=0.1). `metric_modes` is what the run's task declares (default: the
+    classify task's: loss min, accuracy max). A 'running' run points at this (alive) test process unless `pid`
     says otherwise. Folders sort in creation order, like real run ids."""
     root.mkdir(parents=True, exist_ok=True)
     index = len(list(root.iterdir()))
@@ -53,6 +55,7 @@ def make_run(
     best = {"metric": "val.loss", "value": val_loss[best_epoch - 1] if best_epoch else None,
             "epoch": best_epoch}
     meta = _meta(run_id, cfg, status, index, len(val_loss), best, pid)
+    meta["metric_modes"] = metric_modes or {"loss": "min", "accuracy": "max"}
     if sweep:
         meta["sweep"] = {"id": sweep, "point": {"optimizer.lr": cfg["optimizer"]["lr"]}}
     (folder / runs.META).write_text(json.dumps(meta, indent=2))

@@ -1,9 +1,12 @@
 """Data registry and the one batch iterator.
 
-A data family module turns its config branch into a `DataBundle`: train/val/test datasets that
-fetch whole batches by index (`get_batch`), plus `DataInfo`, what the model needs to know about
-shapes. Batch order is a pure function of (seed, epoch), so a run resumed mid-epoch sees exactly
-the batches an uninterrupted run would, with or without DataLoader workers.
+A data family module (named by its config class's MODULE) turns its config branch and the run's
+seed into a `DataBundle`: train/val/test datasets that fetch whole batches by index
+(`get_batch`), `DataInfo` (what the model and the task need to know about shapes and classes),
+and `prepare`, which turns a fetched batch into the tensors a task steps on, on the training
+device (scaling, normalisation, augmentation). Batch order is a pure function of (seed, epoch),
+so a run resumed mid-epoch sees exactly the batches an uninterrupted run would, with or without
+DataLoader workers.
 """
 
 from __future__ import annotations
@@ -11,20 +14,10 @@ from __future__ import annotations
 import importlib
 import signal
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-
-# dataset name -> module under karpathy_runner.data that builds it
-REGISTRY: dict[str, str] = {
-    "digits": "images",
-    "cifar10": "images",
-    "cifar100": "images",
-    "mnist": "images",
-    "fashion_mnist": "images",
-    "image_folder": "images",
-}
 
 
 class BatchDataset(Protocol):
@@ -37,14 +30,22 @@ class BatchDataset(Protocol):
 class DataInfo:
     """What the model and the task learn from the data (never written back into the config)."""
 
-    kind: str  # "image"
+    kind: str  # the config family's KIND: "image"
     num_classes: int
     class_names: list[str]
     in_channels: int = 0
     image_size: tuple[int, int] = (0, 0)
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Prepare(Protocol):
+    """A fetched batch -> the tensors a task steps on, on the device. `step` is the training
+    step (random augmentation is a function of the run's seed and the step), None in eval."""
+
+    def to(self, device: torch.device) -> Prepare: ...
+
+    def __call__(self, batch: tuple[torch.Tensor, ...], step: int | None) -> tuple[torch.Tensor, ...]: ...
 
 
 @dataclass
@@ -53,12 +54,13 @@ class DataBundle:
     val: BatchDataset | None
     test: BatchDataset | None
     info: DataInfo
+    prepare: Prepare
 
 
-def build_data(cfg: Any) -> DataBundle:
-    """Build the datasets named by the `data` config branch."""
-    module = importlib.import_module(f"{__name__}.{REGISTRY[cfg.name]}")
-    return module.build(cfg)
+def build_data(cfg: Any, seed: int = 0) -> DataBundle:
+    """Build the datasets named by the `data` config branch; `seed` is the run's seed."""
+    module = importlib.import_module(f"{__name__}.{type(cfg).MODULE}")
+    return module.build(cfg, seed)
 
 
 def epoch_order(num_items: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """Image classification data: torchvision datasets, scikit-learn digits and a user's folder.
 
 Small datasets live in memory as one uint8 (N, C, H, W) tensor, so a batch is a single indexing
-op; augmentation and normalisation happen later, on the device. A user's folder may not fit in
-memory, so it keeps file paths and decodes a batch when asked for it.
+op. A user's folder may not fit in memory, so it keeps file paths and decodes a batch when asked
+for it. Scaling, augmentation (random crop with padding, flip) and normalisation happen in
+`ImagePrep`, on the training device, on whole batches; augmentation draws from a generator seeded
+by (seed, step), so it does not depend on DataLoader workers or on where a run resumed.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ..config import ImageDataConfig
@@ -73,13 +76,66 @@ class FolderImages:
 ImageDataset = TensorImages | FolderImages
 
 
-def build(cfg: ImageDataConfig) -> DataBundle:
+class ImagePrep:
+    """uint8 (B, C, H, W) -> float normalised per channel, on the device; augmented when a
+    training step is given."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], augment: tuple[str, ...],
+                 padding: int, seed: int, device: torch.device | None = None):
+        self.augment, self.padding, self.seed = augment, padding, seed
+        self.device = torch.device("cpu") if device is None else device
+        shape = (1, len(mean), 1, 1)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(shape).to(self.device)
+        self.std = torch.tensor(std, dtype=torch.float32).view(shape).to(self.device)
+
+    def to(self, device: torch.device) -> ImagePrep:
+        return ImagePrep(tuple(self.mean.flatten().tolist()), tuple(self.std.flatten().tolist()),
+                         self.augment, self.padding, self.seed, device)
+
+    def __call__(self, batch: tuple[torch.Tensor, ...], step: int | None) -> tuple[torch.Tensor, ...]:
+        images, labels = batch
+        x = images.to(self.device, non_blocking=True).float().div_(255.0)
+        y = labels.to(self.device, non_blocking=True)
+        if step is not None and self.augment:
+            generator = torch.Generator(device=self.device).manual_seed(
+                self.seed * 1_000_003 + step + 1
+            )
+            x = augment_batch(x, self.augment, self.padding, generator)
+        return x.sub_(self.mean).div_(self.std), y
+
+
+def augment_batch(
+    x: torch.Tensor, augment: tuple[str, ...], padding: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Random crop with zero padding and/or horizontal flip, per sample, on the whole batch."""
+    batch, _, height, width = x.shape
+    if "crop" in augment and padding > 0:
+        padded = F.pad(x, (padding, padding, padding, padding))
+        shift = torch.randint(0, 2 * padding + 1, (2, batch), device=x.device, generator=generator)
+        rows = torch.arange(height, device=x.device).unsqueeze(0) + shift[0].unsqueeze(1)  # (B, H)
+        cols = torch.arange(width, device=x.device).unsqueeze(0) + shift[1].unsqueeze(1)  # (B, W)
+        index = torch.arange(batch, device=x.device)[:, None, None]
+        x = padded.permute(0, 2, 3, 1)[index, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+        x = x.permute(0, 3, 1, 2).contiguous()
+    if "flip" in augment:
+        flip = torch.rand(batch, device=x.device, generator=generator) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    return x
+
+
+def build(cfg: ImageDataConfig, seed: int) -> DataBundle:
     """Build train/val/test for `cfg.name`; val is `cfg.val_fraction` of the train split."""
     if cfg.name == "digits":
-        return _build_digits(cfg)
-    if cfg.name == "image_folder":
-        return _build_folder(cfg)
-    return _build_torchvision(cfg)
+        train, val, test, info = _build_digits(cfg)
+    elif cfg.name == "image_folder":
+        train, val, test, info = _build_folder(cfg)
+    else:
+        train, val, test, info = _build_torchvision(cfg)
+    prepare = ImagePrep(info.mean, info.std, tuple(cfg.augment), cfg.crop_padding, seed)
+    return DataBundle(train=train, val=val, test=test, info=info, prepare=prepare)
+
+
+Splits = tuple[ImageDataset, ImageDataset | None, ImageDataset | None, DataInfo]
 
 
 def split_off(num_items: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,14 +209,14 @@ PUBLISHED: dict[str, _Published] = {
 }
 
 
-def _build_torchvision(cfg: ImageDataConfig) -> DataBundle:
+def _build_torchvision(cfg: ImageDataConfig) -> Splits:
     spec = PUBLISHED[cfg.name]
     train, classes = _load_split(cfg, spec, train=True)
     test, _ = _load_split(cfg, spec, train=False)
     train, val = _train_val(train, cfg)
     channels, height, width = train.images.shape[1:]
     info = DataInfo(
-        kind="image",
+        kind=ImageDataConfig.KIND,
         num_classes=len(classes),
         class_names=list(classes),
         in_channels=channels,
@@ -168,7 +224,7 @@ def _build_torchvision(cfg: ImageDataConfig) -> DataBundle:
         mean=spec.mean,
         std=spec.std,
     )
-    return DataBundle(train=train, val=val, test=test, info=info)
+    return train, val, test, info
 
 
 def _load_split(
@@ -213,7 +269,7 @@ def _unavailable_message(
 # ----------------------------------------------------------------------------- digits
 
 
-def _build_digits(cfg: ImageDataConfig) -> DataBundle:
+def _build_digits(cfg: ImageDataConfig) -> Splits:
     pixels, targets = _digits_arrays()
     values = torch.as_tensor(pixels, dtype=torch.float64).view(-1, 8, 8)  # (N, 8, 8), 0..16
     images = (values * 255 / 16).round().to(torch.uint8).unsqueeze(1)  # (N, 1, 8, 8)
@@ -223,7 +279,7 @@ def _build_digits(cfg: ImageDataConfig) -> DataBundle:
     train, val = _train_val(full.subset(kept), cfg)
     mean, std = channel_stats(train)
     info = DataInfo(
-        kind="image",
+        kind=ImageDataConfig.KIND,
         num_classes=10,
         class_names=[str(digit) for digit in range(10)],
         in_channels=1,
@@ -231,7 +287,7 @@ def _build_digits(cfg: ImageDataConfig) -> DataBundle:
         mean=mean,
         std=std,
     )
-    return DataBundle(train=train, val=val, test=full.subset(held), info=info)
+    return train, val, full.subset(held), info
 
 
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -258,7 +314,7 @@ _FOLDER_LAYOUT = (
 )
 
 
-def _build_folder(cfg: ImageDataConfig) -> DataBundle:
+def _build_folder(cfg: ImageDataConfig) -> Splits:
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
     root = _root(cfg)
@@ -284,7 +340,7 @@ def _build_folder(cfg: ImageDataConfig) -> DataBundle:
         test = _scan_held(root / "test", class_to_idx, cfg.image_size)
     mean, std = channel_stats(train)
     info = DataInfo(
-        kind="image",
+        kind=ImageDataConfig.KIND,
         num_classes=len(classes),
         class_names=classes,
         in_channels=3,
@@ -292,7 +348,7 @@ def _build_folder(cfg: ImageDataConfig) -> DataBundle:
         mean=mean,
         std=std,
     )
-    return DataBundle(train=train, val=val, test=test, info=info)
+    return train, val, test, info
 
 
 def _scan(

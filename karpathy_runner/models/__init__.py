@@ -1,4 +1,5 @@
-"""Model registry: `model.name` -> module with `build(cfg, info) -> nn.Module`.
+"""Model registry: the `model` branch's class names its module (MODULE), whose
+`build(cfg, info) -> nn.Module` makes the network.
 
 A model module knows nothing about training: it receives its own config branch and the shapes
 the data reports (`DataInfo`), never the whole config.
@@ -11,9 +12,7 @@ from typing import Any
 
 from torch import nn
 
-REGISTRY: dict[str, str] = {"cnn": "cnn"}
-
 
 def build_model(cfg: Any, info: Any) -> nn.Module:
-    module = importlib.import_module(f"{__name__}.{REGISTRY[cfg.name]}")
+    module = importlib.import_module(f"{__name__}.{type(cfg).MODULE}")
     return module.build(cfg, info)

@@ -1,17 +1,70 @@
 """Kinds of training. A task owns its models, its step, its metrics and its eval; never the loop.
 
-The trainer hands a task an `Updater` (precision, scaling, clipping, non-finite policy) and asks
-it for one train step at a time. A task may hold any number of named models and optimizers
-(a GAN has two of each), and checkpoints store them all by name.
+A task family is two pieces: its config branch in config.py (its options, and as class values the
+models it trains, its metrics with their direction, and which models it trains on which data)
+and a module here whose `build(cfg, model_cfg, info, device)` returns a `Task`. It is built from
+its own branch, the model branch, the data's `DataInfo` and the device; never the whole config.
+
+What the loop asks of a task, and what it gets back:
+
+- `models`: every module the task holds, by name; checkpoints store them all. `trainable` names
+  the ones that get an optimizer (the keys of a per-model `optimizer` map); `param_groups(name)`
+  splits a model's parameters into groups, each with an `lr_scale` (a backbone at 0.1x). Each
+  group's lr is the schedule's value times its scale.
+- `train_step(batch, step, updater) -> StepResult`: forward, then `updater.step(name, loss)` once
+  per optimizer, in order (a GAN: discriminator, then generator). The updater does backward,
+  clipping, the optimizer step and the precision policy; with `train.on_nonfinite: skip_step`
+  a non-finite loss skips the whole step, undoing any update already made in it.
+- `eval_step(batch, detailed) -> StepResult` and `summarize(totals, detailed) -> metrics`: the
+  loop adds step results up on the device and hands the host totals to `summarize`.
+- Hooks, all optional, whose results the loop writes through the run writer:
+  `example_inputs(batch)` once when a run starts (TensorBoard), `on_epoch_end(epoch)` after each
+  epoch (samples/epoch-NNN.png or .txt), `sample(n, seed)` for `kdl sample`.
+
+Batches arrive prepared by the data family (on the device: scaled, normalised, augmented).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import importlib
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from torch import nn
+
+from ..errors import KdlError
+
+
+@dataclass
+class StepResult:
+    """What one train or eval step reports, kept on the device until the loop reduces a window.
+
+    `count` is how many items the losses average over and the sums add up (images, tokens);
+    `losses` are batch means, every one checked for NaN/inf; `sums` are task metric sums over the
+    batch (correct predictions; in a detailed eval, a confusion matrix)."""
+
+    count: int
+    losses: dict[str, torch.Tensor]
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Totals:
+    """Step results added up and brought to the host: what `summarize` turns into metrics.
+    `losses` are sums of loss x count, so `losses[name] / count` is the mean over items."""
+
+    count: float
+    losses: dict[str, float]
+    sums: dict[str, Any]  # floats, or host tensors (a confusion matrix)
+
+
+@dataclass
+class Sample:
+    """What a task draws: a batch of images (uint8 (N, C, H, W)) or text."""
+
+    images: torch.Tensor | None = None
+    text: str | None = None
 
 
 class Updater(Protocol):
@@ -23,16 +76,21 @@ class Updater(Protocol):
 
 
 class Task:
-    """Base class: subclasses set `models` and implement the step, the eval and the metrics."""
+    """Base class: subclasses set `models` and implement the steps; the rest has defaults."""
 
-    name = "task"
     models: dict[str, nn.Module]
-    # metric names this task logs under train.* and val.* (used to check train.best_metric)
-    metric_names: tuple[str, ...] = ("loss",)
 
-    def parameters_for(self, optimizer: str) -> Iterator[nn.Parameter]:
-        """Parameters each optimizer updates; one optimizer named after each model by default."""
-        return self.models[optimizer].parameters()
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+        self.name: str = cfg.name
+        self.trainable: tuple[str, ...] = type(cfg).MODELS
+        # metric -> "min" | "max": which way is better (stored in meta.json)
+        self.metrics: dict[str, str] = dict(type(cfg).METRICS)
+
+    def param_groups(self, model: str) -> list[dict[str, Any]]:
+        """The parameter groups of one trainable model, each with its lr multiplier."""
+        params = [p for p in self.models[model].parameters() if p.requires_grad]
+        return [{"params": params, "lr_scale": 1.0}]
 
     def to(self, device: torch.device) -> None:
         for model in self.models.values():
@@ -42,24 +100,39 @@ class Task:
         for model in self.models.values():
             model.train(mode)
 
-    def train_step(self, batch: tuple[torch.Tensor, ...], step: int, updater: Updater) -> dict:
-        """Forward, backward and update on one batch; return running sums as device tensors."""
+    def train_step(self, batch: tuple[torch.Tensor, ...], step: int, updater: Updater) -> StepResult:
+        """Forward, backward and update on one batch."""
         raise NotImplementedError
 
     @torch.no_grad()
-    def eval_step(self, batch: tuple[torch.Tensor, ...], detailed: bool = False) -> dict:
-        """Sums for one evaluation batch (no updates)."""
+    def eval_step(self, batch: tuple[torch.Tensor, ...], detailed: bool = False) -> StepResult:
+        """Losses and sums for one evaluation batch (no updates)."""
         raise NotImplementedError
 
-    def summarize(self, sums: dict[str, Any], detailed: bool = False) -> dict[str, Any]:
-        """Turn summed values (already on the host) into metrics."""
-        raise NotImplementedError
+    def summarize(self, totals: Totals, detailed: bool = False) -> dict[str, Any]:
+        """Metrics from totals: by default each loss averaged over the items."""
+        count = max(totals.count, 1.0)
+        return {name: value / count for name, value in totals.losses.items()}
+
+    # ------------------------------------------------------------------ hooks
+
+    def example_inputs(self, batch: tuple[torch.Tensor, ...]) -> Sample | None:
+        """Training inputs as the data gives them (before preparation), for TensorBoard."""
+        return None
+
+    def on_epoch_end(self, epoch: int) -> Sample | None:
+        """Something to keep after each epoch (an image grid, text), or None."""
+        return None
+
+    def sample(self, n: int, seed: int) -> Sample:
+        """Draw `n` new samples with generator seed `seed` (`kdl sample`)."""
+        raise KdlError(
+            f"a {self.name} run has nothing to sample: `kdl sample` draws from generative runs "
+            "(gan, language_model)"
+        )
 
 
-def build_task(cfg: Any, info: Any, device: Any) -> Task:
-    """Pick the task from what the data is and which model runs on it."""
-    if info.kind == "image":
-        from .classify import Classify
-
-        return Classify(cfg, info, device)
-    raise ValueError(f"no task for data kind {info.kind!r}")
+def build_task(cfg: Any, model_cfg: Any, info: Any, device: torch.device) -> Task:
+    """The task named by the `task` branch, from its module (the branch class's MODULE)."""
+    module = importlib.import_module(f"{__name__}.{type(cfg).MODULE}")
+    return module.build(cfg, model_cfg, info, device)

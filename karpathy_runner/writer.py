@@ -1,0 +1,194 @@
+"""The run writer: every file a process writes into a run folder goes through here.
+
+config.yaml, meta.json (the first write, updates, resumes, the end), metrics.jsonl, train.log,
+summary.json, checkpoints, samples, TensorBoard events and eval JSON. Files that are replaced
+are written atomically (runs.atomic_write); metrics.jsonl and train.log are appended to.
+Nothing is opened until it is written, so `kdl eval` and `kdl sample` use the same writer
+without touching a run's logs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import IO, Any
+
+from . import runs
+from .errors import RunFailed
+
+
+class RunWriter:
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.meta: dict[str, Any] = runs.read_json(self.folder / runs.META)
+        self._metrics: IO[str] | None = None
+        self._log: IO[str] | None = None
+        self.events: Any = None  # an events.EventLog once training starts or resumes
+
+    @classmethod
+    def create(cls, root: Path, name: str, config_yaml: str) -> RunWriter:
+        """A new run folder (atomic mkdir: parallel launches never share one) with its config."""
+        writer = cls(runs.create_run_folder(root, name))
+        writer.write_config(config_yaml)
+        return writer
+
+    @property
+    def id(self) -> str:
+        return self.folder.name
+
+    # ------------------------------------------------------------------ run lifecycle
+
+    def write_config(self, config_yaml: str) -> None:
+        """The resolved config, headed like every config by the command that runs it again."""
+        path = self.folder / runs.CONFIG
+        runs.write_text(path, f"# kdl train {path}\n" + config_yaml)
+
+    def start(self, fields: dict[str, Any], command: list[str]) -> None:
+        """The first meta.json of a fresh run, and its TensorBoard log."""
+        now = runs.utc_now()
+        self.update_meta(id=self.id, status="running", created_at=now, started_at=now,
+                         ended_at=None, duration_s=0.0, epochs_done=0, step=0, **fields,
+                         **runs.run_environment(command))
+        (self.folder / runs.METRICS).touch()  # present from the start, even with no record yet
+        self._open_events(purge_step=None)
+
+    def resume(self, step: int, command: list[str], changes: dict[str, Any],
+               config_yaml: str | None) -> None:
+        """Continue this folder from a checkpoint at `step`: a changed config (only once the
+        checkpoint has loaded), metrics and TensorBoard events after `step` dropped, the resume
+        recorded in meta.json and train.log."""
+        if config_yaml is not None:
+            self.write_config(config_yaml)
+        self._keep_metrics_up_to(step)
+        self._open_events(purge_step=step + 1)  # TensorBoard drops what is about to be redone
+        environment = runs.run_environment(command)
+        resumes = self.meta.get("resumes", []) + [
+            {"at": runs.utc_now(), "step": step, "command": command, "changes": changes}
+        ]
+        self.update_meta(status="running", resumes=resumes,
+                         **{k: environment[k] for k in ("command", "host", "pid", "pid_started")})
+
+    def finish(self, status: str, error: str | None, duration: float, summary: dict[str, Any]) -> None:
+        self.update_meta(status=status, ended_at=runs.utc_now(), duration_s=round(duration, 3),
+                         error=error, epochs_done=summary["epochs_done"], step=summary["steps"])
+        runs.write_json(self.folder / runs.SUMMARY, summary)
+        self.log(f"run {status}" + (f": {error}" if error else ""))
+
+    def update_meta(self, **fields: Any) -> None:
+        self.meta.update(fields)
+        runs.write_json(self.folder / runs.META, self.meta)
+
+    # ------------------------------------------------------------------ logs
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        """Buffered: reaches the disk at `flush()` (every epoch and every checkpoint)."""
+        if self._metrics is None:
+            self._metrics = open(self.folder / runs.METRICS, "a", encoding="utf-8")  # noqa: SIM115
+        self._metrics.write(json.dumps(record) + "\n")
+        if self.events is not None:
+            self.events.record(record)
+
+    def log(self, line: str) -> None:
+        if self._log is None:
+            self._log = open(self.folder / runs.LOG, "a", encoding="utf-8")  # noqa: SIM115
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        self._log.write(f"{stamp} {line}\n")
+        self._log.flush()
+
+    def flush(self) -> None:
+        if self._metrics is not None:
+            self._metrics.flush()
+            os.fsync(self._metrics.fileno())
+        if self.events is not None:
+            self.events.flush()
+
+    def images(self, tag: str, images: Any, step: int = 0) -> None:
+        """uint8 (B, C, H, W) images into TensorBoard."""
+        if self.events is not None:
+            self.events.images(tag, images, step)
+
+    def close(self) -> None:
+        for handle in (self._metrics, self._log):
+            if handle is not None and not handle.closed:
+                handle.close()
+        if self.events is not None:
+            self.events.close()
+            self.events = None
+
+    def _open_events(self, purge_step: int | None) -> None:
+        from .events import EventLog
+
+        self.events = EventLog(self.folder / runs.TENSORBOARD, purge_step=purge_step)
+
+    def _keep_metrics_up_to(self, step: int) -> None:
+        """Drop records written after the checkpoint being resumed from."""
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+        kept = [r for r in runs.read_jsonl(self.folder / runs.METRICS) if r.get("step", 0) <= step]
+        runs.write_text(self.folder / runs.METRICS, "".join(json.dumps(r) + "\n" for r in kept))
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint(self, which: str) -> Path:
+        return self.folder / runs.CHECKPOINTS / f"{which}.pt"
+
+    def save_checkpoint(self, which: tuple[str, ...], state: dict[str, Any]) -> None:
+        """Metrics flushed first, then each checkpoint atomically; a full disk fails the run."""
+        from .checkpoint import save_checkpoint
+
+        paths = [self.checkpoint(name) for name in which]
+        try:
+            self.flush()
+            save_checkpoint(paths, state)
+        except OSError as exc:
+            raise RunFailed(
+                f"could not write {paths[-1]}: {exc.strerror or exc}. The previous checkpoint is "
+                "intact; free some space (or fix the folder's permissions) and continue with "
+                f"`kdl train --resume {self.id}`."
+            ) from None
+
+    # ------------------------------------------------------------------ samples and eval
+
+    def write_sample(self, name: str, sample: Any, step: int | None = None,
+                     path: Path | None = None) -> Path:
+        """A task's sample as samples/NAME.png (an image grid) or .txt, or at `path`; also into
+        TensorBoard at `step` while training."""
+        suffix = ".png" if sample.images is not None else ".txt"
+        if path is None:
+            (self.folder / runs.SAMPLES).mkdir(exist_ok=True)
+            path = self.folder / runs.SAMPLES / f"{name}{suffix}"
+        if sample.images is not None:
+            data = png_grid(sample.images)
+            runs.atomic_write(path, lambda handle: handle.write(data))
+            if step is not None:
+                self.images(f"samples/{name.split('-')[0]}", sample.images, step)
+        else:
+            runs.write_text(path, sample.text)
+            if step is not None and self.events is not None:
+                self.events.text(f"samples/{name.split('-')[0]}", sample.text, step)
+        return path
+
+    def write_eval(self, result: dict[str, Any]) -> Path:
+        """eval/<checkpoint>-<split>.json"""
+        (self.folder / runs.EVAL).mkdir(exist_ok=True)
+        path = self.folder / runs.EVAL / f"{result['checkpoint']}-{result['split']}.json"
+        runs.write_json(path, result)
+        return path
+
+
+def png_grid(images: Any) -> bytes:
+    """uint8 (N, C, H, W) images tiled in a near-square grid with 2-pixel gaps, as PNG bytes."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    columns = max(1, math.ceil(math.sqrt(len(images))))
+    grid = make_grid(images.cpu(), nrow=columns, padding=2)  # (3, H, W): gray becomes RGB
+    picture = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
