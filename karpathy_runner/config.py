@@ -296,10 +296,6 @@ class Config(Branch):
         """The optimizer branch of one of the task's models."""
         return self.optimizer[model] if isinstance(self.optimizer, dict) else self.optimizer
 
-    def metric_mode(self, metric: str, mode: str = "auto") -> str:
-        """Which way `metric` (split.name) is better: `mode` unless auto, else the task's word."""
-        return mode if mode != "auto" else type(self.task).METRICS[metric.split(".", 1)[1]]
-
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 

@@ -77,9 +77,7 @@ class Updater:
             return
         # skip_step must look at the loss before updating: the one policy that syncs every step
         if self.skip_nonfinite and not bool(torch.isfinite(loss.detach())):
-            self.skipped = True
-            for undo in reversed(self._undo):
-                undo()
+            self.skipped = True  # undone at end_step, after whatever the task still runs
             return
         # backward
         self.scaler.scale(loss).backward()
@@ -95,7 +93,11 @@ class Updater:
         self._stepped = True
 
     def end_step(self) -> None:
-        """The scaler adapts once per step, after all its optimizers (and only if one stepped)."""
+        """Undo a skipped step; the scaler adapts once per step, after all its optimizers (and
+        only if one stepped: it has nothing to adapt to otherwise)."""
+        if self.skipped:
+            for undo in reversed(self._undo):
+                undo()
         if self._stepped:
             self.scaler.update()
 

@@ -63,14 +63,16 @@ def train(runs: Path, *overrides: str, resume: str | None = None) -> Result:
                "--quiet")
 
 
-def signal_at(monkeypatch, steps: Iterable[int], signum: int = signal.SIGINT, times: int = 1) -> None:
-    """Deliver `signum` (`times` times) to this process during step n, for each n in `steps`.
+def signal_at(monkeypatch, steps: Iterable[int], signum: int = signal.SIGINT, times: int = 1,
+              task: type = Classify) -> None:
+    """Deliver `signum` (`times` times) to this process during step n, for each n in `steps`,
+    from inside the `task` class's train step.
 
     Steps count from 1 like metrics.jsonl's `step`; each fires once, so a resumed run that
     passes the same step again is not stopped twice.
     """
     pending = set(steps)
-    original = Classify.train_step
+    original = task.train_step
 
     def train_step(self, batch, step, updater):
         result = original(self, batch, step, updater)
@@ -81,7 +83,7 @@ def signal_at(monkeypatch, steps: Iterable[int], signum: int = signal.SIGINT, ti
                 time.sleep(0.01)  # let the handler run before the next one arrives
         return result
 
-    monkeypatch.setattr(Classify, "train_step", train_step)
+    monkeypatch.setattr(task, "train_step", train_step)
 
 
 def final_state(folder: Path, which: str = "last") -> dict[str, Any]:

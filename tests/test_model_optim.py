@@ -11,9 +11,9 @@ import torch
 from kdl import train_tiny
 
 from karpathy_runner.config import CNNConfig, OptimizerConfig, SchedulerConfig
+from karpathy_runner.data.images import augment_batch
 from karpathy_runner.models import build_model
 from karpathy_runner.optim import LRSchedule, build_optimizer
-from karpathy_runner.data.images import augment_batch
 
 CIFAR = types.SimpleNamespace(in_channels=3, image_size=(32, 32), num_classes=10)
 
