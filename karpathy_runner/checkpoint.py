@@ -14,7 +14,8 @@ from typing import Any
 from .errors import KdlError
 from .runs import atomic_write
 
-FORMAT_VERSION = 1
+# 2: step results by kind (losses, metric sums) and no "scheduler" entry; 1 is read and upgraded
+FORMAT_VERSION = 2
 
 
 def save_checkpoint(paths: list[Path], state: dict[str, Any]) -> None:
@@ -51,6 +52,21 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"checkpoint {path} cannot be read ({str(exc).splitlines()[0][:200]}); it is damaged "
             "or incomplete. Use the other checkpoint (--checkpoint last|best) or re-run."
         ) from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+    if not isinstance(state, dict) or state.get("format") not in (1, FORMAT_VERSION):
         raise KdlError(f"{path} is not a kdl checkpoint (format {FORMAT_VERSION} expected)")
+    return _upgraded(state)
+
+
+def _upgraded(state: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 checkpoint (written by kdl before tasks reported typed step results, when
+    classify was the only task) in format 2, so that its run resumes."""
+    if state["format"] == 1:
+        state.pop("scheduler", None)  # never read: schedules are functions of the step
+        sums = state["loop"].get("epoch_sums") or {}
+        if sums:  # {loss (x count), correct, count} -> {count, losses, sums}
+            state["loop"]["epoch_sums"] = {"count": sums["count"], "losses": {"loss": sums["loss"]},
+                                           "sums": {"correct": sums["correct"]}}
+        state["window"] = [{"count": r["count"], "losses": {"loss": r["loss"] / r["count"]},
+                            "sums": {"correct": r["correct"]}} for r in state["window"]]
+        state["format"] = FORMAT_VERSION
     return state

@@ -255,6 +255,15 @@ def resolve_run(root: Path, ref: str) -> Run:
     raise KdlError(f"run prefix {ref!r} is ambiguous in {root}: it matches {shown}; give more of the id")
 
 
+def resolve_runs(root: Path, refs: list[str]) -> list[Run]:
+    """Several run references, each resolved like `resolve_run`; a run named twice counts once."""
+    found: dict[Path, Run] = {}
+    for ref in refs:
+        run = resolve_run(root, ref)
+        found.setdefault(run.path.resolve(), run)
+    return list(found.values())
+
+
 def run_environment(command: list[str]) -> dict[str, Any]:
     """Where and how a run was launched (torch versions are added by the engine)."""
     import platform
@@ -285,11 +294,3 @@ def _git_commit() -> str | None:
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
 
-
-def resolve_runs(root: Path, refs: list[str]) -> list[Run]:
-    """Several run references, each resolved like `resolve_run`; a run named twice counts once."""
-    found: dict[Path, Run] = {}
-    for ref in refs:
-        run = resolve_run(root, ref)
-        found.setdefault(run.path.resolve(), run)
-    return list(found.values())
