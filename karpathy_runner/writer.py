@@ -48,13 +48,14 @@ class RunWriter:
         runs.write_text(path, f"# kdl train {path}\n" + config_yaml)
 
     def start(self, fields: dict[str, Any], command: list[str]) -> None:
-        """The first meta.json of a fresh run, and its TensorBoard log."""
+        """The first meta.json of a fresh run, and its TensorBoard log, headed by the config."""
         now = runs.utc_now()
         self.update_meta(id=self.id, status="running", created_at=now, started_at=now,
                          ended_at=None, duration_s=0.0, epochs_done=0, step=0, **fields,
                          **runs.run_environment(command))
         (self.folder / runs.METRICS).touch()  # present from the start, even with no record yet
         self._open_events(purge_step=None)
+        self.events.text("config", (self.folder / runs.CONFIG).read_text())
 
     def resume(self, step: int, command: list[str], changes: dict[str, Any],
                config_yaml: str | None) -> None:

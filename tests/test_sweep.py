@@ -108,6 +108,8 @@ def test_tensorboard_event_files_are_readable(tmp_path):
     tags = events.Tags()
     assert {"train/loss", "val/loss", "val/accuracy", "train_epoch/loss"} <= set(tags["scalars"])
     assert "train/examples" in tags["images"]
+    (config,) = events.Tensors("config/text_summary")  # the resolved config, as text
+    assert "channels: [8, 16]" in config.tensor_proto.string_val[0].decode()
     metrics = [json.loads(line) for line in (tmp_path / result.last_line / "metrics.jsonl").open()]
     val = [r for r in metrics if r["split"] == "val"]
     assert [e.step for e in events.Scalars("val/loss")] == [r["step"] for r in val] == [21, 42]
