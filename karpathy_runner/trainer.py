@@ -356,7 +356,13 @@ class Trainer:
         for name, model in self.task.models.items():
             model.load_state_dict(state["models"][name])
         for name, optimizer in self.optimizers.items():
+            # the state (moments, momentum) and lr come from the checkpoint; the other
+            # hyperparameters from the config, which a resume with --allow-changes may change
+            configured = [{k: v for k, v in g.items() if k not in ("params", "lr")}
+                          for g in optimizer.param_groups]
             optimizer.load_state_dict(state["optimizers"][name])
+            for group, settings in zip(optimizer.param_groups, configured, strict=True):
+                group.update(settings)
         self.updater.scaler.load_state_dict(state["scaler"])
         self.state = LoopState(**state["loop"])
         self.state.stop_reason = None

@@ -123,11 +123,14 @@ def test_resume_with_changes_is_refused_unless_allowed_and_recorded(tmp_path, mo
     assert (folder / "config.yaml").read_text() == before
     assert read_json(folder / "meta.json")["status"] == "interrupted"
 
-    allowed = kdl("train", "--resume", folder.name, "--set", "train.epochs=3", "--allow-changes",
-                  "--runs-dir", runs, "--quiet")
+    allowed = kdl("train", "--resume", folder.name, "--set", "train.epochs=3", "--set",
+                  "optimizer.weight_decay=0.25", "--allow-changes", "--runs-dir", runs, "--quiet")
     assert allowed.exit_code == 0, allowed.stderr
     meta = read_json(folder / "meta.json")
-    assert meta["resumes"][-1]["changes"] == {"train.epochs": {"from": 2, "to": 3}}
+    assert meta["resumes"][-1]["changes"] == {"train.epochs": {"from": 2, "to": 3},
+                                              "optimizer.weight_decay": {"from": 0.0005, "to": 0.25}}
+    # the optimizer took the new value, not the one saved with its state
+    assert final_state(folder)["optimizers"]["model"]["param_groups"][0]["weight_decay"] == 0.25
     assert meta["status"] == "completed" and meta["epochs_done"] == 3
     assert "epochs: 3" in (folder / "config.yaml").read_text()
     assert json.loads((folder / "summary.json").read_text())["epochs_done"] == 3
