@@ -21,7 +21,15 @@ import torch
 
 from . import runs
 from .checkpoint import load_checkpoint
-from .config import Config, apply_overrides, load_config, load_yaml, parse_override, resolve
+from .config import (
+    SCHEMA_MAJOR,
+    Config,
+    apply_overrides,
+    load_config,
+    load_yaml,
+    parse_override,
+    resolve,
+)
 from .data import Batches, DataBundle, Prepare, build_data
 from .errors import KdlError, RunFailed
 from .optim import LRSchedule, build_optimizer
@@ -182,9 +190,21 @@ def _existing_run(runs_root: Path, cfg: Config) -> runs.Run | None:
     """The newest run of the same experiment (config hash) that is not failed, if any."""
     wanted = cfg.hash()
     for run in sorted(runs.iter_runs(runs_root), key=lambda r: r.id, reverse=True):
-        if run.meta.get("config_hash") == wanted and run.status != "failed":
+        if run.status != "failed" and _config_hash(run) == wanted:
             return run
     return None
+
+
+def _config_hash(run: runs.Run) -> str | None:
+    """The hash in meta.json; for a run made before hashes covered only the values that differ
+    from the defaults (no config_schema in its meta.json), recomputed from its config.yaml."""
+    if "config_schema" in run.meta:
+        return run.meta.get("config_hash")
+    raw = run.config_dict()
+    try:
+        return resolve(raw).hash() if raw else None
+    except KdlError:
+        return None
 
 
 def _resume_config(
@@ -262,7 +282,8 @@ def start_run(exp: Experiment, runs_root: Path, command: list[str], reporter: Re
     trainer = build_trainer(exp, writer, reporter)
     writer.start({
         "name": cfg.name, "task": exp.task.name, "model": cfg.model.name,
-        "dataset": cfg.data.name, "config_hash": cfg.hash(), "device": str(exp.device),
+        "dataset": cfg.data.name, "config_hash": cfg.hash(), "config_schema": SCHEMA_MAJOR,
+        "device": str(exp.device),
         "epochs": cfg.train.epochs, "metric_modes": exp.task.metrics,
         "versions": versions(exp.device), **({"sweep": sweep} if sweep else {}),
     }, command)

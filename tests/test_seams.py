@@ -12,6 +12,7 @@ from typing import ClassVar, Literal
 import pytest
 import torch
 import toytask
+import yaml
 from kdl import CONFIGS, kdl, train_tiny
 from PIL import Image
 from runfolders import make_run
@@ -359,3 +360,20 @@ def test_a_key_added_later_with_a_default_keeps_old_runs_for_skip_existing(tmp_p
     changed = train_tiny(tmp_path, "--set", "train.epochs=1", "--set", "train.ema_decay=0.99",
                          "--skip-existing", "--json")
     assert not json.loads(changed.stdout)["skipped"]
+
+
+def test_skip_existing_finds_a_run_made_before_hashes_skipped_defaults(tmp_path):
+    """Its meta.json has an old-style hash and no config_schema, its config.yaml no task branch:
+    the hash is recomputed from its config.yaml, so upgrading kdl reruns nothing."""
+    first = train_tiny(tmp_path, "--set", "train.epochs=1")
+    assert first.exit_code == 0, first.stderr
+    folder = tmp_path / first.last_line
+    meta = read_json(folder / "meta.json")
+    del meta["config_schema"]
+    (folder / "meta.json").write_text(json.dumps({**meta, "config_hash": "0123456789abcdef"}))
+    old = yaml.safe_load((folder / "config.yaml").read_text())
+    del old["task"], old["train"]["early_stopping"]["mode"]  # keys that version did not have
+    (folder / "config.yaml").write_text(yaml.safe_dump(old))
+    again = train_tiny(tmp_path, "--set", "train.epochs=1", "--skip-existing", "--json")
+    assert again.exit_code == 0, again.stderr
+    assert json.loads(again.stdout)["id"] == first.last_line and json.loads(again.stdout)["skipped"]
