@@ -150,24 +150,41 @@ def sample(
     run: Annotated[
         str, typer.Argument(metavar="RUN", help="Run id, unique prefix, run folder or 'latest'.")
     ],
-    n: Annotated[int, typer.Option("-n", min=1, help="How many samples to draw.")] = 64,
-    seed: Annotated[int, typer.Option(help="Seed of the sampling noise.")] = 0,
+    n: Annotated[int, typer.Option("-n", min=1, help="Images: how many to draw.")] = 64,
+    length: Annotated[int, typer.Option(min=0, help="Text: characters to generate.")] = 500,
+    temperature: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(min=0.01,
+                     help="Text: below 1 safer, above 1 wilder (default: task.sample_temperature)."),
+    ] = None,
+    top_k: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(min=1, help="Text: draw only from the k likeliest characters."),
+    ] = None,
+    prime: Annotated[
+        Optional[str], typer.Option(help="Text: start from this text.")  # noqa: UP045
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the draw: the same seed, the same sample.")] = 0,
     out: Annotated[
         Optional[Path],  # noqa: UP045
-        typer.Option(help="File to write (default: the run's samples/ folder)."),
+        typer.Option(help="File to write (images default to the run's samples/ folder)."),
     ] = None,
     checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
     device: Annotated[str, typer.Option(help="Device to sample on.")] = "auto",
     runs_dir: RunsDir = None,
 ) -> None:
-    """Draw new samples from a generative run (an image grid or text); prints the file written."""
+    """Draw from a generative run: text is printed; an image grid is written and its path printed."""
     if checkpoint not in ("best", "last"):
         raise KdlError(f"--checkpoint must be best or last, got {checkpoint!r}")
     from . import engine
+    from .tasks import SampleRequest
 
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-    _out(str(engine.sample_run(runs.runs_dir(runs_dir), run, n, seed, checkpoint, out, device)))
+    request = SampleRequest(seed=seed, n=n, length=length, temperature=temperature, top_k=top_k,
+                            prime=prime)
+    sample, path = engine.sample_run(runs.runs_dir(runs_dir), run, request, checkpoint, out, device)
+    _out(sample.text if sample.images is None else str(path))
 
 
 @app.command()

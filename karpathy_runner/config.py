@@ -61,6 +61,11 @@ class ImageDataConfig(Branch):
 
     KIND: ClassVar[str] = "image"
     MODULE: ClassVar[str] = "images"
+    # what to change for models that other kinds of data suit
+    KIND_NOTES: ClassVar[dict[str, str]] = {
+        "image": "or set data.as_sequence: rows to feed each image row by row to rnn, lstm or gru",
+        "image_rows": "or set data.as_sequence: none to train a cnn on whole images",
+    }
 
     name: Literal["digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "image_folder"] = (
         "digits"
@@ -75,9 +80,78 @@ class ImageDataConfig(Branch):
     crop_padding: int = Field(4, ge=0)
     image_size: int = Field(32, ge=4)
     num_workers: int = Field(0, ge=0)
+    # rows: each image is a sequence of its rows (H steps of C x W values), for recurrent models
+    as_sequence: Literal["none", "rows"] = "none"
+
+    @classmethod
+    def kind_of(cls, values: dict[str, Any]) -> str:
+        return "image_rows" if values.get("as_sequence") == "rows" else cls.KIND
 
 
-DATA_FAMILIES: tuple[type[Branch], ...] = (ImageDataConfig,)
+class TextDataConfig(Branch):
+    """Text classification: IMDB reviews (aclImdb) or a user's CSV, TSV or JSONL files, split into
+    words; the vocabulary comes from the training split only."""
+
+    KIND: ClassVar[str] = "text"
+    MODULE: ClassVar[str] = "text"
+
+    name: Literal["imdb", "text_files"] = "imdb"
+    root: str = "data"  # imdb: where aclImdb/ is (or is downloaded to)
+    download: bool = True
+    train_file: str | None = None  # text_files: .csv, .tsv or .jsonl
+    val_file: str | None = None  # else val_fraction of train_file
+    test_file: str | None = None
+    format: Literal["auto", "csv", "tsv", "jsonl"] = "auto"  # auto: from the file's extension
+    text_field: str = "text"
+    label_field: str = "label"
+    lowercase: bool = True
+    max_vocab: int = Field(20000, ge=3)  # words kept, most frequent first (with <pad>, <unk>)
+    min_freq: int = Field(1, ge=1)  # rarer words become <unk>
+    max_length: int = Field(400, ge=1)  # words kept from the start of each text
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: int | None = Field(None, ge=1)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    split_seed: int = 0
+    num_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _files(self) -> TextDataConfig:
+        if self.name == "text_files" and not self.train_file:
+            raise ValueError(
+                "data.train_file: data.name text_files needs the training file, e.g. "
+                "--set data.train_file=reviews.csv (CSV, TSV or JSONL)"
+            )
+        return self
+
+
+class CharDataConfig(Branch):
+    """A character corpus for language modelling, split contiguously into train and val and cut
+    into windows of seq_len characters."""
+
+    KIND: ClassVar[str] = "chars"
+    MODULE: ClassVar[str] = "chars"
+    EVAL_BATCH_MIN: ClassVar[int] = 1  # val streams: as many as in training unless set
+
+    name: Literal["python_stdlib", "char_text", "tiny_shakespeare"] = "python_stdlib"
+    root: str = "data"  # tiny_shakespeare: where it is (or is downloaded to)
+    download: bool = True
+    path: str | None = None  # char_text: the text file (UTF-8)
+    max_chars: int | None = Field(2_000_000, ge=2)  # the corpus is cut to its first max_chars
+    seq_len: int = Field(100, ge=1)  # characters per window (and per backprop through time)
+    batch_size: int = Field(64, ge=1)  # windows per batch: parallel streams through the corpus
+    eval_batch_size: int | None = Field(None, ge=1)
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # the corpus's last part
+
+    @model_validator(mode="after")
+    def _path(self) -> CharDataConfig:
+        if self.name == "char_text" and not self.path:
+            raise ValueError(
+                "data.path: data.name char_text needs a text file, e.g. --set data.path=book.txt"
+            )
+        return self
+
+
+DATA_FAMILIES: tuple[type[Branch], ...] = (ImageDataConfig, TextDataConfig, CharDataConfig)
 
 # ----------------------------------------------------------------------------- model
 
@@ -110,7 +184,34 @@ class CNNConfig(Branch):
         return channels
 
 
-MODEL_FAMILIES: tuple[type[Branch], ...] = (CNNConfig,)
+class RNNConfig(Branch):
+    """A recurrent network, the cell chosen by name (torch's nn.RNN, nn.LSTM, nn.GRU): tokens
+    through an embedding (image rows go in as they are), then a classification head on the final
+    state or the mean over the true length, or a language-model head at every step."""
+
+    MODULE: ClassVar[str] = "rnn"
+
+    name: Literal["lstm", "gru", "rnn"] = "lstm"
+    embedding_size: int = Field(128, ge=1)
+    hidden_size: int = Field(256, ge=1)
+    layers: int = Field(2, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # between layers and before the head
+    bidirectional: bool = False  # classification only
+    pooling: Literal["last", "mean"] = "last"  # classification: final state or mean over steps
+    tie_weights: bool = False  # language model: output layer shares the embedding's weights
+
+    @model_validator(mode="after")
+    def _tying(self) -> RNNConfig:
+        if self.tie_weights and self.embedding_size != self.hidden_size:
+            raise ValueError(
+                f"model.tie_weights: true needs model.embedding_size == model.hidden_size "
+                f"(got {self.embedding_size} and {self.hidden_size})"
+            )
+        return self
+
+
+MODEL_FAMILIES: tuple[type[Branch], ...] = (CNNConfig, RNNConfig)
+RECURRENT = ("lstm", "gru", "rnn")
 
 # ----------------------------------------------------------------------------- task
 
@@ -122,7 +223,10 @@ class ClassifyConfig(Branch):
     MODELS: ClassVar[tuple[str, ...]] = ("model",)
     METRICS: ClassVar[dict[str, str]] = {"loss": "min", "accuracy": "max"}
     DEFAULT_METRIC: ClassVar[str] = "val.loss"
-    TRAINS: ClassVar[dict[str, tuple[str, ...]]] = {"image": ("cnn",)}  # data kind -> models
+    # data kind -> model families
+    TRAINS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "image": ("cnn",), "image_rows": RECURRENT, "text": RECURRENT,
+    }
 
     name: Literal["classify"] = "classify"
     # training targets (1 - s) on the true class and s spread over all classes; eval reports the
@@ -130,7 +234,25 @@ class ClassifyConfig(Branch):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
 
 
-TASK_FAMILIES: tuple[type[Branch], ...] = (ClassifyConfig,)
+class LanguageModelConfig(Branch):
+    """Next-character prediction: loss in nats per character, bits per character, perplexity."""
+
+    MODULE: ClassVar[str] = "language_model"
+    MODELS: ClassVar[tuple[str, ...]] = ("model",)
+    METRICS: ClassVar[dict[str, str]] = {"loss": "min", "bpc": "min", "perplexity": "min"}
+    DEFAULT_METRIC: ClassVar[str] = "val.loss"
+    TRAINS: ClassVar[dict[str, tuple[str, ...]]] = {"chars": RECURRENT}
+
+    name: Literal["language_model"] = "language_model"
+    # truncated backprop through time: batches walk through the corpus in order, each row a
+    # stream, and the hidden state carries from one batch to the next (detached); false:
+    # windows in random order, each from a zero state
+    carry_hidden: bool = True
+    sample_length: int = Field(300, ge=0)  # characters sampled after each epoch (0: none)
+    sample_temperature: float = Field(0.8, gt=0.0)
+
+
+TASK_FAMILIES: tuple[type[Branch], ...] = (ClassifyConfig, LanguageModelConfig)
 
 # ----------------------------------------------------------------------------- optimization
 
@@ -270,10 +392,13 @@ class Config(Branch):
         if not isinstance(raw, dict):
             return raw
         raw = dict(raw)
+        for branch, families in (("data", DATA_FAMILIES), ("model", MODEL_FAMILIES)):
+            node = raw.get(branch)  # a branch without a name is its family's default
+            if isinstance(node, dict) and "name" not in node:
+                raw[branch] = {"name": family_names(families[0])[0], **node}
         task = raw.get("task")
         if task is None or isinstance(task, dict) and "name" not in task:
-            chosen = default_task(_raw_name(raw, "model", MODEL_FAMILIES),
-                                  data_kind(_raw_name(raw, "data", DATA_FAMILIES)))
+            chosen = default_task(_raw_name(raw, "model", MODEL_FAMILIES), data_kind(raw.get("data")))
             if chosen is not None:
                 raw["task"] = {**(task or {}), "name": family_names(chosen)[0]}
         train = raw.get("train")
@@ -303,23 +428,36 @@ class Config(Branch):
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
     def hash(self) -> str:
-        """Identity of the experiment: the values that differ from the defaults (for this data,
-        model and task), canonicalised, with the schema's major version. A key added later with
-        a default therefore leaves the hash of every earlier run as it was."""
-        defaults = flatten(self._defaults().to_dict())
+        """Identity of the experiment: the values that differ from the defaults, canonicalised,
+        with the schema's major version. A key added later with a default therefore leaves the
+        hash of every earlier run as it was."""
+        defaults = flatten(self._defaults())
         changed = {key: value for key, value in flatten(self.to_dict()).items()
                    if defaults.get(key, MISSING) != value}
         text = json.dumps({"schema": SCHEMA_MAJOR, "values": changed}, sort_keys=True,
                           separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    def _defaults(self) -> Config:
-        """The config with only this one's family names (and optimizer map keys) set."""
-        optimizer = {name: {} for name in self.optimizer} if isinstance(self.optimizer, dict) else {}
-        return type(self).model_validate({
-            "data": {"name": self.data.name}, "model": {"name": self.model.name},
-            "task": {"name": self.task.name}, "optimizer": optimizer,
-        })
+    def _defaults(self) -> dict[str, Any]:
+        """What each key would be if left out: a branch's keys default within its family (built
+        without validation: a family may need a key, like char_text's path), the family names to
+        the top-level defaults, the task to the one this model and data get, the best metric to
+        that task's."""
+        tree: dict[str, Any] = {}
+        for name, field in type(self).model_fields.items():
+            value = getattr(self, name)
+            if isinstance(value, BaseModel):
+                tree[name] = type(value).model_construct().model_dump(mode="json")
+            elif isinstance(value, dict):  # an optimizer per model
+                tree[name] = {k: type(v).model_construct().model_dump(mode="json") for k, v in value.items()}
+            else:
+                tree[name] = field.get_default(call_default_factory=True)
+        tree["data"]["name"] = family_names(DATA_FAMILIES[0])[0]
+        tree["model"]["name"] = family_names(MODEL_FAMILIES[0])[0]
+        chosen = default_task(self.model.name, data_kind(self.data))
+        tree["task"]["name"] = family_names(chosen)[0] if chosen else None
+        tree["train"]["best_metric"] = type(self.task).DEFAULT_METRIC
+        return tree
 
 
 # ----------------------------------------------------------------------------- tasks and data
@@ -332,9 +470,19 @@ def _raw_name(raw: dict[str, Any], branch: str, families: tuple[type[Branch], ..
     return node.get("name", family_names(families[0])[0]) if isinstance(node, dict) else None
 
 
-def data_kind(name: Any) -> str | None:
-    """What a dataset holds ("image", ...), from its config family."""
-    return next((cls.KIND for cls in DATA_FAMILIES if name in family_names(cls)), None)
+KIND_WORDS = {"image_rows": "image rows", "chars": "character"}  # data kinds in messages
+
+
+def data_kind(data: Any) -> str | None:
+    """What a `data` branch (raw or validated) holds: image, image_rows, text, chars."""
+    values = data.model_dump() if isinstance(data, BaseModel) else data if isinstance(data, dict) else {}
+    if data is not None and not isinstance(data, (dict, BaseModel)):
+        return None
+    name = values.get("name", family_names(DATA_FAMILIES[0])[0])
+    cls = next((c for c in DATA_FAMILIES if name in family_names(c)), None)
+    if cls is None:
+        return None
+    return cls.kind_of(values) if hasattr(cls, "kind_of") else cls.KIND
 
 
 def task_class(name: Any) -> Any:
@@ -347,28 +495,38 @@ def default_task(model: Any, kind: str | None, tasks: tuple[Any, ...] = TASK_FAM
 
 
 def task_problems(task: Any, model: str, data: str, kind: str,
-                  tasks: tuple[Any, ...] = TASK_FAMILIES) -> list[str]:
-    """Why a task cannot train this model on this data (empty when it can)."""
+                  tasks: tuple[Any, ...] = TASK_FAMILIES, note: str = "") -> list[str]:
+    """Why a task cannot train this model on this data (empty when it can); `note` is the data
+    family's hint for this kind (another setting that would suit other models)."""
     if model in task.TRAINS.get(kind, ()):
         return []
-    task_name = family_names(task)[0]
+    task_name, what = family_names(task)[0], KIND_WORDS.get(kind, kind)
     suitable = default_task(model, kind, tasks)
     if suitable is not None:
         return [f"task.name: the {task_name} task cannot train model.name {model!r} on "
-                f"data.name {data!r} ({kind} data); for that pair use task.name: "
+                f"data.name {data!r} ({what} data); for that pair use task.name: "
                 f"{family_names(suitable)[0]} (the default when task is not set)"]
     models = [m for cls in tasks for m in cls.TRAINS.get(kind, ())]
-    fix = (f"on {kind} data use model.name: {' or '.join(dict.fromkeys(models))}" if models
+    fix = (f"on {what} data use model.name: {' or '.join(dict.fromkeys(models))}" if models
            else "choose another dataset")
-    return [f"model.name: no task trains model.name {model!r} on data.name {data!r} ({kind} "
+    fix += f", {note}" if note else ""
+    return [f"model.name: no task trains model.name {model!r} on data.name {data!r} ({what} "
             f"data); {fix}"]
 
 
 def _cross_problems(cfg: Config) -> list[str]:
     """Problems between branches: the task against the model and data, the metrics against the
     task's declared ones, the optimizer map against the task's models."""
-    task = type(cfg.task)
-    problems = task_problems(task, cfg.model.name, cfg.data.name, type(cfg.data).KIND)
+    task, kind = type(cfg.task), data_kind(cfg.data)
+    notes = getattr(type(cfg.data), "KIND_NOTES", {})
+    problems = task_problems(task, cfg.model.name, cfg.data.name, kind, note=notes.get(kind, ""))
+    if cfg.model.name in RECURRENT:
+        if cfg.model.bidirectional and cfg.task.name == "language_model":
+            problems.append("model.bidirectional: a language model predicts each next character "
+                            "from the ones before it only; set model.bidirectional: false")
+        if cfg.model.tie_weights and cfg.task.name != "language_model":
+            problems.append("model.tie_weights: only a language model has an output layer the size "
+                            "of its vocabulary to tie; set model.tie_weights: false")
     for key, metric in (("train.best_metric", cfg.train.best_metric),
                         ("train.early_stopping.metric", cfg.train.early_stopping.metric)):
         if metric is not None and metric.split(".", 1)[1] not in task.METRICS:
@@ -551,7 +709,7 @@ def _describe(err: dict[str, Any]) -> str:
     if kind == "literal_error":
         expected = err.get("ctx", {}).get("expected", "")
         return f"{path}: {value!r} is not allowed; choose one of {expected}"
-    if kind == "model_type" or kind == "dict_type":
+    if kind in ("model_type", "dict_type", "model_attributes_type"):
         return f"{path}: expected a mapping of keys, got {value!r}"
     msg = err["msg"]
     shown = "" if isinstance(value, dict) else f" (got {value!r})"

@@ -30,11 +30,11 @@ from .config import (
     parse_override,
     resolve,
 )
-from .data import Batches, DataBundle, Prepare, build_data
+from .data import Batches, DataBundle, Prepare, build_data, eval_batch_size
 from .errors import KdlError, RunFailed
 from .optim import LRSchedule, build_optimizer
 from .progress import Reporter
-from .tasks import Task, build_task
+from .tasks import Sample, SampleRequest, Task, build_task
 from .trainer import Trainer, autocast_for, evaluate, seed_everything
 from .writer import RunWriter
 
@@ -113,9 +113,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_experiment(cfg: Config, device_override: str | None = None,
-                     training: bool = True) -> Experiment:
-    """Device, data and task from a validated config; every input error surfaces here."""
+def build_experiment(cfg: Config, device_override: str | None = None, training: bool = True,
+                     vocabulary: list[str] | None = None) -> Experiment:
+    """Device, data and task from a validated config; every input error surfaces here.
+    `vocabulary` is a run's saved one (text and character data), for resume, eval and sample."""
     check_versions()
     device = resolve_device(device_override or cfg.train.device)
     if training and cfg.train.precision == "fp16" and device.type == "cpu":
@@ -123,7 +124,7 @@ def build_experiment(cfg: Config, device_override: str | None = None,
             "train.precision: fp16 needs a GPU; on the CPU use bf16 or fp32 (--set train.precision=bf16)"
         )
     seed_everything(cfg.seed, cfg.train.deterministic)
-    data = build_data(cfg.data, cfg.seed)
+    data = build_data(cfg.data, cfg.seed, vocabulary)
     if training and cfg.data.batch_size > len(data.train):
         raise KdlError(
             f"data.batch_size is {cfg.data.batch_size} but the training set has only "
@@ -138,7 +139,7 @@ def build_experiment(cfg: Config, device_override: str | None = None,
             )
     task = build_task(cfg.task, cfg.model, data.info, device)
     task.to(device)
-    return Experiment(cfg, device, data, task, data.prepare.to(device))
+    return Experiment(cfg, device, data.to(device), task, data.prepare.to(device))
 
 
 def versions(device: torch.device) -> dict[str, Any]:
@@ -268,9 +269,9 @@ def train(
         reporter.message(f"run {plan.done.id} has this config and is {plan.done.status}: skipped")
         return TrainResult(plan.done.id, plan.done.path, plan.done.status, 0, plan.done.summary(),
                            skipped=True)
-    exp = build_experiment(plan.cfg)
     if plan.run is None:
-        return start_run(exp, runs_root, command, reporter, plan.sweep)
+        return start_run(build_experiment(plan.cfg), runs_root, command, reporter, plan.sweep)
+    exp = build_experiment(plan.cfg, vocabulary=plan.run.vocabulary())
     return resume_run(exp, plan.run.path, plan.changes, command, reporter)
 
 
@@ -287,6 +288,8 @@ def start_run(exp: Experiment, runs_root: Path, command: list[str], reporter: Re
         "epochs": cfg.train.epochs, "metric_modes": exp.task.metrics,
         "versions": versions(exp.device), **({"sweep": sweep} if sweep else {}),
     }, command)
+    if exp.data.info.vocabulary:
+        writer.write_vocabulary(exp.data.info.vocabulary)
     writer.log(f"run {writer.id} started: {cfg.name} on {exp.device}")
     reporter.message(f"run {writer.id}: {writer.folder}")
     return _drive(trainer, writer, previous_duration=0.0)
@@ -313,8 +316,9 @@ def build_trainer(exp: Experiment, writer: RunWriter, reporter: Reporter) -> Tra
     cfg, task = exp.cfg, exp.task
     optimizers = {name: build_optimizer(cfg.optimizer_for(name), task.param_groups(name))
                   for name in task.trainable}
-    train_batches = Batches(exp.data.train, cfg.data.batch_size, seed=cfg.seed, shuffle=True,
-                            num_workers=cfg.data.num_workers)
+    train_batches = Batches(exp.data.train, cfg.data.batch_size, seed=cfg.seed,
+                            shuffle=not task.ordered_batches,
+                            num_workers=getattr(cfg.data, "num_workers", 0))
     total_steps = len(train_batches) * cfg.train.epochs
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
@@ -390,8 +394,8 @@ def _checkpoint_must_fit(path: Path) -> Iterator[None]:
 def _eval_batches(cfg: Config, dataset: Any) -> Batches | None:
     if dataset is None:
         return None
-    size = cfg.data.eval_batch_size or max(cfg.data.batch_size, 256)
-    return Batches(dataset, size, num_workers=cfg.data.num_workers)
+    return Batches(dataset, eval_batch_size(cfg.data),
+                   num_workers=getattr(cfg.data, "num_workers", 0))
 
 
 # ----------------------------------------------------------------------------- eval and sample
@@ -421,7 +425,8 @@ def load_run(runs_root: Path, ref: str, checkpoint: str, device: str) -> Loaded:
                "train.checkpoint_every_steps steps): evaluate it once it has")
         )
     state = load_checkpoint(path)
-    exp = build_experiment(cfg, device_override=device, training=False)
+    exp = build_experiment(cfg, device_override=device, training=False,
+                           vocabulary=run.vocabulary())
     with _checkpoint_must_fit(path):
         for name, model in exp.task.models.items():
             model.load_state_dict(state["models"][name])
@@ -461,14 +466,17 @@ def evaluate_run(
     return loaded.run, result
 
 
-def sample_run(runs_root: Path, ref: str, n: int, seed: int, checkpoint: str = "best",
-               out: Path | None = None, device: str = "auto") -> Path:
-    """`kdl sample`: draw `n` samples from a run's checkpoint; the file written."""
+def sample_run(runs_root: Path, ref: str, request: SampleRequest, checkpoint: str = "best",
+               out: Path | None = None, device: str = "auto") -> tuple[Sample, Path | None]:
+    """`kdl sample`: draw from a run's checkpoint. Images are written (to `out`, else the run's
+    samples/ folder), text only when `out` is given; returns the sample and the file written."""
     loaded = load_run(runs_root, ref, checkpoint, device)
     task = loaded.exp.task
     task.train(False)
     with torch.no_grad(), autocast_for(eval_precision(loaded.exp.cfg.train.precision,
                                                       loaded.exp.device), loaded.exp.device)():
-        sample = task.sample(n, seed)
-    name = f"sample-{checkpoint}-seed{seed}-n{n}"
-    return RunWriter(loaded.run.path).write_sample(name, sample, path=out)
+        sample = task.sample(request)
+    if sample.images is None and out is None:
+        return sample, None
+    name = f"sample-{checkpoint}-seed{request.seed}-n{request.n}"
+    return sample, RunWriter(loaded.run.path).write_sample(name, sample, path=out)

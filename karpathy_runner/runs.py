@@ -26,6 +26,7 @@ CONFIG = "config.yaml"
 META = "meta.json"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
+VOCAB = "vocab.json"
 LOG = "train.log"
 CHECKPOINTS = "checkpoints"
 EVAL = "eval"
@@ -181,6 +182,14 @@ class Run:
 
     def summary(self) -> dict[str, Any]:
         return read_json(self.path / SUMMARY)
+
+    def vocabulary(self) -> list[str] | None:
+        """The run's saved vocabulary (text and character data), or None."""
+        try:
+            tokens = json.loads((self.path / VOCAB).read_text())
+        except (OSError, ValueError):
+            return None
+        return tokens if isinstance(tokens, list) and all(isinstance(t, str) for t in tokens) else None
 
     def checkpoint(self, which: str) -> Path:
         return self.path / CHECKPOINTS / f"{which}.pt"

@@ -199,6 +199,8 @@ class Trainer:
         total = len(self.train_batches)
         self.task.train(True)
         self.reporter.start_epoch(state.epoch, cfg.epochs, total, state.batch)
+        if state.batch == 0:  # (a run resumed mid-epoch keeps the task's state from its checkpoint)
+            self.task.on_epoch_start(state.epoch)
         for batch in self.train_batches.epoch(state.epoch, start=state.batch):
             # learning rate for this step: the schedule's value times each group's multiplier
             self._set_lr(state.step)
@@ -274,8 +276,8 @@ class Trainer:
         """The task's view of the first training items, into TensorBoard."""
         dataset = self.train_batches.dataset
         sample = self.task.example_inputs(dataset.get_batch(torch.arange(min(32, len(dataset)))))
-        if sample is not None and sample.images is not None:
-            self.run.images("train/examples", sample.images)
+        if sample is not None:
+            self.run.examples("train/examples", sample)
 
     # ------------------------------------------------------------------ metrics
 
@@ -348,6 +350,7 @@ class Trainer:
             "optimizers": {name: o.state_dict() for name, o in self.optimizers.items()},
             "scaler": self.updater.scaler.state_dict(),
             "loop": asdict(self.state),
+            "task": _moved(self.task.state_dict(), torch.device("cpu")),
             "window": [_moved(asdict(r), torch.device("cpu")) for r in self.window],
             "rng": rng_state(),
         }
@@ -366,6 +369,7 @@ class Trainer:
         self.updater.scaler.load_state_dict(state["scaler"])
         self.state = LoopState(**state["loop"])
         self.state.stop_reason = None
+        self.task.load_state_dict(state.get("task", {}))
         self.window = [StepResult(**_moved(r, self.device)) for r in state["window"]]
         self._window_samples = sum(r.count for r in self.window)
         set_rng_state(state["rng"])
@@ -458,6 +462,8 @@ def _moved(tree: Any, device: torch.device) -> Any:
         return tree.detach().to(device)
     if isinstance(tree, dict):
         return {k: _moved(v, device) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_moved(v, device) for v in tree)
     return tree
 
 
@@ -471,6 +477,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Run the task's eval step over every batch, add up on the device, summarise on the host."""
     task.train(False)
+    task.on_eval_start()
     count, losses, sums = 0, {}, {}
     for batch in batches.epoch():
         with autocast():

@@ -79,6 +79,10 @@ class RunWriter:
         runs.write_json(self.folder / runs.SUMMARY, summary)
         self.log(f"run {status}" + (f": {error}" if error else ""))
 
+    def write_vocabulary(self, vocabulary: list[str]) -> None:
+        """vocab.json: the token list the run's data was encoded with, for every later command."""
+        runs.write_json(self.folder / runs.VOCAB, vocabulary)
+
     def update_meta(self, **fields: Any) -> None:
         self.meta.update(fields)
         runs.write_json(self.folder / runs.META, self.meta)
@@ -111,6 +115,13 @@ class RunWriter:
         """uint8 (B, C, H, W) images into TensorBoard."""
         if self.events is not None:
             self.events.images(tag, images, step)
+
+    def examples(self, tag: str, sample: Any) -> None:
+        """A task's example inputs (images or text) into TensorBoard."""
+        if sample.images is not None:
+            self.images(tag, sample.images)
+        elif sample.text is not None and self.events is not None:
+            self.events.text(tag, sample.text)
 
     def close(self) -> None:
         for handle in (self._metrics, self._log):

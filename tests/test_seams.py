@@ -339,6 +339,17 @@ def test_config_hash_covers_values_that_differ_from_the_defaults():
     assert load_config(CONFIGS / "digits_cnn.yaml", ["task.name=classify"]).hash() == base.hash()
     assert load_config(CONFIGS / "digits_cnn.yaml", ["train.precision=bf16"]).hash() != base.hash()
     assert load_config(CONFIGS / "digits_cnn.yaml", ["seed=1"]).hash() != base.hash()
+    # a family name is a value like any other: all-default configs of two datasets differ
+    assert resolve({"data": {"name": "cifar10"}}).hash() != resolve({}).hash()
+    lstm = resolve({"data": {"name": "python_stdlib"}, "model": {"name": "lstm"}})
+    assert lstm.hash() != resolve({"data": {"name": "python_stdlib"}, "model": {"name": "gru"}}).hash()
+    assert lstm.hash() != resolve({}).hash()  # every family at its own defaults: still another run
+    # a family that needs a key (char_text's path) hashes too
+    assert resolve({"data": {"name": "char_text", "path": "a.txt"}, "model": {"name": "lstm"}}).hash()
+
+
+def test_a_chosen_task_counts_in_the_hash(toy):
+    assert resolve({"task": {"name": "toy_pair"}}).hash() != resolve({}).hash()
 
 
 def test_a_key_added_later_with_a_default_keeps_old_runs_for_skip_existing(tmp_path, monkeypatch):

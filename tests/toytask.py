@@ -21,7 +21,7 @@ from torch import nn
 
 from karpathy_runner import config
 from karpathy_runner.models import build_model
-from karpathy_runner.tasks import Sample, StepResult, Task, Totals, Updater
+from karpathy_runner.tasks import Sample, SampleRequest, StepResult, Task, Totals, Updater
 
 
 class ToyPairConfig(config.Branch):
@@ -96,10 +96,10 @@ class ToyPair(Task):
         low, high = filters.min(), filters.max()
         return Sample(images=((filters - low) / (high - low + 1e-12) * 255).round().to(torch.uint8))
 
-    def sample(self, n: int, seed: int) -> Sample:
-        generator = torch.Generator().manual_seed(seed)
-        return Sample(images=torch.randint(0, 256, (n, *self.image_shape), generator=generator,
-                                           dtype=torch.uint8))
+    def sample(self, request: SampleRequest) -> Sample:
+        generator = torch.Generator().manual_seed(request.seed)
+        return Sample(images=torch.randint(0, 256, (request.n, *self.image_shape),
+                                           generator=generator, dtype=torch.uint8))
 
 
 def build(cfg: ToyPairConfig, model_cfg: Any, info: Any, device: torch.device) -> ToyPair:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import signal
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -30,13 +30,16 @@ class BatchDataset(Protocol):
 class DataInfo:
     """What the model and the task learn from the data (never written back into the config)."""
 
-    kind: str  # the config family's KIND: "image"
-    num_classes: int
+    kind: str  # the data kind: "image", "image_rows", "text", "chars"
+    num_classes: int  # classes to predict (for chars: the vocabulary size)
     class_names: list[str]
     in_channels: int = 0
     image_size: tuple[int, int] = (0, 0)
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
+    # text and chars: token i is vocabulary[i]; built from the training split only, saved in
+    # the run folder (vocab.json) and handed back to `build_data` by every later command
+    vocabulary: list[str] = field(default_factory=list)
 
 
 class Prepare(Protocol):
@@ -56,11 +59,26 @@ class DataBundle:
     info: DataInfo
     prepare: Prepare
 
+    def to(self, device: torch.device) -> DataBundle:
+        """Splits that keep their data on the training device (a corpus as one int tensor)
+        move there; batches are then cut on the device."""
+        for split in (self.train, self.val, self.test):
+            if split is not None and hasattr(split, "to"):
+                split.to(device)
+        return self
 
-def build_data(cfg: Any, seed: int = 0) -> DataBundle:
-    """Build the datasets named by the `data` config branch; `seed` is the run's seed."""
+
+def build_data(cfg: Any, seed: int = 0, vocabulary: list[str] | None = None) -> DataBundle:
+    """Build the datasets named by the `data` config branch; `seed` is the run's seed. Text and
+    character data use `vocabulary` (a run's saved one) instead of building their own."""
     module = importlib.import_module(f"{__name__}.{type(cfg).MODULE}")
-    return module.build(cfg, seed)
+    return module.build(cfg, seed, vocabulary)
+
+
+def eval_batch_size(cfg: Any) -> int:
+    """data.eval_batch_size, else max(batch_size, the family's EVAL_BATCH_MIN, 256 by default:
+    bigger batches evaluate faster; character streams keep the training batch size)."""
+    return cfg.eval_batch_size or max(cfg.batch_size, getattr(cfg, "EVAL_BATCH_MIN", 256))
 
 
 def epoch_order(num_items: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:

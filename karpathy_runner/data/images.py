@@ -123,8 +123,9 @@ def augment_batch(
     return x
 
 
-def build(cfg: ImageDataConfig, seed: int) -> DataBundle:
-    """Build train/val/test for `cfg.name`; val is `cfg.val_fraction` of the train split."""
+def build(cfg: ImageDataConfig, seed: int, vocabulary: list[str] | None = None) -> DataBundle:
+    """Build train/val/test for `cfg.name`; val is `cfg.val_fraction` of the train split.
+    With `as_sequence: rows` the data is the same; the kind tells the model to read rows."""
     if cfg.name == "digits":
         train, val, test, info = _build_digits(cfg)
     elif cfg.name == "image_folder":
@@ -132,6 +133,7 @@ def build(cfg: ImageDataConfig, seed: int) -> DataBundle:
     else:
         train, val, test, info = _build_torchvision(cfg)
     prepare = ImagePrep(info.mean, info.std, tuple(cfg.augment), cfg.crop_padding, seed)
+    info.kind = ImageDataConfig.kind_of(cfg.model_dump())
     return DataBundle(train=train, val=val, test=test, info=info, prepare=prepare)
 
 
@@ -146,7 +148,7 @@ def split_off(num_items: int, fraction: float, seed: int) -> tuple[torch.Tensor,
     num_held = max(1, round(num_items * fraction))
     if num_held >= num_items:
         raise KdlError(
-            f"cannot hold out {fraction:.0%} of {num_items} images and keep any for training; "
+            f"cannot hold out {fraction:.0%} of {num_items} samples and keep any for training; "
             "lower data.val_fraction or add images"
         )
     order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed))

@@ -19,7 +19,12 @@ What the loop asks of a task, and what it gets back:
   loop adds step results up on the device and hands the host totals to `summarize`.
 - Hooks, all optional, whose results the loop writes through the run writer:
   `example_inputs(batch)` once when a run starts (TensorBoard), `on_epoch_end(epoch)` after each
-  epoch (samples/epoch-NNN.png or .txt), `sample(n, seed)` for `kdl sample`.
+  epoch (samples/epoch-NNN.png or .txt), `sample(request)` for `kdl sample`. And two that keep
+  state across batches: `on_epoch_start(epoch)` (not called when a run resumes mid-epoch) and
+  `on_eval_start()`; what such state must survive a resume goes in `state_dict()`, which every
+  checkpoint holds.
+- `ordered_batches`: True when the task needs the training batches in the data's own order (a
+  language model carrying its hidden state from one batch to the next), not shuffled.
 
 Batches arrive prepared by the data family (on the device: scaled, normalised, augmented).
 """
@@ -67,8 +72,23 @@ class Sample:
     text: str | None = None
 
 
+@dataclass
+class SampleRequest:
+    """What `kdl sample` asks for; each task uses the fields that apply to it (None: its own
+    default). Images: `n`; text: `length`, `temperature`, `top_k`, `prime`. Always `seed`."""
+
+    seed: int = 0
+    n: int = 64
+    length: int = 500
+    temperature: float | None = None
+    top_k: int | None = None
+    prime: str | None = None
+
+
 class Updater(Protocol):
     """What the trainer offers a task's step (see trainer.Updater)."""
+
+    skipped: bool  # the step met a non-finite loss and is being skipped
 
     def autocast(self) -> Any: ...
 
@@ -79,6 +99,7 @@ class Task:
     """Base class: subclasses set `models` and implement the steps; the rest has defaults."""
 
     models: dict[str, nn.Module]
+    ordered_batches: bool = False
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
@@ -120,12 +141,25 @@ class Task:
         """Training inputs as the data gives them (before preparation), for TensorBoard."""
         return None
 
+    def on_epoch_start(self, epoch: int) -> None:
+        """A new epoch's first batch is next (not called when resuming mid-epoch)."""
+
+    def on_eval_start(self) -> None:
+        """An evaluation pass is about to begin."""
+
     def on_epoch_end(self, epoch: int) -> Sample | None:
         """Something to keep after each epoch (an image grid, text), or None."""
         return None
 
-    def sample(self, n: int, seed: int) -> Sample:
-        """Draw `n` new samples with generator seed `seed` (`kdl sample`)."""
+    def state_dict(self) -> dict[str, Any]:
+        """State outside the models that a resumed run needs (checkpointed)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` gave."""
+
+    def sample(self, request: SampleRequest) -> Sample:
+        """New samples as `kdl sample` asks for them."""
         raise KdlError(
             f"a {self.name} run has nothing to sample: `kdl sample` draws from generative runs "
             "(gan, language_model)"

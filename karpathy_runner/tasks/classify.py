@@ -1,5 +1,9 @@
 """Classification: cross-entropy (with optional label smoothing), accuracy; in a detailed eval,
-per-class accuracy and a confusion matrix."""
+per-class accuracy and a confusion matrix.
+
+A batch is (inputs..., labels): images, or token ids with their lengths; the model takes the
+inputs as they come.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ class Classify(Task):
         self.models = {"model": build_model(model_cfg, info)}
         self.num_classes = info.num_classes
         self.class_names = info.class_names
+        self.vocabulary = info.vocabulary
         self.label_smoothing = cfg.label_smoothing
 
     @property
@@ -25,10 +30,10 @@ class Classify(Task):
         return self.models["model"]
 
     def train_step(self, batch: tuple[torch.Tensor, ...], step: int, updater: Updater) -> StepResult:
-        x, y = batch
+        *inputs, y = batch
         # forward
         with updater.autocast():
-            logits = self.model(x)  # (B, num_classes)
+            logits = self.model(*inputs)  # (B, num_classes)
             loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         # backward and update
         updater.step("model", loss)
@@ -37,8 +42,8 @@ class Classify(Task):
 
     @torch.no_grad()
     def eval_step(self, batch: tuple[torch.Tensor, ...], detailed: bool = False) -> StepResult:
-        x, y = batch
-        logits = self.model(x).float()
+        *inputs, y = batch
+        logits = self.model(*inputs).float()
         predicted = logits.argmax(1)
         sums = {"correct": (predicted == y).sum()}
         if detailed:
@@ -62,9 +67,13 @@ class Classify(Task):
         return metrics
 
     def example_inputs(self, batch: tuple[torch.Tensor, ...]) -> Sample | None:
-        images = batch[0]
-        if images.dtype == torch.uint8 and images.ndim == 4:  # (B, C, H, W) images
-            return Sample(images=images[:32])
+        inputs = batch[0]
+        if inputs.dtype == torch.uint8 and inputs.ndim == 4:  # (B, C, H, W) images
+            return Sample(images=inputs[:32])
+        if self.vocabulary:  # token ids (B, T) with their lengths: the first texts, as words
+            texts = [" ".join(self.vocabulary[i] for i in row[:length].tolist())
+                     for row, length in zip(inputs[:8], batch[1][:8].tolist(), strict=True)]
+            return Sample(text="\n\n".join(texts))
         return None
 
 
