@@ -385,28 +385,8 @@ class Config(Branch):
 
     @model_validator(mode="before")
     @classmethod
-    def _task_defaults(cls, raw: Any) -> Any:
-        """The task defaults to the one that trains this model on this data, and the best metric
-        to that task's main metric. Filled in before validation so that the resolved config
-        (config.yaml) says which were used."""
-        if not isinstance(raw, dict):
-            return raw
-        raw = dict(raw)
-        for branch, families in (("data", DATA_FAMILIES), ("model", MODEL_FAMILIES)):
-            node = raw.get(branch)  # a branch without a name is its family's default
-            if isinstance(node, dict) and "name" not in node:
-                raw[branch] = {"name": family_names(families[0])[0], **node}
-        task = raw.get("task")
-        if task is None or isinstance(task, dict) and "name" not in task:
-            chosen = default_task(_raw_name(raw, "model", MODEL_FAMILIES), data_kind(raw.get("data")))
-            if chosen is not None:
-                raw["task"] = {**(task or {}), "name": family_names(chosen)[0]}
-        train = raw.get("train")
-        if train is None or isinstance(train, dict) and "best_metric" not in train:
-            spec = task_class(_raw_name(raw, "task", TASK_FAMILIES))
-            if spec is not None:
-                raw["train"] = {**(train or {}), "best_metric": spec.DEFAULT_METRIC}
-        return raw
+    def _derived_defaults(cls, raw: Any) -> Any:
+        return with_derived_defaults(raw)
 
     @field_validator("name")
     @classmethod
@@ -461,6 +441,31 @@ class Config(Branch):
 
 
 # ----------------------------------------------------------------------------- tasks and data
+
+
+def with_derived_defaults(raw: Any) -> Any:
+    """A raw config with the defaults that depend on other keys filled in: a branch without a
+    name gets its family's default, the task the one that trains this model on this data, the
+    best metric that task's main metric. Filled in before validation so that the resolved config
+    (config.yaml) says which were used."""
+    if not isinstance(raw, dict):
+        return raw
+    raw = dict(raw)
+    for branch, families in (("data", DATA_FAMILIES), ("model", MODEL_FAMILIES)):
+        node = raw.get(branch)
+        if isinstance(node, dict) and "name" not in node:
+            raw[branch] = {"name": family_names(families[0])[0], **node}
+    task = raw.get("task")
+    if task is None or isinstance(task, dict) and "name" not in task:
+        chosen = default_task(_raw_name(raw, "model", MODEL_FAMILIES), data_kind(raw.get("data")))
+        if chosen is not None:
+            raw["task"] = {**(task or {}), "name": family_names(chosen)[0]}
+    train = raw.get("train")
+    if train is None or isinstance(train, dict) and "best_metric" not in train:
+        spec = task_class(_raw_name(raw, "task", TASK_FAMILIES))
+        if spec is not None:
+            raw["train"] = {**(train or {}), "best_metric": spec.DEFAULT_METRIC}
+    return raw
 
 
 def _raw_name(raw: dict[str, Any], branch: str, families: tuple[type[Branch], ...]) -> Any:
@@ -618,6 +623,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def resolve(raw: dict[str, Any], source: str | None = None) -> Config:
     """Validate a raw mapping into a Config, reporting every problem with its key path."""
+    raw = with_derived_defaults(raw)  # first: which task (and so which keys) this config means
     problems = _unknown_keys(raw, Config, "")
     if problems:
         raise ConfigError(problems, source)
