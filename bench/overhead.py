@@ -1,11 +1,19 @@
 """Loop overhead: kdl's trainer against a hand-written PyTorch loop, same model, same steps.
 
-Both train the digits CNN of configs/digits_cnn.yaml (no scheduler, no validation, so that the
-only difference is the loop) for the same number of steps, alternating in one process after a
-warm-up; the tiny model makes any per-step cost of the loop show. kdl's side includes everything
-a real run does: its step, metric windows, log lines and the checkpoints written at epoch ends.
+Two cases, each alternating the two loops in one process after a warm-up, so that the ratio of
+each round cancels most of the machine's drift:
 
-    python bench/overhead.py [--steps 400] [--rounds 5] [--threads N]
+- `digits_cnn`: the digits CNN of configs/digits_cnn.yaml (no scheduler, no validation, so that
+  the only difference is the loop); the tiny model makes any per-step cost of the loop show.
+- `char_lstm`: the 2x256 LSTM of configs/stdlib_char_lstm.yaml on the first 400,000 characters
+  of the standard library, the same windows in the same order, the hidden state carried from
+  batch to batch, gradients clipped at 5 (a val split of 400 characters, so that the one
+  epoch-end validation costs next to nothing; no epoch-end sample).
+
+kdl's side includes everything a real run does: its step, metric windows, log lines and the
+checkpoint written at the end.
+
+    python bench/overhead.py [--case digits_cnn|char_lstm|all] [--steps N] [--rounds R] [--threads N]
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,10 +36,10 @@ from karpathy_runner.optim import build_optimizer
 from karpathy_runner.progress import Reporter
 from karpathy_runner.writer import RunWriter
 
-CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits_cnn.yaml"
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-def plain_loop(exp: Experiment, steps: int) -> float:
+def plain_cnn(exp: Experiment, steps: int) -> float:
     """What one writes by hand: normalised tensors in memory, shuffle, slice, step."""
     cfg, info = exp.cfg, exp.data.info
     torch.manual_seed(cfg.seed)
@@ -52,7 +62,47 @@ def plain_loop(exp: Experiment, steps: int) -> float:
     return steps * cfg.data.batch_size / (time.perf_counter() - started)
 
 
-def kdl_loop(cfg: Config, steps: int, root: Path) -> float:
+def plain_char_lstm(exp: Experiment, steps: int) -> float:
+    """char-rnn by hand: consecutive windows of every stream, the state carried, clipped."""
+    cfg, corpus = exp.cfg, exp.data.train
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, exp.data.info)
+    optimizer = build_optimizer(cfg.optimizer, model.parameters())
+    batch, hidden = cfg.data.batch_size, None
+    started = time.perf_counter()
+    for step in range(steps):
+        x, y = corpus.get_batch(torch.arange(step * batch, (step + 1) * batch))  # (B, T)
+        logits, hidden = model(x, hidden)
+        hidden = tuple(h.detach() for h in hidden)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+    return steps * batch * cfg.data.seq_len / (time.perf_counter() - started)
+
+
+@dataclass
+class Case:
+    config: str
+    overrides: list[str]
+    plain: Callable[[Experiment, int], float]
+    items_per_step: Callable[[Config], int]  # samples (images) or characters
+    unit: str
+
+
+CASES = {
+    "digits_cnn": Case("digits_cnn.yaml",
+                       ["scheduler.name=none", "data.val_fraction=0", "train.best_metric=train.loss"],
+                       plain_cnn, lambda cfg: cfg.data.batch_size, "samples/s"),
+    "char_lstm": Case("stdlib_char_lstm.yaml",
+                      ["scheduler.name=none", "data.max_chars=400000", "data.val_fraction=0.001",
+                       "data.eval_batch_size=1", "task.sample_length=0"],
+                      plain_char_lstm, lambda cfg: cfg.data.batch_size * cfg.data.seq_len, "chars/s"),
+}
+
+
+def kdl_loop(cfg: Config, steps: int, root: Path, per_step: int) -> float:
     exp = build_experiment(cfg)
     writer = RunWriter.create(root, cfg.name, cfg.to_yaml())
     trainer = build_trainer(exp, writer, Reporter(quiet=True))
@@ -61,37 +111,46 @@ def kdl_loop(cfg: Config, steps: int, root: Path) -> float:
     elapsed = time.perf_counter() - started
     writer.close()
     assert trainer.state.step == steps
-    return steps * cfg.data.batch_size / elapsed
+    return steps * per_step / elapsed
+
+
+def run_case(name: str, steps: int, rounds: int) -> None:
+    case = CASES[name]
+    overrides = [*case.overrides, "train.device=cpu", "train.epochs=1000", f"train.max_steps={steps}"]
+    cfg = load_config(CONFIGS / case.config, overrides)
+    exp = build_experiment(cfg)
+    per_step = case.items_per_step(cfg)
+    plain, ours = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        case.plain(exp, max(steps // 8, 2)), kdl_loop(cfg, steps, Path(tmp), per_step)  # warm-up
+        for _ in range(rounds):
+            plain.append(case.plain(exp, steps))
+            ours.append(kdl_loop(cfg, steps, Path(tmp), per_step))
+    p, k = statistics.median(plain), statistics.median(ours)
+    # each round's two loops ran back to back: their ratio cancels most of the machine's drift
+    ratios = [o / q for q, o in zip(plain, ours, strict=True)]
+    print(f"{name}: torch {torch.__version__}, {torch.get_num_threads()} threads, {steps} steps of "
+          f"{per_step} {case.unit.split('/')[0]}, {rounds} rounds (median)")
+    print(f"  plain PyTorch loop: {p:9.0f} {case.unit}   (rounds: {', '.join(f'{v:.0f}' for v in plain)})")
+    print(f"  kdl trainer:        {k:9.0f} {case.unit}   (rounds: {', '.join(f'{v:.0f}' for v in ours)})")
+    print(f"  ratio kdl/plain:    {k / p:9.3f}   (median of per-round ratios: "
+          f"{statistics.median(ratios):.3f}; spread {min(ratios):.3f}-{max(ratios):.3f})")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--case", choices=[*CASES, "all"], default="all")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="steps per loop (default: 400 for digits_cnn, 150 for char_lstm)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's choice); 1 is steadier on a busy machine")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = ["scheduler.name=none", "data.val_fraction=0", "train.best_metric=train.loss",
-                 "train.device=cpu", "train.epochs=1000", f"train.max_steps={args.steps}"]
-    cfg = load_config(CONFIG, overrides)
-    exp = build_experiment(cfg)
-    plain, ours = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        plain_loop(exp, 50), kdl_loop(cfg, args.steps, Path(tmp))  # warm-up
-        for _ in range(args.rounds):
-            plain.append(plain_loop(exp, args.steps))
-            ours.append(kdl_loop(cfg, args.steps, Path(tmp)))
-    p, k = statistics.median(plain), statistics.median(ours)
-    # each round's two loops ran back to back: their ratio cancels most of the machine's drift
-    ratios = [ours_round / plain_round for plain_round, ours_round in zip(plain, ours, strict=True)]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps of "
-          f"batch {cfg.data.batch_size}, {args.rounds} rounds (median)")
-    print(f"plain PyTorch loop: {p:9.0f} samples/s   (rounds: {', '.join(f'{v:.0f}' for v in plain)})")
-    print(f"kdl trainer:        {k:9.0f} samples/s   (rounds: {', '.join(f'{v:.0f}' for v in ours)})")
-    print(f"ratio kdl/plain:    {k / p:9.3f}   (median of per-round ratios: "
-          f"{statistics.median(ratios):.3f}; spread {min(ratios):.3f}-{max(ratios):.3f})")
+    default_steps = {"digits_cnn": 400, "char_lstm": 150}
+    for name in CASES if args.case == "all" else [args.case]:
+        run_case(name, args.steps or default_steps[name], args.rounds)
 
 
 if __name__ == "__main__":

@@ -188,6 +188,12 @@ def test_text_classification_from_a_csv_file(tmp_path):
                                "--json").stdout)
     assert evaluated["metrics"]["class_names"] == ["neg", "pos"]
     assert evaluated["metrics"]["accuracy"] == 1.0  # the words give it away
+    # the file changes (new words, so a rebuilt vocabulary would not fit the checkpoint):
+    # eval reads the run's vocab.json and still runs, new words as <unk>
+    write_reviews(tmp_path / "reviews.csv", [(f"{text} extraordinary {i}", label)
+                                             for i, (text, label) in enumerate(rows)])
+    again = kdl("eval", result.last_line, "--runs-dir", tmp_path / "runs", "--json")
+    assert again.exit_code == 0, again.stderr
 
 
 @pytest.mark.parametrize("case, fragments", [

@@ -8,6 +8,7 @@ import types
 import pytest
 import torch
 from kdl import CONFIGS, kdl
+from stopping import metrics
 
 from karpathy_runner.config import RNNConfig
 from karpathy_runner.models import build_model
@@ -84,3 +85,11 @@ def test_recurrent_config_mistakes(override, fragments):
     assert result.exit_code == 2, result.stdout
     for fragment in fragments:
         assert fragment in result.stderr
+
+
+def test_an_lstm_learns_digits_row_by_row(tmp_path):
+    result = kdl("train", CONFIGS / "digits_rows_lstm.yaml", "--set", "train.epochs=3",
+                 "--set", "train.device=cpu", "--runs-dir", tmp_path, "--quiet")
+    assert result.exit_code == 0, result.stderr
+    val = [r for r in metrics(tmp_path / result.last_line) if r["split"] == "val"]
+    assert val[-1]["accuracy"] > 0.8  # 8 steps of 8 pixels; chance is 0.1
