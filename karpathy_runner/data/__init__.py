@@ -19,6 +19,8 @@ from typing import Any, Protocol
 
 import torch
 
+from ..errors import KdlError
+
 
 class BatchDataset(Protocol):
     def __len__(self) -> int: ...
@@ -73,6 +75,21 @@ def build_data(cfg: Any, seed: int = 0, vocabulary: list[str] | None = None) -> 
     character data use `vocabulary` (a run's saved one) instead of building their own."""
     module = importlib.import_module(f"{__name__}.{type(cfg).MODULE}")
     return module.build(cfg, seed, vocabulary)
+
+
+def download(name: str, url: str, into: Any, by_hand: str, fetch: Any) -> None:
+    """Run `fetch` (a torchvision download); a failure becomes one clear error, ending with how
+    to place the files by hand (`by_hand`: "<where> holds <what>")."""
+    try:
+        fetch()
+    # torchvision reports network failures as URLError (an OSError) and a bad md5 as RuntimeError
+    except (RuntimeError, OSError) as exc:
+        reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise KdlError(
+            f"could not download dataset {name!r} from {url} into {into}: {reason}. Fix: check the "
+            f"network connection or proxy, or fetch it on another machine so that {by_hand}, then "
+            f"set data.download: false."
+        ) from exc
 
 
 def eval_batch_size(cfg: Any) -> int:

@@ -33,7 +33,7 @@ import torch
 
 from ..config import CharDataConfig
 from ..errors import KdlError
-from . import DataBundle, DataInfo, eval_batch_size
+from . import DataBundle, DataInfo, download, eval_batch_size
 
 UNKNOWN = "\ufffd"  # vocabulary[0]: any character the training text lacks
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -228,14 +228,7 @@ def _tiny_shakespeare_file(cfg: CharDataConfig) -> Path:
         return path
     from torchvision.datasets import utils  # only here: importing torchvision costs seconds
 
-    try:
-        utils.download_url(SHAKESPEARE_URL, str(folder), filename=SHAKESPEARE_FILE, md5=SHAKESPEARE_MD5)
-    # torchvision reports network failures as URLError (an OSError) and a bad md5 as RuntimeError
-    except (RuntimeError, OSError) as exc:
-        reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        raise KdlError(
-            f"could not download dataset 'tiny_shakespeare' from {SHAKESPEARE_URL} into {folder}: "
-            f"{reason}. Fix: check the network connection or proxy, or fetch the file on another "
-            f"machine and copy it to {path}, then set data.download: false."
-        ) from exc
+    download("tiny_shakespeare", SHAKESPEARE_URL, folder, f"{path} holds it",
+             lambda: utils.download_url(SHAKESPEARE_URL, str(folder), filename=SHAKESPEARE_FILE,
+                                        md5=SHAKESPEARE_MD5))
     return path

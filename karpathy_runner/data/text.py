@@ -37,7 +37,7 @@ import torch
 
 from ..config import TextDataConfig
 from ..errors import KdlError
-from . import DataBundle, DataInfo
+from . import DataBundle, DataInfo, download
 from .images import split_off
 
 PAD, UNK = "<pad>", "<unk>"
@@ -195,16 +195,8 @@ def _read_imdb(cfg: TextDataConfig) -> Files:
 def _download_imdb(root: Path) -> None:
     from torchvision.datasets import utils  # only here: importing torchvision costs seconds
 
-    try:
-        utils.download_and_extract_archive(IMDB_URL, download_root=str(root), md5=IMDB_MD5)
-    # failed downloads arrive as URLError (an OSError) or as torchvision's RuntimeError
-    except (RuntimeError, OSError) as exc:
-        reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        raise KdlError(
-            f"could not download dataset 'imdb' from {IMDB_URL} into {root}: {reason}. Fix: check "
-            f"the network connection or proxy, or fetch the archive on another machine and extract "
-            f"it so that {root / 'aclImdb'} holds train/ and test/, then set data.download: false."
-        ) from exc
+    download("imdb", IMDB_URL, root, f"{root / 'aclImdb'} holds train/ and test/ (the archive, extracted)",
+             lambda: utils.download_and_extract_archive(IMDB_URL, download_root=str(root), md5=IMDB_MD5))
 
 
 def _read_imdb_split(folder: Path) -> Texts:
