@@ -127,10 +127,16 @@ def eval_(
     checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
     split: Annotated[str, typer.Option(help="val or test.")] = "val",
     device: Annotated[str, typer.Option(help="Device to evaluate on.")] = "auto",
+    features: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(metavar="RUN", help="GAN runs: score samples in this classification run's "
+                                         "feature space (default: Inception-v3, if cached)."),
+    ] = None,
     runs_dir: RunsDir = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Evaluate a run's checkpoint: loss, accuracy, per-class accuracy, confusion matrix."""
+    """Evaluate a run's checkpoint with its task's metrics: accuracy, per-class accuracy and the
+    confusion matrix; bits per char; a GAN's Frechet distance, classifier score and coverage."""
     if checkpoint not in ("best", "last"):
         raise KdlError(f"--checkpoint must be best or last, got {checkpoint!r}")
     if split not in ("val", "test"):
@@ -138,7 +144,7 @@ def eval_(
     from . import engine
     from .report import print_eval
 
-    _, result = engine.evaluate_run(runs.runs_dir(runs_dir), run, checkpoint, split, device)
+    _, result = engine.evaluate_run(runs.runs_dir(runs_dir), run, checkpoint, split, device, features)
     if as_json:
         _out(json.dumps(result))
     else:

@@ -46,12 +46,16 @@ def best_mode(run: Run) -> str | None:
 
 
 def best_metric_name(run: Run) -> str:
-    """The metric a run is judged by (its train.best_metric), e.g. val.loss."""
+    """The metric a run is judged by (its train.best_metric, e.g. val.loss); for a run without
+    one (a GAN's), its task's first declared metric in training (train.d_loss)."""
     best = run.meta.get("best") or run.summary().get("best") or {}
     if best.get("metric"):
         return best["metric"]
     configured = dotted_get(run.config_dict(), "train.best_metric")
-    return configured if isinstance(configured, str) else "val.loss"
+    if isinstance(configured, str):
+        return configured
+    declared = list(run.meta.get("metric_modes") or {})
+    return f"train.{declared[0]}" if declared else "val.loss"
 
 
 # `kdl runs` columns that --sort accepts, and where each one's value lives

@@ -210,7 +210,20 @@ class RNNConfig(Branch):
         return self
 
 
-MODEL_FAMILIES: tuple[type[Branch], ...] = (CNNConfig, RNNConfig)
+class GANModelConfig(Branch):
+    """DCGAN: a generator of transposed convolutions from a latent vector up to the data's image
+    size, and a discriminator of strided convolutions down to one logit, sized from the data."""
+
+    MODULE: ClassVar[str] = "gan"
+
+    name: Literal["gan"] = "gan"
+    latent_size: int = Field(100, ge=1)  # the noise vector z
+    width: int = Field(64, ge=1)  # feature maps of the layer next to the image (ngf, ndf)
+    batch_norm: bool = True  # in the generator, and in the discriminator unless spectral norm
+    spectral_norm: bool = False  # on the discriminator's layers (instead of batch norm there)
+
+
+MODEL_FAMILIES: tuple[type[Branch], ...] = (CNNConfig, RNNConfig, GANModelConfig)
 RECURRENT = ("lstm", "gru", "rnn")
 
 # ----------------------------------------------------------------------------- task
@@ -252,7 +265,28 @@ class LanguageModelConfig(Branch):
     sample_temperature: float = Field(0.8, gt=0.0)
 
 
-TASK_FAMILIES: tuple[type[Branch], ...] = (ClassifyConfig, LanguageModelConfig)
+class GANTaskConfig(Branch):
+    """Adversarial training in two labelled phases per step: the discriminator, then (every
+    d_steps steps) the generator. No metric of training measures sample quality, so there is no
+    best checkpoint by default (best.pt follows last.pt); `kdl eval --features RUN` measures it."""
+
+    MODULE: ClassVar[str] = "gan"
+    MODELS: ClassVar[tuple[str, ...]] = ("generator", "discriminator")
+    # d_real / d_fake: the discriminator's mean belief that real / generated images are real
+    METRICS: ClassVar[dict[str, str]] = {"d_loss": "min", "g_loss": "min", "d_real": "max",
+                                         "d_fake": "min"}
+    DEFAULT_METRIC: ClassVar[str | None] = None
+    TRAINS: ClassVar[dict[str, tuple[str, ...]]] = {"image": ("gan",)}
+
+    name: Literal["gan"] = "gan"
+    loss: Literal["bce", "hinge"] = "bce"  # bce: the non-saturating loss of the DCGAN paper
+    d_steps: int = Field(1, ge=1)  # discriminator updates per generator update
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)  # bce: real images labelled 1 - s
+    ema_decay: float | None = Field(0.999, gt=0.0, lt=1.0)  # null: samples from the raw generator
+    grid_size: int = Field(64, ge=1)  # images in each epoch's sample grid (fixed noise)
+
+
+TASK_FAMILIES: tuple[type[Branch], ...] = (ClassifyConfig, LanguageModelConfig, GANTaskConfig)
 
 # ----------------------------------------------------------------------------- optimization
 
@@ -343,7 +377,8 @@ class TrainConfig(Branch):
     device: str = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_clip: float | None = Field(None, gt=0.0)
-    best_metric: str = "val.loss"  # the task's main metric unless set (see Config)
+    # the task's main metric unless set (see Config); null: none, best.pt is the latest epoch's
+    best_metric: str | None = "val.loss"
     best_mode: Mode = "auto"
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     log_every_steps: int = Field(50, ge=1)
@@ -360,8 +395,17 @@ class TrainConfig(Branch):
 
     @field_validator("best_metric")
     @classmethod
-    def _metric(cls, metric: str) -> str:
-        return _metric_shape(metric)
+    def _metric(cls, metric: str | None) -> str | None:
+        return metric if metric is None else _metric_shape(metric)
+
+    @model_validator(mode="after")
+    def _stopping_needs_a_metric(self) -> TrainConfig:
+        if self.early_stopping.patience is not None and not (self.early_stopping.metric or self.best_metric):
+            raise ValueError(
+                "train.early_stopping.patience needs a metric to watch: set "
+                "train.early_stopping.metric (or train.best_metric)"
+            )
+        return self
 
 
 def _family(classes: tuple[type[Branch], ...]) -> Any:

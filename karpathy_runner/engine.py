@@ -439,18 +439,27 @@ def eval_precision(precision: str, device: torch.device) -> str:
 
 
 def evaluate_run(
-    runs_root: Path, ref: str, checkpoint: str = "best", split: str = "val", device: str = "auto"
+    runs_root: Path, ref: str, checkpoint: str = "best", split: str = "val", device: str = "auto",
+    features: str | None = None,
 ) -> tuple[runs.Run, dict[str, Any]]:
     """Rebuild data and model from the run's config.yaml, load a checkpoint, evaluate a split
-    under the run's precision."""
+    under the run's precision. A task that draws images (a GAN) also has its samples scored
+    against the split's images in a classifier's feature space: the run `features`, else
+    Inception-v3 if its weights are in the torch cache."""
     loaded = load_run(runs_root, ref, checkpoint, device)
     exp, cfg = loaded.exp, loaded.exp.cfg
     dataset = getattr(exp.data, split)
     if dataset is None:
         raise KdlError(f"the {cfg.data.name} data of run {loaded.run.id} has no {split} split")
     precision = eval_precision(cfg.train.precision, exp.device)
-    metrics = evaluate(exp.task, _eval_batches(cfg, dataset), exp.prepare,
-                       autocast_for(precision, exp.device), detailed=True)
+    autocast = autocast_for(precision, exp.device)
+    batches = _eval_batches(cfg, dataset)
+    metrics = evaluate(exp.task, batches, exp.prepare, autocast, detailed=True)
+    if getattr(exp.task, "draws_images", False):
+        metrics.update(_sample_quality(runs_root, features, exp, batches, autocast))
+    elif features is not None:
+        raise KdlError(f"--features scores generated images; run {loaded.run.id} is a "
+                       f"{exp.task.name} run, which draws none")
     result = {
         "run": loaded.run.id,
         "checkpoint": checkpoint,
@@ -464,6 +473,46 @@ def evaluate_run(
     }
     RunWriter(loaded.run.path).write_eval(result)
     return loaded.run, result
+
+
+def _sample_quality(runs_root: Path, features: str | None, exp: Experiment, batches: Batches,
+                    autocast: Any) -> dict[str, Any]:
+    """Frechet distance, classifier score and class coverage of as many samples as the split
+    has images, each batch of samples from its own seed (0, 1, ...)."""
+    from .quality import RunFeatures, image_quality, inception_features
+
+    if features is None:
+        extractor, per_class = inception_features(exp.device), False
+    else:
+        classifier = load_run(runs_root, features, "best", str(exp.device))
+        _check_classifier(classifier, exp)
+        extractor = RunFeatures(classifier.run.id, classifier.exp.task.model, classifier.exp.prepare,
+                                classifier.exp.data.info.num_classes)
+        per_class = True
+    seeds = iter(range(len(batches)))
+
+    def generate(n: int) -> Any:
+        with autocast():
+            return exp.task.sample(SampleRequest(n=n, seed=next(seeds))).images
+
+    real = (batch[0] for batch in batches.epoch())
+    return {**image_quality(real, generate, extractor, per_class), "features": extractor.description}
+
+
+def _check_classifier(classifier: Loaded, exp: Experiment) -> None:
+    """--features must be a classification run on the same images."""
+    info, theirs = exp.data.info, classifier.exp.data.info
+    same = (classifier.exp.task.name == "classify" and theirs.kind == "image"
+            and (theirs.in_channels, theirs.image_size, theirs.class_names)
+            == (info.in_channels, info.image_size, info.class_names))
+    if not same:
+        raise KdlError(
+            f"--features {classifier.run.id}: the features must come from a classification run "
+            f"of a cnn on the same images ({exp.cfg.data.name}: {info.in_channels}x"
+            f"{info.image_size[0]}x{info.image_size[1]}, {len(info.class_names)} classes); it is a "
+            f"{classifier.exp.task.name} run on {classifier.exp.cfg.data.name}. Train one, e.g. "
+            f"kdl train configs/{exp.cfg.data.name}_cnn.yaml, and pass its id."
+        )
 
 
 def sample_run(runs_root: Path, ref: str, request: SampleRequest, checkpoint: str = "best",

@@ -198,6 +198,8 @@ def print_eval(result: dict[str, Any]) -> None:
         f" split {result['split']}, {result['samples']} samples"
     )
     console.print(format_metrics(headline), markup=False)
+    if metrics.get("features"):
+        console.print(f"samples scored in the feature space of {metrics['features']}", markup=False)
     per_class = metrics.get("per_class_accuracy")
     if per_class:
         table = _table(title="per-class accuracy")

@@ -163,9 +163,10 @@ class Trainer:
         self.state = LoopState()
         self.resumed = False
         self.window: list[StepResult] = []  # per-step results since the last log line
-        self.best_mode = self.mode(cfg.best_metric, cfg.best_mode)
+        # no best metric (a GAN's): best.pt is the latest epoch's
+        self.best_mode = self.mode(cfg.best_metric, cfg.best_mode) if cfg.best_metric else None
         self.stop_metric = cfg.early_stopping.metric or cfg.best_metric
-        self.stop_mode = self.mode(self.stop_metric, cfg.early_stopping.mode)
+        self.stop_mode = self.mode(self.stop_metric, cfg.early_stopping.mode) if self.stop_metric else None
         self.stop_signal: int | None = None
         self.started = time.time()
         self._window_started = time.perf_counter()
@@ -320,6 +321,9 @@ class Trainer:
 
     def _track_best(self, metrics: dict[str, float]) -> bool:
         state = self.state
+        if self.cfg.best_metric is None:
+            state.best_epoch = state.epoch
+            return True
         value = metrics.get(self.cfg.best_metric)
         if value is None or not math.isfinite(value):
             return False

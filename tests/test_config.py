@@ -16,7 +16,7 @@ def test_there_are_configs_to_check():
     names = {p.name for p in ALL_CONFIGS}
     assert {"cifar_cnn.yaml", "mnist_cnn.yaml", "fashion_mnist_cnn.yaml", "digits_cnn.yaml",
             "digits_rows_lstm.yaml", "stdlib_char_lstm.yaml", "shakespeare_char_lstm.yaml",
-            "imdb_lstm.yaml"} <= names
+            "imdb_lstm.yaml", "digits_gan.yaml", "mnist_dcgan.yaml", "cifar_dcgan.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))

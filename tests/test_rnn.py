@@ -77,7 +77,7 @@ def test_weight_tying_shares_one_matrix():
     ("model={name: lstm, tie_weights: true}", ["model.tie_weights", "embedding_size == model.hidden_size"]),
     ("model={name: lstm, embedding_size: 8, hidden_size: 8, tie_weights: true}",
      ["model.tie_weights: only a language model"]),
-    ("model={name: transformer}", ["unknown model 'transformer'", "Valid names: cnn, gru, lstm, rnn"]),
+    ("model={name: transformer}", ["unknown model 'transformer'", "Valid names: cnn, gan, gru, lstm, rnn"]),
 ])
 def test_recurrent_config_mistakes(override, fragments):
     sets = ["--set", "data.as_sequence=rows"] if "tie_weights" in override else []

@@ -242,7 +242,10 @@ def test_default_task_and_impossible_pairs_name_both_keys():
 
 
 @pytest.mark.parametrize("override, fragments", [
-    ("task.name=gan", ["task.name: unknown task 'gan'", "Valid names: classify"]),
+    ("task.name=translate", ["task.name: unknown task 'translate'",
+                             "Valid names: classify, gan, language_model"]),
+    ("task.name=gan", ["task.name: the gan task cannot train model.name 'cnn' on data.name 'digits'",
+                       "use task.name: classify"]),
     ("task.label_smoothing=1.5", ["task.label_smoothing", "less than 1"]),
     ("train.early_stopping.metric=val.bogus",
      ["train.early_stopping.metric: 'val.bogus' is not a metric of the classify task"]),
