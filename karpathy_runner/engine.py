@@ -305,7 +305,8 @@ def resume_run(exp: Experiment, folder: Path, changes: dict[str, Any], command: 
     with _checkpoint_must_fit(last):
         trainer.load_state_dict(checkpoint)
     # the config is rewritten only now: a change the checkpoint cannot take leaves the run as it was
-    writer.resume(trainer.state.step, command, changes, exp.cfg.to_yaml() if changes else None)
+    writer.resume(trainer.state.step, command, changes, exp.cfg.to_yaml() if changes else None,
+                  exp.cfg.train.epochs)
     writer.log(f"===== resumed at epoch {trainer.state.epoch} step {trainer.state.step} =====")
     reporter.message(f"run {writer.id}: {writer.folder}")
     return _drive(trainer, writer, previous_duration=float(writer.meta.get("duration_s") or 0.0))

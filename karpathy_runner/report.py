@@ -156,8 +156,12 @@ def print_show(run: runs.Run) -> None:
     summary = run.summary()
     if summary:
         best = summary.get("best") or {}
-        console.print(f"\nbest {best.get('metric')} = {_number(best.get('value'))} "
-                      f"at epoch {best.get('epoch')}", markup=False)
+        if best.get("metric"):
+            console.print(f"\nbest {best['metric']} = {_number(best.get('value'))} "
+                          f"at epoch {best.get('epoch')}", markup=False)
+        else:  # a GAN's: no metric of training tells which epoch was best
+            console.print(f"\nno best metric: best.pt is the latest epoch's ({best.get('epoch')})",
+                          markup=False)
 
 
 def epoch_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

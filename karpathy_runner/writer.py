@@ -58,10 +58,10 @@ class RunWriter:
         self.events.text("config", (self.folder / runs.CONFIG).read_text())
 
     def resume(self, step: int, command: list[str], changes: dict[str, Any],
-               config_yaml: str | None) -> None:
+               config_yaml: str | None, epochs: int) -> None:
         """Continue this folder from a checkpoint at `step`: a changed config (only once the
         checkpoint has loaded), metrics and TensorBoard events after `step` dropped, the resume
-        recorded in meta.json and train.log."""
+        recorded in meta.json (with the epochs it now trains to) and train.log."""
         if config_yaml is not None:
             self.write_config(config_yaml)
         self._keep_metrics_up_to(step)
@@ -70,7 +70,7 @@ class RunWriter:
         resumes = self.meta.get("resumes", []) + [
             {"at": runs.utc_now(), "step": step, "command": command, "changes": changes}
         ]
-        self.update_meta(status="running", resumes=resumes,
+        self.update_meta(status="running", resumes=resumes, epochs=epochs,
                          **{k: environment[k] for k in ("command", "host", "pid", "pid_started")})
 
     def finish(self, status: str, error: str | None, duration: float, summary: dict[str, Any]) -> None:

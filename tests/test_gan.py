@@ -147,6 +147,8 @@ def test_epoch_grids_samples_and_exact_resume(tmp_path, gan_yaml, monkeypatch):
     assert read_json(folder / "meta.json")["metric_modes"]["d_loss"] == "min"
     summary = read_json(folder / "summary.json")
     assert summary["best"]["metric"] is None and summary["best"]["epoch"] == 2  # best.pt = latest
+    shown = kdl("show", folder.name, "--runs-dir", tmp_path / "stopped").stdout
+    assert "\ntrain.d_loss\n" in shown and "no best metric: best.pt is the latest epoch's (2)" in shown
 
     # a grid of the fixed noise after each epoch: 64 digits of 8x8 in 8 columns, 2-pixel gaps
     for epoch in (1, 2):

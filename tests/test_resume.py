@@ -132,7 +132,7 @@ def test_resume_with_changes_is_refused_unless_allowed_and_recorded(tmp_path, mo
                                               "optimizer.weight_decay": {"from": 0.0005, "to": 0.25}}
     # the optimizer took the new value, not the one saved with its state
     assert final_state(folder)["optimizers"]["model"]["param_groups"][0]["weight_decay"] == 0.25
-    assert meta["status"] == "completed" and meta["epochs_done"] == 3
+    assert meta["status"] == "completed" and meta["epochs_done"] == meta["epochs"] == 3
     assert "epochs: 3" in (folder / "config.yaml").read_text()
     assert json.loads((folder / "summary.json").read_text())["epochs_done"] == 3
 
