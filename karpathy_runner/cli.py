@@ -54,6 +54,11 @@ SetOption = Annotated[
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 
 
+def _check_checkpoint(checkpoint: str) -> None:
+    if checkpoint not in ("best", "last"):
+        raise KdlError(f"--checkpoint must be best or last, got {checkpoint!r}")
+
+
 def _out(text: str) -> None:
     """Results go to stdout; everything else (logs, progress) goes to stderr."""
     print(text, flush=True)
@@ -137,8 +142,7 @@ def eval_(
 ) -> None:
     """Evaluate a run's checkpoint with its task's metrics: accuracy, per-class accuracy and the
     confusion matrix; bits per char; a GAN's Frechet distance, classifier score and coverage."""
-    if checkpoint not in ("best", "last"):
-        raise KdlError(f"--checkpoint must be best or last, got {checkpoint!r}")
+    _check_checkpoint(checkpoint)
     if split not in ("val", "test"):
         raise KdlError(f"--split must be val or test, got {split!r}")
     from . import engine
@@ -180,8 +184,7 @@ def sample(
     runs_dir: RunsDir = None,
 ) -> None:
     """Draw from a generative run: text is printed; an image grid is written and its path printed."""
-    if checkpoint not in ("best", "last"):
-        raise KdlError(f"--checkpoint must be best or last, got {checkpoint!r}")
+    _check_checkpoint(checkpoint)
     from . import engine
     from .tasks import SampleRequest
 

@@ -278,7 +278,7 @@ class Trainer:
         dataset = self.train_batches.dataset
         sample = self.task.example_inputs(dataset.get_batch(torch.arange(min(32, len(dataset)))))
         if sample is not None:
-            self.run.examples("train/examples", sample)
+            self.run.tensorboard("train/examples", sample)
 
     # ------------------------------------------------------------------ metrics
 
@@ -288,8 +288,7 @@ class Trainer:
             return
         state = self.state
         totals, finite = _reduce(self.window)
-        if not all(finite):
-            self._nonfinite(state.step - len(self.window) + finite.index(False))
+        self._check_finite(finite)
         self.window = []
         state.epoch_sums = _add(state.epoch_sums, totals)
         metrics = self.task.summarize(totals)
@@ -309,6 +308,11 @@ class Trainer:
         if len(self.schedules) == 1:
             return {"lr": next(iter(self.schedules.values())).lr(step)}
         return {f"lr_{name}": schedule.lr(step) for name, schedule in self.schedules.items()}
+
+    def _check_finite(self, finite: list[bool]) -> None:
+        """Fail the run at the window's first step with a non-finite loss, if any."""
+        if not all(finite):
+            self._nonfinite(self.state.step - len(self.window) + finite.index(False))
 
     def _nonfinite(self, step: int) -> None:
         epoch = self.state.epoch + 1
@@ -382,9 +386,7 @@ class Trainer:
     def _save(self, *which: str) -> None:
         """Flush metrics, then write the checkpoint(s); never with non-finite weights."""
         if self.window:
-            finite = _reduce(self.window)[1]
-            if not all(finite):
-                self._nonfinite(self.state.step - len(self.window) + finite.index(False))
+            self._check_finite(_reduce(self.window)[1])
         if not all(bool(torch.isfinite(p).all()) for m in self.task.models.values()
                    for p in m.parameters()):
             self._nonfinite(self.state.step - 1)

@@ -116,12 +116,12 @@ class RunWriter:
         if self.events is not None:
             self.events.images(tag, images, step)
 
-    def examples(self, tag: str, sample: Any) -> None:
-        """A task's example inputs (images or text) into TensorBoard."""
+    def tensorboard(self, tag: str, sample: Any, step: int = 0) -> None:
+        """A task's images or text (example inputs, samples) into TensorBoard."""
         if sample.images is not None:
-            self.images(tag, sample.images)
+            self.images(tag, sample.images, step)
         elif sample.text is not None and self.events is not None:
-            self.events.text(tag, sample.text)
+            self.events.text(tag, sample.text, step)
 
     def close(self) -> None:
         for handle in (self._metrics, self._log):
@@ -177,12 +177,10 @@ class RunWriter:
         if sample.images is not None:
             data = png_grid(sample.images)
             runs.atomic_write(path, lambda handle: handle.write(data))
-            if step is not None:
-                self.images(f"samples/{name.split('-')[0]}", sample.images, step)
         else:
             runs.write_text(path, sample.text)
-            if step is not None and self.events is not None:
-                self.events.text(f"samples/{name.split('-')[0]}", sample.text, step)
+        if step is not None:
+            self.tensorboard(f"samples/{name.split('-')[0]}", sample, step)
         return path
 
     def write_eval(self, result: dict[str, Any]) -> Path:

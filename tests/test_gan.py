@@ -12,7 +12,7 @@ import torch
 from datafiles import write_folder
 from kdl import CONFIGS, kdl
 from PIL import Image
-from stopping import assert_same_training, final_state, one_thread, read_json, signal_at
+from stopping import assert_same_training, final_state, one_thread, read_json, sets, signal_at
 
 from karpathy_runner.config import GANModelConfig, load_config
 from karpathy_runner.engine import Experiment, _eval_batches, build_experiment, build_trainer, load_run
@@ -56,8 +56,8 @@ def gan_yaml(tmp_path):
     return path
 
 
-def train(runs, config, *sets):
-    return kdl("train", config, *[i for s in sets for i in ("--set", s)], "--runs-dir", runs, "--quiet")
+def train(runs, config, *overrides):
+    return kdl("train", config, *sets(overrides), "--runs-dir", runs, "--quiet")
 
 
 @pytest.mark.parametrize("side", [8, 12, 28, 32, 64])

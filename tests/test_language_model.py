@@ -10,7 +10,7 @@ import math
 
 import pytest
 from kdl import kdl
-from stopping import assert_same_training, final_state, metrics, one_thread, read_json, signal_at
+from stopping import assert_same_training, final_state, metrics, one_thread, read_json, sets, signal_at
 
 from karpathy_runner.config import load_config
 from karpathy_runner.engine import build_experiment, build_trainer
@@ -44,7 +44,7 @@ def lm_config(tmp_path, corpus, *extra):
         "optimizer: {name: adam, lr: 0.01}\n"
         "train: {epochs: 2, device: cpu, log_every_steps: 3, deterministic: true}\n"
         "task: {sample_length: 40}\n")
-    return [str(path), *[item for s in extra for item in ("--set", s)]]
+    return [str(path), *sets(extra)]
 
 
 def train(runs, *args):
@@ -66,6 +66,15 @@ def test_a_char_lm_learns_and_reports_bits_per_char(tmp_path, corpus):
     # an epoch-end sample of the configured length, in the corpus's characters
     sample = (folder / "samples" / "epoch-006.txt").read_text()
     assert len(sample) == 40 and set(sample) <= set(CORPUS) | {"\ufffd"}
+    # TensorBoard gets the example windows and each epoch's sample as text
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder / "tb"), size_guidance={"tensors": 0})
+    events.Reload()
+    (examples,) = events.Tensors("train/examples/text_summary")
+    assert "def add_" in examples.tensor_proto.string_val[0].decode()
+    samples = events.Tensors("samples/epoch/text_summary")
+    assert len(samples) == 6 and sample in samples[-1].tensor_proto.string_val[0].decode()
     evaluated = json.loads(kdl("eval", result.last_line, "--checkpoint", "last", "--runs-dir",
                                tmp_path / "runs", "--json").stdout)
     assert set(evaluated["metrics"]) == {"loss", "bpc", "perplexity"}
@@ -169,7 +178,7 @@ def text_config(tmp_path, train_file, *extra):
         "label_field: sentiment, batch_size: 8, val_fraction: 0.25}\n"
         "model: {name: gru, embedding_size: 16, hidden_size: 16, layers: 1, pooling: mean}\n"
         "optimizer: {name: adam, lr: 0.02}\ntrain: {epochs: 4, device: cpu}\n")
-    return [str(path), *[item for s in extra for item in ("--set", s)]]
+    return [str(path), *sets(extra)]
 
 
 GOOD = ["a great film", "wonderful acting, great story", "i loved it", "great fun, loved it"]
