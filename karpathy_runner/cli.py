@@ -94,7 +94,7 @@ def train(
     Exit codes: 0 done (or skipped), 1 the run failed, 2 bad usage/config/data,
     130 interrupted by SIGINT, 143 by SIGTERM (checkpoint saved; resume with --resume).
     """
-    from . import engine
+    from .plan import plan_train
 
     overrides = list(set_ or [])
     if name is not None:
@@ -105,17 +105,13 @@ def train(
         raise KdlError("give a CONFIG file to train, or --resume RUN to continue a run")
     if config is not None and resume is not None:
         raise KdlError("give either a CONFIG file or --resume RUN, not both")
-    result = engine.train(
-        str(config) if config else None,
-        overrides,
-        runs.runs_dir(runs_dir),
-        command=["kdl", *sys.argv[1:]],
-        quiet=quiet,
-        resume=resume,
-        allow_changes=allow_changes,
-        skip_existing=skip_existing,
-        sweep=sweep,
-    )
+    root = runs.runs_dir(runs_dir)
+    # config and run references are checked before torch loads (seconds): mistakes answer at once
+    plan = plan_train(str(config) if config else None, overrides, root, resume, allow_changes,
+                      skip_existing, sweep)
+    from . import engine
+
+    result = engine.train(plan, root, command=["kdl", *sys.argv[1:]], quiet=quiet)
     if as_json:
         _out(json.dumps({"id": result.run_id, "status": result.status, "skipped": result.skipped,
                          "folder": str(result.folder), "summary": result.summary}))
@@ -145,10 +141,12 @@ def eval_(
     _check_checkpoint(checkpoint)
     if split not in ("val", "test"):
         raise KdlError(f"--split must be val or test, got {split!r}")
+    root = runs.runs_dir(runs_dir)
+    folder = str(runs.resolve_run(root, run).path)  # a wrong RUN answers before torch loads
     from . import engine
     from .report import print_eval
 
-    _, result = engine.evaluate_run(runs.runs_dir(runs_dir), run, checkpoint, split, device, features)
+    _, result = engine.evaluate_run(root, folder, checkpoint, split, device, features)
     if as_json:
         _out(json.dumps(result))
     else:
@@ -185,6 +183,8 @@ def sample(
 ) -> None:
     """Draw from a generative run: text is printed; an image grid is written and its path printed."""
     _check_checkpoint(checkpoint)
+    root = runs.runs_dir(runs_dir)
+    folder = str(runs.resolve_run(root, run).path)  # a wrong RUN answers before torch loads
     from . import engine
     from .tasks import SampleRequest
 
@@ -192,7 +192,7 @@ def sample(
         out.parent.mkdir(parents=True, exist_ok=True)
     request = SampleRequest(seed=seed, n=n, length=length, temperature=temperature, top_k=top_k,
                             prime=prime)
-    sample, path = engine.sample_run(runs.runs_dir(runs_dir), run, request, checkpoint, out, device)
+    sample, path = engine.sample_run(root, folder, request, checkpoint, out, device)
     _out(sample.text if sample.images is None else str(path))
 
 

@@ -13,7 +13,7 @@ import sys
 import time
 import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +24,13 @@ from .checkpoint import load_checkpoint
 from .config import (
     SCHEMA_MAJOR,
     Config,
-    apply_overrides,
     load_config,
-    load_yaml,
-    parse_override,
-    resolve,
 )
 from .data import Batches, DataBundle, Prepare, build_data, eval_batch_size
 from .errors import KdlError, RunFailed
 from .optim import LRSchedule, build_optimizer
-from .progress import Reporter
+from .plan import Plan
+from .progress import Reporter, format_duration
 from .tasks import Sample, SampleRequest, Task, build_task
 from .trainer import Trainer, autocast_for, evaluate, seed_everything
 from .writer import RunWriter
@@ -152,118 +149,11 @@ def versions(device: torch.device) -> dict[str, Any]:
     }
 
 
-# ----------------------------------------------------------------------------- planning
-
-
-@dataclass
-class Plan:
-    """What a `kdl train` command line asks for, checked before anything is built or written."""
-
-    cfg: Config
-    run: runs.Run | None = None  # continue this run; None: start a fresh one
-    changes: dict[str, Any] = field(default_factory=dict)  # --set changes to a resumed run
-    done: runs.Run | None = None  # --skip-existing found this run completed or running
-    sweep: dict[str, Any] | None = None  # the sweep tag of a fresh run
-
-
-def plan_train(config_path: str | None, overrides: list[str], runs_root: Path,
-               resume: str | None = None, allow_changes: bool = False,
-               skip_existing: bool = False, sweep: str | None = None) -> Plan:
-    """A fresh run, a resume, or (--skip-existing) a run of the same config to reuse."""
-    if skip_existing and not resume:
-        cfg = load_config(config_path, overrides)
-        existing = _existing_run(runs_root, cfg)
-        if existing is not None and existing.status in ("completed", "running"):
-            return Plan(cfg, done=existing)
-        if existing is not None:
-            resume, overrides = existing.id, []
-    if resume:
-        run, cfg, changes = _resume_config(runs_root, resume, overrides, allow_changes)
-        return Plan(cfg, run=run, changes=changes)
-    tag = None
-    if sweep:  # the point is what this run's --set values made of the sweep's config
-        tag = {"id": sweep, "point": {".".join(key): value
-                                      for key, value in map(parse_override, overrides)}}
-    return Plan(load_config(config_path, overrides), sweep=tag)
-
-
-def _existing_run(runs_root: Path, cfg: Config) -> runs.Run | None:
-    """The newest run of the same experiment (config hash) that is not failed, if any."""
-    wanted = cfg.hash()
-    for run in sorted(runs.iter_runs(runs_root), key=lambda r: r.id, reverse=True):
-        if run.status != "failed" and _config_hash(run) == wanted:
-            return run
-    return None
-
-
-def _config_hash(run: runs.Run) -> str | None:
-    """The hash in meta.json; for a run made before hashes covered only the values that differ
-    from the defaults (no config_schema in its meta.json), recomputed from its config.yaml."""
-    if "config_schema" in run.meta:
-        return run.meta.get("config_hash")
-    raw = run.config_dict()
-    try:
-        return resolve(raw).hash() if raw else None
-    except KdlError:
-        return None
-
-
-def _resume_config(
-    runs_root: Path, ref: str, overrides: list[str], allow_changes: bool
-) -> tuple[runs.Run, Config, dict[str, Any]]:
-    run = runs.resolve_run(runs_root, ref)
-    if run.status == "running":
-        raise KdlError(f"run {run.id} is still running (pid {run.meta.get('pid')}); stop it first")
-    raw = load_yaml(run.path / runs.CONFIG)  # strict: a damaged config.yaml is not the defaults
-    saved = resolve(raw, str(run.path / runs.CONFIG))
-    cfg = resolve(apply_overrides(raw, overrides), "--set") if overrides else saved
-    changes = _diff(saved.to_dict(), cfg.to_dict())
-    if changes and not allow_changes:
-        shown = ", ".join(f"{k}: {v['from']!r} -> {v['to']!r}" for k, v in changes.items())
-        raise KdlError(
-            f"resuming {run.id} with changes ({shown}) would not continue the same experiment; "
-            "add --allow-changes to resume anyway (the changes are recorded in meta.json)"
-        )
-    if not run.checkpoint("last").is_file():
-        raise KdlError(
-            f"run {run.id} has no checkpoints/last.pt to resume from; start it again with "
-            f"`kdl train {run.path / runs.CONFIG}`"
-        )
-    if run.status == "completed" and not changes:
-        raise KdlError(
-            f"run {run.id} already completed; to train longer resume with "
-            "--set train.epochs=N --allow-changes"
-        )
-    return run, cfg, changes
-
-
-def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    changes = {}
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changes.update(_diff(a, b, f"{prefix}{key}."))
-        elif a != b:
-            changes[f"{prefix}{key}"] = {"from": a, "to": b}
-    return changes
-
-
 # ----------------------------------------------------------------------------- running
 
 
-def train(
-    config_path: str | None,
-    overrides: list[str],
-    runs_root: Path,
-    command: list[str],
-    quiet: bool = False,
-    resume: str | None = None,
-    allow_changes: bool = False,
-    skip_existing: bool = False,
-    sweep: str | None = None,
-) -> TrainResult:
-    """`kdl train`: plan, build, then start a fresh run or continue one in its own folder."""
-    plan = plan_train(config_path, overrides, runs_root, resume, allow_changes, skip_existing, sweep)
+def train(plan: Plan, runs_root: Path, command: list[str], quiet: bool = False) -> TrainResult:
+    """`kdl train`: build what `plan` asks for, then start a fresh run or continue one."""
     reporter = Reporter(quiet)
     if plan.done is not None:
         reporter.message(f"run {plan.done.id} has this config and is {plan.done.status}: skipped")
@@ -308,7 +198,7 @@ def resume_run(exp: Experiment, folder: Path, changes: dict[str, Any], command: 
     writer.resume(trainer.state.step, command, changes, exp.cfg.to_yaml() if changes else None,
                   exp.cfg.train.epochs)
     writer.log(f"===== resumed at epoch {trainer.state.epoch} step {trainer.state.step} =====")
-    reporter.message(f"run {writer.id}: {writer.folder}")
+    reporter.message(f"run {writer.id}: resumed {_position(trainer)}: {writer.folder}")
     return _drive(trainer, writer, previous_duration=float(writer.meta.get("duration_s") or 0.0))
 
 
@@ -360,7 +250,36 @@ def _drive(trainer: Trainer, writer: RunWriter, previous_duration: float) -> Tra
         )
     if error:  # shown even with --quiet: a failed run must say why
         print(f"error: {error}", file=sys.stderr, flush=True)
+    elif status == "interrupted":  # also shown with --quiet: where it stopped, how to go on
+        saved = ("with a checkpoint" if trainer.state.stop_reason == "signal"
+                 else "at once: resume goes on from the last checkpoint")
+        trainer.reporter.notice(f"interrupted {_position(trainer)}, {saved}; resume with "
+                                f"`kdl train --resume {writer.id}`")
+    else:
+        _print_summary(trainer, writer.id, summary)
     return TrainResult(writer.id, writer.folder, status, exit_code, summary)
+
+
+def _position(trainer: Trainer) -> str:
+    """'in epoch 3/10 at step 173' or 'after epoch 2/10 (step 120)': where the loop stands."""
+    state, epochs = trainer.state, trainer.cfg.epochs
+    if state.batch:
+        return f"in epoch {state.epoch + 1}/{epochs} at step {state.step}"
+    return f"after epoch {state.epoch}/{epochs} (step {state.step})"
+
+
+def _print_summary(trainer: Trainer, run_id: str, summary: dict[str, Any]) -> None:
+    """The last lines of a finished run: how long, the best epoch, and what to do next."""
+    best = summary["best"]
+    line = (f"done in {format_duration(summary['duration_s'])}: {summary['epochs_done']} epochs, "
+            f"{summary['steps']} steps")
+    if best["metric"] and best["value"] is not None:
+        line += f"; best {best['metric']} {best['value']:.4g} at epoch {best['epoch']}"
+    if summary["stop_reason"] and summary["stop_reason"] != "signal":
+        line += f" (stopped early: {summary['stop_reason']})"
+    trainer.reporter.message(line)
+    trainer.reporter.message(f"test it:   kdl eval {run_id} --split test")
+    trainer.reporter.message(f"inspect:   kdl show {run_id}")
 
 
 def _summary(trainer: Trainer, status: str, duration: float) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from . import runs
 from .compare import best_metric_name, sweep_id
 from .dotted import MISSING
 from .plot import metric_series
-from .progress import format_metrics
+from .progress import format_duration, format_metrics
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -36,15 +36,6 @@ def _table(**options: Any) -> Table:
     from rich.table import Table
 
     return Table(show_edge=False, header_style="bold", **options)
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 def _number(value: Any) -> str:

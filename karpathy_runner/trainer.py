@@ -199,7 +199,8 @@ class Trainer:
         cfg, state = self.cfg, self.state
         total = len(self.train_batches)
         self.task.train(True)
-        self.reporter.start_epoch(state.epoch, cfg.epochs, total, state.batch)
+        self.reporter.start_epoch(state.epoch, cfg.epochs, total, state.batch,
+                                  min(total * cfg.epochs, cfg.max_steps or total * cfg.epochs))
         if state.batch == 0:  # (a run resumed mid-epoch keeps the task's state from its checkpoint)
             self.task.on_epoch_start(state.epoch)
         for batch in self.train_batches.epoch(state.epoch, start=state.batch):
@@ -407,6 +408,11 @@ class Trainer:
                 raise KeyboardInterrupt
             self.stop_signal = signum
             self.run.log(f"received {signal.Signals(signum).name}: stopping after this step")
+            self.reporter.notice(
+                "Ctrl-C: stopping after this step with a checkpoint; Ctrl-C again to stop now"
+                if signum == signal.SIGINT else
+                f"{signal.Signals(signum).name}: stopping after this step with a checkpoint"
+            )
 
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         try:

@@ -1,0 +1,108 @@
+"""What a `kdl train` command line asks for: a fresh run, a resume, or (--skip-existing) work
+already done. Planning reads configs and run folders only and imports no torch, so every
+config or run-reference mistake is reported in a fraction of a second."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import runs
+from .config import Config, apply_overrides, load_config, load_yaml, parse_override, resolve
+from .errors import KdlError
+
+
+@dataclass
+class Plan:
+    """What a `kdl train` command line asks for, checked before anything is built or written."""
+
+    cfg: Config
+    run: runs.Run | None = None  # continue this run; None: start a fresh one
+    changes: dict[str, Any] = field(default_factory=dict)  # --set changes to a resumed run
+    done: runs.Run | None = None  # --skip-existing found this run completed or running
+    sweep: dict[str, Any] | None = None  # the sweep tag of a fresh run
+
+
+def plan_train(config_path: str | None, overrides: list[str], runs_root: Path,
+               resume: str | None = None, allow_changes: bool = False,
+               skip_existing: bool = False, sweep: str | None = None) -> Plan:
+    """A fresh run, a resume, or (--skip-existing) a run of the same config to reuse."""
+    if skip_existing and not resume:
+        cfg = load_config(config_path, overrides)
+        existing = _existing_run(runs_root, cfg)
+        if existing is not None and existing.status in ("completed", "running"):
+            return Plan(cfg, done=existing)
+        if existing is not None:
+            resume, overrides = existing.id, []
+    if resume:
+        run, cfg, changes = _resume_config(runs_root, resume, overrides, allow_changes)
+        return Plan(cfg, run=run, changes=changes)
+    tag = None
+    if sweep:  # the point is what this run's --set values made of the sweep's config
+        tag = {"id": sweep, "point": {".".join(key): value
+                                      for key, value in map(parse_override, overrides)}}
+    return Plan(load_config(config_path, overrides), sweep=tag)
+
+
+def _existing_run(runs_root: Path, cfg: Config) -> runs.Run | None:
+    """The newest run of the same experiment (config hash) that is not failed, if any."""
+    wanted = cfg.hash()
+    for run in sorted(runs.iter_runs(runs_root), key=lambda r: r.id, reverse=True):
+        if run.status != "failed" and _config_hash(run) == wanted:
+            return run
+    return None
+
+
+def _config_hash(run: runs.Run) -> str | None:
+    """The hash in meta.json; for a run made before hashes covered only the values that differ
+    from the defaults (no config_schema in its meta.json), recomputed from its config.yaml."""
+    if "config_schema" in run.meta:
+        return run.meta.get("config_hash")
+    raw = run.config_dict()
+    try:
+        return resolve(raw).hash() if raw else None
+    except KdlError:
+        return None
+
+
+def _resume_config(
+    runs_root: Path, ref: str, overrides: list[str], allow_changes: bool
+) -> tuple[runs.Run, Config, dict[str, Any]]:
+    run = runs.resolve_run(runs_root, ref)
+    if run.status == "running":
+        raise KdlError(f"run {run.id} is still running (pid {run.meta.get('pid')}); stop it first")
+    raw = load_yaml(run.path / runs.CONFIG)  # strict: a damaged config.yaml is not the defaults
+    saved = resolve(raw, str(run.path / runs.CONFIG))
+    cfg = resolve(apply_overrides(raw, overrides), "--set") if overrides else saved
+    changes = _diff(saved.to_dict(), cfg.to_dict())
+    if changes and not allow_changes:
+        shown = ", ".join(f"{k}: {v['from']!r} -> {v['to']!r}" for k, v in changes.items())
+        raise KdlError(
+            f"resuming {run.id} with changes ({shown}) would not continue the same experiment; "
+            "add --allow-changes to resume anyway (the changes are recorded in meta.json)"
+        )
+    if not run.checkpoint("last").is_file():
+        raise KdlError(
+            f"run {run.id} has no checkpoints/last.pt to resume from; start it again with "
+            f"`kdl train {run.path / runs.CONFIG}`"
+        )
+    if run.status == "completed" and not changes:
+        raise KdlError(
+            f"run {run.id} already completed; to train longer resume with "
+            "--set train.epochs=N --allow-changes"
+        )
+    return run, cfg, changes
+
+
+def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    changes = {}
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes.update(_diff(a, b, f"{prefix}{key}."))
+        elif a != b:
+            changes[f"{prefix}{key}"] = {"from": a, "to": b}
+    return changes
+
+
