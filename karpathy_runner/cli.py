@@ -12,10 +12,18 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
-from . import runs
+from . import __version__, runs
 from .errors import KdlError
+
+
+class _Command(TyperCommand):
+    """Usage lines as people write them: `kdl eval [OPTIONS] RUN`, `kdl rm [OPTIONS] RUN...`
+    (typer's own wraps required arguments in braces)."""
+
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+        return [piece.removeprefix("{").removesuffix("}") for piece in super().collect_usage_pieces(ctx)]
 
 
 class _Commands(TyperGroup):
@@ -31,12 +39,23 @@ class _Commands(TyperGroup):
         except KeyboardInterrupt:  # Ctrl-C before a loop started (a running loop has its own)
             print("interrupted", file=sys.stderr, flush=True)
             raise typer.Exit(130) from None
+        except BrokenPipeError:  # `kdl eval RUN | head -2`: the reader left early
+            raise typer.Exit(_reader_left()) from None
+
+
+def _reader_left() -> int:
+    """Stop quietly, as Unix tools do when their reader closes the pipe: the exit status a shell
+    shows for them (141 = 128 + SIGPIPE), and no "Exception ignored ... BrokenPipeError" from
+    Python flushing stdout at exit."""
+    import os
+
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141
 
 
 app = typer.Typer(
     cls=_Commands,
     name="kdl",
-    help="Run classic deep-learning experiments (CNN, RNN, GAN) from YAML configs.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
@@ -54,6 +73,27 @@ SetOption = Annotated[
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 
 
+def _version(show: bool) -> None:
+    if show:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            torch = f"torch {version('torch')}"
+        except PackageNotFoundError:
+            torch = "torch not installed"
+        _out(f"kdl {__version__} (python {sys.version.split()[0]}, {torch})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print kdl's version and exit.")] = False,
+) -> None:
+    """Run classic deep-learning experiments from YAML configs: CNNs on images, RNN/LSTM/GRU on
+    sequences and text (classifiers and character language models), GANs."""
+
+
 def _check_checkpoint(checkpoint: str) -> None:
     if checkpoint not in ("best", "last"):
         raise KdlError(f"--checkpoint must be best or last, got {checkpoint!r}")
@@ -64,7 +104,7 @@ def _out(text: str) -> None:
     print(text, flush=True)
 
 
-@app.command()
+@app.command(cls=_Command)
 def train(
     config: Annotated[Optional[Path], typer.Argument(metavar="CONFIG", help="YAML config file.")] = None,  # noqa: UP045
     set_: SetOption = None,
@@ -120,7 +160,7 @@ def train(
     raise typer.Exit(result.exit_code)
 
 
-@app.command("eval")
+@app.command("eval", cls=_Command)
 def eval_(
     run: Annotated[
         str, typer.Argument(metavar="RUN", help="Run id, unique prefix, run folder or 'latest'.")
@@ -153,7 +193,7 @@ def eval_(
         print_eval(result)
 
 
-@app.command()
+@app.command(cls=_Command)
 def sample(
     run: Annotated[
         str, typer.Argument(metavar="RUN", help="Run id, unique prefix, run folder or 'latest'.")
@@ -196,7 +236,7 @@ def sample(
     _out(sample.text if sample.images is None else str(path))
 
 
-@app.command()
+@app.command(cls=_Command)
 def validate(
     config: Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML config file.")],
     set_: SetOption = None,
@@ -208,7 +248,7 @@ def validate(
     _out(cfg.to_yaml().rstrip())
 
 
-@app.command()
+@app.command(cls=_Command)
 def sweep(
     config: Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML config file.")],
     grid: Annotated[
@@ -261,7 +301,7 @@ def sweep(
     raise typer.Exit(code)
 
 
-@app.command("runs")
+@app.command("runs", cls=_Command)
 def list_runs(
     runs_dir: RunsDir = None,
     status: Annotated[
@@ -315,7 +355,7 @@ def list_runs(
         print_runs(rows, extra)
 
 
-@app.command()
+@app.command(cls=_Command)
 def show(
     run: Annotated[
         str, typer.Argument(metavar="RUN", help="Run id, unique prefix, run folder or 'latest'.")
@@ -328,10 +368,10 @@ def show(
     print_show(runs.resolve_run(runs.runs_dir(runs_dir), run))
 
 
-@app.command("rm")
+@app.command("rm", cls=_Command)
 def remove(
     run_refs: Annotated[
-        list[str], typer.Argument(metavar="RUN", help="Run ids, unique prefixes, run folders or 'latest'.")
+        list[str], typer.Argument(metavar="RUN...", help="Run ids, unique prefixes, run folders or 'latest'.")
     ],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Remove without asking.")] = False,
     runs_dir: RunsDir = None,
@@ -349,17 +389,24 @@ def remove(
     if not yes:
         for run in found:
             print(f"  {run.path}", file=sys.stderr)
-        typer.confirm(f"Remove {len(found)} run folder(s)?", abort=True, err=True)
+        try:
+            answer = typer.confirm(f"Remove {len(found)} run folder(s)?", err=True)
+        except typer.Abort:  # stdin closed: nobody answered
+            raise KdlError("no answer to the prompt (stdin is closed): nothing removed; pass --yes "
+                           "to remove without asking") from None
+        if not answer:  # declining is an answer, not a failure: exit 0
+            print("nothing removed", file=sys.stderr, flush=True)
+            return
     for run in found:
         shutil.rmtree(run.path)
         _out(f"removed {run.id}")
 
 
-@app.command("compare")
+@app.command("compare", cls=_Command)
 def compare_runs(
     run_refs: Annotated[
         Optional[list[str]],  # noqa: UP045
-        typer.Argument(metavar="RUN", help="Run ids, unique prefixes, run folders or 'latest'."),
+        typer.Argument(metavar="RUN...", help="Run ids, unique prefixes, run folders or 'latest'."),
     ] = None,
     sweep: Annotated[
         Optional[str], typer.Option(metavar="ID", help="Compare all runs of this sweep id.")  # noqa: UP045
@@ -395,10 +442,10 @@ def compare_runs(
         print_comparison(comparison)
 
 
-@app.command()
+@app.command(cls=_Command)
 def plot(
     run_refs: Annotated[
-        list[str], typer.Argument(metavar="RUN", help="Run ids, unique prefixes, run folders or 'latest'.")
+        list[str], typer.Argument(metavar="RUN...", help="Run ids, unique prefixes, run folders or 'latest'.")
     ],
     metric: Annotated[
         Optional[str],  # noqa: UP045

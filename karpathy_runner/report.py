@@ -29,7 +29,13 @@ def _console() -> Console:
     from rich.console import Console
 
     width = None if sys.stdout.isatty() else 240
-    return Console(highlight=False, soft_wrap=False, width=width)
+    console = Console(highlight=False, soft_wrap=False, width=width)
+    console.on_broken_pipe = _reader_left  # rich's own exits 1: let the CLI stop as Unix tools do
+    return console
+
+
+def _reader_left() -> None:
+    raise BrokenPipeError
 
 
 def _table(**options: Any) -> Table:

@@ -14,8 +14,10 @@ import textwrap
 import pytest
 from kdl import kdl
 from runfolders import make_run
+from typer.testing import CliRunner
 
 from karpathy_runner import compare
+from karpathy_runner.cli import app
 
 
 @pytest.fixture
@@ -167,7 +169,12 @@ def test_rm_refuses_a_running_run_and_removes_after_confirmation(runs_dir):
     assert refused.exit_code == 2 and "still running" in refused.stderr
     assert running.is_dir() and done.is_dir()  # nothing removed
 
-    assert kdl("rm", done.name).exit_code == 1 and done.is_dir()  # no answer: aborted
+    unanswered = kdl("rm", done.name)  # stdin closed: a script forgot --yes
+    assert unanswered.exit_code == 2 and "nothing removed; pass --yes" in unanswered.stderr
+    assert "Aborted" not in unanswered.stderr and done.is_dir()
+    declined = CliRunner().invoke(app, ["rm", done.name], input="n\n")
+    assert declined.exit_code == 0 and declined.stderr.endswith("nothing removed\n")
+    assert "Aborted" not in declined.stderr and done.is_dir()
     assert kdl("rm", done.name[:17], "--yes").stdout.strip() == f"removed {done.name}"
     assert not done.exists() and other.is_dir()
 
