@@ -66,7 +66,7 @@ COLUMNS = {
     "model": lambda run: run.meta.get("model"),
     "dataset": lambda run: run.meta.get("dataset"),
     "epochs": lambda run: run.meta.get("epochs_done"),
-    "duration": lambda run: run.meta.get("duration_s"),
+    "duration": lambda run: run.duration(),
     "created": lambda run: run.meta.get("created_at"),
 }
 
@@ -86,7 +86,7 @@ class Fields:
     def final(self, run: Run) -> dict[str, Any]:
         if run.id not in self._summaries:
             self._summaries[run.id] = run.summary()
-        return self._summaries[run.id].get("final") or {}
+        return runs.final_metrics(self._summaries[run.id])
 
     def field(self, run: Run, key: str) -> Any:
         """A meta key (status as `Run.status` reports it, so 'crashed' works), else a config key."""
@@ -279,7 +279,7 @@ def run_record(run: Run) -> dict[str, Any]:
         "name": run.meta.get("name"),
         "status": run.status,
         "config": flatten(run.config_dict()),
-        "final": summary.get("final") or {},
+        "final": runs.final_metrics(summary),
         "best": summary.get("best") or run.meta.get("best") or {},
         "metric_modes": run.meta.get("metric_modes") or {},
     }

@@ -69,7 +69,7 @@ def run_row(run: runs.Run) -> dict[str, Any]:
         "epochs": meta.get("epochs"),
         "best_metric": best.get("metric"),
         "best_value": best.get("value"),
-        "duration_s": meta.get("duration_s"),
+        "duration_s": run.duration(),
         "created_at": meta.get("created_at"),
         "sweep": sweep_id(run),
         "path": str(run.path),
@@ -159,6 +159,9 @@ def print_show(run: runs.Run) -> None:
         else:  # a GAN's: no metric of training tells which epoch was best
             console.print(f"\nno best metric: best.pt is the latest epoch's ({best.get('epoch')})",
                           markup=False)
+        for split, result in (summary.get("eval") or {}).items():
+            console.print(f"eval {split} ({result.get('checkpoint')}.pt, epoch {result.get('epoch')}): "
+                          f"{format_metrics(result.get('metrics') or {})}", markup=False)
 
 
 def epoch_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -216,8 +219,9 @@ def print_eval(result: dict[str, Any]) -> None:
         for index in range(len(confusion)):
             table.add_column(str(index), justify="right")
         names = metrics.get("class_names") or [str(i) for i in range(len(confusion))]
-        for index, row in enumerate(confusion):
-            table.add_row(f"{index} {names[index]}", *map(str, row))
+        for index, row in enumerate(confusion):  # digits are named by their index: once, not twice
+            label = names[index] if str(names[index]) == str(index) else f"{index} {names[index]}"
+            table.add_row(label, *map(str, row))
         console.print(table)
 
 
@@ -264,30 +268,48 @@ def metric_chart(records: list[dict[str, Any]], metric: str, height: int = 6, wi
 
 
 def print_comparison(comparison: Comparison) -> None:
-    """Config keys that differ and the metrics; the best row (by the best metric's mode) in green."""
+    """Config keys that differ and the metrics; the best row (by the best metric's mode) in green.
+    On a terminal too narrow for the table, ids lose their date-time start (the name and the
+    random suffix stay) and headers break at their dots, so nothing is cut to an ellipsis."""
     console = _console()
+    table = _comparison_table(comparison, narrow=False)
+    narrow = console.measure(table, options=console.options.update_width(10_000)).maximum > console.width
+    if narrow:
+        table = _comparison_table(comparison, narrow=True)
+    console.print(table)
+    console.print(_comparison_note(comparison), markup=False)
+    if narrow and not comparison.group_by:
+        console.print("ids without their date-time start; `kdl compare --json` has them whole",
+                      markup=False)
+
+
+def _comparison_table(comparison: Comparison, narrow: bool) -> Table:
+    from rich import box
+
     grouped = bool(comparison.group_by)
-    table = _table()
+    table = (_table(box=None, padding=(0, 1), collapse_padding=True, pad_edge=False) if narrow
+             else _table(box=box.HEAVY_HEAD))
     show_status = not grouped and any(row["status"] != "completed" for row in comparison.rows)
     first = [*comparison.keys, "n"] if grouped else ["id", *(["status"] if show_status else []),
                                                       *comparison.keys]
-    best_header = f"best {comparison.best_metric}" if comparison.best_metric else "best"
-    for column in ["", *first]:
-        table.add_column(column)
-    for metric in comparison.metrics:
-        table.add_column(best_header if metric == "best" else metric, justify="right")
+    # narrow: the note under the table names the best metric
+    best_header = f"best {comparison.best_metric}" if comparison.best_metric and not narrow else "best"
+    metrics = [best_header if metric == "best" else metric for metric in comparison.metrics]
+    for index, column in enumerate(["", *first, *metrics]):
+        header = column.replace(".", ".\n").replace(" ", "\n") if narrow else column
+        table.add_column(header, no_wrap=True, justify="right" if index > len(first) else "left")
     for index, row in enumerate(comparison.rows):
         marker = "*" if index == comparison.best_row else ""
         if grouped:
             cells = [*(_value(row["values"][k]) for k in comparison.keys), str(row["n"]),
                      *(_stat_cell(row["metrics"][m], row["n"]) for m in comparison.metrics)]
         else:
-            cells = [row["id"], *([row["status"]] if show_status else []),
+            shown_id = runs.short_id(row["id"]) if narrow else row["id"]
+            cells = [shown_id, *([row["status"]] if show_status else []),
                      *(_value(row["config"][k]) for k in comparison.keys),
                      *(_number(row["metrics"][m]) for m in comparison.metrics)]
         table.add_row(marker, *cells, style="bold green" if marker else None)
-    console.print(table)
-    console.print(_comparison_note(comparison), markup=False)
+    return table
 
 
 def _stat_cell(stats: dict[str, Any], group_size: int) -> str:

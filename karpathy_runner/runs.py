@@ -51,6 +51,7 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _new_file_mode())  # mkstemp makes 0600: teammates could not read the run
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -60,6 +61,13 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _new_file_mode() -> int:
+    """The mode open() gives a new file under the process's umask (0644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -183,6 +191,20 @@ class Run:
     def summary(self) -> dict[str, Any]:
         return read_json(self.path / SUMMARY)
 
+    def duration(self) -> float | None:
+        """Seconds trained: meta's total, plus, for a run still going, the time since it last
+        started or resumed."""
+        meta = self.meta
+        done = meta.get("duration_s")
+        if self.status != "running":
+            return done
+        resumes = meta.get("resumes") or [{}]
+        since = _parse_utc(resumes[-1].get("at") or meta.get("started_at"))
+        if since is None:
+            return done
+        return (done or 0.0) + max(0.0, (dt.datetime.now(dt.timezone.utc) - since).total_seconds())
+
+
     def vocabulary(self) -> list[str] | None:
         """The run's saved vocabulary (text and character data), or None."""
         try:
@@ -193,6 +215,28 @@ class Run:
 
     def checkpoint(self, which: str) -> Path:
         return self.path / CHECKPOINTS / f"{which}.pt"
+
+
+
+def short_id(run_id: str) -> str:
+    """`digits_cnn-a0b645` for `20261130-021835-digits_cnn-a0b645`: what tells runs apart."""
+    parts = run_id.split("-", 2)
+    stamped = len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit()
+    return parts[2] if stamped else run_id
+
+
+def final_metrics(summary: dict[str, Any]) -> dict[str, Any]:
+    """A summary's final metrics (train.*, val.*) and its latest test-split eval's (test.*)."""
+    test = ((summary.get("eval") or {}).get("test") or {}).get("metrics") or {}
+    return {**(summary.get("final") or {}), **{f"test.{k}": v for k, v in test.items()}}
+
+
+def _parse_utc(stamp: Any) -> dt.datetime | None:
+    try:
+        parsed = dt.datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
 
 
 def _process_alive(meta: dict[str, Any]) -> bool:

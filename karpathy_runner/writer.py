@@ -76,7 +76,8 @@ class RunWriter:
     def finish(self, status: str, error: str | None, duration: float, summary: dict[str, Any]) -> None:
         self.update_meta(status=status, ended_at=runs.utc_now(), duration_s=round(duration, 3),
                          error=error, epochs_done=summary["epochs_done"], step=summary["steps"])
-        runs.write_json(self.folder / runs.SUMMARY, summary)
+        evals = runs.read_json(self.folder / runs.SUMMARY).get("eval")  # from `kdl eval` meanwhile
+        runs.write_json(self.folder / runs.SUMMARY, {**summary, **({"eval": evals} if evals else {})})
         self.log(f"run {status}" + (f": {error}" if error else ""))
 
     def write_vocabulary(self, vocabulary: list[str]) -> None:
@@ -184,10 +185,21 @@ class RunWriter:
         return path
 
     def write_eval(self, result: dict[str, Any]) -> Path:
-        """eval/<checkpoint>-<split>.json"""
+        """eval/<checkpoint>-<split>-step<N>.json, one per checkpoint step evaluated (an eval of a
+        run in progress is not replaced by a later one), eval/<checkpoint>-<split>.json, the
+        latest, and the latest per split in summary.json (where `kdl runs`, `show` and `compare`
+        read test.accuracy and the like)."""
         (self.folder / runs.EVAL).mkdir(exist_ok=True)
-        path = self.folder / runs.EVAL / f"{result['checkpoint']}-{result['split']}.json"
+        stem = f"{result['checkpoint']}-{result['split']}"
+        runs.write_json(self.folder / runs.EVAL / f"{stem}-step{result['step']:07d}.json", result)
+        path = self.folder / runs.EVAL / f"{stem}.json"
         runs.write_json(path, result)
+        summary = runs.read_json(self.folder / runs.SUMMARY)
+        scalars = {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))}
+        summary["eval"] = {**(summary.get("eval") or {}), result["split"]: {
+            **{k: result[k] for k in ("checkpoint", "epoch", "step", "evaluated_at")},
+            "metrics": scalars}}
+        runs.write_json(self.folder / runs.SUMMARY, summary)
         return path
 
 

@@ -44,11 +44,11 @@ class Screen:
 
 def run_in_terminal(args: list[str], env: dict[str, str] | None = None,
                     on_output: Callable[[str, subprocess.Popen], None] | None = None,
-                    timeout: float = 120.0) -> Screen:
+                    timeout: float = 120.0, columns: int = COLUMNS) -> Screen:
     """`python -m karpathy_runner ARGS` on a pseudo-terminal; `on_output(raw_so_far, process)` is
     called as output arrives (to press Ctrl-C at the right moment)."""
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, 0, 0))
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, columns, 0, 0))
     process = subprocess.Popen(
         [sys.executable, "-m", "karpathy_runner", *args], stdin=slave, stdout=slave, stderr=slave,
         env={**os.environ, "TERM": "xterm-256color", "OMP_NUM_THREADS": "1", **(env or {})},
@@ -78,7 +78,7 @@ def run_in_terminal(args: list[str], env: dict[str, str] | None = None,
             process.kill()
         os.close(master)
     raw = received.decode(errors="replace")
-    screen = pyte.Screen(COLUMNS, ROWS)
+    screen = pyte.Screen(columns, ROWS)
     pyte.Stream(screen).feed(raw.replace("\n", "\r\n").replace("\r\r\n", "\r\n"))
     lines = [line.rstrip() for line in screen.display]
     while lines and not lines[-1]:

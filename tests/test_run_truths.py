@@ -1,0 +1,124 @@
+"""What the run folder and the read commands tell: file modes a teammate can read, every eval kept
+and the latest test numbers in the summary (so runs/show/compare sort by test.accuracy), the
+elapsed time of a running run, a comparison readable at 80 columns, confusion tables labelled once."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import stat
+
+import pytest
+from kdl import kdl, train_tiny
+from runfolders import make_run
+from screen import run_in_terminal
+
+from karpathy_runner import runs
+from karpathy_runner.report import print_eval
+from karpathy_runner.writer import RunWriter
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600)])
+def test_run_files_get_the_umask_mode_not_mkstemp_0600(tmp_path, umask, mode):
+    previous = os.umask(umask)
+    try:
+        result = train_tiny(tmp_path, "--set", "train.epochs=1")
+        assert result.exit_code == 0, result.stderr
+        assert kdl("eval", result.last_line, "--runs-dir", tmp_path).exit_code == 0
+    finally:
+        os.umask(previous)
+    folder = tmp_path / result.last_line
+    replaced = ["config.yaml", "meta.json", "summary.json", "checkpoints/last.pt", "checkpoints/best.pt",
+                "eval/best-val.json", "metrics.jsonl"]
+    modes = {name: stat.S_IMODE((folder / name).stat().st_mode) for name in replaced}
+    assert modes == dict.fromkeys(replaced, mode)
+
+
+def _eval_result(run_id: str, step: int, accuracy: float, split: str = "val") -> dict:
+    return {"run": run_id, "checkpoint": "best", "split": split, "epoch": step // 10, "step": step,
+            "samples": 100, "precision": "fp32", "evaluated_at": runs.utc_now(),
+            "metrics": {"loss": 1 - accuracy, "accuracy": accuracy, "per_class_accuracy": {"0": 1.0}}}
+
+
+def test_each_eval_is_kept_by_step_and_the_latest_per_split_reaches_the_summary(runs_dir):
+    folder = make_run(runs_dir, status="running")
+    writer = RunWriter(folder)
+    writer.write_eval(_eval_result(folder.name, 40, 0.8))  # while the run is at epoch 4
+    writer.write_eval(_eval_result(folder.name, 80, 0.9))  # and at epoch 8
+    writer.write_eval(_eval_result(folder.name, 80, 0.95, split="test"))
+    kept = sorted(p.name for p in (folder / "eval").iterdir())
+    assert kept == ["best-test-step0000080.json", "best-test.json", "best-val-step0000040.json",
+                    "best-val-step0000080.json", "best-val.json"]
+    assert json.loads((folder / "eval/best-val-step0000040.json").read_text())["metrics"]["accuracy"] == 0.8
+    assert json.loads((folder / "eval/best-val.json").read_text())["step"] == 80
+    # the run ends after those evals: its final summary keeps them
+    writer.finish("completed", None, 12.0, {"status": "completed", "epochs_done": 3, "steps": 30,
+                                            "final": {"val.loss": 0.2}, "best": {}})
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["final"] == {"val.loss": 0.2}
+    assert summary["eval"]["val"]["step"] == 80 and summary["eval"]["val"]["metrics"]["accuracy"] == 0.9
+    assert summary["eval"]["test"]["metrics"] == {"loss": pytest.approx(0.05), "accuracy": 0.95}
+
+
+def test_test_accuracy_sorts_shows_and_compares(runs_dir):
+    first, second, untested = make_run(runs_dir), make_run(runs_dir), make_run(runs_dir)
+    RunWriter(first).write_eval(_eval_result(first.name, 30, 0.91, split="test"))
+    RunWriter(second).write_eval(_eval_result(second.name, 30, 0.97, split="test"))
+    listed = kdl("runs", "--sort", "test.accuracy")
+    assert listed.exit_code == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert lines[0].split()[-1] == "test.accuracy"
+    assert [line.split()[0] for line in lines[1:]] == [second.name, first.name, untested.name]
+    assert lines[1].split()[-1] == "0.97" and lines[3].split()[-1] == "-"
+    compared = json.loads(kdl("compare", first.name, second.name, "--json").stdout)
+    assert [row["metrics"]["test.accuracy"] for row in compared["rows"]] == [0.91, 0.97]
+    shown = kdl("show", second.name).stdout
+    assert "eval test (best.pt, epoch 3): loss 0.03  accuracy 0.97" in shown
+
+
+def test_a_running_run_shows_the_time_it_has_run(runs_dir):
+    folder = make_run(runs_dir, status="running")
+    meta = json.loads((folder / "meta.json").read_text())
+    started = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=3, seconds=5)
+    meta.update(started_at=started.isoformat(timespec="seconds"), duration_s=0.0)
+    (folder / "meta.json").write_text(json.dumps(meta))
+    row = json.loads(kdl("runs", "--json").stdout)[0]
+    assert 184 <= row["duration_s"] < 240
+    assert " 3m0" in kdl("runs").stdout.splitlines()[1]
+    # resumed a minute ago after 100 s of training before
+    meta.update(duration_s=100.0, resumes=[{"at": (dt.datetime.now(dt.timezone.utc)
+                                                   - dt.timedelta(seconds=60)).isoformat()}])
+    (folder / "meta.json").write_text(json.dumps(meta))
+    assert 159 <= json.loads(kdl("runs", "--json").stdout)[0]["duration_s"] < 220
+
+
+def test_compare_fits_80_columns_and_keeps_names_and_suffixes(runs_dir):
+    folders = [make_run(runs_dir, [0.5, 0.3 + i / 10], config={"optimizer.lr": lr, "model.dropout": d})
+               for i, (lr, d) in enumerate([(0.001, 0.1), (0.01, 0.2), (0.1, 0.3)])]
+    narrow = run_in_terminal(["compare", *(f.name for f in folders), "--runs-dir", str(runs_dir)],
+                             columns=80)
+    assert narrow.exit_code == 0, narrow.raw
+    assert all(len(line) <= 80 for line in narrow.lines)
+    assert "…" not in narrow.text
+    for folder in folders:  # name and random suffix, whole
+        assert runs.short_id(folder.name) in narrow.text
+    assert "optimizer." in narrow.text and "dropout" in narrow.text
+    wide = run_in_terminal(["compare", *(f.name for f in folders), "--runs-dir", str(runs_dir)],
+                           columns=200)
+    assert all(folder.name in wide.text for folder in folders)
+
+
+def test_confusion_rows_name_a_digit_once_and_a_named_class_with_its_index(capsys):
+    result = {"run": "r", "checkpoint": "best", "epoch": 1, "split": "val", "samples": 4,
+              "metrics": {"accuracy": 0.5, "confusion_matrix": [[1, 1], [1, 1]]}}
+    print_eval({**result, "metrics": {**result["metrics"], "class_names": ["0", "1"]}})
+    digits = capsys.readouterr().out.splitlines()
+    print_eval({**result, "metrics": {**result["metrics"], "class_names": ["cat", "dog"]}})
+    named = capsys.readouterr().out.splitlines()
+    def cells(line: str) -> list[str]:
+        return [cell.strip() for cell in line.split("│")]
+
+    assert [cells(line) for line in digits[-2:]] == [["0", "1", "1"], ["1", "1", "1"]]
+    assert [cells(line) for line in named[-2:]] == [["0 cat", "1", "1"], ["1 dog", "1", "1"]]
+
