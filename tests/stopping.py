@@ -124,7 +124,10 @@ def metrics(folder: Path) -> list[dict[str, Any]]:
 
 
 def summary(folder: Path) -> dict[str, Any]:
-    return {k: v for k, v in read_json(folder / "summary.json").items() if k not in VOLATILE}
+    """summary.json less wall-clock fields and the `kdl eval` results recorded in it (made by
+    other processes, not by training)."""
+    return {k: v for k, v in read_json(folder / "summary.json").items()
+            if k not in VOLATILE and k != "eval"}
 
 
 def read_json(path: Path) -> dict[str, Any]:

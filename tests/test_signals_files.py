@@ -200,6 +200,8 @@ def test_sigkill_at_random_moments_then_resume_ends_like_an_uninterrupted_run(tm
     assert evals == 2
     meta = read_json(folder / "meta.json")
     assert meta["status"] == "completed" and len(meta["resumes"]) == 3
+    # the evals made while it trained are still in its final summary
+    assert read_json(folder / "summary.json")["eval"]["val"]["checkpoint"] == "last"
     assert_same_training(folder, tmp_path / "straight" / baseline.last_line)
 
 
