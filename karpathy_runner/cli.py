@@ -276,8 +276,9 @@ def sweep(
 
     base = list(set_ or [])
     values = sweeps.grid_points(sweeps.parse_grid(grid))
-    for point in values:  # every point's config is checked before anything runs
-        load_config(config, base + sweeps.point_sets(point))
+    load_config(config, base)  # the config and its --set values first: their errors are theirs
+    for point in values:  # then every point's, before anything runs: its errors are the grid's
+        sweeps.check_point(config, base, point)
     sweep_id = sweeps.new_sweep_id()
     root = runs.runs_dir(runs_dir)
     points = [

@@ -95,10 +95,16 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
+            if torch.version.cuda:  # the right build: the GPU or its driver is what is missing
+                fix = ("check that the machine has an NVIDIA GPU and driver (nvidia-smi) and that "
+                       "CUDA_VISIBLE_DEVICES does not hide it")
+            else:
+                fix = "install a CUDA build of torch (https://pytorch.org/get-started/locally/)"
             raise KdlError(
                 f"train.device: {name!r} asked for a CUDA GPU but torch sees none "
-                f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}). "
-                "Use --device cpu or train.device: auto, or install a CUDA build of torch."
+                f"(torch {torch.__version__}, built for "
+                f"{'CUDA ' + torch.version.cuda if torch.version.cuda else 'the CPU only'}). "
+                f"Use --device cpu or train.device: auto, or {fix}."
             )
         index = int(name.split(":")[1]) if ":" in name else 0
         if index >= torch.cuda.device_count():
@@ -370,7 +376,8 @@ def evaluate_run(
     exp, cfg = loaded.exp, loaded.exp.cfg
     dataset = getattr(exp.data, split)
     if dataset is None:
-        raise KdlError(f"the {cfg.data.name} data of run {loaded.run.id} has no {split} split")
+        raise KdlError(f"the {cfg.data.name} data of run {loaded.run.id} has no {split} split: "
+                       f"{_missing_split(cfg, split)}")
     precision = eval_precision(cfg.train.precision, exp.device)
     autocast = autocast_for(precision, exp.device)
     batches = _eval_batches(cfg, dataset)
@@ -393,6 +400,18 @@ def evaluate_run(
     }
     RunWriter(loaded.run.path).write_eval(result)
     return loaded.run, result
+
+
+def _missing_split(cfg: Config, split: str) -> str:
+    """Where the split was looked for, and how to get one."""
+    root = getattr(cfg.data, "root", None)
+    if cfg.data.name == "image_folder":
+        folder = Path(root).expanduser().resolve() / split
+        hint = f"there is no {folder} (<class>/<image> inside)"
+        return hint + ("; or set data.val_fraction > 0" if split == "val" else "")
+    if split == "val":
+        return "data.val_fraction is 0; train a run with data.val_fraction > 0 to have one"
+    return f"this dataset has no {split} split in {root}" if root else f"this dataset has no {split} split"
 
 
 def _sample_quality(runs_root: Path, features: str | None, exp: Experiment, batches: Batches,

@@ -71,6 +71,21 @@ def grid_points(grid: list[tuple[str, list[Any]]]) -> list[dict[str, Any]]:
     return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(v for _, v in grid))]
 
 
+def check_point(config: Path, base: list[str], point: dict[str, Any]) -> None:
+    """The config of one grid point must validate; if not, the message points at --grid."""
+    from .config import ConfigError, load_config
+
+    try:
+        load_config(config, base + point_sets(point))
+    except ConfigError as exc:
+        shown = ", ".join(f"{key}={_yaml_value(value)}" for key, value in point.items())
+        problems = "; ".join(problem.split(". Fix it in the config")[0] for problem in exc.problems)
+        raise KdlError(
+            f"--grid: the point {shown} is not a valid config: {problems}. Fix --grid "
+            f"{', --grid '.join(point)}"
+        ) from None
+
+
 def point_sets(point: dict[str, Any]) -> list[str]:
     """A point as `key=value` overrides whose values read back as the same YAML."""
     return [f"{key}={_yaml_value(value)}" for key, value in point.items()]

@@ -23,6 +23,8 @@ def setup_files(tmp: Path, runs: Path, run_id: str) -> None:
     (tmp / "branch.yaml").write_text("name: x\ndata: 3\n")
     (tmp / "a_file").write_text("not a folder")
     (tmp / "empty_mnist").mkdir()
+    (tmp / "no_classes" / "train").mkdir(parents=True)
+    (tmp / "no_images" / "train" / "cat").mkdir(parents=True)
     for suffix in ("aaa", "aab"):  # two runs that share a prefix
         folder = runs / f"20990101-000000-twins-{suffix}"
         folder.mkdir()
@@ -90,6 +92,12 @@ CASES = [
     ("image folder missing", ["train", "{config}", "--set", "data.name=image_folder", "--set",
                               "data.root={tmp}/photos"],
      ["{tmp}/photos", "does not exist", "train/"]),
+    ("image folder without classes", ["train", "{config}", "--set", "data.name=image_folder", "--set",
+                                      "data.root={tmp}/no_classes"],
+     ["{tmp}/no_classes/train has no class folders", "ROOT/train/<class>/<image>"]),
+    ("image folder without images", ["train", "{config}", "--set", "data.name=image_folder", "--set",
+                                     "data.root={tmp}/no_images"],
+     ["no images in the class folders of {tmp}/no_images/train (cat)", ".png"]),
     ("cuda without a gpu", ["train", "{config}", "--device", "cuda"],
      ["'cuda' asked for a CUDA GPU but torch sees none", "--device cpu"]),
     ("fp16 on the cpu", ["train", "{config}", "--device", "cpu", "--set", "train.precision=fp16"],
@@ -131,6 +139,10 @@ CASES = [
     ("resume a running run", ["train", "--resume", "{run}"], ["is still running", "stop it first"]),
     ("resume a run without checkpoints", ["train", "--resume", "20990101-000000-twins-aaa"],
      ["no checkpoints/last.pt", "kdl train"]),
+    ("grid value", ["sweep", "{config}", "--grid", "optimizer.lr=0.1,abc"],
+     ["--grid: the point optimizer.lr=abc is not a valid config", "Fix --grid optimizer.lr"]),
+    ("grid key", ["sweep", "{config}", "--grid", "optimizer.lrr=0.1"],
+     ["optimizer.lrr: unknown key", "Did you mean 'optimizer.lr'?", "Fix --grid optimizer.lrr"]),
     ("eval checkpoint name", ["eval", "{run}", "--checkpoint", "middle"],
      ["--checkpoint must be best or last"]),
     ("eval split name", ["eval", "{run}", "--split", "train"], ["--split must be val or test"]),
@@ -176,6 +188,52 @@ def test_bad_input_exits_2_with_the_problem_and_the_fix(trained, tmp_path, name,
         assert "running" not in after.values()
     assert (runs / trained.name / "config.yaml").read_text() == config_before
     assert not (tmp_path / "a_file" / "runs").exists()
+
+
+def test_messages_say_each_thing_once_and_point_at_the_right_option(tmp_path):
+    for folder in ("no_classes/train", "no_images/train/cat"):
+        (tmp_path / folder).mkdir(parents=True)
+    for folder in ("no_classes", "no_images"):
+        result = kdl("train", CONFIG, "--set", "data.name=image_folder", "--set",
+                     f"data.root={tmp_path / folder}", "--runs-dir", tmp_path / "runs")
+        assert result.exit_code == 2 and result.stderr.count(str(tmp_path / folder)) == 1, result.stderr
+    grid = kdl("sweep", CONFIG, "--grid", "optimizer.lr=0.1,abc", "--runs-dir", tmp_path / "runs")
+    assert grid.exit_code == 2 and "--set" not in grid.stderr, grid.stderr
+
+
+def test_a_cuda_build_without_a_gpu_is_not_told_to_install_one(monkeypatch):
+    from karpathy_runner.engine import resolve_device
+    from karpathy_runner.errors import KdlError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    with pytest.raises(KdlError) as built_for_cuda:
+        resolve_device("cuda")
+    assert "built for CUDA 13.0" in str(built_for_cuda.value) and "nvidia-smi" in str(built_for_cuda.value)
+    assert "install a CUDA build" not in str(built_for_cuda.value)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(KdlError) as cpu_only:
+        resolve_device("cuda")
+    assert "built for the CPU only" in str(cpu_only.value) and "install a CUDA build" in str(cpu_only.value)
+
+
+def test_a_missing_split_names_where_it_was_looked_for(tmp_path):
+    from karpathy_runner.config import resolve
+    from karpathy_runner.engine import _missing_split
+
+    folder = resolve({"data": {"name": "image_folder", "root": str(tmp_path)}})
+    assert f"there is no {tmp_path / 'test'} (<class>/<image> inside)" in _missing_split(folder, "test")
+    digits = resolve({"data": {"name": "digits", "val_fraction": 0}})
+    assert "data.val_fraction is 0" in _missing_split(digits, "val")
+
+
+def test_a_channel_that_never_varies_is_not_divided_by_zero():
+    from karpathy_runner.data.images import TensorImages, channel_stats
+
+    images = torch.zeros(8, 3, 4, 4, dtype=torch.uint8)
+    images[:, 0] = torch.arange(8, dtype=torch.uint8).view(8, 1, 1) * 30  # only red varies
+    mean, std = channel_stats(TensorImages(images, torch.zeros(8, dtype=torch.int64)))
+    assert std[0] > 0.1 and std[1] == std[2] == 0.001
 
 
 def test_at_least_25_cases():

@@ -169,7 +169,8 @@ def channel_stats(dataset: ImageDataset) -> tuple[tuple[float, ...], tuple[float
     """Per-channel mean and std in [0, 1] units, from the first STATS_SAMPLES images."""
     images, _ = dataset.get_batch(torch.arange(min(len(dataset), STATS_SAMPLES)))
     pixels = images.float().div(255).transpose(0, 1).flatten(1)  # (C, N*H*W)
-    mean, std = pixels.mean(dim=1), pixels.std(dim=1)
+    # a channel that never varies (gray images saved as RGB) must not divide by zero
+    mean, std = pixels.mean(dim=1), pixels.std(dim=1).clamp_min(1e-3)
     return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
 
 
@@ -328,11 +329,18 @@ def _build_folder(cfg: ImageDataConfig) -> Splits:
         )
     try:
         classes, class_to_idx = find_classes(root / "train")
-        train = _scan(root / "train", class_to_idx, cfg.image_size, allow_empty=False)
-    except FileNotFoundError as exc:
+    except FileNotFoundError:
         raise KdlError(
-            f"image_folder: {exc} (in {root / 'train'}). Expected: {_FOLDER_LAYOUT}."
-        ) from exc
+            f"image_folder: {root / 'train'} has no class folders. Expected: {_FOLDER_LAYOUT}."
+        ) from None
+    try:
+        train = _scan(root / "train", class_to_idx, cfg.image_size, allow_empty=False)
+    except FileNotFoundError:  # torchvision's words for class folders without one image
+        raise KdlError(
+            f"image_folder: no images in the class folders of {root / 'train'} "
+            f"({', '.join(classes)}); image types read: {', '.join(IMG_EXTENSIONS)}. "
+            f"Expected: {_FOLDER_LAYOUT}."
+        ) from None
     if (root / "val").is_dir():
         val = _scan_held(root / "val", class_to_idx, cfg.image_size)
     else:
