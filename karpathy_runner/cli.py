@@ -446,23 +446,37 @@ def compare_runs(
 @app.command(cls=_Command)
 def plot(
     run_refs: Annotated[
-        list[str], typer.Argument(metavar="RUN...", help="Run ids, unique prefixes, run folders or 'latest'.")
-    ],
+        Optional[list[str]],  # noqa: UP045
+        typer.Argument(metavar="RUN...", help="Run ids, unique prefixes, run folders or 'latest'."),
+    ] = None,
+    sweep: Annotated[
+        Optional[str], typer.Option(metavar="ID", help="Draw all runs of this sweep id.")  # noqa: UP045
+    ] = None,
     metric: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(metavar="SPLIT.KEY",
                      help="What to draw: val.loss, val.accuracy, train.loss, train_epoch.loss... "
                           "(default: the first run's best metric)."),
     ] = None,
+    log_y: Annotated[bool, typer.Option("--log-y", help="A logarithmic y axis.")] = False,
+    color_by: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(metavar="KEY", help="Config key whose values get one colour family each "
+                                         "(default: the first differing key other than seed)."),
+    ] = None,
     out: Annotated[Path, typer.Option(help="PNG file to write.")] = Path("curves.png"),
     runs_dir: RunsDir = None,
 ) -> None:
-    """Draw the learning curves of runs on one figure (PNG); prints the file written."""
-    from .compare import best_metric_name
+    """Draw the learning curves of runs on one figure (PNG); prints the file written. The legend
+    names the config keys that differ between the runs."""
+    from .compare import best_metric_name, sweep_runs
     from .plot import plot_runs
 
-    found = runs.resolve_runs(runs.runs_dir(runs_dir), run_refs)
-    _out(str(plot_runs(found, metric or best_metric_name(found[0]), out)))
+    if bool(run_refs) == bool(sweep):
+        raise KdlError("give run ids to plot, or --sweep ID (not both)")
+    root = runs.runs_dir(runs_dir)
+    found = runs.resolve_runs(root, run_refs) if run_refs else sweep_runs(root, sweep)
+    _out(str(plot_runs(found, metric or best_metric_name(found[0]), out, log_y, color_by)))
 
 
 def main() -> None:

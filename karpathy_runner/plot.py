@@ -7,6 +7,8 @@ a notebook that imports us.
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,24 +39,62 @@ def metric_series(records: list[dict[str, Any]], name: str) -> tuple[str, list[f
     return axis, [float(x) for x, _ in points], [float(y) for _, y in points]
 
 
-def run_labels(found: list[runs.Run], most_keys: int = 3) -> list[str]:
-    """Run ids, plus the config keys that differ between the runs when there are only a few."""
+# a colour family per value of the compared key; runs within one get its shades
+FAMILIES = ("Blues", "Oranges", "Greens", "Reds", "Purples", "Greys", "YlOrBr", "PuRd")
+
+
+@dataclass
+class LineStyle:
+    label: str
+    color: tuple[float, float, float, float] | str | None  # None: matplotlib's next colour
+
+
+def line_styles(found: list[runs.Run], color_by: str | None = None) -> list[LineStyle]:
+    """Legend labels name the config keys that differ between the runs (short ids when none do).
+    Runs that share a value of the compared key (`color_by`, else the first differing key other
+    than the seed) share a colour family, one shade each."""
     configs = [flatten(run.config_dict()) for run in found]
     keys = varying_keys(configs) if len(found) > 1 else []
-    if not keys or len(keys) > most_keys:
-        return [run.id for run in found]
-    return [f"{run.id} ({', '.join(f'{k}={config.get(k)}' for k in keys)})"
-            for run, config in zip(found, configs, strict=True)]
+    if color_by is not None and color_by not in keys:
+        raise KdlError(f"--color-by {color_by}: not a config key that differs between these runs; "
+                       f"those are: {', '.join(keys) or 'none'}")
+    grouping = color_by or next((k for k in keys if k != "seed"), None)
+    keys = sorted(keys, key=lambda k: k != grouping)  # the compared key first in each label
+    labels = [", ".join(f"{k}={_shown(c.get(k))}" for k in keys) or runs.short_id(run.id)
+              for run, c in zip(found, configs, strict=True)]
+    if len(set(labels)) < len(labels) or len(keys) > 4:  # too many keys to read, or runs alike
+        labels = [f"{runs.short_id(run.id)}" + (f" ({label})" if keys and len(keys) <= 4 else "")
+                  for run, label in zip(found, labels, strict=True)]
+    if grouping is None:
+        return [LineStyle(label, None) for label in labels]
+    from matplotlib import colormaps
+
+    values = list(dict.fromkeys(_shown(c.get(grouping)) for c in configs))
+    members: dict[str, list[int]] = {}
+    for index, config in enumerate(configs):
+        members.setdefault(_shown(config.get(grouping)), []).append(index)
+    colors: list[Any] = [None] * len(found)
+    for group, value in enumerate(values):
+        family = colormaps[FAMILIES[group % len(FAMILIES)]]
+        shades = members[value]
+        for rank, index in enumerate(shades):  # dark to light, never so light it vanishes
+            colors[index] = family(0.85 - 0.45 * rank / max(1, len(shades) - 1))
+    return [LineStyle(label, color) for label, color in zip(labels, colors, strict=True)]
 
 
-def plot_runs(found: list[runs.Run], metric: str, out: Path) -> Path:
-    """Draw `metric` (split.key) of each run as one line; x is the step for the per-step `train`
-    split, the epoch for `train_epoch` and `val`. Runs without the metric are left out."""
+def _shown(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (list, dict, bool)) or value is None else str(value)
+
+
+def draw(found: list[runs.Run], metric: str, log_y: bool = False, color_by: str | None = None) -> Any:
+    """The matplotlib Figure of `metric` (split.key), one line per run; x is the step for the
+    per-step `train` split, the epoch for `train_epoch` and `val`. Runs without it are left out."""
     records = [run.metrics() for run in found]
     series = [metric_series(r, metric) for r in records]
     if not any(ys for _, _, ys in series):
         available = list(dict.fromkeys(name for r in records for name in series_names(r)))
         raise KdlError(f"no metric {metric!r} in these runs; available: {', '.join(available) or 'none yet'}")
+    styles = line_styles(found, color_by)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -62,17 +102,29 @@ def plot_runs(found: list[runs.Run], metric: str, out: Path) -> Path:
     figure = Figure(figsize=(8, 5), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    for label, (_, xs, ys) in zip(run_labels(found), series, strict=True):
+    for style, (_, xs, ys) in zip(styles, series, strict=True):
         if ys:
             # markers only where points are few enough to read one by one (epochs, not steps)
-            axes.plot(xs, ys, label=label, marker="o" if len(xs) <= 30 else None, markersize=3)
+            axes.plot(xs, ys, label=style.label, color=style.color,
+                      marker="o" if len(xs) <= 30 else None, markersize=3)
+    if log_y:
+        if any(y <= 0 for _, _, ys in series for y in ys):
+            raise KdlError(f"--log-y: {metric} has values <= 0, which a log scale cannot show")
+        axes.set_yscale("log")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and epochs are whole numbers
     axes.set_xlabel(series[0][0])
     axes.set_ylabel(metric)
     axes.set_title(metric)
-    axes.grid(alpha=0.3)
+    axes.grid(alpha=0.3, which="both" if log_y else "major")
     axes.legend(fontsize="small")
     figure.tight_layout()
+    return figure
+
+
+def plot_runs(found: list[runs.Run], metric: str, out: Path, log_y: bool = False,
+              color_by: str | None = None) -> Path:
+    """Draw the runs' `metric` into the PNG file `out`."""
+    figure = draw(found, metric, log_y, color_by)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, format="png")

@@ -149,6 +149,45 @@ def test_plot_writes_a_png_with_one_line_per_run(runs_dir, lr_sweep, tmp_path):
     assert "val.loss" in unknown.stderr and "train_epoch.accuracy" in unknown.stderr
 
 
+def test_plot_a_sweep_in_colour_families_with_the_differing_keys_in_the_legend(runs_dir, lr_sweep,
+                                                                               tmp_path):
+    import colorsys
+
+    from karpathy_runner.plot import draw
+
+    out = tmp_path / "sweep.png"
+    result = kdl("plot", "--sweep", "s1", "--metric", "val.loss", "--log-y", "--out", out)
+    assert result.exit_code == 0, result.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    found = compare.sweep_runs(runs_dir, "s1")
+    figure = draw(found, "val.loss", log_y=True)
+    axes = figure.axes[0]
+    assert axes.get_yscale() == "log"
+    lines = {line.get_label(): line.get_color() for line in axes.get_lines()}
+    assert sorted(lines) == sorted(f"optimizer.lr={lr}, seed={seed}" for lr, seed in lr_sweep)
+    hue = {label: colorsys.rgb_to_hsv(*color[:3])[0] for label, color in lines.items()}
+    fast = [label for label in lines if label.startswith("optimizer.lr=0.1,")]
+    slow = [label for label in lines if label.startswith("optimizer.lr=0.01,")]
+    # one family (hue) per learning rate, one shade per seed
+    assert max(hue[a] for a in fast) - min(hue[a] for a in fast) < 0.05
+    assert max(hue[a] for a in slow) - min(hue[a] for a in slow) < 0.05
+    assert abs(hue[fast[0]] - hue[slow[0]]) > 0.1
+    assert len({lines[label] for label in fast + slow}) == 5
+    # the other key chosen: one family per seed
+    by_seed = {line.get_label(): line.get_color()
+               for line in draw(found, "val.loss", color_by="seed").axes[0].get_lines()}
+    seed_hue = {label: colorsys.rgb_to_hsv(*color[:3])[0] for label, color in by_seed.items()}
+    assert "seed=0, optimizer.lr=0.1" in seed_hue  # the compared key first
+    assert abs(seed_hue["seed=0, optimizer.lr=0.1"] - seed_hue["seed=0, optimizer.lr=0.01"]) < 0.05
+    assert abs(seed_hue["seed=0, optimizer.lr=0.1"] - seed_hue["seed=1, optimizer.lr=0.1"]) > 0.1
+
+    both = kdl("plot", found[0].id, "--sweep", "s1")
+    assert both.exit_code == 2 and "not both" in both.stderr
+    negative = kdl("plot", "--sweep", "s1", "--metric", "val.loss", "--log-y", "--color-by", "model.name")
+    assert negative.exit_code == 2 and "--color-by model.name" in negative.stderr
+
+
 def test_show_draws_the_best_metric_and_the_epoch_table(runs_dir):
     make_run(runs_dir, [0.9, 0.5, 0.3, 0.25])
     result = kdl("show", "latest")

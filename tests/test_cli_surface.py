@@ -24,7 +24,7 @@ def test_version_names_kdl_python_and_torch():
     ("show", "kdl show [OPTIONS] RUN"),
     ("sample", "kdl sample [OPTIONS] RUN"),
     ("rm", "kdl rm [OPTIONS] RUN..."),
-    ("plot", "kdl plot [OPTIONS] RUN..."),
+    ("plot", "kdl plot [OPTIONS] [RUN...]"),  # or --sweep ID
     ("compare", "kdl compare [OPTIONS] [RUN...]"),
     ("sweep", "kdl sweep [OPTIONS] CONFIG"),
     ("validate", "kdl validate [OPTIONS] CONFIG"),
