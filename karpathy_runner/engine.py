@@ -27,6 +27,7 @@ from .config import (
     load_config,
 )
 from .data import Batches, DataBundle, Prepare, build_data, eval_batch_size
+from .dotted import flatten
 from .errors import KdlError, RunFailed
 from .optim import LRSchedule, build_optimizer
 from .plan import Plan
@@ -186,6 +187,8 @@ def start_run(exp: Experiment, runs_root: Path, command: list[str], reporter: Re
     }, command)
     if exp.data.info.vocabulary:
         writer.write_vocabulary(exp.data.info.vocabulary)
+    writer.hparams(flatten(cfg.to_dict()), [f"{split}/{metric}" for split in ("val", "train_epoch")
+                                            for metric in exp.task.metrics])
     writer.log(f"run {writer.id} started: {cfg.name} on {exp.device}")
     reporter.message(f"run {writer.id}: {writer.folder}")
     return _drive(trainer, writer, previous_duration=0.0)

@@ -1,11 +1,13 @@
 """TensorBoard event files under a run's tb/ folder, so `tensorboard --logdir runs` works.
 
 Every metrics record becomes scalars named split/metric (train/loss, val/accuracy, ...) at its
-step; image tasks add a grid of example inputs, and every run its config as text.
+step; image tasks add a grid of example inputs, and every run its config as text and as
+hyperparameters (the HParams tab) with its validation and epoch metrics.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,16 @@ class EventLog:
         for key, value in record.items():
             if key not in NOT_SCALARS and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.writer.add_scalar(f"{split}/{key}", value, step)
+
+    def hparams(self, config: dict[str, Any], metric_tags: list[str]) -> None:
+        """The run's flat config (dotted names, as --set writes them) for TensorBoard's HParams
+        tab, with the scalar tags it compares runs by (each run's last value of each)."""
+        from torch.utils.tensorboard.summary import hparams
+
+        values = {key: value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+                  for key, value in config.items()}
+        for summary in hparams(values, dict.fromkeys(metric_tags, 0.0)):
+            self.writer.file_writer.add_summary(summary)
 
     def images(self, tag: str, images: torch.Tensor, step: int = 0) -> None:
         """uint8 (B, C, H, W) images as one grid."""

@@ -57,6 +57,11 @@ class RunWriter:
         self._open_events(purge_step=None)
         self.events.text("config", (self.folder / runs.CONFIG).read_text())
 
+    def hparams(self, config: dict[str, Any], metrics: list[str]) -> None:
+        """TensorBoard's HParams: the flat config and the split/metric tags to compare runs by."""
+        if self.events is not None:
+            self.events.hparams(config, metrics)
+
     def resume(self, step: int, command: list[str], changes: dict[str, Any],
                config_yaml: str | None, epochs: int) -> None:
         """Continue this folder from a checkpoint at `step`: a changed config (only once the

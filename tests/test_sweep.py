@@ -114,6 +114,20 @@ def test_tensorboard_event_files_are_readable(tmp_path):
     val = [r for r in metrics if r["split"] == "val"]
     assert [e.step for e in events.Scalars("val/loss")] == [r["step"] for r in val] == [21, 42]
     assert [e.value for e in events.Scalars("val/loss")] == pytest.approx([r["loss"] for r in val])
+    # the HParams tab: the config by dotted name, and the metrics it compares runs by
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    hparams = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"])
+    values = start.session_start_info.hparams
+    assert values["optimizer.lr"].number_value == pytest.approx(0.003)
+    assert values["model.name"].string_value == "cnn"
+    assert values["model.channels"].string_value == "[8, 16]"
+    assert values["train.epochs"].number_value == 2
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"])
+    declared = {info.name.tag for info in experiment.experiment.metric_infos}
+    assert {"val/loss", "val/accuracy", "train_epoch/loss", "train_epoch/accuracy"} == declared
+    assert declared <= set(tags["scalars"])  # each has the values TensorBoard will show
 
 
 def test_shell_completion_completes_commands_and_options():
