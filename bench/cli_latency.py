@@ -6,7 +6,9 @@ Trains one tiny real run (digits, 3 epochs, CPU, ~10 s) unless --source names a 
 it --runs times into a temporary runs folder with varied ids, names, statuses, sweeps, learning
 rates, seeds and metrics (checkpoints left out: no command timed here reads them), then times each
 command as a fresh process, --repeat times after two warm-up calls, and prints median and min.
-Targets: `kdl --help` 0.2 s, `kdl runs` 0.3 s (medians). Exit code 1 when a target is missed.
+Targets (medians, 2 cores): `kdl --help` 0.15 s, `kdl runs` 0.25 s, and every mistake (a missing
+config, a bad --set, an unknown run) answered in under 0.5 s, before torch loads. A figure over its
+target is marked MISSED; the script reports, it does not fail.
 """
 
 from __future__ import annotations
@@ -65,11 +67,14 @@ def make_copies(source: Path, root: Path, count: int) -> None:
         (folder / "config.yaml").write_text(re.sub(r"(?m)^name: .*$", f"name: {name}", text))
 
 
-def time_command(args: list[str], repeat: int, env: dict[str, str]) -> list[float]:
+def time_command(args: list[str], repeat: int, env: dict[str, str], exit_code: int = 0) -> list[float]:
     times = []
     for attempt in range(repeat + 2):
         started = time.perf_counter()
-        subprocess.run([KDL, *args], check=True, capture_output=True, env=env)
+        done = subprocess.run([KDL, *args], capture_output=True, env=env)
+        if done.returncode != exit_code:
+            raise SystemExit(f"kdl {' '.join(args)} exited {done.returncode}, not {exit_code}:\n"
+                             + done.stderr.decode())
         if attempt >= 2:  # the first two calls warm the file cache and .pyc files
             times.append(time.perf_counter() - started)
     return times
@@ -88,25 +93,29 @@ def main() -> int:
         make_copies(source, root, args.runs)
         env = {**os.environ, "KDL_RUNS_DIR": str(root), "COLUMNS": "200"}
         first_id = sorted(os.listdir(root))[0]
-        commands = [
-            (["--help"], 0.2),
-            (["runs"], 0.3),
-            (["runs", "--sort", "val.accuracy", "--limit", "10"], None),
-            (["runs", "--where", "optimizer.lr=0.01", "--status", "completed"], None),
-            (["show", first_id], None),
-            (["compare", "--sweep", "sweep-0", "--group-by", "optimizer.lr"], None),
+        config = str(REPO / "configs/digits_cnn.yaml")
+        commands = [  # (arguments, target median in seconds, exit code)
+            (["--help"], 0.15, 0),
+            (["runs"], 0.25, 0),
+            (["runs", "--sort", "val.accuracy", "--limit", "10"], None, 0),
+            (["runs", "--where", "optimizer.lr=0.01", "--status", "completed"], None, 0),
+            (["show", first_id], None, 0),
+            (["compare", "--sweep", "sweep-0", "--group-by", "optimizer.lr"], None, 0),
+            (["train", "nonexistent.yaml"], 0.5, 2),
+            (["train", config, "--set", "optimizer.lrr=0.1"], 0.5, 2),
+            (["train", config, "--set", "train.epochs=0"], 0.5, 2),
+            (["train", "--resume", "nosuchrun"], 0.5, 2),
+            (["eval", "nosuchrun"], 0.5, 2),
         ]
         print(f"{args.runs} run folders, {args.repeat} timed calls each; python {sys.version.split()[0]}")
         print(f"{'median':>8} {'min':>7} {'target':>7}  command")
-        missed = False
-        for command, target in commands:
-            times = time_command(command, args.repeat, env)
+        for command, target, exit_code in commands:
+            times = time_command(command, args.repeat, env, exit_code)
             median = statistics.median(times)
             verdict = "" if target is None else "ok" if median <= target else "MISSED"
-            missed |= verdict == "MISSED"
             shown_target = f"{target:.2f}" if target else "-"
             print(f"{median:8.3f} {min(times):7.3f} {shown_target:>7}  kdl {' '.join(command)}  {verdict}")
-    return 1 if missed else 0
+    return 0
 
 
 if __name__ == "__main__":

@@ -10,9 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import secrets
 import socket
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -48,6 +46,8 @@ def utc_now() -> str:
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     """Write through `write(handle)` into a temp file beside `path`, fsync, rename over it."""
+    import tempfile  # here, not at the top: `kdl --help` and `kdl runs` never write
+
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -120,6 +120,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def new_run_id(name: str) -> str:
+    import secrets
+
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     return f"{stamp}-{name}-{secrets.token_hex(3)}"
 

@@ -385,7 +385,9 @@ def test_run_ids_never_collide_even_when_the_random_part_does(tmp_path, monkeypa
     """32 folders for one name in the same second from a pool of 40 random parts: collisions
     happen, and the atomic mkdir turns each into a retry."""
     pool = random.Random(0)
-    monkeypatch.setattr(runs_module.secrets, "token_hex", lambda n: f"{pool.randrange(40):06x}")
+    import secrets
+
+    monkeypatch.setattr(secrets, "token_hex", lambda n: f"{pool.randrange(40):06x}")
     folders: list[Path] = []
     barrier = threading.Barrier(8)
 
