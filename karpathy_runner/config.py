@@ -33,6 +33,7 @@ from pydantic import (
     model_validator,
 )
 
+from . import safe_yaml
 from .dotted import MISSING, flatten
 from .errors import ConfigError
 
@@ -414,7 +415,7 @@ def _family(classes: tuple[type[Branch], ...]) -> Any:
     return Annotated[Union[classes], Field(discriminator="name")]  # noqa: UP007
 
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # fullmatch: "$" allows a "\n"
 
 
 class Config(Branch):
@@ -435,7 +436,7 @@ class Config(Branch):
     @field_validator("name")
     @classmethod
     def _name(cls, name: str) -> str:
-        if not NAME_PATTERN.match(name):
+        if not NAME_PATTERN.fullmatch(name):
             raise ValueError(
                 f"must be letters, digits, '_', '.', '-' (at most 64, no '/'), got {name!r}"
             )
@@ -606,19 +607,23 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
             [f"config file {str(path)!r} does not exist; pass a YAML file such as configs/digits_cnn.yaml"]
         )
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(
-            [f"{path} is not valid YAML{where}: {problem}. Fix the file; python tags are refused"]
-        ) from None
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8"]) from None
+    return parse_yaml(text, str(path))
+
+
+def parse_yaml(text: str, source: str) -> dict[str, Any]:
+    """A config's text (from `source`) as a mapping; anything else is a ConfigError."""
+    try:
+        raw = safe_yaml.parse(text)
+    except safe_yaml.UnsafeYaml as exc:
+        raise ConfigError([f"{source} {exc}. Fix the file; python tags are refused"]) from None
     if raw is None:
-        raise ConfigError([f"{path} is empty; start from configs/digits_cnn.yaml"])
+        raise ConfigError([f"{source} is empty; start from configs/digits_cnn.yaml"])
     if not isinstance(raw, dict):
         raise ConfigError(
-            [f"{path} holds a {type(raw).__name__}, not a mapping of keys (name, data, model, ...)"]
+            [f"{source} holds a {type(raw).__name__}, not a mapping of keys (name, data, model, ...)"]
         )
     return raw
 
