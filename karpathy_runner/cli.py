@@ -351,7 +351,8 @@ def remove(
             print(f"  {run.path}", file=sys.stderr)
         typer.confirm(f"Remove {len(found)} run folder(s)?", abort=True, err=True)
     for run in found:
-        shutil.rmtree(run.path)
+        with runs.RunLock(run.path).acquire():  # not while another process writes it
+            shutil.rmtree(run.path)
         _out(f"removed {run.id}")
 
 

@@ -28,6 +28,7 @@ from .config import (
     load_config,
     load_yaml,
     parse_override,
+    parse_yaml,
     resolve,
 )
 from .data import Batches, DataBundle, Prepare, build_data, eval_batch_size
@@ -35,7 +36,7 @@ from .errors import KdlError, RunFailed
 from .optim import LRSchedule, build_optimizer
 from .progress import Reporter
 from .tasks import Sample, SampleRequest, Task, build_task
-from .trainer import Trainer, autocast_for, evaluate, seed_everything
+from .trainer import Stop, Trainer, autocast_for, evaluate, seed_everything
 from .writer import RunWriter
 
 EXIT_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -164,6 +165,7 @@ class Plan:
     changes: dict[str, Any] = field(default_factory=dict)  # --set changes to a resumed run
     done: runs.Run | None = None  # --skip-existing found this run completed or running
     sweep: dict[str, Any] | None = None  # the sweep tag of a fresh run
+    lock: runs.RunLock | None = None  # held on `run` from planning to the end of the process's work
 
 
 def plan_train(config_path: str | None, overrides: list[str], runs_root: Path,
@@ -178,8 +180,14 @@ def plan_train(config_path: str | None, overrides: list[str], runs_root: Path,
         if existing is not None:
             resume, overrides = existing.id, []
     if resume:
-        run, cfg, changes = _resume_config(runs_root, resume, overrides, allow_changes)
-        return Plan(cfg, run=run, changes=changes)
+        run = runs.resolve_run(runs_root, resume)
+        lock = runs.RunLock(run.path).acquire()  # before reading its state: one writer per run
+        try:
+            cfg, changes = _resume_config(run, overrides, allow_changes)
+        except BaseException:
+            lock.release()
+            raise
+        return Plan(cfg, run=run, changes=changes, lock=lock)
     tag = None
     if sweep:  # the point is what this run's --set values made of the sweep's config
         tag = {"id": sweep, "point": {".".join(key): value
@@ -208,13 +216,17 @@ def _config_hash(run: runs.Run) -> str | None:
         return None
 
 
-def _resume_config(
-    runs_root: Path, ref: str, overrides: list[str], allow_changes: bool
-) -> tuple[runs.Run, Config, dict[str, Any]]:
-    run = runs.resolve_run(runs_root, ref)
+def _resume_config(run: runs.Run, overrides: list[str], allow_changes: bool
+                   ) -> tuple[Config, dict[str, Any]]:
+    """The config a resume continues with, and its changes; refuses what cannot be resumed."""
+    runs.refuse_damaged(run)
     if run.status == "running":
         raise KdlError(f"run {run.id} is still running (pid {run.meta.get('pid')}); stop it first")
-    raw = load_yaml(run.path / runs.CONFIG)  # strict: a damaged config.yaml is not the defaults
+    pending = run.meta.get("pending_config")
+    if isinstance(pending, str):  # a change recorded, then a kill before it was applied: apply it
+        raw = parse_yaml(pending, f"{run.path / runs.META} (pending_config)")
+    else:  # strict: a damaged config.yaml is not the defaults
+        raw = load_yaml(run.path / runs.CONFIG)
     saved = resolve(raw, str(run.path / runs.CONFIG))
     cfg = resolve(apply_overrides(raw, overrides), "--set") if overrides else saved
     changes = _diff(saved.to_dict(), cfg.to_dict())
@@ -224,17 +236,13 @@ def _resume_config(
             f"resuming {run.id} with changes ({shown}) would not continue the same experiment; "
             "add --allow-changes to resume anyway (the changes are recorded in meta.json)"
         )
-    if not run.checkpoint("last").is_file():
-        raise KdlError(
-            f"run {run.id} has no checkpoints/last.pt to resume from; start it again with "
-            f"`kdl train {run.path / runs.CONFIG}`"
-        )
-    if run.status == "completed" and not changes:
+    # a completed run without its summary (an older kdl wrote meta.json first) is finished again
+    if run.status == "completed" and not changes and (run.path / runs.SUMMARY).is_file():
         raise KdlError(
             f"run {run.id} already completed; to train longer resume with "
             "--set train.epochs=N --allow-changes"
         )
-    return run, cfg, changes
+    return cfg, changes
 
 
 def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -269,18 +277,36 @@ def train(
         reporter.message(f"run {plan.done.id} has this config and is {plan.done.status}: skipped")
         return TrainResult(plan.done.id, plan.done.path, plan.done.status, 0, plan.done.summary(),
                            skipped=True)
-    if plan.run is None:
-        return start_run(build_experiment(plan.cfg), runs_root, command, reporter, plan.sweep)
-    exp = build_experiment(plan.cfg, vocabulary=plan.run.vocabulary())
-    return resume_run(exp, plan.run.path, plan.changes, command, reporter)
+    try:
+        if plan.run is None:
+            exp = build_experiment(plan.cfg)
+            stop = Stop()
+            with stop.installed():  # before the folder exists: no moment of a run is unguarded
+                return start_run(exp, runs_root, command, reporter, plan.sweep, stop)
+        exp = build_experiment(plan.cfg, vocabulary=plan.run.vocabulary())
+        stop = Stop()
+        with stop.installed():
+            return resume_run(exp, plan.run.path, plan.changes, command, reporter, stop)
+    finally:
+        if plan.lock is not None:
+            plan.lock.release()
 
 
 def start_run(exp: Experiment, runs_root: Path, command: list[str], reporter: Reporter,
-              sweep: dict[str, Any] | None = None) -> TrainResult:
+              sweep: dict[str, Any] | None = None, stop: Stop | None = None) -> TrainResult:
     """A new run folder for a built experiment, trained to the end (or a stop)."""
     cfg = exp.cfg
     writer = RunWriter.create(runs_root, cfg.name, cfg.to_yaml())
-    trainer = build_trainer(exp, writer, reporter)
+    with writer.lock:
+        trainer = build_trainer(exp, writer, reporter, stop)
+        _start(exp, writer, command, sweep)
+        reporter.message(f"run {writer.id}: {writer.folder}")
+        return _drive(trainer, writer, previous_duration=0.0)
+
+
+def _start(exp: Experiment, writer: RunWriter, command: list[str],
+           sweep: dict[str, Any] | None) -> None:
+    cfg = exp.cfg
     writer.start({
         "name": cfg.name, "task": exp.task.name, "model": cfg.model.name,
         "dataset": cfg.data.name, "config_hash": cfg.hash(), "config_schema": SCHEMA_MAJOR,
@@ -291,28 +317,35 @@ def start_run(exp: Experiment, runs_root: Path, command: list[str], reporter: Re
     if exp.data.info.vocabulary:
         writer.write_vocabulary(exp.data.info.vocabulary)
     writer.log(f"run {writer.id} started: {cfg.name} on {exp.device}")
-    reporter.message(f"run {writer.id}: {writer.folder}")
-    return _drive(trainer, writer, previous_duration=0.0)
 
 
 def resume_run(exp: Experiment, folder: Path, changes: dict[str, Any], command: list[str],
-               reporter: Reporter) -> TrainResult:
-    """Continue the run in `folder` from its last checkpoint."""
+               reporter: Reporter, stop: Stop | None = None) -> TrainResult:
+    """Continue the run in `folder` from its last checkpoint; a run killed before its first
+    checkpoint starts again from step 0, as it did the first time."""
     writer = RunWriter(folder)
-    trainer = build_trainer(exp, writer, reporter)
+    trainer = build_trainer(exp, writer, reporter, stop)
     last = writer.checkpoint("last")
-    checkpoint = load_checkpoint(last)
-    with _checkpoint_must_fit(last):
-        trainer.load_state_dict(checkpoint)
+    if last.is_file():
+        checkpoint = load_checkpoint(last)
+        with _checkpoint_must_fit(last):
+            trainer.load_state_dict(checkpoint)
+        trainer.restore_last_metrics(runs.read_jsonl(folder / runs.METRICS))
+        writer.repair_best(trainer.state.epoch, trainer.state.best_epoch, trainer.state.batch)
+    if exp.data.info.vocabulary and not (folder / runs.VOCAB).is_file():
+        writer.write_vocabulary(exp.data.info.vocabulary)  # killed before it was written
     # the config is rewritten only now: a change the checkpoint cannot take leaves the run as it was
-    writer.resume(trainer.state.step, command, changes, exp.cfg.to_yaml() if changes else None,
-                  exp.cfg.train.epochs)
+    rewrite = bool(changes) or "pending_config" in writer.meta
+    writer.resume(trainer.state.step, command, changes, exp.cfg.to_yaml() if rewrite else None,
+                  {"epochs": exp.cfg.train.epochs, "config_hash": exp.cfg.hash(),
+                   "config_schema": SCHEMA_MAJOR})
     writer.log(f"===== resumed at epoch {trainer.state.epoch} step {trainer.state.step} =====")
     reporter.message(f"run {writer.id}: {writer.folder}")
     return _drive(trainer, writer, previous_duration=float(writer.meta.get("duration_s") or 0.0))
 
 
-def build_trainer(exp: Experiment, writer: RunWriter, reporter: Reporter) -> Trainer:
+def build_trainer(exp: Experiment, writer: RunWriter, reporter: Reporter,
+                  stop: Stop | None = None) -> Trainer:
     """One optimizer and schedule per trainable model, the batches, handed to the one loop."""
     cfg, task = exp.cfg, exp.task
     optimizers = {name: build_optimizer(cfg.optimizer_for(name), task.param_groups(name))
@@ -325,8 +358,10 @@ def build_trainer(exp: Experiment, writer: RunWriter, reporter: Reporter) -> Tra
         total_steps = min(total_steps, cfg.train.max_steps)
     schedules = {name: LRSchedule(cfg.scheduler, cfg.optimizer_for(name).lr, len(train_batches),
                                   total_steps) for name in optimizers}
-    return Trainer(cfg.train, task, optimizers, schedules, exp.prepare, train_batches,
-                   _eval_batches(cfg, exp.data.val), writer, reporter, exp.device)
+    trainer = Trainer(cfg.train, task, optimizers, schedules, exp.prepare, train_batches,
+                      _eval_batches(cfg, exp.data.val), writer, reporter, exp.device, stop)
+    trainer.stop.attach(writer.log)
+    return trainer
 
 
 def _drive(trainer: Trainer, writer: RunWriter, previous_duration: float) -> TrainResult:
@@ -384,7 +419,7 @@ def _checkpoint_must_fit(path: Path) -> Iterator[None]:
     error (e.g. model.channels changed with --allow-changes), not a traceback."""
     try:
         yield
-    except (RuntimeError, KeyError, ValueError) as exc:
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
         raise KdlError(
             f"checkpoint {path} does not fit the model built from the run's config.yaml "
             f"({str(exc).strip().splitlines()[0][:300]}). Keep the model.* keys the run was trained "
@@ -415,6 +450,7 @@ class Loaded:
 def load_run(runs_root: Path, ref: str, checkpoint: str, device: str) -> Loaded:
     check_versions()  # before anything is unpickled
     run = runs.resolve_run(runs_root, ref)
+    runs.refuse_damaged(run)
     cfg = load_config(run.path / runs.CONFIG)
     path = run.checkpoint(checkpoint)
     if not path.is_file():
