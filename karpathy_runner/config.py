@@ -42,6 +42,9 @@ from .errors import ConfigError
 # needs no bump: the hash covers only values that differ from the defaults.
 SCHEMA_MAJOR = 1
 
+# seeds go to generators that take 64 bits (torch.manual_seed): bounded here, not by a traceback
+Seed = Annotated[int, Field(ge=-(2**63), lt=2**63)]
+
 
 class Branch(BaseModel):
     """A config branch: unknown keys are refused, values are never silently coerced from text."""
@@ -76,11 +79,12 @@ class ImageDataConfig(Branch):
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int | None = Field(None, ge=1)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    split_seed: int = 0
+    split_seed: Seed = 0
     augment: list[Literal["crop", "flip"]] = Field(default_factory=list)
     crop_padding: int = Field(4, ge=0)
     image_size: int = Field(32, ge=4)
     num_workers: int = Field(0, ge=0)
+    skip_bad_files: bool = False  # image_folder: leave out (and count) files that do not decode
     # rows: each image is a sequence of its rows (H steps of C x W values), for recurrent models
     as_sequence: Literal["none", "rows"] = "none"
 
@@ -112,7 +116,7 @@ class TextDataConfig(Branch):
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int | None = Field(None, ge=1)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    split_seed: int = 0
+    split_seed: Seed = 0
     num_workers: int = Field(0, ge=0)
 
     @model_validator(mode="after")
@@ -390,7 +394,7 @@ class TrainConfig(Branch):
     @field_validator("device")
     @classmethod
     def _device(cls, device: str) -> str:
-        if not DEVICE_PATTERN.match(device):
+        if not DEVICE_PATTERN.fullmatch(device):
             raise ValueError(f"must be one of auto, cpu, cuda, cuda:N, mps; got {device!r}")
         return device
 
@@ -420,7 +424,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # fullmatch: "$" 
 
 class Config(Branch):
     name: str = "run"
-    seed: int = 0
+    seed: Seed = 0
     data: _family(DATA_FAMILIES) = Field(default_factory=DATA_FAMILIES[0])
     model: _family(MODEL_FAMILIES) = Field(default_factory=MODEL_FAMILIES[0])
     task: _family(TASK_FAMILIES) = Field(default_factory=TASK_FAMILIES[0])

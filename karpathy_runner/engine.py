@@ -22,6 +22,7 @@ import torch
 from . import runs
 from .checkpoint import load_checkpoint
 from .config import (
+    DEVICE_PATTERN,
     SCHEMA_MAJOR,
     Config,
     apply_overrides,
@@ -90,7 +91,10 @@ def package_version(name: str) -> str:
         return "0.0"
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """The torch device `name` (the value of `key`: train.device, or eval's --device) means here."""
+    if not DEVICE_PATTERN.fullmatch(name):
+        raise KdlError(f"{key}: must be one of auto, cpu, cuda, cuda:N, mps; got {name!r}")
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -100,17 +104,17 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise KdlError(
-                f"train.device: {name!r} asked for a CUDA GPU but torch sees none "
+                f"{key}: {name!r} asked for a CUDA GPU but torch sees none "
                 f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}). "
                 "Use --device cpu or train.device: auto, or install a CUDA build of torch."
             )
         index = int(name.split(":")[1]) if ":" in name else 0
         if index >= torch.cuda.device_count():
             raise KdlError(
-                f"train.device: {name!r} but only {torch.cuda.device_count()} GPU(s) are visible"
+                f"{key}: {name!r} but only {torch.cuda.device_count()} GPU(s) are visible"
             )
     if name == "mps" and not torch.backends.mps.is_available():
-        raise KdlError("train.device: 'mps' asked for Apple's GPU but it is not available here")
+        raise KdlError(f"{key}: 'mps' asked for Apple's GPU but it is not available here")
     return torch.device(name)
 
 
@@ -119,7 +123,8 @@ def build_experiment(cfg: Config, device_override: str | None = None, training: 
     """Device, data and task from a validated config; every input error surfaces here.
     `vocabulary` is a run's saved one (text and character data), for resume, eval and sample."""
     check_versions()
-    device = resolve_device(device_override or cfg.train.device)
+    device = resolve_device(device_override or cfg.train.device,
+                            "--device" if device_override else "train.device")
     if training and cfg.train.precision == "fp16" and device.type == "cpu":
         raise KdlError(
             "train.precision: fp16 needs a GPU; on the CPU use bf16 or fp32 (--set train.precision=bf16)"
@@ -138,9 +143,50 @@ def build_experiment(cfg: Config, device_override: str | None = None, training: 
                 f"{key} is {metric!r} but there is no validation split (data.val_fraction is 0); "
                 f"set data.val_fraction > 0 or {key}: train.{metric.split('.', 1)[1]}"
             )
+    _check_fits_in_memory(cfg, data.info, device)
     task = build_task(cfg.task, cfg.model, data.info, device)
     task.to(device)
     return Experiment(cfg, device, data.to(device), task, data.prepare.to(device))
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory on `device` (the host's RAM for the CPU)."""
+    import os
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _check_fits_in_memory(cfg: Config, info: Any, device: torch.device) -> None:
+    """Sizes that validate but cannot be allocated (a layer of 10**10 units, a crop padding of
+    10**5) are config errors naming their keys, before any folder exists, not allocator
+    tracebacks. Models are built on the meta device to count their parameters: no memory, and
+    the random state is left as it was."""
+    memory = device_memory(device)
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        probe = build_task(cfg.task, cfg.model, info, device)
+    parameters = sum(p.numel() for m in probe.models.values() for p in m.parameters())
+    needed = parameters * 4 * 4  # fp32 weights, gradients and two optimizer moments
+    if needed > memory:
+        sizes = ", ".join(f"model.{key}={value}" for key, value in cfg.model.model_dump().items()
+                          if isinstance(value, (int, list)) and not isinstance(value, bool))
+        raise KdlError(
+            f"the model has {parameters:,} parameters: with gradients and optimizer state about "
+            f"{needed / 2**30:,.0f} GiB, more than the {memory / 2**30:,.0f} GiB of {device.type} "
+            f"memory here. Make it smaller ({sizes})."
+        )
+    padding = getattr(cfg.data, "crop_padding", 0) if "crop" in getattr(cfg.data, "augment", ()) else 0
+    if padding:
+        height, width = info.image_size
+        padded = cfg.data.batch_size * info.in_channels * (height + 2 * padding) * (width + 2 * padding)
+        if padded * 4 * 3 > memory:  # the padded batch, its gather and its copy, in fp32
+            raise KdlError(
+                f"data.crop_padding: {padding} pads each batch of {cfg.data.batch_size} "
+                f"{height}x{width} images to {height + 2 * padding}x{width + 2 * padding}, about "
+                f"{padded * 12 / 2**30:,.0f} GiB, more than the {memory / 2**30:,.0f} GiB here; a "
+                "padding of a few pixels (4 for 32x32 images) is usual."
+            )
 
 
 def versions(device: torch.device) -> dict[str, Any]:
@@ -449,6 +495,7 @@ class Loaded:
 
 def load_run(runs_root: Path, ref: str, checkpoint: str, device: str) -> Loaded:
     check_versions()  # before anything is unpickled
+    resolve_device(device, "--device")  # a bad --device is said first
     run = runs.resolve_run(runs_root, ref)
     runs.refuse_damaged(run)
     cfg = load_config(run.path / runs.CONFIG)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from kdl import kdl
+from kdl import CONFIGS, TINY, kdl
+from stopping import sets
 
 from karpathy_runner.config import load_config
 from karpathy_runner.errors import ConfigError
@@ -58,3 +59,46 @@ def test_small_aliases_still_work(tmp_path):
     config.write_text("name: x\ndata: {name: digits, batch_size: 32}\n"
                       "model: {name: cnn, channels: [&width 8, *width]}\n")
     assert load_config(config).model.channels == [8, 8]
+
+
+# ----------------------------------------------------------------------------- values that cannot run
+
+
+@pytest.mark.parametrize("value, fragments", [
+    ("seed=1180591620717411303424", ["seed: must be less than 9223372036854775808"]),
+    ("data.split_seed=-9223372036854775809", ["data.split_seed: must be greater than or equal"]),
+    ("model.hidden=[10000000000]", ["parameters", "model.hidden=[10000000000]"]),
+    ("data.crop_padding=100000", ["data.crop_padding: 100000 pads each batch"]),
+], ids=["seed 2**70", "split seed below -2**63", "a layer of 10**10 units", "crop padding 10**5"])
+def test_values_that_validate_but_cannot_run_are_refused_before_a_folder(tmp_path, value, fragments):
+    result = kdl("train", CONFIGS / "digits_cnn.yaml", *sets([*TINY, "data.augment=[crop]", value]),
+                 "--runs-dir", tmp_path / "runs", "--quiet")
+    assert result.exit_code == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, (fragment, result.stderr)
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.parametrize("seed", [10**14, 2**63 - 1, -(2**63)])
+def test_a_large_seed_trains(tmp_path, seed):
+    result = kdl("train", CONFIGS / "digits_cnn.yaml",
+                 *sets([*TINY, "train.max_steps=2", "data.augment=[crop,flip]", "data.num_workers=0",
+                        f"seed={seed}"]), "--runs-dir", tmp_path, "--quiet")
+    assert result.exit_code == 0, result.stderr
+
+
+def test_the_batch_order_of_a_seed_is_what_it_was():
+    """Seeds that fit kept their orders (runs stopped by an older kdl resume exactly)."""
+    import torch
+
+    from karpathy_runner.data import epoch_order
+
+    assert torch.equal(epoch_order(50, 7, 3, True),
+                       torch.randperm(50, generator=torch.Generator().manual_seed(7 * 1_000_003 + 3)))
+
+
+def test_eval_device_goes_through_the_device_check(trained):
+    result = kdl("eval", trained.name, "--device", "bogus", "--runs-dir", trained.parent)
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert "--device: must be one of auto, cpu, cuda, cuda:N, mps; got 'bogus'" in result.stderr
