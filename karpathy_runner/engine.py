@@ -164,7 +164,8 @@ def _check_fits_in_memory(cfg: Config, info: Any, device: torch.device) -> None:
     tracebacks. Models are built on the meta device to count their parameters: no memory, and
     the random state is left as it was."""
     memory = device_memory(device)
-    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), torch.device("meta"):
         probe = build_task(cfg.task, cfg.model, info, device)
     parameters = sum(p.numel() for m in probe.models.values() for p in m.parameters())
     needed = parameters * 4 * 4  # fp32 weights, gradients and two optimizer moments

@@ -8,10 +8,10 @@ onto a named file (tests/kill_at.py); resumes run in-process.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -240,14 +240,28 @@ def test_rm_waits_for_no_one_and_removes_nothing_of_a_locked_run(runs_dir):
 
 
 def test_stale_temp_files_are_removed_but_not_a_live_writers(tmp_path):
+    """A kill's leftover goes when the run is locked; a temp file another process (here a
+    thread, as `kdl eval` would) is still writing stays, and its write completes."""
     folder = tmp_path / "run"
     (folder / "checkpoints").mkdir(parents=True)
     stale = folder / "checkpoints" / ".last.pt.abc123.tmp"
-    live = folder / ".meta.json.def456.tmp"
     stale.write_bytes(b"half a checkpoint")
-    live.write_bytes(b"{")
-    with open(live, "rb") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # as atomic_write holds it while writing
-        lock = runs_module.RunLock(folder).acquire()
-        lock.release()
-        assert not stale.exists() and live.exists()
+    writing, finish = threading.Event(), threading.Event()
+
+    def slow_write(handle):
+        handle.write(b'{"partial": ')
+        writing.set()
+        finish.wait(30)
+        handle.write(b"true}")
+
+    writer = threading.Thread(target=runs_module.atomic_write,
+                              args=(folder / "eval.json", slow_write))
+    writer.start()
+    assert writing.wait(30)
+    live = list(folder.glob(".eval.json.*.tmp"))
+    runs_module.RunLock(folder).acquire().release()
+    assert not stale.exists() and len(live) == 1 and live[0].exists()
+    finish.set()
+    writer.join()
+    assert read_json(folder / "eval.json") == {"partial": True}
+    assert not list(folder.rglob("*.tmp"))
