@@ -243,10 +243,10 @@ def plan_train(config_path: str | None, overrides: list[str], runs_root: Path,
 
 
 def _existing_run(runs_root: Path, cfg: Config) -> runs.Run | None:
-    """The newest run of the same experiment (config hash) that is not failed, if any."""
+    """The newest run of the same experiment (config hash) that is not failed or damaged."""
     wanted = cfg.hash()
     for run in sorted(runs.iter_runs(runs_root), key=lambda r: r.id, reverse=True):
-        if run.status != "failed" and _config_hash(run) == wanted:
+        if run.status not in ("failed", "damaged") and _config_hash(run) == wanted:
             return run
     return None
 
@@ -325,14 +325,11 @@ def train(
         return TrainResult(plan.done.id, plan.done.path, plan.done.status, 0, plan.done.summary(),
                            skipped=True)
     try:
-        if plan.run is None:
-            exp = build_experiment(plan.cfg)
-            stop = Stop()
-            with stop.installed():  # before the folder exists: no moment of a run is unguarded
-                return start_run(exp, runs_root, command, reporter, plan.sweep, stop)
-        exp = build_experiment(plan.cfg, vocabulary=plan.run.vocabulary())
+        exp = build_experiment(plan.cfg, vocabulary=plan.run.vocabulary() if plan.run else None)
         stop = Stop()
-        with stop.installed():
+        with stop.installed():  # before the folder exists: no moment of a run is unguarded
+            if plan.run is None:
+                return start_run(exp, runs_root, command, reporter, plan.sweep, stop)
             return resume_run(exp, plan.run.path, plan.changes, command, reporter, stop)
     finally:
         if plan.lock is not None:

@@ -419,6 +419,7 @@ class Trainer:
             self._nonfinite(self.state.step - 1)
         self.run.save_checkpoint(which, self.state_dict())
 
+
 class Stop:
     """SIGINT and SIGTERM for a run's whole life: from before its folder exists to its last file.
 
