@@ -42,19 +42,57 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        text = str(exc)
+        detail = next((line.strip() for line in text.splitlines()
+                       if "GLOBAL" in line or "Unsupported" in line), _first_line(exc))
+        if "GLOBAL" not in text:  # garbage bytes, not a pickle that names code to call
+            raise KdlError(f"{path} is not a kdl checkpoint (not a file torch wrote: {detail[:200]}). "
+                           "Use the other checkpoint (--checkpoint last|best) or re-run.") from None
         raise KdlError(
             f"refused to load {path}: it holds pickled Python objects that could run code "
-            f"({str(exc).splitlines()[0][:200]}). kdl only loads plain tensors and values; "
+            f"({detail[:200]}). kdl only loads plain tensors and values; "
             "do not use checkpoints from untrusted sources."
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # torch raises many kinds on damaged bytes (zip, EOF, index, ...)
         raise KdlError(
-            f"checkpoint {path} cannot be read ({str(exc).splitlines()[0][:200]}); it is damaged "
+            f"checkpoint {path} cannot be read ({_first_line(exc)}); it is damaged "
             "or incomplete. Use the other checkpoint (--checkpoint last|best) or re-run."
         ) from None
-    if not isinstance(state, dict) or state.get("format") not in (1, FORMAT_VERSION):
-        raise KdlError(f"{path} is not a kdl checkpoint (format {FORMAT_VERSION} expected)")
+    problem = _shape_problem(state)
+    if problem:
+        raise KdlError(f"{path} is not a kdl checkpoint ({problem}; format {FORMAT_VERSION} "
+                       "expected). Use the other checkpoint (--checkpoint last|best) or re-run.")
     return _upgraded(state)
+
+
+KEYS = {"format", "models", "optimizers", "scaler", "loop", "task", "window", "rng"}
+LOOP_KEYS = {"epoch", "batch", "step", "best_value", "best_epoch", "stop_value", "bad_epochs",
+             "epoch_sums", "skipped_steps", "stop_reason"}
+
+
+def _shape_problem(state: Any) -> str | None:
+    """What makes a loaded object other than a kdl checkpoint, or None."""
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}"
+    if state.get("format") not in (1, FORMAT_VERSION):
+        return f"format {state.get('format')!r}"
+    expected = KEYS | ({"scheduler"} if state["format"] == 1 else set())
+    if set(state) - expected or KEYS - set(state):
+        return f"keys {sorted(map(str, state))}, expected {sorted(KEYS)}"
+    loop, models = state["loop"], state["models"]
+    if not isinstance(loop, dict) or set(loop) - LOOP_KEYS or {"epoch", "batch", "step"} - set(loop):
+        return f"loop keys {sorted(map(str, loop)) if isinstance(loop, dict) else loop!r}"
+    if not all(isinstance(loop[k], int) and not isinstance(loop[k], bool)
+               for k in ("epoch", "batch", "step")):
+        return "a loop position that is not whole numbers"
+    if not isinstance(models, dict) or not all(isinstance(m, dict) for m in models.values()):
+        return "models that are not state dicts"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:200]
 
 
 def _upgraded(state: dict[str, Any]) -> dict[str, Any]:

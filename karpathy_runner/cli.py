@@ -399,7 +399,8 @@ def remove(
             print("nothing removed", file=sys.stderr, flush=True)
             return
     for run in found:
-        shutil.rmtree(run.path)
+        with runs.RunLock(run.path).acquire():  # not while another process writes it
+            shutil.rmtree(run.path)
         _out(f"removed {run.id}")
 
 

@@ -33,6 +33,7 @@ from pydantic import (
     model_validator,
 )
 
+from . import safe_yaml
 from .dotted import MISSING, flatten
 from .errors import ConfigError
 
@@ -40,6 +41,9 @@ from .errors import ConfigError
 # change no longer count as the same experiment for --skip-existing. Adding a key with a default
 # needs no bump: the hash covers only values that differ from the defaults.
 SCHEMA_MAJOR = 1
+
+# seeds go to generators that take 64 bits (torch.manual_seed): bounded here, not by a traceback
+Seed = Annotated[int, Field(ge=-(2**63), lt=2**63)]
 
 
 class Branch(BaseModel):
@@ -75,11 +79,12 @@ class ImageDataConfig(Branch):
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int | None = Field(None, ge=1)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    split_seed: int = 0
+    split_seed: Seed = 0
     augment: list[Literal["crop", "flip"]] = Field(default_factory=list)
     crop_padding: int = Field(4, ge=0)
     image_size: int = Field(32, ge=4)
     num_workers: int = Field(0, ge=0)
+    skip_bad_files: bool = False  # image_folder: leave out (and count) files that do not decode
     # rows: each image is a sequence of its rows (H steps of C x W values), for recurrent models
     as_sequence: Literal["none", "rows"] = "none"
 
@@ -111,7 +116,7 @@ class TextDataConfig(Branch):
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int | None = Field(None, ge=1)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    split_seed: int = 0
+    split_seed: Seed = 0
     num_workers: int = Field(0, ge=0)
 
     @model_validator(mode="after")
@@ -389,7 +394,7 @@ class TrainConfig(Branch):
     @field_validator("device")
     @classmethod
     def _device(cls, device: str) -> str:
-        if not DEVICE_PATTERN.match(device):
+        if not DEVICE_PATTERN.fullmatch(device):
             raise ValueError(f"must be one of auto, cpu, cuda, cuda:N, mps; got {device!r}")
         return device
 
@@ -414,12 +419,12 @@ def _family(classes: tuple[type[Branch], ...]) -> Any:
     return Annotated[Union[classes], Field(discriminator="name")]  # noqa: UP007
 
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # fullmatch: "$" allows a "\n"
 
 
 class Config(Branch):
     name: str = "run"
-    seed: int = 0
+    seed: Seed = 0
     data: _family(DATA_FAMILIES) = Field(default_factory=DATA_FAMILIES[0])
     model: _family(MODEL_FAMILIES) = Field(default_factory=MODEL_FAMILIES[0])
     task: _family(TASK_FAMILIES) = Field(default_factory=TASK_FAMILIES[0])
@@ -435,7 +440,7 @@ class Config(Branch):
     @field_validator("name")
     @classmethod
     def _name(cls, name: str) -> str:
-        if not NAME_PATTERN.match(name):
+        if not NAME_PATTERN.fullmatch(name):
             raise ValueError(
                 f"must be letters, digits, '_', '.', '-' (at most 64, no '/'), got {name!r}"
             )
@@ -606,19 +611,23 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
             [f"config file {str(path)!r} does not exist; pass a YAML file such as configs/digits_cnn.yaml"]
         )
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(
-            [f"{path} is not valid YAML{where}: {problem}. Fix the file; python tags are refused"]
-        ) from None
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8"]) from None
+    return parse_yaml(text, str(path))
+
+
+def parse_yaml(text: str, source: str) -> dict[str, Any]:
+    """A config's text (from `source`) as a mapping; anything else is a ConfigError."""
+    try:
+        raw = safe_yaml.parse(text)
+    except safe_yaml.UnsafeYaml as exc:
+        raise ConfigError([f"{source} {exc}. Fix the file; python tags are refused"]) from None
     if raw is None:
-        raise ConfigError([f"{path} is empty; start from configs/digits_cnn.yaml"])
+        raise ConfigError([f"{source} is empty; start from configs/digits_cnn.yaml"])
     if not isinstance(raw, dict):
         raise ConfigError(
-            [f"{path} holds a {type(raw).__name__}, not a mapping of keys (name, data, model, ...)"]
+            [f"{source} holds a {type(raw).__name__}, not a mapping of keys (name, data, model, ...)"]
         )
     return raw
 

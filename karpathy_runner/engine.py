@@ -22,6 +22,7 @@ import torch
 from . import runs
 from .checkpoint import load_checkpoint
 from .config import (
+    DEVICE_PATTERN,
     SCHEMA_MAJOR,
     Config,
     load_config,
@@ -33,7 +34,7 @@ from .optim import LRSchedule, build_optimizer
 from .plan import Plan
 from .progress import Reporter, format_duration
 from .tasks import Sample, SampleRequest, Task, build_task
-from .trainer import Trainer, autocast_for, evaluate, seed_everything
+from .trainer import Stop, Trainer, autocast_for, evaluate, seed_everything
 from .writer import RunWriter
 
 EXIT_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -87,7 +88,10 @@ def package_version(name: str) -> str:
         return "0.0"
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """The torch device `name` (the value of `key`: train.device, or eval's --device) means here."""
+    if not DEVICE_PATTERN.fullmatch(name):
+        raise KdlError(f"{key}: must be one of auto, cpu, cuda, cuda:N, mps; got {name!r}")
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -102,7 +106,7 @@ def resolve_device(name: str) -> torch.device:
             else:
                 fix = "install a CUDA build of torch (https://pytorch.org/get-started/locally/)"
             raise KdlError(
-                f"train.device: {name!r} asked for a CUDA GPU but torch sees none "
+                f"{key}: {name!r} asked for a CUDA GPU but torch sees none "
                 f"(torch {torch.__version__}, built for "
                 f"{'CUDA ' + torch.version.cuda if torch.version.cuda else 'the CPU only'}). "
                 f"Use --device cpu or train.device: auto, or {fix}."
@@ -110,10 +114,10 @@ def resolve_device(name: str) -> torch.device:
         index = int(name.split(":")[1]) if ":" in name else 0
         if index >= torch.cuda.device_count():
             raise KdlError(
-                f"train.device: {name!r} but only {torch.cuda.device_count()} GPU(s) are visible"
+                f"{key}: {name!r} but only {torch.cuda.device_count()} GPU(s) are visible"
             )
     if name == "mps" and not torch.backends.mps.is_available():
-        raise KdlError("train.device: 'mps' asked for Apple's GPU but it is not available here")
+        raise KdlError(f"{key}: 'mps' asked for Apple's GPU but it is not available here")
     return torch.device(name)
 
 
@@ -122,7 +126,8 @@ def build_experiment(cfg: Config, device_override: str | None = None, training: 
     """Device, data and task from a validated config; every input error surfaces here.
     `vocabulary` is a run's saved one (text and character data), for resume, eval and sample."""
     check_versions()
-    device = resolve_device(device_override or cfg.train.device)
+    device = resolve_device(device_override or cfg.train.device,
+                            "--device" if device_override else "train.device")
     if training and cfg.train.precision == "fp16" and device.type == "cpu":
         raise KdlError(
             "train.precision: fp16 needs a GPU; on the CPU use bf16 or fp32 (--set train.precision=bf16)"
@@ -141,9 +146,51 @@ def build_experiment(cfg: Config, device_override: str | None = None, training: 
                 f"{key} is {metric!r} but there is no validation split (data.val_fraction is 0); "
                 f"set data.val_fraction > 0 or {key}: train.{metric.split('.', 1)[1]}"
             )
+    _check_fits_in_memory(cfg, data.info, device)
     task = build_task(cfg.task, cfg.model, data.info, device)
     task.to(device)
     return Experiment(cfg, device, data.to(device), task, data.prepare.to(device))
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory on `device` (the host's RAM for the CPU)."""
+    import os
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _check_fits_in_memory(cfg: Config, info: Any, device: torch.device) -> None:
+    """Sizes that validate but cannot be allocated (a layer of 10**10 units, a crop padding of
+    10**5) are config errors naming their keys, before any folder exists, not allocator
+    tracebacks. Models are built on the meta device to count their parameters: no memory, and
+    the random state is left as it was."""
+    memory = device_memory(device)
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), torch.device("meta"):
+        probe = build_task(cfg.task, cfg.model, info, device)
+    parameters = sum(p.numel() for m in probe.models.values() for p in m.parameters())
+    needed = parameters * 4 * 4  # fp32 weights, gradients and two optimizer moments
+    if needed > memory:
+        sizes = ", ".join(f"model.{key}={value}" for key, value in cfg.model.model_dump().items()
+                          if isinstance(value, (int, list)) and not isinstance(value, bool))
+        raise KdlError(
+            f"the model has {parameters:,} parameters: with gradients and optimizer state about "
+            f"{needed / 2**30:,.0f} GiB, more than the {memory / 2**30:,.0f} GiB of {device.type} "
+            f"memory here. Make it smaller ({sizes})."
+        )
+    padding = getattr(cfg.data, "crop_padding", 0) if "crop" in getattr(cfg.data, "augment", ()) else 0
+    if padding:
+        height, width = info.image_size
+        padded = cfg.data.batch_size * info.in_channels * (height + 2 * padding) * (width + 2 * padding)
+        if padded * 4 * 3 > memory:  # the padded batch, its gather and its copy, in fp32
+            raise KdlError(
+                f"data.crop_padding: {padding} pads each batch of {cfg.data.batch_size} "
+                f"{height}x{width} images to {height + 2 * padding}x{width + 2 * padding}, about "
+                f"{padded * 12 / 2**30:,.0f} GiB, more than the {memory / 2**30:,.0f} GiB here; a "
+                "padding of a few pixels (4 for 32x32 images) is usual."
+            )
 
 
 def versions(device: torch.device) -> dict[str, Any]:
@@ -166,18 +213,33 @@ def train(plan: Plan, runs_root: Path, command: list[str], quiet: bool = False) 
         reporter.message(f"run {plan.done.id} has this config and is {plan.done.status}: skipped")
         return TrainResult(plan.done.id, plan.done.path, plan.done.status, 0, plan.done.summary(),
                            skipped=True)
-    if plan.run is None:
-        return start_run(build_experiment(plan.cfg), runs_root, command, reporter, plan.sweep)
-    exp = build_experiment(plan.cfg, vocabulary=plan.run.vocabulary())
-    return resume_run(exp, plan.run.path, plan.changes, command, reporter)
+    try:
+        exp = build_experiment(plan.cfg, vocabulary=plan.run.vocabulary() if plan.run else None)
+        stop = Stop()
+        with stop.installed():  # before the folder exists: no moment of a run is unguarded
+            if plan.run is None:
+                return start_run(exp, runs_root, command, reporter, plan.sweep, stop)
+            return resume_run(exp, plan.run.path, plan.changes, command, reporter, stop)
+    finally:
+        if plan.lock is not None:
+            plan.lock.release()
 
 
 def start_run(exp: Experiment, runs_root: Path, command: list[str], reporter: Reporter,
-              sweep: dict[str, Any] | None = None) -> TrainResult:
+              sweep: dict[str, Any] | None = None, stop: Stop | None = None) -> TrainResult:
     """A new run folder for a built experiment, trained to the end (or a stop)."""
     cfg = exp.cfg
     writer = RunWriter.create(runs_root, cfg.name, cfg.to_yaml())
-    trainer = build_trainer(exp, writer, reporter)
+    with writer.lock:
+        trainer = build_trainer(exp, writer, reporter, stop)
+        _start(exp, writer, command, sweep)
+        reporter.message(f"run {writer.id}: {writer.folder}")
+        return _drive(trainer, writer, previous_duration=0.0)
+
+
+def _start(exp: Experiment, writer: RunWriter, command: list[str],
+           sweep: dict[str, Any] | None) -> None:
+    cfg = exp.cfg
     writer.start({
         "name": cfg.name, "task": exp.task.name, "model": cfg.model.name,
         "dataset": cfg.data.name, "config_hash": cfg.hash(), "config_schema": SCHEMA_MAJOR,
@@ -190,28 +252,35 @@ def start_run(exp: Experiment, runs_root: Path, command: list[str], reporter: Re
     writer.hparams(flatten(cfg.to_dict()), [f"{split}/{metric}" for split in ("val", "train_epoch")
                                             for metric in exp.task.metrics])
     writer.log(f"run {writer.id} started: {cfg.name} on {exp.device}")
-    reporter.message(f"run {writer.id}: {writer.folder}")
-    return _drive(trainer, writer, previous_duration=0.0)
 
 
 def resume_run(exp: Experiment, folder: Path, changes: dict[str, Any], command: list[str],
-               reporter: Reporter) -> TrainResult:
-    """Continue the run in `folder` from its last checkpoint."""
+               reporter: Reporter, stop: Stop | None = None) -> TrainResult:
+    """Continue the run in `folder` from its last checkpoint; a run killed before its first
+    checkpoint starts again from step 0, as it did the first time."""
     writer = RunWriter(folder)
-    trainer = build_trainer(exp, writer, reporter)
+    trainer = build_trainer(exp, writer, reporter, stop)
     last = writer.checkpoint("last")
-    checkpoint = load_checkpoint(last)
-    with _checkpoint_must_fit(last):
-        trainer.load_state_dict(checkpoint)
+    if last.is_file():
+        checkpoint = load_checkpoint(last)
+        with _checkpoint_must_fit(last):
+            trainer.load_state_dict(checkpoint)
+        trainer.restore_last_metrics(runs.read_jsonl(folder / runs.METRICS))
+        writer.repair_best(trainer.state.epoch, trainer.state.best_epoch, trainer.state.batch)
+    if exp.data.info.vocabulary and not (folder / runs.VOCAB).is_file():
+        writer.write_vocabulary(exp.data.info.vocabulary)  # killed before it was written
     # the config is rewritten only now: a change the checkpoint cannot take leaves the run as it was
-    writer.resume(trainer.state.step, command, changes, exp.cfg.to_yaml() if changes else None,
-                  exp.cfg.train.epochs)
+    rewrite = bool(changes) or "pending_config" in writer.meta
+    writer.resume(trainer.state.step, command, changes, exp.cfg.to_yaml() if rewrite else None,
+                  {"epochs": exp.cfg.train.epochs, "config_hash": exp.cfg.hash(),
+                   "config_schema": SCHEMA_MAJOR})
     writer.log(f"===== resumed at epoch {trainer.state.epoch} step {trainer.state.step} =====")
     reporter.message(f"run {writer.id}: resumed {_position(trainer)}: {writer.folder}")
     return _drive(trainer, writer, previous_duration=float(writer.meta.get("duration_s") or 0.0))
 
 
-def build_trainer(exp: Experiment, writer: RunWriter, reporter: Reporter) -> Trainer:
+def build_trainer(exp: Experiment, writer: RunWriter, reporter: Reporter,
+                  stop: Stop | None = None) -> Trainer:
     """One optimizer and schedule per trainable model, the batches, handed to the one loop."""
     cfg, task = exp.cfg, exp.task
     optimizers = {name: build_optimizer(cfg.optimizer_for(name), task.param_groups(name))
@@ -224,8 +293,10 @@ def build_trainer(exp: Experiment, writer: RunWriter, reporter: Reporter) -> Tra
         total_steps = min(total_steps, cfg.train.max_steps)
     schedules = {name: LRSchedule(cfg.scheduler, cfg.optimizer_for(name).lr, len(train_batches),
                                   total_steps) for name in optimizers}
-    return Trainer(cfg.train, task, optimizers, schedules, exp.prepare, train_batches,
-                   _eval_batches(cfg, exp.data.val), writer, reporter, exp.device)
+    trainer = Trainer(cfg.train, task, optimizers, schedules, exp.prepare, train_batches,
+                      _eval_batches(cfg, exp.data.val), writer, reporter, exp.device, stop)
+    trainer.stop.attach(writer.log, trainer.reporter.notice)
+    return trainer
 
 
 def _drive(trainer: Trainer, writer: RunWriter, previous_duration: float) -> TrainResult:
@@ -312,7 +383,7 @@ def _checkpoint_must_fit(path: Path) -> Iterator[None]:
     error (e.g. model.channels changed with --allow-changes), not a traceback."""
     try:
         yield
-    except (RuntimeError, KeyError, ValueError) as exc:
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
         raise KdlError(
             f"checkpoint {path} does not fit the model built from the run's config.yaml "
             f"({str(exc).strip().splitlines()[0][:300]}). Keep the model.* keys the run was trained "
@@ -342,7 +413,9 @@ class Loaded:
 
 def load_run(runs_root: Path, ref: str, checkpoint: str, device: str) -> Loaded:
     check_versions()  # before anything is unpickled
+    resolve_device(device, "--device")  # a bad --device is said first
     run = runs.resolve_run(runs_root, ref)
+    runs.refuse_damaged(run)
     cfg = load_config(run.path / runs.CONFIG)
     path = run.checkpoint(checkpoint)
     if not path.is_file():

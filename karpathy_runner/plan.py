@@ -9,7 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from . import runs
-from .config import Config, apply_overrides, load_config, load_yaml, parse_override, resolve
+from .config import (
+    Config,
+    apply_overrides,
+    load_config,
+    load_yaml,
+    parse_override,
+    parse_yaml,
+    resolve,
+)
 from .errors import KdlError
 
 
@@ -22,6 +30,7 @@ class Plan:
     changes: dict[str, Any] = field(default_factory=dict)  # --set changes to a resumed run
     done: runs.Run | None = None  # --skip-existing found this run completed or running
     sweep: dict[str, Any] | None = None  # the sweep tag of a fresh run
+    lock: runs.RunLock | None = None  # held on `run` from planning to the end of the process's work
 
 
 def plan_train(config_path: str | None, overrides: list[str], runs_root: Path,
@@ -36,8 +45,14 @@ def plan_train(config_path: str | None, overrides: list[str], runs_root: Path,
         if existing is not None:
             resume, overrides = existing.id, []
     if resume:
-        run, cfg, changes = _resume_config(runs_root, resume, overrides, allow_changes)
-        return Plan(cfg, run=run, changes=changes)
+        run = runs.resolve_run(runs_root, resume)
+        lock = runs.RunLock(run.path).acquire()  # before reading its state: one writer per run
+        try:
+            cfg, changes = _resume_config(run, overrides, allow_changes)
+        except BaseException:
+            lock.release()
+            raise
+        return Plan(cfg, run=run, changes=changes, lock=lock)
     tag = None
     if sweep:  # the point is what this run's --set values made of the sweep's config
         tag = {"id": sweep, "point": {".".join(key): value
@@ -46,10 +61,10 @@ def plan_train(config_path: str | None, overrides: list[str], runs_root: Path,
 
 
 def _existing_run(runs_root: Path, cfg: Config) -> runs.Run | None:
-    """The newest run of the same experiment (config hash) that is not failed, if any."""
+    """The newest run of the same experiment (config hash) that is not failed or damaged."""
     wanted = cfg.hash()
     for run in sorted(runs.iter_runs(runs_root), key=lambda r: r.id, reverse=True):
-        if run.status != "failed" and _config_hash(run) == wanted:
+        if run.status not in ("failed", "damaged") and _config_hash(run) == wanted:
             return run
     return None
 
@@ -66,13 +81,17 @@ def _config_hash(run: runs.Run) -> str | None:
         return None
 
 
-def _resume_config(
-    runs_root: Path, ref: str, overrides: list[str], allow_changes: bool
-) -> tuple[runs.Run, Config, dict[str, Any]]:
-    run = runs.resolve_run(runs_root, ref)
+def _resume_config(run: runs.Run, overrides: list[str], allow_changes: bool
+                   ) -> tuple[Config, dict[str, Any]]:
+    """The config a resume continues with, and its changes; refuses what cannot be resumed."""
+    runs.refuse_damaged(run)
     if run.status == "running":
         raise KdlError(f"run {run.id} is still running (pid {run.meta.get('pid')}); stop it first")
-    raw = load_yaml(run.path / runs.CONFIG)  # strict: a damaged config.yaml is not the defaults
+    pending = run.meta.get("pending_config")
+    if isinstance(pending, str):  # a change recorded, then a kill before it was applied: apply it
+        raw = parse_yaml(pending, f"{run.path / runs.META} (pending_config)")
+    else:  # strict: a damaged config.yaml is not the defaults
+        raw = load_yaml(run.path / runs.CONFIG)
     saved = resolve(raw, str(run.path / runs.CONFIG))
     cfg = resolve(apply_overrides(raw, overrides), "--set") if overrides else saved
     changes = _diff(saved.to_dict(), cfg.to_dict())
@@ -82,17 +101,13 @@ def _resume_config(
             f"resuming {run.id} with changes ({shown}) would not continue the same experiment; "
             "add --allow-changes to resume anyway (the changes are recorded in meta.json)"
         )
-    if not run.checkpoint("last").is_file():
-        raise KdlError(
-            f"run {run.id} has no checkpoints/last.pt to resume from; start it again with "
-            f"`kdl train {run.path / runs.CONFIG}`"
-        )
-    if run.status == "completed" and not changes:
+    # a completed run without its summary (an older kdl wrote meta.json first) is finished again
+    if run.status == "completed" and not changes and (run.path / runs.SUMMARY).is_file():
         raise KdlError(
             f"run {run.id} already completed; to train longer resume with "
             "--set train.epochs=N --allow-changes"
         )
-    return run, cfg, changes
+    return cfg, changes
 
 
 def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -104,5 +119,3 @@ def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[st
         elif a != b:
             changes[f"{prefix}{key}"] = {"from": a, "to": b}
     return changes
-
-

@@ -73,6 +73,7 @@ def run_row(run: runs.Run) -> dict[str, Any]:
         "created_at": meta.get("created_at"),
         "sweep": sweep_id(run),
         "path": str(run.path),
+        "damage": run.damage,
     }
 
 
@@ -103,6 +104,9 @@ def print_runs(rows: list[dict[str, Any]], extra: str | None = None) -> None:
             format_duration(row["duration_s"]), *([_value(row[extra])] if extra else []),
         ])
     print(text_table([*headers, *([extra] if extra else [])], cells), flush=True)
+    for row in rows:
+        if row.get("damage"):
+            print(f"{row['id']} is damaged: {row['damage']}", file=sys.stderr, flush=True)
 
 
 def text_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -136,13 +140,14 @@ def print_show(run: runs.Run) -> None:
     meta = run.meta
     console.print(f"[bold]{run.id}[/bold]  {run.path}")
     console.print("\n[bold]config[/bold]")
-    text = (run.path / runs.CONFIG).read_text() if (run.path / runs.CONFIG).is_file() else ""
+    config = run.path / runs.CONFIG
+    text = config.read_bytes().decode("utf-8", errors="replace") if config.is_file() else ""
     console.print(text.rstrip(), markup=False)
     console.print("\n[bold]environment[/bold]")
     env = {k: meta.get(k) for k in ENV_KEYS} | dict(meta.get("versions") or {})
     env["status"] = run.status
     for key, value in env.items():
-        shown = " ".join(value) if isinstance(value, list) else value
+        shown = " ".join(map(str, value)) if isinstance(value, list) else value
         console.print(f"  {key}: {shown}", markup=False)
     records = run.metrics()
     console.print("\n[bold]metrics per epoch[/bold]")
@@ -162,6 +167,9 @@ def print_show(run: runs.Run) -> None:
         for split, result in (summary.get("eval") or {}).items():
             console.print(f"eval {split} ({result.get('checkpoint')}.pt, epoch {result.get('epoch')}): "
                           f"{format_metrics(result.get('metrics') or {})}", markup=False)
+    run.config_dict()  # its problems too
+    if run.damage:
+        console.print(f"\ndamaged: {run.damage}", markup=False)
 
 
 def epoch_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

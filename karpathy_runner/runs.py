@@ -18,7 +18,7 @@ from typing import IO, Any
 from .errors import KdlError
 
 DEFAULT_RUNS_DIR = "runs"
-STATUSES = ("running", "completed", "failed", "interrupted", "crashed")
+STATUSES = ("running", "completed", "failed", "interrupted", "crashed", "damaged")
 
 CONFIG = "config.yaml"
 META = "meta.json"
@@ -30,6 +30,8 @@ CHECKPOINTS = "checkpoints"
 EVAL = "eval"
 SAMPLES = "samples"
 TENSORBOARD = "tb"
+LOCK = ".lock"
+TEMP_SUFFIX = ".tmp"
 
 
 def runs_dir(option: str | Path | None = None) -> Path:
@@ -45,18 +47,23 @@ def utc_now() -> str:
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Write through `write(handle)` into a temp file beside `path`, fsync, rename over it."""
+    """Write through `write(handle)` into a temp file beside `path`, fsync, rename over it.
+
+    The temp file is locked until it is renamed, so `remove_stale_temps` knows a live writer's
+    from one a kill left behind."""
+    import fcntl
     import tempfile  # here, not at the top: `kdl --help` and `kdl runs` never write
 
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         os.fchmod(fd, _new_file_mode())  # mkstemp makes 0600: teammates could not read the run
         with os.fdopen(fd, "wb") as handle:
+            fcntl.flock(fd, fcntl.LOCK_EX)
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -68,6 +75,72 @@ def _new_file_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete the temp files of writers that died mid-write (no live writer holds their lock)."""
+    import fcntl
+
+    removed = []
+    for temp in Path(folder).rglob(f".*{TEMP_SUFFIX}"):
+        try:
+            fd = os.open(temp, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            temp.unlink(missing_ok=True)
+            removed.append(temp)
+        except OSError:  # locked: its writer is alive
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
+class RunLock:
+    """An exclusive lock on a run folder (flock on its .lock file), held while one process
+    trains, resumes or removes the run; the kernel releases it when the process dies, however."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        """Lock the run, or fail naming the process that holds it; then clear stale temp files."""
+        import fcntl
+
+        try:
+            fd = os.open(self.folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise KdlError(f"cannot lock run folder {self.folder}: {exc.strerror}. Check that it "
+                           "is writable.") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise KdlError(
+                f"run {self.folder.name} is in use by another kdl process (pid {holder}); only one "
+                "process may train, resume or remove a run at a time. Wait for it to end, or stop "
+                f"it (kill {holder}) and try again."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        remove_stale_temps(self.folder)
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -93,27 +166,60 @@ def write_text(path: Path, text: str) -> None:
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file; {} if it is missing or damaged (read_object says why)."""
+    return read_object(path)[0]
+
+
+def read_object(path: Path) -> tuple[dict[str, Any], str | None]:
+    """A JSON object file and, if it is there but unusable, why: never an exception."""
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
+        value = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        return {}, None
+    except OSError as exc:
+        return {}, f"cannot be read ({exc.strerror})"
+    except UnicodeDecodeError:
+        return {}, "is not UTF-8 text"
+    except RecursionError:
+        return {}, "is nested too deeply to read"
+    except ValueError as exc:
+        return {}, f"is not valid JSON ({exc})"
+    if not isinstance(value, dict):
+        return {}, f"holds a JSON {type(value).__name__}, not an object"
+    return value, None
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """All complete records; a truncated last line (a kill mid-write) is skipped."""
-    records = []
+    return read_records(path)[0]
+
+
+def read_records(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """metrics.jsonl's records (each with an int step and epoch and a str split), and how many
+    other lines it holds (binary, not JSON, not such a record), a truncated last line aside."""
     try:
-        text = Path(path).read_text()
+        lines = Path(path).read_bytes().split(b"\n")
     except OSError:
-        return records
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
+        return [], 0
+    records, bad = [], 0
+    for number, line in enumerate(lines):
+        if not line.strip():
             continue
-        if isinstance(record, dict):
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+            bad += number < len(lines) - 1  # the last line without its newline: cut short by a kill
+            continue
+        if (isinstance(record, dict) and _is_int(record.get("step"))
+                and _is_int(record.get("epoch")) and isinstance(record.get("split"), str)):
             records.append(record)
-    return records
+        else:
+            bad += 1
+    return records, bad
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # ----------------------------------------------------------------------------- creating
@@ -154,44 +260,96 @@ def create_run_folder(root: Path, name: str) -> Path:
 # ----------------------------------------------------------------------------- reading
 
 
+# the types of the meta.json and summary.json keys that readers use; a key of another type is
+# damage, dropped so that no reader meets it
+META_TYPES: dict[str, type | tuple[type, ...]] = {
+    "id": str, "name": str, "status": str, "model": str, "dataset": str, "task": str,
+    "created_at": str, "host": str, "pid": int, "epochs": int, "epochs_done": int, "step": int,
+    "duration_s": (int, float), "best": dict, "sweep": dict, "versions": dict,
+    "metric_modes": dict, "resumes": list, "command": list,
+}
+SUMMARY_TYPES: dict[str, type | tuple[type, ...]] = {"final": dict, "best": dict}
+
+
 class Run:
-    """A run folder, read lazily."""
+    """A run folder, read lazily. A damaged file (not JSON, not an object, binary, keys of the
+    wrong type) reads as empty and is noted in `damage`: no reader ever raises on a run."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.id = self.path.name
         self._meta: dict[str, Any] | None = None
+        self._summary: dict[str, Any] | None = None
+        self.problems: dict[str, str] = {}  # file name -> what is wrong with it
+
+    def _object(self, name: str, types: dict[str, type | tuple[type, ...]]) -> dict[str, Any]:
+        value, problem = read_object(self.path / name)
+        wrong = [key for key, kind in types.items()
+                 if value.get(key) is not None and (not isinstance(value[key], kind)
+                                                   or isinstance(value[key], bool))]
+        if wrong:
+            problem = f"{wrong[0]!r} is {value[wrong[0]]!r}, not {_type_name(types[wrong[0]])}"
+            value = {k: v for k, v in value.items() if k not in wrong}
+        if problem:
+            self.problems[name] = problem
+        return value
 
     @property
     def meta(self) -> dict[str, Any]:
         if self._meta is None:
-            self._meta = read_json(self.path / META)
+            self._meta = self._object(META, META_TYPES)
         return self._meta
 
     @property
+    def damage(self) -> str | None:
+        """What is wrong with the files read so far (meta.json always), or None."""
+        _ = self.meta
+        return "; ".join(f"{name} {problem}" for name, problem in self.problems.items()) or None
+
+    @property
     def status(self) -> str:
-        """meta's status, except that a 'running' run whose process is gone is 'crashed'."""
+        """meta's status, except that a 'running' run whose process is gone is 'crashed', and
+        a run whose files are damaged is 'damaged'."""
         status = self.meta.get("status", "unknown")
+        if self.damage:
+            return "damaged"
         if status == "running" and not _process_alive(self.meta):
             return "crashed"
         return status
 
     def config_dict(self) -> dict[str, Any]:
-        """config.yaml as a dict; through libyaml where PyYAML has it (about 10x faster, which
-        decides how long --where and compare take over hundreds of runs)."""
-        import yaml
+        """config.yaml as a dict ({} if damaged, noted in `damage`)."""
+        from .safe_yaml import UnsafeYaml, parse
 
         try:
-            text = (self.path / CONFIG).read_text()
-            return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
-        except (OSError, yaml.YAMLError):
+            raw = parse((self.path / CONFIG).read_bytes().decode("utf-8"))
+        except FileNotFoundError:
             return {}
+        except OSError as exc:
+            self.problems[CONFIG] = f"cannot be read ({exc.strerror})"
+            return {}
+        except UnicodeDecodeError:
+            self.problems[CONFIG] = "is not UTF-8 text"
+            return {}
+        except UnsafeYaml as exc:
+            self.problems[CONFIG] = str(exc)
+            return {}
+        if not isinstance(raw, dict):
+            self.problems[CONFIG] = f"holds a {type(raw).__name__}, not a mapping"
+            return {}
+        return raw
 
     def metrics(self) -> list[dict[str, Any]]:
-        return read_jsonl(self.path / METRICS)
+        records, bad = read_records(self.path / METRICS)
+        if bad:
+            self.problems[METRICS] = (f"has {bad} line(s) that are not metric records "
+                                      "(binary, not JSON, or without step, epoch and split)")
+        return records
 
     def summary(self) -> dict[str, Any]:
-        return read_json(self.path / SUMMARY)
+        if self._summary is None:
+            self._summary = self._object(SUMMARY, SUMMARY_TYPES)
+        return self._summary
 
     def duration(self) -> float | None:
         """Seconds trained: meta's total, plus, for a run still going, the time since it last
@@ -211,13 +369,30 @@ class Run:
         """The run's saved vocabulary (text and character data), or None."""
         try:
             tokens = json.loads((self.path / VOCAB).read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return None
         return tokens if isinstance(tokens, list) and all(isinstance(t, str) for t in tokens) else None
 
     def checkpoint(self, which: str) -> Path:
         return self.path / CHECKPOINTS / f"{which}.pt"
 
+
+def _type_name(kind: type | tuple[type, ...]) -> str:
+    if isinstance(kind, tuple):
+        return "a number"
+    return {"int": "an integer", "str": "a string", "dict": "a mapping"}.get(kind.__name__, "a list")
+
+
+def refuse_damaged(run: Run) -> None:
+    """`kdl eval`, `sample` and `train --resume` work only on a run whose files all read (its
+    config.yaml is read strictly by the config loader, which says what is wrong with it)."""
+    run.summary()
+    run.metrics()
+    if run.damage:
+        raise KdlError(
+            f"run {run.id} is damaged: {run.damage}. kdl will not evaluate or resume it; inspect "
+            f"or restore the file in {run.path}, or remove the run with `kdl rm {run.id}`."
+        )
 
 
 def short_id(run_id: str) -> str:
@@ -274,7 +449,9 @@ def iter_runs(root: Path) -> Iterator[Run]:
     if not root.is_dir():
         return
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
-        if entry.is_dir() and os.path.exists(os.path.join(entry.path, META)):
+        # a symlink is not a run of this folder (it points elsewhere; `kdl rm` would follow it)
+        if (not entry.is_symlink() and entry.is_dir()
+                and os.path.exists(os.path.join(entry.path, META))):
             yield Run(Path(entry.path))
 
 
@@ -296,7 +473,7 @@ def resolve_run(root: Path, ref: str) -> Run:
             f"`kdl runs` or the path of a run folder."
         )
     exact = root / ref
-    if (exact / META).is_file():
+    if (exact / META).is_file() and not exact.is_symlink():
         return Run(exact)
     matches = [run for run in iter_runs(root) if run.id.startswith(ref)]
     if len(matches) == 1:

@@ -147,6 +147,7 @@ class Trainer:
         run: RunWriter,
         reporter: Reporter,
         device: torch.device,
+        stop: Stop | None = None,
     ):
         self.cfg = cfg
         self.task = task
@@ -167,11 +168,15 @@ class Trainer:
         self.best_mode = self.mode(cfg.best_metric, cfg.best_mode) if cfg.best_metric else None
         self.stop_metric = cfg.early_stopping.metric or cfg.best_metric
         self.stop_mode = self.mode(self.stop_metric, cfg.early_stopping.mode) if self.stop_metric else None
-        self.stop_signal: int | None = None
+        self.stop = stop or Stop()
         self.started = time.time()
         self._window_started = time.perf_counter()
         self._window_samples = 0
         self.last_metrics: dict[str, float] = {}
+
+    @property
+    def stop_signal(self) -> int | None:
+        return self.stop.signum
 
     def mode(self, metric: str, configured: str) -> str:
         """min or max: as configured, or (auto) the direction the task declares for the metric."""
@@ -180,20 +185,30 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> LoopState:
-        cfg, state = self.cfg, self.state
-        with self._signals():
+        state = self.state
+        with self.stop.installed():
             if not self.resumed:
                 self._log_examples()
-            while state.epoch < cfg.epochs and state.stop_reason is None:
-                if self.stop_signal is not None:  # came while the epoch ended: last.pt is current
-                    state.stop_reason = "signal"
-                    break
-                self._train_epoch()
-                if state.stop_reason == "signal":
-                    break
-                self._end_epoch()
+            self.stop.in_loop = True
+            try:
+                self._epochs()
+            finally:
+                self.stop.in_loop = False
         self.reporter.close()
         return state
+
+    def _epochs(self) -> None:
+        cfg, state = self.cfg, self.state
+        while state.epoch < cfg.epochs and state.stop_reason is None:
+            if self.stop_signal is not None:  # before a step of this process: save where it is
+                state.stop_reason = "signal"
+                if not self.run.checkpoint("last").is_file():
+                    self._save("last")  # stopped in the start-up: resumable from step 0
+                break
+            self._train_epoch()
+            if state.stop_reason == "signal":
+                break
+            self._end_epoch()
 
     def _train_epoch(self) -> None:
         cfg, state = self.cfg, self.state
@@ -267,12 +282,24 @@ class Trainer:
         line = f"epoch {state.epoch}/{cfg.epochs}  {format_metrics(metrics)}"
         self.run.log(line)
         self.reporter.end_epoch(line)
-        self._save(*(("last", "best") if improved else ("last",)))
+        # best.pt before last.pt: a kill between them leaves last.pt at the epoch before, which a
+        # resume trains again to the same best.pt; the other order leaves best.pt behind for good
+        self._save(*(("best", "last") if improved else ("last",)))
         self.run.update_meta(
             epochs_done=state.epoch, step=state.step,
             best={"metric": cfg.best_metric, "mode": self.best_mode, "value": state.best_value,
                   "epoch": state.best_epoch},
         )
+
+    def restore_last_metrics(self, records: list[dict[str, Any]]) -> None:
+        """The metrics of the last completed epoch, as _end_epoch made them, from metrics.jsonl:
+        a run resumed after its last epoch (killed before its final writes) still reports them."""
+        splits = {"train_epoch": "train", "val": "val"}
+        self.last_metrics = {
+            f"{splits[r['split']]}.{k}": v for r in records
+            if r.get("epoch") == self.state.epoch and r.get("split") in splits
+            for k, v in r.items() if k not in ("step", "epoch", "split", "time")
+        }
 
     def _log_examples(self) -> None:
         """The task's view of the first training items, into TensorBoard."""
@@ -393,26 +420,58 @@ class Trainer:
             self._nonfinite(self.state.step - 1)
         self.run.save_checkpoint(which, self.state_dict())
 
-    # ------------------------------------------------------------------ signals
+
+class Stop:
+    """SIGINT and SIGTERM for a run's whole life: from before its folder exists to its last file.
+
+    The first signal asks the loop to stop after its step, with a checkpoint (a run stopped
+    before its first step saves step 0: it is `interrupted` and resumable). A second SIGINT
+    stops the loop at once; outside the loop (start-up, the final writes) signals are only
+    recorded, so no write of the run's files is ever cut short.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.in_loop = False
+        self._log: Callable[[str], None] | None = None
+        self._notice: Callable[[str], None] | None = None
+        self._installed = False
+
+    def attach(self, log: Callable[[str], None], notice: Callable[[str], None]) -> None:
+        """Log signals into the run's train.log and say them on the screen (`notice`, safe in a
+        signal handler) from now on, and one that came before."""
+        self._log, self._notice = log, notice
+        if self.signum is not None:
+            self._say(self.signum)
+
+    def _say(self, signum: int) -> None:
+        if self._log is not None:
+            self._log(f"received {signal.Signals(signum).name}: stopping after this step")
+        if self._notice is not None:
+            self._notice(
+                "Ctrl-C: stopping after this step with a checkpoint; Ctrl-C again to stop now"
+                if signum == signal.SIGINT else
+                f"{signal.Signals(signum).name}: stopping after this step with a checkpoint"
+            )
 
     @contextlib.contextmanager
-    def _signals(self) -> Iterator[None]:
-        """First SIGINT/SIGTERM: stop after this step with a checkpoint. Second SIGINT: now."""
+    def installed(self) -> Iterator[None]:
+        """Handlers in place for the block (nested uses keep the outer ones)."""
+        if self._installed:
+            yield
+            return
         owner = os.getpid()
 
         def handler(signum: int, frame: Any) -> None:
             # a DataLoader worker forked with this handler, before it sets its own (data/__init__)
             if os.getpid() != owner:
                 return
-            if self.stop_signal is not None and signum == signal.SIGINT:
+            if self.signum is not None and signum == signal.SIGINT and self.in_loop:
                 raise KeyboardInterrupt
-            self.stop_signal = signum
-            self.run.log(f"received {signal.Signals(signum).name}: stopping after this step")
-            self.reporter.notice(
-                "Ctrl-C: stopping after this step with a checkpoint; Ctrl-C again to stop now"
-                if signum == signal.SIGINT else
-                f"{signal.Signals(signum).name}: stopping after this step with a checkpoint"
-            )
+            first = self.signum is None
+            self.signum = self.signum or signum
+            if first:
+                self._say(signum)
 
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -420,9 +479,11 @@ class Trainer:
                 signal.signal(s, handler)
         except ValueError:  # not the main thread: leave signals alone
             previous = {}
+        self._installed = True
         try:
             yield
         finally:
+            self._installed = False
             for s, old in previous.items():
                 signal.signal(s, old)
 

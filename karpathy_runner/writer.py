@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from . import runs
-from .errors import RunFailed
+from .errors import KdlError, RunFailed
 
 
 class RunWriter:
@@ -28,11 +28,15 @@ class RunWriter:
         self._metrics: IO[str] | None = None
         self._log: IO[str] | None = None
         self.events: Any = None  # an events.EventLog once training starts or resumes
+        self.lock: runs.RunLock | None = None  # a new run's, taken with its folder
 
     @classmethod
     def create(cls, root: Path, name: str, config_yaml: str) -> RunWriter:
-        """A new run folder (atomic mkdir: parallel launches never share one) with its config."""
-        writer = cls(runs.create_run_folder(root, name))
+        """A new run folder (atomic mkdir: parallel launches never share one), locked by this
+        process, with its config."""
+        folder = runs.create_run_folder(root, name)
+        writer = cls(folder)
+        writer.lock = runs.RunLock(folder).acquire()
         writer.write_config(config_yaml)
         return writer
 
@@ -63,26 +67,51 @@ class RunWriter:
             self.events.hparams(config, metrics)
 
     def resume(self, step: int, command: list[str], changes: dict[str, Any],
-               config_yaml: str | None, epochs: int) -> None:
+               config_yaml: str | None, fields: dict[str, Any]) -> None:
         """Continue this folder from a checkpoint at `step`: a changed config (only once the
         checkpoint has loaded), metrics and TensorBoard events after `step` dropped, the resume
-        recorded in meta.json (with the epochs it now trains to) and train.log."""
-        if config_yaml is not None:
-            self.write_config(config_yaml)
+        recorded in meta.json (with `fields`: the epochs and config hash it now trains with; the
+        hash before, when the config changes) and train.log."""
         self._keep_metrics_up_to(step)
         self._open_events(purge_step=step + 1)  # TensorBoard drops what is about to be redone
         environment = runs.run_environment(command)
-        resumes = self.meta.get("resumes", []) + [
-            {"at": runs.utc_now(), "step": step, "command": command, "changes": changes}
-        ]
-        self.update_meta(status="running", resumes=resumes, epochs=epochs,
-                         **{k: environment[k] for k in ("command", "host", "pid", "pid_started")})
+        live = {"status": "running",
+                **{k: environment[k] for k in ("command", "host", "pid", "pid_started")}}
+        record = {"at": runs.utc_now(), "step": step, "command": command, "changes": changes}
+        self.meta["resumes"] = [*self.meta.get("resumes", []), record]
+        if config_yaml is not None:
+            # recorded (pending), then applied, then marked done: a kill in between leaves a
+            # pending change that the next resume applies, never an unrecorded one
+            record["config_hash_before"] = self.meta.get("config_hash")
+            self.update_meta(pending_config=config_yaml, **live)
+            self.write_config(config_yaml)
+            self.meta.pop("pending_config")
+        self.update_meta(**live, **fields)
+
+    def repair_best(self, epoch: int, best_epoch: int | None, batch: int) -> None:
+        """best.pt again from last.pt when last.pt is the end of the best epoch but best.pt is
+        not (an older kdl wrote last.pt first, and a kill came between the two)."""
+        from .checkpoint import load_checkpoint
+
+        if batch or epoch == 0 or best_epoch != epoch:
+            return
+        best = self.checkpoint("best")
+        try:
+            current = best.is_file() and load_checkpoint(best)["loop"]["epoch"] == epoch
+        except KdlError:
+            current = False
+        if not current:
+            data = self.checkpoint("last").read_bytes()
+            runs.atomic_write(best, lambda handle: handle.write(data))
+            self.log(f"best.pt repaired from last.pt (epoch {epoch})")
 
     def finish(self, status: str, error: str | None, duration: float, summary: dict[str, Any]) -> None:
-        self.update_meta(status=status, ended_at=runs.utc_now(), duration_s=round(duration, 3),
-                         error=error, epochs_done=summary["epochs_done"], step=summary["steps"])
+        """summary.json, then meta.json: the status written last commits the run's end, so a
+        kill in between leaves a run that is still `running` (crashed) and resumes to the end."""
         evals = runs.read_json(self.folder / runs.SUMMARY).get("eval")  # from `kdl eval` meanwhile
         runs.write_json(self.folder / runs.SUMMARY, {**summary, **({"eval": evals} if evals else {})})
+        self.update_meta(status=status, ended_at=runs.utc_now(), duration_s=round(duration, 3),
+                         error=error, epochs_done=summary["epochs_done"], step=summary["steps"])
         self.log(f"run {status}" + (f": {error}" if error else ""))
 
     def write_vocabulary(self, vocabulary: list[str]) -> None:
@@ -160,14 +189,16 @@ class RunWriter:
         from .checkpoint import save_checkpoint
 
         paths = [self.checkpoint(name) for name in which]
+        # what a resume would start from: the previous last.pt, or (none yet) step 0
+        kept = ("The previous checkpoint is intact" if self.checkpoint("last").is_file() else
+                "No checkpoint was written yet, so the run will start again from step 0")
         try:
             self.flush()
             save_checkpoint(paths, state)
         except OSError as exc:
             raise RunFailed(
-                f"could not write {paths[-1]}: {exc.strerror or exc}. The previous checkpoint is "
-                "intact; free some space (or fix the folder's permissions) and continue with "
-                f"`kdl train --resume {self.id}`."
+                f"could not write {paths[-1]}: {exc.strerror or exc}. {kept}; free some space (or "
+                f"fix the folder's permissions) and continue with `kdl train --resume {self.id}`."
             ) from None
 
     # ------------------------------------------------------------------ samples and eval

@@ -143,12 +143,17 @@ def only_run(runs: Path) -> Path:
 # ----------------------------------------------------------------------------- real processes
 
 
-def launch(runs: Path, *args: str, **popen: Any) -> subprocess.Popen:
-    """`kdl train ...` as a real process (`python -m karpathy_runner`), output to a log file."""
+def launch(runs: Path, *args: str, kill_at: tuple[str, int, str] | None = None,
+           **popen: Any) -> subprocess.Popen:
+    """`kdl train ...` as a real process (`python -m karpathy_runner`), output to a log file;
+    with `kill_at` (file name, n, signal name) it signals itself before the n-th replace of that
+    file (tests/kill_at.py)."""
     runs.mkdir(parents=True, exist_ok=True)
     log = open(runs.parent / f"kdl-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115
     env = {**os.environ, "KDL_RUNS_DIR": str(runs), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "karpathy_runner", "train", *args, "--quiet"]
+    entry = [str(Path(__file__).parent / "kill_at.py"), *map(str, kill_at)] if kill_at else [
+        "-m", "karpathy_runner"]
+    command = [sys.executable, *entry, "train", *args, "--quiet"]
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, **popen)
     process.log_path = Path(log.name)  # type: ignore[attr-defined]
     log.close()

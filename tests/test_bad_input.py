@@ -30,6 +30,9 @@ def setup_files(tmp: Path, runs: Path, run_id: str) -> None:
         folder.mkdir()
         (folder / "meta.json").write_text(json.dumps({"status": "interrupted", "id": folder.name}))
         shutil.copy(runs / run_id / "config.yaml", folder / "config.yaml")
+    damaged = runs / "20990101-000000-damaged-aac"
+    shutil.copytree(runs / run_id, damaged)
+    (damaged / "meta.json").write_text(json.dumps({"status": "interrupted", "pid": "abc"}))
 
 
 def mark_running(runs: Path, run_id: str) -> None:
@@ -137,8 +140,8 @@ CASES = [
     ("resume a completed run", ["train", "--resume", "{run}"],
      ["already completed", "--set train.epochs=N --allow-changes"]),
     ("resume a running run", ["train", "--resume", "{run}"], ["is still running", "stop it first"]),
-    ("resume a run without checkpoints", ["train", "--resume", "20990101-000000-twins-aaa"],
-     ["no checkpoints/last.pt", "kdl train"]),
+    ("resume a damaged run", ["train", "--resume", "20990101-000000-damaged-aac"],
+     ["is damaged", "meta.json 'pid' is 'abc', not an integer", "kdl rm"]),
     ("grid value", ["sweep", "{config}", "--grid", "optimizer.lr=0.1,abc"],
      ["--grid: the point optimizer.lr=abc is not a valid config", "Fix --grid optimizer.lr"]),
     ("grid key", ["sweep", "{config}", "--grid", "optimizer.lrr=0.1"],

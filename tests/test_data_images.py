@@ -272,3 +272,19 @@ def test_missing_image_folder_names_the_folder_and_layout(tmp_path, make_root):
     message = str(caught.value)
     assert str(root) in message and "ROOT/train/<class>/<image>" in message
     assert ("has no train/ folder" in message) == make_root
+
+
+def test_a_corrupt_image_is_an_error_naming_it_or_skipped_and_counted(tmp_path, capsys):
+    write_folder(tmp_path, "train", per_class=3)
+    broken = tmp_path / "train" / "dog" / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(KdlError, match=r"1 file\(s\) in .* are not images PIL can read, e\.g\. "
+                                       r".*broken\.png.*data\.skip_bad_files: true"):
+        build_data(data_config("image_folder", tmp_path, image_size=4, val_fraction=0.0))
+    bundle = build_data(data_config("image_folder", tmp_path, image_size=4, val_fraction=0.0,
+                                    skip_bad_files=True))
+    assert len(bundle.train) == 6 and str(broken) not in bundle.train.paths
+    assert "left out 1 unreadable file(s)" in capsys.readouterr().err
+    bundle.train.paths[0] = str(broken)  # damaged after the scan: named when its batch is read
+    with pytest.raises(KdlError, match=r"cannot read .*broken\.png"):
+        bundle.train.get_batch(torch.tensor([0]))

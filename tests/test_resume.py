@@ -8,8 +8,9 @@ import json
 import signal
 
 import pytest
-from kdl import kdl
+from kdl import CONFIGS, kdl
 from stopping import (
+    RANDOM,
     STEPS_PER_EPOCH,
     assert_same_training,
     final_state,
@@ -17,6 +18,7 @@ from stopping import (
     one_thread,
     only_run,
     read_json,
+    sets,
     signal_at,
     train,
 )
@@ -189,3 +191,28 @@ def test_a_run_stopped_by_the_previous_kdl_resumes(tmp_path, monkeypatch):
     resumed = train(tmp_path / "stopped", resume=folder.name)
     assert resumed.exit_code == 0, resumed.stderr
     assert_same_training(folder, baseline)
+
+
+def test_training_longer_updates_the_config_hash_and_skip_existing_matches_the_current_config(
+        tmp_path):
+    """A completed run trained longer has the hash of its new config (the old one kept in the
+    resume record): --skip-existing with the original config no longer takes it for its own."""
+    from karpathy_runner.config import load_config
+
+    def train_config(epochs: int):
+        return kdl("train", CONFIGS / "digits_cnn.yaml", *sets([*RANDOM, f"train.epochs={epochs}"]),
+                   "--runs-dir", tmp_path, "--quiet", "--skip-existing")
+
+    first = train_config(1)
+    folder = tmp_path / first.last_line
+    original = read_json(folder / "meta.json")["config_hash"]
+    longer = kdl("train", "--resume", folder.name, *sets(["train.epochs=2"]), "--allow-changes",
+                 "--runs-dir", tmp_path, "--quiet")
+    assert longer.exit_code == 0, longer.stderr
+    meta = read_json(folder / "meta.json")
+    assert meta["epochs"] == 2 and meta["resumes"][-1]["config_hash_before"] == original
+    assert meta["config_hash"] == load_config(folder / "config.yaml").hash() != original
+    again = train_config(1)  # the original config: a run of its own, not the changed one
+    assert again.exit_code == 0 and again.last_line != folder.name
+    assert read_json(tmp_path / again.last_line / "meta.json")["config_hash"] == original
+    assert train_config(2).last_line == folder.name  # the changed run has the longer config

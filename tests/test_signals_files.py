@@ -15,7 +15,6 @@ import signal
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -43,7 +42,7 @@ from karpathy_runner import runs as runs_module
 from karpathy_runner.checkpoint import load_checkpoint
 from karpathy_runner.data import Batches
 from karpathy_runner.tasks.classify import Classify
-from karpathy_runner.trainer import Trainer
+from karpathy_runner.trainer import Stop
 
 
 @pytest.fixture(autouse=True)
@@ -150,13 +149,14 @@ def test_dataloader_workers_ignore_interrupts(tmp_path):
                 os.kill(os.getpid(), signal.SIGTERM)
             return (indices.clone(),)
 
-    log = tmp_path / "train.log"
-    trainer = SimpleNamespace(stop_signal=None, run=SimpleNamespace(
-        log=lambda line: log.open("a").write(line + "\n")))
-    with Trainer._signals(trainer):
+    log, screen = tmp_path / "train.log", []
+    stop = Stop()
+    stop.attach(lambda line: log.open("a").write(line + "\n"), screen.append)
+    with stop.installed():
+        stop.in_loop = True
         batches = [b for (b,) in Batches(Interrupting(), 2, num_workers=2).epoch()]
     assert torch.cat(batches).tolist() == list(range(8))
-    assert trainer.stop_signal is None and not log.exists()
+    assert stop.signum is None and not log.exists() and screen == []
 
 
 def test_sigkill_at_random_moments_then_resume_ends_like_an_uninterrupted_run(tmp_path):

@@ -98,11 +98,17 @@ def eval_batch_size(cfg: Any) -> int:
     return cfg.eval_batch_size or max(cfg.batch_size, getattr(cfg, "EVAL_BATCH_MIN", 256))
 
 
+def mixed_seed(seed: int, value: int) -> int:
+    """A generator's seed from the run's seed and an epoch or step, within the 64 bits that
+    manual_seed takes, whatever the seed (modulo 2**64 keeps every seed's orders as they were)."""
+    return (seed * 1_000_003 + value) % 2**64
+
+
 def epoch_order(num_items: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
     """The sample order of one epoch: a pure function of (seed, epoch)."""
     if not shuffle:
         return torch.arange(num_items)
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    generator = torch.Generator().manual_seed(mixed_seed(seed, epoch))
     return torch.randperm(num_items, generator=generator)
 
 
@@ -158,7 +164,7 @@ class Batches:
             batch_size=None,
             shuffle=False,
             num_workers=self.num_workers,
-            generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch),
+            generator=torch.Generator().manual_seed(mixed_seed(self.seed, epoch)),
             worker_init_fn=_leave_signals_to_the_main_process,
         )
         yield from loader

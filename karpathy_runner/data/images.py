@@ -10,6 +10,7 @@ by (seed, step), so it does not depend on DataLoader workers or on where a run r
 from __future__ import annotations
 
 import importlib.util
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from PIL import Image
 
 from ..config import ImageDataConfig
 from ..errors import KdlError
-from . import DataBundle, DataInfo
+from . import DataBundle, DataInfo, mixed_seed
 
 # how many training images the mean/std of a dataset without published constants is computed from
 STATS_SAMPLES = 1000
@@ -68,8 +69,14 @@ class FolderImages:
 
     def _load(self, path: str) -> torch.Tensor:
         size = (self.image_size, self.image_size)
-        with Image.open(path) as image:
-            rgb = image.convert("RGB").resize(size, Image.Resampling.BILINEAR)
+        try:
+            with Image.open(path) as image:
+                rgb = image.convert("RGB").resize(size, Image.Resampling.BILINEAR)
+        except (OSError, ValueError) as exc:  # PIL.UnidentifiedImageError is an OSError
+            raise KdlError(
+                f"image_folder: cannot read {path} ({exc}); replace or remove the file, or set "
+                "data.skip_bad_files: true to leave out files that do not decode"
+            ) from None
         return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)  # (3, H, W)
 
 
@@ -98,7 +105,7 @@ class ImagePrep:
         y = labels.to(self.device, non_blocking=True)
         if step is not None and self.augment:
             generator = torch.Generator(device=self.device).manual_seed(
-                self.seed * 1_000_003 + step + 1
+                mixed_seed(self.seed, step + 1)
             )
             x = augment_batch(x, self.augment, self.padding, generator)
         return x.sub_(self.mean).div_(self.std), y
@@ -334,7 +341,7 @@ def _build_folder(cfg: ImageDataConfig) -> Splits:
             f"image_folder: {root / 'train'} has no class folders. Expected: {_FOLDER_LAYOUT}."
         ) from None
     try:
-        train = _scan(root / "train", class_to_idx, cfg.image_size, allow_empty=False)
+        train = _scan(root / "train", class_to_idx, cfg, allow_empty=False)
     except FileNotFoundError:  # torchvision's words for class folders without one image
         raise KdlError(
             f"image_folder: no images in the class folders of {root / 'train'} "
@@ -342,12 +349,12 @@ def _build_folder(cfg: ImageDataConfig) -> Splits:
             f"Expected: {_FOLDER_LAYOUT}."
         ) from None
     if (root / "val").is_dir():
-        val = _scan_held(root / "val", class_to_idx, cfg.image_size)
+        val = _scan_held(root / "val", class_to_idx, cfg)
     else:
         train, val = _train_val(train, cfg)
     test = None
     if (root / "test").is_dir():
-        test = _scan_held(root / "test", class_to_idx, cfg.image_size)
+        test = _scan_held(root / "test", class_to_idx, cfg)
     mean, std = channel_stats(train)
     info = DataInfo(
         kind=ImageDataConfig.KIND,
@@ -362,19 +369,40 @@ def _build_folder(cfg: ImageDataConfig) -> Splits:
 
 
 def _scan(
-    folder: Path, class_to_idx: dict[str, int], image_size: int, allow_empty: bool
+    folder: Path, class_to_idx: dict[str, int], cfg: ImageDataConfig, allow_empty: bool
 ) -> FolderImages:
     from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
     samples = make_dataset(folder, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=allow_empty)
+    bad = [(path, problem) for path, _ in samples if (problem := _unreadable(path))]
+    if bad and not cfg.skip_bad_files:
+        path, problem = bad[0]
+        raise KdlError(
+            f"image_folder: {len(bad)} file(s) in {folder} are not images PIL can read, e.g. "
+            f"{path} ({problem}). Replace or remove them, or set data.skip_bad_files: true to "
+            "leave them out."
+        )
+    if bad:
+        print(f"image_folder: left out {len(bad)} unreadable file(s) in {folder} "
+              f"(data.skip_bad_files), e.g. {bad[0][0]}", file=sys.stderr, flush=True)
+        samples = [sample for sample in samples if sample[0] not in dict(bad)]
     if not samples:
         raise KdlError(f"image_folder: no images in {folder}. Expected: {_FOLDER_LAYOUT}.")
     paths = [path for path, _ in samples]
     labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
-    return FolderImages(paths, labels, image_size)
+    return FolderImages(paths, labels, cfg.image_size)
 
 
-def _scan_held(folder: Path, class_to_idx: dict[str, int], image_size: int) -> FolderImages:
+def _unreadable(path: str) -> str | None:
+    """Why PIL cannot identify the image file (its header only: fast), or None."""
+    try:
+        with Image.open(path):
+            return None
+    except (OSError, ValueError) as exc:  # PIL.UnidentifiedImageError is an OSError
+        return str(exc) or type(exc).__name__
+
+
+def _scan_held(folder: Path, class_to_idx: dict[str, int], cfg: ImageDataConfig) -> FolderImages:
     """val/ or test/: may lack some classes, but a class unknown to train/ could never be right."""
     unknown = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in class_to_idx)
     if unknown:
@@ -382,4 +410,4 @@ def _scan_held(folder: Path, class_to_idx: dict[str, int], image_size: int) -> F
             f"image_folder: {folder} has class folders that train/ lacks: {', '.join(unknown)}. "
             f"Train classes: {', '.join(class_to_idx)}. Rename or remove them."
         )
-    return _scan(folder, class_to_idx, image_size, allow_empty=True)
+    return _scan(folder, class_to_idx, cfg, allow_empty=True)

@@ -1,0 +1,31 @@
+"""`kdl` as a real process that signals itself just before the n-th os.replace onto a file of a
+given name (counted in this process), so a test can stop it between two exact file writes:
+
+    python tests/kill_at.py NAME N SIGNAL kdl-arguments...   e.g. meta.json 3 SIGKILL train ...
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from karpathy_runner.cli import main
+
+name, nth, signum = sys.argv[1], int(sys.argv[2]), getattr(signal, sys.argv[3])
+real_replace = os.replace
+seen = 0
+
+
+def replace(src, dst):
+    global seen
+    if os.path.basename(dst) == name:
+        seen += 1
+        if seen == nth:
+            os.kill(os.getpid(), signum)
+    return real_replace(src, dst)
+
+
+os.replace = replace
+sys.argv = ["kdl", *sys.argv[4:]]
+main()
