@@ -79,7 +79,11 @@ class ImageDataConfig(Branch):
     augment: list[Literal["crop", "flip"]] = Field(default_factory=list)
     crop_padding: int = Field(4, ge=0)
     image_size: int = Field(32, ge=4)
-    num_workers: int = Field(0, ge=0)
+    # device: the decoded images live on the training device, batches are cut and augmented
+    # there; stream: batches are gathered on the host (by num_workers DataLoader workers) and
+    # copied over; auto: device for datasets held in memory that fit, stream for image_folder
+    placement: Literal["auto", "device", "stream"] = "auto"
+    num_workers: int = Field(0, ge=0)  # DataLoader workers of the stream placement
     # rows: each image is a sequence of its rows (H steps of C x W values), for recurrent models
     as_sequence: Literal["none", "rows"] = "none"
 
@@ -385,6 +389,12 @@ class TrainConfig(Branch):
     checkpoint_every_steps: int | None = Field(None, ge=1)
     deterministic: bool = False
     on_nonfinite: Literal["stop", "skip_step"] = "stop"
+    # torch.compile the models in place, so checkpoint keys stay the same; the first step
+    # (which compiles) is timed apart: train.log and meta.json's compile_s
+    compile: bool = False
+    # conv weights and activations in channels-last layout; null: on for conv nets on CUDA,
+    # where tensor cores want it, off elsewhere
+    channels_last: bool | None = None
 
     @field_validator("device")
     @classmethod

@@ -39,6 +39,17 @@ class TensorImages:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def nbytes(self) -> int:
+        return self.images.nbytes + self.labels.nbytes
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def to(self, device: torch.device) -> TensorImages:
+        return TensorImages(self.images.to(device), self.labels.to(device))
+
     def get_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.images[indices], self.labels[indices]
 
@@ -61,6 +72,11 @@ class FolderImages:
     def get_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images = [self._load(self.paths[i]) for i in indices.tolist()]
         return torch.stack(images), self.labels[indices]
+
+    def to(self, device: torch.device) -> TensorImages:
+        """Every image decoded once (data.placement: device), then kept on `device`."""
+        images, labels = self.get_batch(torch.arange(len(self)))
+        return TensorImages(images, labels).to(device)
 
     def subset(self, indices: torch.Tensor) -> FolderImages:
         paths = [self.paths[i] for i in indices.tolist()]
@@ -134,7 +150,8 @@ def build(cfg: ImageDataConfig, seed: int, vocabulary: list[str] | None = None) 
         train, val, test, info = _build_torchvision(cfg)
     prepare = ImagePrep(info.mean, info.std, tuple(cfg.augment), cfg.crop_padding, seed)
     info.kind = ImageDataConfig.kind_of(cfg.model_dump())
-    return DataBundle(train=train, val=val, test=test, info=info, prepare=prepare)
+    return DataBundle(train=train, val=val, test=test, info=info, prepare=prepare,
+                      placement=cfg.placement)
 
 
 Splits = tuple[ImageDataset, ImageDataset | None, ImageDataset | None, DataInfo]
