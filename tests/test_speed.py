@@ -3,13 +3,19 @@ channels-last and compiled models, fused optimizers."""
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
+import torchvision.datasets
+from datafiles import write_cifar10, write_folder
 from kdl import CONFIGS, train_tiny
 from stopping import assert_same_tensors, final_state, read_json
 
-from karpathy_runner.config import load_config
+from karpathy_runner.config import ImageDataConfig, OptimizerConfig, load_config
+from karpathy_runner.data import build_data
 from karpathy_runner.engine import _streaming, build_experiment, build_trainer
+from karpathy_runner.optim import build_optimizer
 from karpathy_runner.progress import Reporter
 from karpathy_runner.writer import RunWriter
 
@@ -52,8 +58,6 @@ def test_placement_auto_keeps_small_data_resident_and_streams_folders():
 
 
 def test_image_folder_on_the_device_is_decoded_once(tmp_path):
-    from datafiles import write_folder
-
     write_folder(tmp_path, "train", per_class=4)
     cfg = load_config(CONFIGS / "digits_cnn.yaml", [
         "data.name=image_folder", f"data.root={tmp_path}", "data.image_size=8",
@@ -108,10 +112,42 @@ def test_compile_flag_trains_in_place_and_times_the_compile_apart(tmp_path):
 
 
 def test_optimizers_use_fused_kernels_where_torch_has_them():
-    from karpathy_runner.config import OptimizerConfig
-    from karpathy_runner.optim import build_optimizer
-
     params = [torch.nn.Parameter(torch.zeros(3))]
     for name in ("sgd", "adam", "adamw"):
         assert build_optimizer(OptimizerConfig(name=name), params).defaults["fused"] is True
     assert not build_optimizer(OptimizerConfig(name="rmsprop"), params).defaults.get("fused")
+
+
+def test_decoded_dataset_is_cached_and_rebuilt_when_its_sources_change(tmp_path, skip_md5,
+                                                                      monkeypatch):
+    """The first build decodes the files through torchvision and keeps the tensors under
+    data.root; later builds read that file without torchvision, until a source file changes."""
+    write_cifar10(tmp_path)
+    cfg = ImageDataConfig(name="cifar10", root=str(tmp_path), download=False, val_fraction=0.0)
+    first = build_data(cfg)
+    cache = tmp_path / "kdl_cache" / "cifar10.pt"
+    assert cache.is_file()
+
+    decoded = []
+    real = torchvision.datasets.CIFAR10
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10",
+                        lambda *a, **k: decoded.append(k["train"]) or real(*a, **k))
+    again = build_data(cfg)
+    assert decoded == []  # from the cache
+    assert torch.equal(again.train.images, first.train.images)
+    assert torch.equal(again.test.labels, first.test.labels)
+    assert again.info.class_names == first.info.class_names
+
+    batch_file = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    batch = pickle.loads(batch_file.read_bytes())
+    batch["data"][0, 0] = 255 - batch["data"][0, 0]  # one pixel of the first image, same size
+    batch_file.write_bytes(pickle.dumps(batch))
+    changed = build_data(cfg)
+    assert decoded == [True, False]  # both splits decoded again
+    assert changed.train.images[0, 0, 0, 0] == 255 - first.train.images[0, 0, 0, 0]
+    assert torch.equal(build_data(cfg).train.images, changed.train.images)
+    assert decoded == [True, False]  # and the new cache serves the next build
+
+    cache.write_bytes(cache.read_bytes()[:100])  # a cut cache file: decoded again, no error
+    assert torch.equal(build_data(cfg).train.images, changed.train.images)
+    assert decoded == [True, False, True, False]
