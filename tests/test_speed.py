@@ -4,6 +4,7 @@ channels-last and compiled models, fused optimizers."""
 from __future__ import annotations
 
 import pickle
+import types
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from kdl import CONFIGS, train_tiny
 from stopping import assert_same_tensors, final_state, read_json
 
 from karpathy_runner.config import ImageDataConfig, OptimizerConfig, load_config
-from karpathy_runner.data import build_data
+from karpathy_runner.data import build_data, choose_placement
 from karpathy_runner.engine import _streaming, build_experiment, build_trainer
 from karpathy_runner.optim import build_optimizer
 from karpathy_runner.progress import Reporter
@@ -57,6 +58,17 @@ def test_placement_auto_keeps_small_data_resident_and_streams_folders():
     assert _streaming(streamed) == {"stream": True, "num_workers": 3, "pin_memory": False}
 
 
+def test_placement_auto_streams_what_would_crowd_the_gpu(monkeypatch):
+    """On CUDA, auto keeps the data resident only while it takes under a quarter of the free
+    memory (faked here: this machine has no GPU)."""
+    split = types.SimpleNamespace(nbytes=1000)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (8004, 16000))
+    assert choose_placement("auto", [split, split], torch.device("cuda")) == "device"
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (7996, 16000))
+    assert choose_placement("auto", [split, split], torch.device("cuda")) == "stream"
+    assert choose_placement("device", [split, split], torch.device("cuda")) == "device"
+
+
 def test_image_folder_on_the_device_is_decoded_once(tmp_path):
     write_folder(tmp_path, "train", per_class=4)
     cfg = load_config(CONFIGS / "digits_cnn.yaml", [
@@ -98,10 +110,14 @@ def test_channels_last_flag_trains_a_conv_net(tmp_path):
 def test_compile_flag_trains_in_place_and_times_the_compile_apart(tmp_path):
     if not torch._dynamo.is_dynamo_supported():
         pytest.skip("torch.compile is not available on this platform")
+    from torch._dynamo.utils import counters
+
     plain = train_tiny(tmp_path / "plain", "--set", "train.max_steps=4")
+    counters.clear()
     compiled = train_tiny(tmp_path / "compiled", "--set", "train.max_steps=4",
                           "--set", "train.compile=true")
     assert compiled.exit_code == 0, compiled.stderr
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo captured the model's graph
     folder = tmp_path / "compiled" / compiled.last_line
     state = final_state(folder)["models"]["model"]
     # in place: the same keys as an uncompiled run, no _orig_mod. prefix
