@@ -28,6 +28,7 @@ from synthetic_cifar import use_synthetic_cifar
 
 from karpathy_runner.config import load_config
 from karpathy_runner.engine import build_experiment, build_trainer, versions
+from karpathy_runner.errors import RunFailed
 from karpathy_runner.progress import Reporter
 from karpathy_runner.writer import RunWriter
 
@@ -52,9 +53,13 @@ def train_variant(config: str, variant: str, args: argparse.Namespace, runs: Pat
     writer = RunWriter.create(runs, f"{config}-{variant}", cfg.to_yaml())
     trainer = build_trainer(exp, writer, Reporter(quiet=True))
     started = time.perf_counter()
-    trainer.fit()
+    try:
+        trainer.fit()
+    except RunFailed as exc:  # e.g. a non-finite loss: recorded, and the other variants still run
+        return {"config": config, "variant": variant, "error": str(exc)}
+    finally:
+        writer.close()
     wall = time.perf_counter() - started
-    writer.close()
     # the loop logs each epoch's end as seconds since it began: differences are epoch times
     ends = [r["time"] for r in map(json.loads, (writer.folder / "metrics.jsonl").open())
             if r["split"] == "train_epoch"]
