@@ -83,7 +83,11 @@ class ImageDataConfig(Branch):
     augment: list[Literal["crop", "flip"]] = Field(default_factory=list)
     crop_padding: int = Field(4, ge=0)
     image_size: int = Field(32, ge=4)
-    num_workers: int = Field(0, ge=0)
+    # device: the decoded images live on the training device, batches are cut and augmented
+    # there; stream: batches are gathered on the host (by num_workers DataLoader workers) and
+    # copied over; auto: device for datasets held in memory that fit, stream for image_folder
+    placement: Literal["auto", "device", "stream"] = "auto"
+    num_workers: int = Field(0, ge=0)  # DataLoader workers of the stream placement
     skip_bad_files: bool = False  # image_folder: leave out (and count) files that do not decode
     # rows: each image is a sequence of its rows (H steps of C x W values), for recurrent models
     as_sequence: Literal["none", "rows"] = "none"
@@ -228,7 +232,28 @@ class GANModelConfig(Branch):
     spectral_norm: bool = False  # on the discriminator's layers (instead of batch norm there)
 
 
-MODEL_FAMILIES: tuple[type[Branch], ...] = (CNNConfig, RNNConfig, GANModelConfig)
+class SpeedrunConfig(Branch):
+    """A fast CIFAR-10 network after airbench94's published ideas (see models/speedrun.py):
+    a stem, conv groups with batch norm and GELU, a global max pool, scaled-down logits."""
+
+    MODULE: ClassVar[str] = "speedrun"
+
+    name: Literal["speedrun"] = "speedrun"
+    stem_width: int = Field(24, ge=1)  # the 2x2 stem conv
+    widths: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [64, 256, 256])
+    bn_momentum: float = Field(0.4, gt=0.0, le=1.0)  # torch's convention: weight of the new batch
+    logit_scale: float = Field(1 / 9, gt=0.0)
+    bias_lr_scale: float = Field(64.0, gt=0.0)  # batch-norm shifts learn this much faster
+
+    @field_validator("widths")
+    @classmethod
+    def _some_widths(cls, widths: list[int]) -> list[int]:
+        if not widths:
+            raise ValueError("needs at least one conv group, e.g. [64, 256, 256]")
+        return widths
+
+
+MODEL_FAMILIES: tuple[type[Branch], ...] = (CNNConfig, RNNConfig, GANModelConfig, SpeedrunConfig)
 RECURRENT = ("lstm", "gru", "rnn")
 
 # ----------------------------------------------------------------------------- task
@@ -243,13 +268,16 @@ class ClassifyConfig(Branch):
     DEFAULT_METRIC: ClassVar[str] = "val.loss"
     # data kind -> model families
     TRAINS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "image": ("cnn",), "image_rows": RECURRENT, "text": RECURRENT,
+        "image": ("cnn", "speedrun"), "image_rows": RECURRENT, "text": RECURRENT,
     }
 
     name: Literal["classify"] = "classify"
     # training targets (1 - s) on the true class and s spread over all classes; eval reports the
     # plain cross-entropy, so val.loss stays comparable across settings
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    # evaluation averages the logits of each image and of its mirror image (test-time
+    # augmentation); images only
+    eval_flip: bool = False
 
 
 class LanguageModelConfig(Branch):
@@ -390,6 +418,12 @@ class TrainConfig(Branch):
     checkpoint_every_steps: int | None = Field(None, ge=1)
     deterministic: bool = False
     on_nonfinite: Literal["stop", "skip_step"] = "stop"
+    # torch.compile the models in place, so checkpoint keys stay the same; the first step
+    # (which compiles) is timed apart: train.log and meta.json's compile_s
+    compile: bool = False
+    # conv weights and activations in channels-last layout; null: on for conv nets on CUDA,
+    # where tensor cores want it, off elsewhere
+    channels_last: bool | None = None
 
     @field_validator("device")
     @classmethod
@@ -581,6 +615,10 @@ def _cross_problems(cfg: Config) -> list[str]:
         if cfg.model.tie_weights and cfg.task.name != "language_model":
             problems.append("model.tie_weights: only a language model has an output layer the size "
                             "of its vocabulary to tie; set model.tie_weights: false")
+    if getattr(cfg.task, "eval_flip", False) and kind != "image":
+        problems.append(f"task.eval_flip: mirroring applies to whole images; data.name "
+                        f"{cfg.data.name!r} gives {KIND_WORDS.get(kind, kind)} data. Set "
+                        "task.eval_flip: false")
     for key, metric in (("train.best_metric", cfg.train.best_metric),
                         ("train.early_stopping.metric", cfg.train.early_stopping.metric)):
         if metric is not None and metric.split(".", 1)[1] not in task.METRICS:

@@ -149,6 +149,7 @@ def build_experiment(cfg: Config, device_override: str | None = None, training: 
     _check_fits_in_memory(cfg, data.info, device)
     task = build_task(cfg.task, cfg.model, data.info, device)
     task.to(device)
+    speed_up(task, cfg.train, device, compile_models=training)
     return Experiment(cfg, device, data.to(device), task, data.prepare.to(device))
 
 
@@ -191,6 +192,30 @@ def _check_fits_in_memory(cfg: Config, info: Any, device: torch.device) -> None:
                 f"{padded * 12 / 2**30:,.0f} GiB, more than the {memory / 2**30:,.0f} GiB here; a "
                 "padding of a few pixels (4 for 32x32 images) is usual."
             )
+
+
+def speed_up(task: Task, cfg: Any, device: torch.device, compile_models: bool) -> None:
+    """The `train` branch's kernel settings: cuDNN's autotuner (not under deterministic: it
+    may pick other algorithms run to run), channels-last conv nets, torch.compile in place."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not cfg.deterministic
+    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    for model in task.models.values():
+        if channels_last and any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
+            model.to(memory_format=torch.channels_last)
+        if cfg.compile and compile_models:
+            _check_compile()
+            model.compile()
+
+
+def _check_compile() -> None:
+    import torch._dynamo  # only for train.compile: importing it takes a while
+
+    if not torch._dynamo.is_dynamo_supported():
+        raise KdlError(
+            f"train.compile: true, but torch.compile does not support this platform (Python "
+            f"{sys.version.split()[0]}, torch {torch.__version__}); set train.compile: false"
+        )
 
 
 def versions(device: torch.device) -> dict[str, Any]:
@@ -286,15 +311,14 @@ def build_trainer(exp: Experiment, writer: RunWriter, reporter: Reporter,
     optimizers = {name: build_optimizer(cfg.optimizer_for(name), task.param_groups(name))
                   for name in task.trainable}
     train_batches = Batches(exp.data.train, cfg.data.batch_size, seed=cfg.seed,
-                            shuffle=not task.ordered_batches,
-                            num_workers=getattr(cfg.data, "num_workers", 0))
+                            shuffle=not task.ordered_batches, **_streaming(exp))
     total_steps = len(train_batches) * cfg.train.epochs
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
     schedules = {name: LRSchedule(cfg.scheduler, cfg.optimizer_for(name).lr, len(train_batches),
                                   total_steps) for name in optimizers}
     trainer = Trainer(cfg.train, task, optimizers, schedules, exp.prepare, train_batches,
-                      _eval_batches(cfg, exp.data.val), writer, reporter, exp.device, stop)
+                      _eval_batches(exp, exp.data.val), writer, reporter, exp.device, stop)
     trainer.stop.attach(writer.log, trainer.reporter.notice)
     return trainer
 
@@ -391,11 +415,19 @@ def _checkpoint_must_fit(path: Path) -> Iterator[None]:
         ) from None
 
 
-def _eval_batches(cfg: Config, dataset: Any) -> Batches | None:
+def _eval_batches(exp: Experiment, dataset: Any) -> Batches | None:
     if dataset is None:
         return None
-    return Batches(dataset, eval_batch_size(cfg.data),
-                   num_workers=getattr(cfg.data, "num_workers", 0))
+    return Batches(dataset, eval_batch_size(exp.cfg.data), **_streaming(exp))
+
+
+def _streaming(exp: Experiment) -> dict[str, Any]:
+    """How batches reach the device: cut there (resident data), or through a DataLoader with
+    the configured workers and, towards a GPU, pinned host memory."""
+    if exp.data.placement == "device":
+        return {}
+    return {"stream": True, "num_workers": getattr(exp.cfg.data, "num_workers", 0),
+            "pin_memory": exp.device.type == "cuda"}
 
 
 # ----------------------------------------------------------------------------- eval and sample
@@ -456,7 +488,7 @@ def evaluate_run(
                        f"{_missing_split(cfg, split)}")
     precision = eval_precision(cfg.train.precision, exp.device)
     autocast = autocast_for(precision, exp.device)
-    batches = _eval_batches(cfg, dataset)
+    batches = _eval_batches(exp, dataset)
     metrics = evaluate(exp.task, batches, exp.prepare, autocast, detailed=True)
     if getattr(exp.task, "draws_images", False):
         metrics.update(_sample_quality(runs_root, features, exp, batches, autocast))

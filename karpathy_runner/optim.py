@@ -19,21 +19,34 @@ def build_optimizer(
     """`cfg` is the optimizer branch: name, lr, weight_decay and the name's own settings.
     `params` are parameters, or parameter groups (dicts, e.g. with an `lr_scale` for the loop)."""
     params = list(params)
+    kernel = _kernel(cfg.name, params)
     if cfg.name == "sgd":
         return torch.optim.SGD(
             params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-            weight_decay=cfg.weight_decay,
+            weight_decay=cfg.weight_decay, **kernel,
         )
     if cfg.name in ("adam", "adamw"):
         cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
         return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                   weight_decay=cfg.weight_decay)
+                   weight_decay=cfg.weight_decay, **kernel)
     if cfg.name == "rmsprop":
         return torch.optim.RMSprop(
             params, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps, momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
+            weight_decay=cfg.weight_decay, **kernel,
         )
     raise ValueError(f"unknown optimizer {cfg.name!r}")
+
+
+FUSED = ("sgd", "adam", "adamw")  # the optimizers torch has one fused kernel for
+
+
+def _kernel(name: str, params: list[Any]) -> dict[str, bool]:
+    """One fused kernel for all parameters where torch has it (CUDA, CPU) instead of a few small
+    kernels per parameter; otherwise torch's default (the multi-tensor path on CUDA)."""
+    tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
+    if name in FUSED and tensors and {t.device.type for t in tensors} <= {"cuda", "cpu"}:
+        return {"fused": True}
+    return {}
 
 
 class LRSchedule:

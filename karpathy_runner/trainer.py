@@ -172,6 +172,7 @@ class Trainer:
         self.started = time.time()
         self._window_started = time.perf_counter()
         self._window_samples = 0
+        self._compiling = cfg.compile
         self.last_metrics: dict[str, float] = {}
 
     @property
@@ -199,6 +200,7 @@ class Trainer:
 
     def _epochs(self) -> None:
         cfg, state = self.cfg, self.state
+        self._window_started = time.perf_counter()
         while state.epoch < cfg.epochs and state.stop_reason is None:
             if self.stop_signal is not None:  # before a step of this process: save where it is
                 state.stop_reason = "signal"
@@ -230,6 +232,8 @@ class Trainer:
             else:
                 self.window.append(result)
                 self._window_samples += result.count
+            if self._compiling:  # this first step compiled the models: timed apart
+                self._log_compile_time()
             state.step += 1
             state.batch += 1
             # log, checkpoint, stop: each only at its interval
@@ -247,6 +251,17 @@ class Trainer:
             every = cfg.checkpoint_every_steps
             if every and state.step % every == 0 and state.batch < total:
                 self._save("last")
+
+    def _log_compile_time(self) -> None:
+        """torch.compile works at the first forward and backward: that step's time goes into
+        train.log and meta.json (compile_s), and the samples/s of the first window leave it out."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - self._window_started
+        self.run.log(f"torch.compile: the first step (compiling) took {seconds:.1f} s")
+        self.run.update_meta(compile_s=round(seconds, 3))
+        self._compiling = False
+        self._window_started, self._window_samples = time.perf_counter(), 0
 
     def _set_lr(self, step: int) -> None:
         for name, optimizer in self.optimizers.items():

@@ -172,13 +172,13 @@ def test_quality_of_real_images_and_of_noise(classifier_run):
     trained = classifier_run
     classifier = load_run(trained.parent, trained.name, "best", "cpu")
     features = RunFeatures(trained.name, classifier.exp.task.model, classifier.exp.prepare, 10)
-    batches = _eval_batches(classifier.exp.cfg, classifier.exp.data.val)
+    batches = _eval_batches(classifier.exp, classifier.exp.data.val)
     real = [batch[0] for batch in batches.epoch()]
     queue = list(real)
     same = image_quality(real, lambda n: queue.pop(0), features, per_class=True)
     noise = image_quality(real, lambda n: torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8),
                           features, per_class=True)
-    test = [batch[0] for batch in _eval_batches(classifier.exp.cfg, classifier.exp.data.test).epoch()]
+    test = [batch[0] for batch in _eval_batches(classifier.exp, classifier.exp.data.test).epoch()]
     others = torch.cat(test)[:sum(map(len, real))].split([len(b) for b in real])
     queue = list(others)
     other = image_quality(real, lambda n: queue.pop(0), features, per_class=True)

@@ -79,7 +79,7 @@ def test_eval_repeats_the_runs_bf16_numbers(tmp_path):
 
     loaded = load_run(tmp_path, result.last_line, "last", "cpu")
     exp = loaded.exp
-    fp32 = evaluate(exp.task, _eval_batches(exp.cfg, exp.data.val), exp.prepare)["loss"]
+    fp32 = evaluate(exp.task, _eval_batches(exp, exp.data.val), exp.prepare)["loss"]
     assert abs(fp32 - logged) > 20 * 1e-6 * abs(logged), (fp32, logged)
 
 

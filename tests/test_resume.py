@@ -70,11 +70,12 @@ def resumed_run(monkeypatch, runs, overrides, stops):
     [
         # the first step, mid-epoch, the last step of an epoch, the first of the next, the last one
         ("onecycle", 0, [1, 9, STEPS_PER_EPOCH, STEPS_PER_EPOCH + 1, 2 * STEPS_PER_EPOCH]),
-        ("cosine_warmup_sgd", 2, [6, STEPS_PER_EPOCH + 10]),  # DataLoader workers
+        ("cosine_warmup_sgd", 2, [6, STEPS_PER_EPOCH + 10]),  # streamed by DataLoader workers
     ],
 )
 def test_stopped_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, schedule, workers, stops):
-    overrides = [*SCHEDULES[schedule], f"data.num_workers={workers}"]
+    placement = "stream" if workers else "device"
+    overrides = [*SCHEDULES[schedule], f"data.num_workers={workers}", f"data.placement={placement}"]
     baseline = uninterrupted(tmp_path / "straight", overrides)
     folder = resumed_run(monkeypatch, tmp_path / "stopped", overrides, stops)
 

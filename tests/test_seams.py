@@ -204,7 +204,7 @@ def test_the_task_defaults_from_model_and_data_and_is_written_in_the_config(toy,
     with pytest.raises(ConfigError, match="'val.head_loss' is not a metric of the classify task"):
         resolve({"train": {"best_metric": "val.head_loss"}})
     shown = kdl("validate", CONFIGS / "digits_cnn.yaml")
-    assert "task: {name: classify, label_smoothing: 0.0}" in shown.stdout
+    assert "task: {name: classify, label_smoothing: 0.0, eval_flip: false}" in shown.stdout
 
 
 class GanSpec(Branch):  # the declarations of families to come, for the pure functions below

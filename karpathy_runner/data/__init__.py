@@ -60,14 +60,35 @@ class DataBundle:
     test: BatchDataset | None
     info: DataInfo
     prepare: Prepare
+    # device: the splits are stored on the training device and batches are cut there; stream:
+    # they stay on the host (or on disk) and batches travel to the device one by one; auto:
+    # decided by `to` (see choose_placement)
+    placement: str = "auto"
 
     def to(self, device: torch.device) -> DataBundle:
-        """Splits that keep their data on the training device (a corpus as one int tensor)
-        move there; batches are then cut on the device."""
-        for split in (self.train, self.val, self.test):
-            if split is not None and hasattr(split, "to"):
-                split.to(device)
+        """Resident splits move to the training device; streamed ones stay where they are."""
+        splits = [split for split in (self.train, self.val, self.test) if split is not None]
+        self.placement = choose_placement(self.placement, splits, device)
+        if self.placement == "device":
+            self.train, self.val, self.test = (
+                split.to(device) if split is not None else None
+                for split in (self.train, self.val, self.test)
+            )
         return self
+
+
+def choose_placement(wanted: str, splits: list[Any], device: torch.device) -> str:
+    """`data.placement`: device or stream as asked; auto: device when every split is held in
+    memory (its `nbytes` known: not files decoded per batch) and together they fit in a quarter
+    of the device's free memory (the model, activations and optimizer state need the rest)."""
+    if wanted != "auto":
+        return wanted
+    if not all(hasattr(split, "nbytes") for split in splits):
+        return "stream"
+    if device.type != "cuda":
+        return "device"
+    free, _ = torch.cuda.mem_get_info(device)
+    return "device" if sum(split.nbytes for split in splits) < free // 4 else "stream"
 
 
 def build_data(cfg: Any, seed: int = 0, vocabulary: list[str] | None = None) -> DataBundle:
@@ -105,25 +126,46 @@ def mixed_seed(seed: int, value: int) -> int:
 
 
 def epoch_order(num_items: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
-    """The sample order of one epoch: a pure function of (seed, epoch)."""
+    """The sample order of one epoch: a pure function of (seed, epoch), computed on the CPU so
+    that every device and every placement sees the same order."""
     if not shuffle:
         return torch.arange(num_items)
     generator = torch.Generator().manual_seed(mixed_seed(seed, epoch))
     return torch.randperm(num_items, generator=generator)
 
 
-class _BatchFetcher(torch.utils.data.Dataset):
-    """Lets DataLoader workers fetch whole batches: item i is batch i of the epoch."""
+class _EpochBatches(torch.utils.data.Sampler):
+    """Keys (epoch, batch) of the batches still to come in the current epoch; `Batches` sets
+    them before each pass, so one loader (and its persistent workers) serves every epoch."""
 
-    def __init__(self, dataset: BatchDataset, chunks: list[torch.Tensor]):
-        self.dataset = dataset
-        self.chunks = chunks
+    def __init__(self) -> None:
+        self.keys: list[tuple[int, int]] = []
 
     def __len__(self) -> int:
-        return len(self.chunks)
+        return len(self.keys)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
-        return self.dataset.get_batch(self.chunks[i])
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter(self.keys)
+
+
+class _BatchFetcher(torch.utils.data.Dataset):
+    """Lets DataLoader workers fetch whole batches: key (epoch, i) is batch i of that epoch,
+    cut from the epoch's order, which each worker computes once per epoch."""
+
+    def __init__(self, batches: Batches):
+        self.dataset = batches.dataset
+        self.batch_size, self.seed, self.shuffle = batches.batch_size, batches.seed, batches.shuffle
+        self._chunks: tuple[int, list[torch.Tensor]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+        epoch, i = key
+        if self._chunks is None or self._chunks[0] != epoch:
+            order = epoch_order(len(self.dataset), self.seed, epoch, self.shuffle)
+            self._chunks = (epoch, list(order.split(self.batch_size)))
+        return self.dataset.get_batch(self._chunks[1][i])
 
 
 class Batches:
@@ -131,6 +173,11 @@ class Batches:
 
     `epoch(e, start)` skips the first `start` batches without loading them, which is how a run
     resumed mid-epoch continues exactly where it stopped.
+
+    Data resident on the training device is cut there, in the main process: one indexing op per
+    batch. Streamed data (`stream=True`) goes through a DataLoader: `num_workers` persistent
+    worker processes fetch batches ahead, into pinned memory when `pin_memory` (a CUDA device),
+    so that the copy to the device does not wait on the host.
     """
 
     def __init__(
@@ -140,34 +187,49 @@ class Batches:
         seed: int = 0,
         shuffle: bool = False,
         num_workers: int = 0,
+        stream: bool = False,
+        pin_memory: bool = False,
     ):
         self.dataset = dataset
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
         self.num_workers = num_workers
+        self.stream = stream or num_workers > 0
+        self.pin_memory = pin_memory
+        self._sampler: _EpochBatches | None = None
+        self._loader: torch.utils.data.DataLoader | None = None
 
     def __len__(self) -> int:
         return -(-len(self.dataset) // self.batch_size)
 
     def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
-        order = epoch_order(len(self.dataset), self.seed, epoch, self.shuffle)
-        chunks = list(order.split(self.batch_size))[start:]
-        if self.num_workers == 0:
-            for chunk in chunks:
-                yield self.dataset.get_batch(chunk)
+        if self.stream:
+            yield from self._streamed(epoch, start)
             return
-        # an own generator: by default DataLoader draws worker seeds from the global RNG, which
-        # would shift dropout masks depending on where an epoch was resumed
-        loader = torch.utils.data.DataLoader(
-            _BatchFetcher(self.dataset, chunks),
-            batch_size=None,
-            shuffle=False,
-            num_workers=self.num_workers,
-            generator=torch.Generator().manual_seed(mixed_seed(self.seed, epoch)),
-            worker_init_fn=_leave_signals_to_the_main_process,
-        )
-        yield from loader
+        order = epoch_order(len(self.dataset), self.seed, epoch, self.shuffle)
+        # one copy of the order to where the data lives; every batch is then cut there
+        order = order.to(getattr(self.dataset, "device", order.device))
+        for chunk in order.split(self.batch_size)[start:]:
+            yield self.dataset.get_batch(chunk)
+
+    def _streamed(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        if self._loader is None:
+            self._sampler = _EpochBatches()
+            # an own generator: by default DataLoader draws worker seeds from the global RNG,
+            # which would shift dropout masks depending on where an epoch was resumed
+            self._loader = torch.utils.data.DataLoader(
+                _BatchFetcher(self),
+                sampler=self._sampler,
+                batch_size=None,
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+                persistent_workers=self.num_workers > 0,
+                generator=torch.Generator().manual_seed(mixed_seed(self.seed, 0)),
+                worker_init_fn=_leave_signals_to_the_main_process,
+            )
+        self._sampler.keys = [(epoch, i) for i in range(start, len(self))]
+        yield from self._loader
 
 
 def _leave_signals_to_the_main_process(worker_id: int) -> None:

@@ -111,7 +111,9 @@ def build(cfg: CharDataConfig, seed: int, vocabulary: list[str] | None = None) -
         class_names=vocabulary,
         vocabulary=vocabulary,
     )
-    return DataBundle(train=splits[0], val=splits[1], test=None, info=info, prepare=CharPrep())
+    # a corpus of a few million characters always fits: its windows are cut on the device
+    return DataBundle(train=splits[0], val=splits[1], test=None, info=info, prepare=CharPrep(),
+                      placement="device")
 
 
 def build_vocabulary(train_text: str) -> list[str]:

@@ -9,18 +9,20 @@ by (seed, step), so it does not depend on DataLoader workers or on where a run r
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from ..config import ImageDataConfig
 from ..errors import KdlError
+from ..runs import atomic_write
 from . import DataBundle, DataInfo, mixed_seed
 
 # how many training images the mean/std of a dataset without published constants is computed from
@@ -39,6 +41,17 @@ class TensorImages:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def nbytes(self) -> int:
+        return self.images.nbytes + self.labels.nbytes
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def to(self, device: torch.device) -> TensorImages:
+        return TensorImages(self.images.to(device), self.labels.to(device))
 
     def get_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.images[indices], self.labels[indices]
@@ -63,11 +76,18 @@ class FolderImages:
         images = [self._load(self.paths[i]) for i in indices.tolist()]
         return torch.stack(images), self.labels[indices]
 
+    def to(self, device: torch.device) -> TensorImages:
+        """Every image decoded once (data.placement: device), then kept on `device`."""
+        images, labels = self.get_batch(torch.arange(len(self)))
+        return TensorImages(images, labels).to(device)
+
     def subset(self, indices: torch.Tensor) -> FolderImages:
         paths = [self.paths[i] for i in indices.tolist()]
         return FolderImages(paths, self.labels[indices], self.image_size)
 
     def _load(self, path: str) -> torch.Tensor:
+        from PIL import Image  # only for image files: runs on in-memory datasets never need it
+
         size = (self.image_size, self.image_size)
         try:
             with Image.open(path) as image:
@@ -141,7 +161,8 @@ def build(cfg: ImageDataConfig, seed: int, vocabulary: list[str] | None = None) 
         train, val, test, info = _build_torchvision(cfg)
     prepare = ImagePrep(info.mean, info.std, tuple(cfg.augment), cfg.crop_padding, seed)
     info.kind = ImageDataConfig.kind_of(cfg.model_dump())
-    return DataBundle(train=train, val=val, test=test, info=info, prepare=prepare)
+    return DataBundle(train=train, val=val, test=test, info=info, prepare=prepare,
+                      placement=cfg.placement)
 
 
 Splits = tuple[ImageDataset, ImageDataset | None, ImageDataset | None, DataInfo]
@@ -221,8 +242,7 @@ PUBLISHED: dict[str, _Published] = {
 
 def _build_torchvision(cfg: ImageDataConfig) -> Splits:
     spec = PUBLISHED[cfg.name]
-    train, classes = _load_split(cfg, spec, train=True)
-    test, _ = _load_split(cfg, spec, train=False)
+    train, test, classes = _decoded(cfg, spec)
     train, val = _train_val(train, cfg)
     channels, height, width = train.images.shape[1:]
     info = DataInfo(
@@ -235,6 +255,66 @@ def _build_torchvision(cfg: ImageDataConfig) -> Splits:
         std=spec.std,
     )
     return train, val, test, info
+
+
+# ----------------------------------------------------------------------------- dataset cache
+
+CACHE_FOLDER = "kdl_cache"  # under data.root
+CACHE_FORMAT = 1  # bump when what a cache file holds changes
+
+
+def _decoded(cfg: ImageDataConfig, spec: _Published) -> tuple[TensorImages, TensorImages, list[str]]:
+    """Train and test split as uint8 tensors. Decoding the published files (unpickling CIFAR,
+    parsing IDX) through torchvision takes seconds, so the result is kept in one tensor file
+    under data.root, valid while the source files keep the sizes and SHA-256 sums it records."""
+    root = _root(cfg)
+    path = root / CACHE_FOLDER / f"{cfg.name}.pt"
+    cached = _read_cache(path, _sources(root / spec.folder))
+    if cached is not None:
+        return cached
+    train, classes = _load_split(cfg, spec, train=True)
+    test, _ = _load_split(cfg, spec, train=False)
+    _write_cache(path, train, test, classes, _sources(root / spec.folder))
+    return train, test, classes
+
+
+def _sources(folder: Path) -> dict[str, list[Any]]:
+    """Name -> [size, sha256] of every file torchvision reads the dataset from."""
+    if not folder.is_dir():
+        return {}
+    sources = {}
+    for file in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        with open(file, "rb") as handle:
+            sources[file.name] = [file.stat().st_size, hashlib.file_digest(handle, "sha256").hexdigest()]
+    return sources
+
+
+def _read_cache(path: Path, sources: dict[str, list[Any]]
+                ) -> tuple[TensorImages, TensorImages, list[str]] | None:
+    """The cached splits, or None when there is no cache, it is damaged or its sources changed."""
+    if not sources or not path.is_file():
+        return None
+    try:
+        cached = torch.load(path, weights_only=True, mmap=True)
+        if cached["format"] != CACHE_FORMAT or cached["sources"] != sources:
+            return None
+        return (TensorImages(cached["train_images"], cached["train_labels"]),
+                TensorImages(cached["test_images"], cached["test_labels"]), cached["classes"])
+    except Exception:  # any damage (a cut file, a foreign file): decode the sources again
+        return None
+
+
+def _write_cache(path: Path, train: TensorImages, test: TensorImages, classes: list[str],
+                 sources: dict[str, list[Any]]) -> None:
+    """Best effort: a read-only data.root just means decoding again next time."""
+    cache = {"format": CACHE_FORMAT, "sources": sources, "classes": list(classes),
+             "train_images": train.images, "train_labels": train.labels,
+             "test_images": test.images, "test_labels": test.labels}
+    try:
+        path.parent.mkdir(exist_ok=True)
+        atomic_write(path, lambda handle: torch.save(cache, handle))
+    except OSError:
+        pass
 
 
 def _load_split(
@@ -395,6 +475,8 @@ def _scan(
 
 def _unreadable(path: str) -> str | None:
     """Why PIL cannot identify the image file (its header only: fast), or None."""
+    from PIL import Image
+
     try:
         with Image.open(path):
             return None

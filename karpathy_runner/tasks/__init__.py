@@ -109,9 +109,12 @@ class Task:
         self.metrics: dict[str, str] = dict(type(cfg).METRICS)
 
     def param_groups(self, model: str) -> list[dict[str, Any]]:
-        """The parameter groups of one trainable model, each with its lr multiplier."""
-        params = [p for p in self.models[model].parameters() if p.requires_grad]
-        return [{"params": params, "lr_scale": 1.0}]
+        """The parameter groups of one trainable model, each with its lr multiplier: one group,
+        or the model's own (`lr_groups()`: (parameters, multiplier) pairs)."""
+        module = self.models[model]
+        groups = module.lr_groups() if hasattr(module, "lr_groups") else [(module.parameters(), 1.0)]
+        return [{"params": [p for p in params if p.requires_grad], "lr_scale": scale}
+                for params, scale in groups]
 
     def to(self, device: torch.device) -> None:
         for model in self.models.values():

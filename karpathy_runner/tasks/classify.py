@@ -24,6 +24,7 @@ class Classify(Task):
         self.class_names = info.class_names
         self.vocabulary = info.vocabulary
         self.label_smoothing = cfg.label_smoothing
+        self.eval_flip = cfg.eval_flip
 
     @property
     def model(self) -> torch.nn.Module:
@@ -44,6 +45,8 @@ class Classify(Task):
     def eval_step(self, batch: tuple[torch.Tensor, ...], detailed: bool = False) -> StepResult:
         *inputs, y = batch
         logits = self.model(*inputs).float()
+        if self.eval_flip:  # the mirror image's opinion counts as much as the image's
+            logits = (logits + self.model(inputs[0].flip(3)).float()) / 2
         predicted = logits.argmax(1)
         sums = {"correct": (predicted == y).sum()}
         if detailed:
