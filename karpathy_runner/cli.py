@@ -88,13 +88,27 @@ def train(
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     as_json: JsonFlag = False,
+    nproc_per_node: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(min=1, help="Train data-parallel in N processes on this machine (one per GPU; "
+                                 "gloo on the CPU), launched by torch.distributed.run."),
+    ] = None,
+    nnodes: Annotated[int, typer.Option(min=1, help="With --nproc-per-node: machines in all.")] = 1,
+    node_rank: Annotated[int, typer.Option(min=0, help="With --nnodes: this machine's index.")] = 0,
+    master_addr: Annotated[
+        str, typer.Option(help="With --nnodes: address of the machine with --node-rank 0.")
+    ] = "127.0.0.1",
+    master_port: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="With --nnodes: a free port on it (default 29500; one machine: any free)."),
+    ] = None,
 ) -> None:
     """Train a model; prints the run id as the last line of stdout.
 
     Exit codes: 0 done (or skipped), 1 the run failed, 2 bad usage/config/data,
     130 interrupted by SIGINT, 143 by SIGTERM (checkpoint saved; resume with --resume).
     """
-    from . import engine
+    from . import distributed, engine
 
     overrides = list(set_ or [])
     if name is not None:
@@ -105,6 +119,19 @@ def train(
         raise KdlError("give a CONFIG file to train, or --resume RUN to continue a run")
     if config is not None and resume is not None:
         raise KdlError("give either a CONFIG file or --resume RUN, not both")
+    if nproc_per_node is not None and not distributed.in_worker():
+        # the config and the run to resume are checked here, before any process starts
+        root = runs.runs_dir(runs_dir)
+        engine.plan_train(str(config) if config else None, overrides, root, resume, allow_changes,
+                          skip_existing, sweep)
+        worker = ["train", *([str(config)] if config else []),
+                  *[item for s in overrides for item in ("--set", s)], "--runs-dir", str(root),
+                  *(["--resume", resume] if resume else []), *(["--sweep", sweep] if sweep else []),
+                  *[flag for flag, on in (("--allow-changes", allow_changes),
+                                          ("--skip-existing", skip_existing), ("--quiet", quiet),
+                                          ("--json", as_json)) if on]]
+        raise typer.Exit(distributed.launch(worker, nproc_per_node, nnodes, node_rank, master_addr,
+                                            master_port))
     result = engine.train(
         str(config) if config else None,
         overrides,
@@ -116,6 +143,8 @@ def train(
         skip_existing=skip_existing,
         sweep=sweep,
     )
+    if result.rank:  # another training process: rank 0 reports
+        raise typer.Exit(result.exit_code)
     if as_json:
         _out(json.dumps({"id": result.run_id, "status": result.status, "skipped": result.skipped,
                          "folder": str(result.folder), "summary": result.summary}))

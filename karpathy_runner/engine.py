@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from . import runs
+from . import distributed, runs
 from .checkpoint import load_checkpoint
 from .config import (
     SCHEMA_MAJOR,
@@ -31,6 +31,7 @@ from .config import (
     resolve,
 )
 from .data import Batches, DataBundle, Prepare, build_data, eval_batch_size
+from .distributed import SINGLE, Ranks
 from .errors import KdlError, RunFailed
 from .optim import LRSchedule, build_optimizer
 from .progress import Reporter
@@ -49,6 +50,7 @@ class TrainResult:
     exit_code: int
     summary: dict[str, Any]
     skipped: bool = False
+    rank: int = 0  # of the process that returns it (only rank 0 reports to the user)
 
 
 @dataclass
@@ -264,29 +266,49 @@ def train(
 ) -> TrainResult:
     """`kdl train`: plan, build, then start a fresh run or continue one in its own folder."""
     plan = plan_train(config_path, overrides, runs_root, resume, allow_changes, skip_existing, sweep)
-    reporter = Reporter(quiet)
-    if plan.done is not None:
-        reporter.message(f"run {plan.done.id} has this config and is {plan.done.status}: skipped")
-        return TrainResult(plan.done.id, plan.done.path, plan.done.status, 0, plan.done.summary(),
-                           skipped=True)
-    if plan.run is None:
-        return start_run(build_experiment(plan.cfg), runs_root, command, reporter, plan.sweep)
-    exp = build_experiment(plan.cfg, vocabulary=plan.run.vocabulary())
-    return resume_run(exp, plan.run.path, plan.changes, command, reporter)
+    # started by torchrun: join the other processes (every one has planned the same by now)
+    ranks, device = distributed.start(plan.cfg.train.device)
+    try:
+        reporter = Reporter(quiet, ranks.rank)
+        if plan.done is not None:
+            reporter.message(f"run {plan.done.id} has this config and is {plan.done.status}: skipped")
+            return TrainResult(plan.done.id, plan.done.path, plan.done.status, 0,
+                               plan.done.summary(), skipped=True, rank=ranks.rank)
+        if plan.cfg.data.batch_size < ranks.world:
+            raise KdlError(
+                f"data.batch_size is {plan.cfg.data.batch_size}, the global batch, but {ranks.world} "
+                f"processes train: set data.batch_size to at least {ranks.world} (a multiple of it "
+                "gives every process the same share)"
+            )
+        if plan.run is None:
+            result = start_run(build_experiment(plan.cfg, device), runs_root, command, reporter,
+                               plan.sweep, ranks)
+        else:
+            exp = build_experiment(plan.cfg, device, vocabulary=plan.run.vocabulary())
+            result = resume_run(exp, plan.run.path, plan.changes, command, reporter, ranks)
+        if result.status != "failed":  # every rank is done with the others before they part
+            ranks.barrier()
+        return result
+    finally:
+        ranks.close()
 
 
 def start_run(exp: Experiment, runs_root: Path, command: list[str], reporter: Reporter,
-              sweep: dict[str, Any] | None = None) -> TrainResult:
+              sweep: dict[str, Any] | None = None, ranks: Ranks = SINGLE) -> TrainResult:
     """A new run folder for a built experiment, trained to the end (or a stop)."""
     cfg = exp.cfg
-    writer = RunWriter.create(runs_root, cfg.name, cfg.to_yaml())
-    trainer = build_trainer(exp, writer, reporter)
+    # rank 0 makes the folder and tells the other ranks where it is
+    made = RunWriter.create(runs_root, cfg.name, cfg.to_yaml()) if ranks.primary else None
+    folder = ranks.share(made.folder if made else None)
+    writer = made or RunWriter(folder, rank=ranks.rank)
+    trainer = build_trainer(exp, writer, reporter, ranks)
+    processes = {"processes": ranks.world, "backend": ranks.backend} if ranks.world > 1 else {}
     writer.start({
         "name": cfg.name, "task": exp.task.name, "model": cfg.model.name,
         "dataset": cfg.data.name, "config_hash": cfg.hash(), "config_schema": SCHEMA_MAJOR,
         "device": str(exp.device),
         "epochs": cfg.train.epochs, "metric_modes": exp.task.metrics,
-        "versions": versions(exp.device), **({"sweep": sweep} if sweep else {}),
+        "versions": versions(exp.device), **({"sweep": sweep} if sweep else {}), **processes,
     }, command)
     if exp.data.info.vocabulary:
         writer.write_vocabulary(exp.data.info.vocabulary)
@@ -296,10 +318,10 @@ def start_run(exp: Experiment, runs_root: Path, command: list[str], reporter: Re
 
 
 def resume_run(exp: Experiment, folder: Path, changes: dict[str, Any], command: list[str],
-               reporter: Reporter) -> TrainResult:
+               reporter: Reporter, ranks: Ranks = SINGLE) -> TrainResult:
     """Continue the run in `folder` from its last checkpoint."""
-    writer = RunWriter(folder)
-    trainer = build_trainer(exp, writer, reporter)
+    writer = RunWriter(folder, rank=ranks.rank)
+    trainer = build_trainer(exp, writer, reporter, ranks)
     last = writer.checkpoint("last")
     checkpoint = load_checkpoint(last)
     with _checkpoint_must_fit(last):
@@ -312,21 +334,27 @@ def resume_run(exp: Experiment, folder: Path, changes: dict[str, Any], command: 
     return _drive(trainer, writer, previous_duration=float(writer.meta.get("duration_s") or 0.0))
 
 
-def build_trainer(exp: Experiment, writer: RunWriter, reporter: Reporter) -> Trainer:
-    """One optimizer and schedule per trainable model, the batches, handed to the one loop."""
+def build_trainer(exp: Experiment, writer: RunWriter, reporter: Reporter,
+                  ranks: Ranks = SINGLE) -> Trainer:
+    """One optimizer and schedule per trainable model, the batches, handed to the one loop.
+    Several processes start from rank 0's weights, each with its own random stream (dropout)."""
     cfg, task = exp.cfg, exp.task
+    ranks.broadcast_models(list(task.models.values()))
+    if ranks.rank:
+        seed_everything(cfg.seed * 1_000_003 + ranks.rank, cfg.train.deterministic)
     optimizers = {name: build_optimizer(cfg.optimizer_for(name), task.param_groups(name))
                   for name in task.trainable}
     train_batches = Batches(exp.data.train, cfg.data.batch_size, seed=cfg.seed,
                             shuffle=not task.ordered_batches,
-                            num_workers=getattr(cfg.data, "num_workers", 0))
+                            num_workers=getattr(cfg.data, "num_workers", 0),
+                            rank=ranks.rank, world=ranks.world)
     total_steps = len(train_batches) * cfg.train.epochs
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
     schedules = {name: LRSchedule(cfg.scheduler, cfg.optimizer_for(name).lr, len(train_batches),
                                   total_steps) for name in optimizers}
     return Trainer(cfg.train, task, optimizers, schedules, exp.prepare, train_batches,
-                   _eval_batches(cfg, exp.data.val), writer, reporter, exp.device)
+                   _eval_batches(cfg, exp.data.val), writer, reporter, exp.device, ranks)
 
 
 def _drive(trainer: Trainer, writer: RunWriter, previous_duration: float) -> TrainResult:
@@ -345,7 +373,11 @@ def _drive(trainer: Trainer, writer: RunWriter, previous_duration: float) -> Tra
         status, exit_code, error = "failed", exc.exit_code, str(exc)
     except Exception as exc:  # an unexpected failure: keep the traceback in train.log
         writer.log(traceback.format_exc())
+        if writer.rank:  # which only rank 0 writes: another rank shows its own
+            print(traceback.format_exc(), file=sys.stderr, flush=True)
         status, exit_code, error = "failed", 1, f"{type(exc).__name__}: {exc}"
+        if trainer.ranks.world > 1:
+            error += " (Another training process may have stopped first: see its output.)"
     finally:
         trainer.reporter.close()
     duration = previous_duration + time.time() - began
@@ -359,8 +391,9 @@ def _drive(trainer: Trainer, writer: RunWriter, previous_duration: float) -> Tra
             f"The run folder {writer.folder} could not be updated ({exc.strerror or exc})."
         )
     if error:  # shown even with --quiet: a failed run must say why
-        print(f"error: {error}", file=sys.stderr, flush=True)
-    return TrainResult(writer.id, writer.folder, status, exit_code, summary)
+        rank = f"rank {writer.rank}: " if writer.rank else ""
+        print(f"error: {rank}{error}", file=sys.stderr, flush=True)
+    return TrainResult(writer.id, writer.folder, status, exit_code, summary, rank=writer.rank)
 
 
 def _summary(trainer: Trainer, status: str, duration: float) -> dict[str, Any]:

@@ -22,9 +22,9 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 
 
 class Reporter:
-    def __init__(self, quiet: bool = False, stream: Any = None):
+    def __init__(self, quiet: bool = False, rank: int = 0, stream: Any = None):
         self.stream = stream or sys.stderr
-        self.quiet = quiet
+        self.quiet = quiet or rank != 0  # of several training processes, rank 0 speaks
         self.live = not quiet and self.stream.isatty()
         self._progress = None
         self._bar = None

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ..distributed import shard
 from ..errors import KdlError
 
 
@@ -124,7 +125,9 @@ class Batches:
     """The batches of a dataset, epoch by epoch, in an order fixed by (seed, epoch).
 
     `epoch(e, start)` skips the first `start` batches without loading them, which is how a run
-    resumed mid-epoch continues exactly where it stopped.
+    resumed mid-epoch continues exactly where it stopped. With several training processes
+    (`world`), each batch is a global one and this process gets its `rank`'s shard of it; a
+    last batch with fewer items than processes is left out.
     """
 
     def __init__(
@@ -134,19 +137,23 @@ class Batches:
         seed: int = 0,
         shuffle: bool = False,
         num_workers: int = 0,
+        rank: int = 0,
+        world: int = 1,
     ):
         self.dataset = dataset
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
         self.num_workers = num_workers
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
-        return -(-len(self.dataset) // self.batch_size)
+        return len(self.dataset) // self.batch_size + (len(self.dataset) % self.batch_size >= self.world)
 
     def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
         order = epoch_order(len(self.dataset), self.seed, epoch, self.shuffle)
-        chunks = list(order.split(self.batch_size))[start:]
+        chunks = [shard(chunk, self.rank, self.world) for chunk in order.split(self.batch_size)
+                  if len(chunk) >= self.world][start:]
         if self.num_workers == 0:
             for chunk in chunks:
                 yield self.dataset.get_batch(chunk)
