@@ -226,6 +226,37 @@ def sample(
 
 
 @app.command()
+def predict(
+    run: Annotated[
+        str, typer.Argument(metavar="RUN", help="Run id, unique prefix, run folder or 'latest'.")
+    ],
+    inputs: Annotated[
+        list[str],
+        typer.Argument(metavar="INPUT...", help="Image files or folders (image classifiers); texts, "
+                                                "or files of one text per line (text classifiers)."),
+    ],
+    top_k: Annotated[int, typer.Option(min=1, help="Show the K likeliest classes.")] = 1,
+    checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
+    device: Annotated[str, typer.Option(help="Device to predict on.")] = "auto",
+    runs_dir: RunsDir = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Classify new images or texts with a classification run, through its own preprocessing
+    and vocabulary: one line per input with its likeliest classes and their probabilities."""
+    _check_checkpoint(checkpoint)
+    from .predict import predict_run
+
+    found, predictions = predict_run(runs.runs_dir(runs_dir), run, inputs, top_k, checkpoint, device)
+    if as_json:
+        _out(json.dumps({"run": found.id, "checkpoint": checkpoint, "predictions": [
+            {"input": p.input, "classes": [{"class": name, "probability": round(prob, 6)}
+                                           for name, prob in p.classes]} for p in predictions]}))
+        return
+    for p in predictions:
+        _out("\t".join([p.input, *(f"{name} {prob:.3f}" for name, prob in p.classes)]))
+
+
+@app.command()
 def validate(
     config: Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML config file.")],
     set_: SetOption = None,

@@ -33,6 +33,7 @@ from .config import (
 from .data import Batches, DataBundle, Prepare, build_data, eval_batch_size
 from .distributed import SINGLE, Ranks
 from .errors import KdlError, RunFailed
+from .models import model_preprocessing
 from .optim import LRSchedule, build_optimizer
 from .progress import Reporter
 from .tasks import Sample, SampleRequest, Task, build_task
@@ -126,7 +127,7 @@ def build_experiment(cfg: Config, device_override: str | None = None, training: 
             "train.precision: fp16 needs a GPU; on the CPU use bf16 or fp32 (--set train.precision=bf16)"
         )
     seed_everything(cfg.seed, cfg.train.deterministic)
-    data = build_data(cfg.data, cfg.seed, vocabulary)
+    data = build_data(cfg.data, cfg.seed, vocabulary, model_preprocessing(cfg.model))
     if training and cfg.data.batch_size > len(data.train):
         raise KdlError(
             f"data.batch_size is {cfg.data.batch_size} but the training set has only "

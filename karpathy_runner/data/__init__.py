@@ -45,6 +45,17 @@ class DataInfo:
     vocabulary: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Preprocessing:
+    """The input preparation pretrained weights expect: images resized (shorter side to
+    `resize`), centre-cropped to `crop` x `crop` (image folders), normalised by mean and std."""
+
+    resize: int
+    crop: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
 class Prepare(Protocol):
     """A fetched batch -> the tensors a task steps on, on the device. `step` is the training
     step (random augmentation is a function of the run's seed and the step), None in eval."""
@@ -71,10 +82,14 @@ class DataBundle:
         return self
 
 
-def build_data(cfg: Any, seed: int = 0, vocabulary: list[str] | None = None) -> DataBundle:
+def build_data(cfg: Any, seed: int = 0, vocabulary: list[str] | None = None,
+               preprocessing: Preprocessing | None = None) -> DataBundle:
     """Build the datasets named by the `data` config branch; `seed` is the run's seed. Text and
-    character data use `vocabulary` (a run's saved one) instead of building their own."""
+    character data use `vocabulary` (a run's saved one) instead of building their own; image
+    data uses a pretrained model's `preprocessing` instead of its own."""
     module = importlib.import_module(f"{__name__}.{type(cfg).MODULE}")
+    if preprocessing is not None:
+        return module.build(cfg, seed, vocabulary, preprocessing)
     return module.build(cfg, seed, vocabulary)
 
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from ..config import ImageDataConfig
 from ..errors import KdlError
-from . import DataBundle, DataInfo
+from . import DataBundle, DataInfo, Preprocessing
 
 # how many training images the mean/std of a dataset without published constants is computed from
 STATS_SAMPLES = 1000
@@ -47,30 +47,49 @@ class TensorImages:
 
 
 class FolderImages:
-    """Image files decoded per batch: RGB, resized to (size, size), uint8 (B, 3, size, size)."""
+    """Image files decoded per batch: RGB, uint8 (B, 3, size, size); resized to (size, size),
+    or with `crop` (a pretrained model's preprocessing) resized so that the shorter side is
+    `size`, then centre-cropped to (crop, crop)."""
 
-    def __init__(self, paths: list[str], labels: torch.Tensor, image_size: int):
+    def __init__(self, paths: list[str], labels: torch.Tensor, image_size: int,
+                 crop: int | None = None):
         assert len(paths) == len(labels)
         self.paths = paths
         self.labels = labels
         self.image_size = image_size
+        self.crop = crop
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def get_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        images = [self._load(self.paths[i]) for i in indices.tolist()]
-        return torch.stack(images), self.labels[indices]
+        paths = [self.paths[i] for i in indices.tolist()]
+        return read_images(paths, 3, self.image_size, self.crop), self.labels[indices]
 
     def subset(self, indices: torch.Tensor) -> FolderImages:
         paths = [self.paths[i] for i in indices.tolist()]
-        return FolderImages(paths, self.labels[indices], self.image_size)
+        return FolderImages(paths, self.labels[indices], self.image_size, self.crop)
 
-    def _load(self, path: str) -> torch.Tensor:
-        size = (self.image_size, self.image_size)
-        with Image.open(path) as image:
-            rgb = image.convert("RGB").resize(size, Image.Resampling.BILINEAR)
-        return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)  # (3, H, W)
+
+def read_images(paths: list[str], channels: int, size: int, crop: int | None = None) -> torch.Tensor:
+    """Image files as uint8 (B, channels, S, S): RGB or gray, resized to (size, size); with
+    `crop`, the shorter side resized to `size`, then the centre (crop, crop) (S = crop)."""
+    return torch.stack([_read(path, channels, size, crop) for path in paths])
+
+
+def _read(path: str, channels: int, size: int, crop: int | None) -> torch.Tensor:
+    with Image.open(path) as image:
+        picture = image.convert("RGB" if channels == 3 else "L")
+    if crop is None:
+        picture = picture.resize((size, size), Image.Resampling.BILINEAR)
+    else:
+        scale = size / min(picture.size)
+        width, height = max(crop, round(picture.width * scale)), max(crop, round(picture.height * scale))
+        picture = picture.resize((width, height), Image.Resampling.BILINEAR)
+        left, top = (width - crop) // 2, (height - crop) // 2
+        picture = picture.crop((left, top, left + crop, top + crop))
+    pixels = torch.from_numpy(np.asarray(picture).copy())
+    return pixels.permute(2, 0, 1) if pixels.ndim == 3 else pixels.unsqueeze(0)  # (C, H, W)
 
 
 ImageDataset = TensorImages | FolderImages
@@ -123,15 +142,20 @@ def augment_batch(
     return x
 
 
-def build(cfg: ImageDataConfig, seed: int, vocabulary: list[str] | None = None) -> DataBundle:
+def build(cfg: ImageDataConfig, seed: int, vocabulary: list[str] | None = None,
+          preprocessing: Preprocessing | None = None) -> DataBundle:
     """Build train/val/test for `cfg.name`; val is `cfg.val_fraction` of the train split.
-    With `as_sequence: rows` the data is the same; the kind tells the model to read rows."""
+    With `as_sequence: rows` the data is the same; the kind tells the model to read rows.
+    A pretrained model's `preprocessing` replaces the data's normalisation, and for an image
+    folder its size (resize and centre crop)."""
     if cfg.name == "digits":
         train, val, test, info = _build_digits(cfg)
     elif cfg.name == "image_folder":
-        train, val, test, info = _build_folder(cfg)
+        train, val, test, info = _build_folder(cfg, preprocessing)
     else:
         train, val, test, info = _build_torchvision(cfg)
+    if preprocessing is not None:
+        info.mean, info.std = preprocessing.mean, preprocessing.std
     prepare = ImagePrep(info.mean, info.std, tuple(cfg.augment), cfg.crop_padding, seed)
     info.kind = ImageDataConfig.kind_of(cfg.model_dump())
     return DataBundle(train=train, val=val, test=test, info=info, prepare=prepare)
@@ -316,10 +340,12 @@ _FOLDER_LAYOUT = (
 )
 
 
-def _build_folder(cfg: ImageDataConfig) -> Splits:
+def _build_folder(cfg: ImageDataConfig, preprocessing: Preprocessing | None = None) -> Splits:
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
     root = _root(cfg)
+    # (size, crop): the images' side, or a pretrained model's resize and centre crop
+    size, crop = (preprocessing.resize, preprocessing.crop) if preprocessing else (cfg.image_size, None)
     if not (root / "train").is_dir():
         what = "does not exist" if not root.is_dir() else "has no train/ folder"
         raise KdlError(
@@ -328,25 +354,25 @@ def _build_folder(cfg: ImageDataConfig) -> Splits:
         )
     try:
         classes, class_to_idx = find_classes(root / "train")
-        train = _scan(root / "train", class_to_idx, cfg.image_size, allow_empty=False)
+        train = _scan(root / "train", class_to_idx, size, crop, allow_empty=False)
     except FileNotFoundError as exc:
         raise KdlError(
             f"image_folder: {exc} (in {root / 'train'}). Expected: {_FOLDER_LAYOUT}."
         ) from exc
     if (root / "val").is_dir():
-        val = _scan_held(root / "val", class_to_idx, cfg.image_size)
+        val = _scan_held(root / "val", class_to_idx, size, crop)
     else:
         train, val = _train_val(train, cfg)
     test = None
     if (root / "test").is_dir():
-        test = _scan_held(root / "test", class_to_idx, cfg.image_size)
+        test = _scan_held(root / "test", class_to_idx, size, crop)
     mean, std = channel_stats(train)
     info = DataInfo(
         kind=ImageDataConfig.KIND,
         num_classes=len(classes),
         class_names=classes,
         in_channels=3,
-        image_size=(cfg.image_size, cfg.image_size),
+        image_size=(crop or size, crop or size),
         mean=mean,
         std=std,
     )
@@ -354,7 +380,7 @@ def _build_folder(cfg: ImageDataConfig) -> Splits:
 
 
 def _scan(
-    folder: Path, class_to_idx: dict[str, int], image_size: int, allow_empty: bool
+    folder: Path, class_to_idx: dict[str, int], image_size: int, crop: int | None, allow_empty: bool
 ) -> FolderImages:
     from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
@@ -363,10 +389,11 @@ def _scan(
         raise KdlError(f"image_folder: no images in {folder}. Expected: {_FOLDER_LAYOUT}.")
     paths = [path for path, _ in samples]
     labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
-    return FolderImages(paths, labels, image_size)
+    return FolderImages(paths, labels, image_size, crop)
 
 
-def _scan_held(folder: Path, class_to_idx: dict[str, int], image_size: int) -> FolderImages:
+def _scan_held(folder: Path, class_to_idx: dict[str, int], image_size: int,
+               crop: int | None) -> FolderImages:
     """val/ or test/: may lack some classes, but a class unknown to train/ could never be right."""
     unknown = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in class_to_idx)
     if unknown:
@@ -374,4 +401,4 @@ def _scan_held(folder: Path, class_to_idx: dict[str, int], image_size: int) -> F
             f"image_folder: {folder} has class folders that train/ lacks: {', '.join(unknown)}. "
             f"Train classes: {', '.join(class_to_idx)}. Rename or remove them."
         )
-    return _scan(folder, class_to_idx, image_size, allow_empty=True)
+    return _scan(folder, class_to_idx, image_size, crop, allow_empty=True)
