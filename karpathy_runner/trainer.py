@@ -435,14 +435,17 @@ class Trainer:
 
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:
-        """First SIGINT/SIGTERM: stop after this step with a checkpoint. Second SIGINT: now."""
+        """First SIGINT/SIGTERM: stop after this step with a checkpoint. Second SIGINT: now
+        (in a single process)."""
         owner = os.getpid()
 
         def handler(signum: int, frame: Any) -> None:
             # a DataLoader worker forked with this handler, before it sets its own (data/__init__)
             if os.getpid() != owner:
                 return
-            if self.stop_signal is not None and signum == signal.SIGINT:
+            # (torchrun forwards a terminal's Ctrl-C that every process already got: a second
+            # SIGINT is the same one there, not a request to abandon the step)
+            if self.stop_signal is not None and signum == signal.SIGINT and self.ranks.world == 1:
                 raise KeyboardInterrupt
             self.stop_signal = signum
             self.run.log(f"received {signal.Signals(signum).name}: stopping after this step")
