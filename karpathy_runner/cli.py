@@ -143,13 +143,13 @@ def train(
         skip_existing=skip_existing,
         sweep=sweep,
     )
-    if result.rank:  # another training process: rank 0 reports
-        raise typer.Exit(result.exit_code)
-    if as_json:
+    if result.rank == 0 and as_json:  # of several training processes, rank 0 reports
         _out(json.dumps({"id": result.run_id, "status": result.status, "skipped": result.skipped,
                          "folder": str(result.folder), "summary": result.summary}))
-    else:
+    elif result.rank == 0:
         _out(result.run_id)
+    if distributed.in_worker():
+        distributed.exit_worker(result.exit_code)
     raise typer.Exit(result.exit_code)
 
 

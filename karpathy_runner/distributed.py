@@ -21,6 +21,7 @@ import datetime as dt
 import gc
 import os
 import signal
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,6 +147,15 @@ class Ranks:
 
 
 SINGLE = Ranks()
+
+
+def exit_worker(code: int) -> None:
+    """End a torchrun worker now that its run folder is final: output flushed, then exit without
+    the interpreter's teardown, in which gloo's threads can abort the process
+    (pytorch/pytorch#179291) and turn a finished run's exit code into 134."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _all_reduce_mean(tensors: list[torch.Tensor]) -> None:
