@@ -76,7 +76,8 @@ def _shape_problem(state: Any) -> str | None:
         return f"it holds a {type(state).__name__}"
     if state.get("format") not in (1, FORMAT_VERSION):
         return f"format {state.get('format')!r}"
-    expected = KEYS | ({"scheduler"} if state["format"] == 1 else set())
+    # format 1 had a scheduler entry; a run of several processes adds each rank's own state
+    expected = KEYS | ({"scheduler"} if state["format"] == 1 else {"ranks"})
     if set(state) - expected or KEYS - set(state):
         return f"keys {sorted(map(str, state))}, expected {sorted(KEYS)}"
     loop, models = state["loop"], state["models"]

@@ -7,6 +7,7 @@ torch and pydantic are imported inside the commands that need them, so `kdl --he
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -128,6 +129,20 @@ def train(
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     as_json: JsonFlag = False,
+    nproc_per_node: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(min=1, help="Train data-parallel in N processes on this machine (one per GPU; "
+                                 "gloo on the CPU), launched by torch.distributed.run."),
+    ] = None,
+    nnodes: Annotated[int, typer.Option(min=1, help="With --nproc-per-node: machines in all.")] = 1,
+    node_rank: Annotated[int, typer.Option(min=0, help="With --nnodes: this machine's index.")] = 0,
+    master_addr: Annotated[
+        str, typer.Option(help="With --nnodes: address of the machine with --node-rank 0.")
+    ] = "127.0.0.1",
+    master_port: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="With --nnodes: a free port on it (default 29500; one machine: any free)."),
+    ] = None,
 ) -> None:
     """Train a model; prints the run id as the last line of stdout.
 
@@ -146,18 +161,44 @@ def train(
     if config is not None and resume is not None:
         raise KdlError("give either a CONFIG file or --resume RUN, not both")
     root = runs.runs_dir(runs_dir)
-    # config and run references are checked before torch loads (seconds): mistakes answer at once
+    if nproc_per_node is not None and not _torchrun_worker():
+        # the config and the run to resume are checked here, before any process starts
+        plan_train(str(config) if config else None, overrides, root, resume, allow_changes,
+                   skip_existing, sweep, lock=False)
+        worker = ["train", *([str(config)] if config else []),
+                  *[item for s in overrides for item in ("--set", s)], "--runs-dir", str(root),
+                  *(["--resume", resume] if resume else []), *(["--sweep", sweep] if sweep else []),
+                  *[flag for flag, on in (("--allow-changes", allow_changes),
+                                          ("--skip-existing", skip_existing), ("--quiet", quiet),
+                                          ("--json", as_json)) if on]]
+        from . import distributed
+
+        raise typer.Exit(distributed.launch(worker, nproc_per_node, nnodes, node_rank, master_addr,
+                                            master_port))
+    # config and run references are checked before torch loads (seconds): mistakes answer at once;
+    # of several training processes only rank 0 locks the run it resumes
     plan = plan_train(str(config) if config else None, overrides, root, resume, allow_changes,
-                      skip_existing, sweep)
+                      skip_existing, sweep, lock=os.environ.get("RANK", "0") == "0")
     from . import engine
 
     result = engine.train(plan, root, command=["kdl", *sys.argv[1:]], quiet=quiet)
-    if as_json:
+    if result.rank == 0 and as_json:  # of several training processes, rank 0 reports
         _out(json.dumps({"id": result.run_id, "status": result.status, "skipped": result.skipped,
                          "folder": str(result.folder), "summary": result.summary}))
-    else:
+    elif result.rank == 0:
         _out(result.run_id)
+    if _torchrun_worker():
+        from . import distributed
+
+        distributed.exit_worker(result.exit_code)
     raise typer.Exit(result.exit_code)
+
+
+def _torchrun_worker() -> bool:
+    """Started by torchrun (kdl's launcher or the user's): its environment says so. Read here,
+    not through the distributed module, which imports torch."""
+    return all(key in os.environ for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                             "MASTER_PORT"))
 
 
 @app.command("eval", cls=_Command)
@@ -234,6 +275,37 @@ def sample(
                             prime=prime)
     sample, path = engine.sample_run(root, folder, request, checkpoint, out, device)
     _out(sample.text if sample.images is None else str(path))
+
+
+@app.command(cls=_Command)
+def predict(
+    run: Annotated[
+        str, typer.Argument(metavar="RUN", help="Run id, unique prefix, run folder or 'latest'.")
+    ],
+    inputs: Annotated[
+        list[str],
+        typer.Argument(metavar="INPUT...", help="Image files or folders (image classifiers); texts, "
+                                                "or files of one text per line (text classifiers)."),
+    ],
+    top_k: Annotated[int, typer.Option(min=1, help="Show the K likeliest classes.")] = 1,
+    checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
+    device: Annotated[str, typer.Option(help="Device to predict on.")] = "auto",
+    runs_dir: RunsDir = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Classify new images or texts with a classification run, through its own preprocessing
+    and vocabulary: one line per input with its likeliest classes and their probabilities."""
+    _check_checkpoint(checkpoint)
+    from .predict import predict_run
+
+    found, predictions = predict_run(runs.runs_dir(runs_dir), run, inputs, top_k, checkpoint, device)
+    if as_json:
+        _out(json.dumps({"run": found.id, "checkpoint": checkpoint, "predictions": [
+            {"input": p.input, "classes": [{"class": name, "probability": round(prob, 6)}
+                                           for name, prob in p.classes]} for p in predictions]}))
+        return
+    for p in predictions:
+        _out("\t".join([p.input, *(f"{name} {prob:.3f}" for name, prob in p.classes)]))
 
 
 @app.command(cls=_Command)

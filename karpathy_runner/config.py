@@ -253,7 +253,36 @@ class SpeedrunConfig(Branch):
         return widths
 
 
-MODEL_FAMILIES: tuple[type[Branch], ...] = (CNNConfig, RNNConfig, GANModelConfig, SpeedrunConfig)
+FREEZE_PATTERN = re.compile(r"^(none|backbone|until:[A-Za-z_][A-Za-z0-9_.]*)$")
+
+
+class TorchvisionConfig(Branch):
+    """A torchvision classification model (resnet18, mobilenet_v3_small, efficientnet_b0, ...)
+    with its last linear layer (the head) replaced for the data's classes; optionally from
+    pretrained weights, with a frozen or slower backbone (transfer learning)."""
+
+    MODULE: ClassVar[str] = "zoo"
+
+    name: Literal["torchvision"] = "torchvision"
+    arch: str = "resnet18"  # any name of torchvision.models.list_models(torchvision.models)
+    # none: random init; imagenet: torchvision's published weights (downloaded once into the
+    # torch cache); else the path of a local state dict of this arch (torch.save(model.state_dict()))
+    pretrained: str = "none"
+    # none | backbone (all but the head) | until:<layer> (that module and all before it, e.g.
+    # until:layer2 for a resnet); frozen batch norm keeps its statistics (eval mode)
+    freeze: str = "none"
+    backbone_lr_scale: float = Field(1.0, gt=0.0)  # the backbone's lr is optimizer.lr times this
+
+    @field_validator("freeze")
+    @classmethod
+    def _freeze(cls, freeze: str) -> str:
+        if not FREEZE_PATTERN.match(freeze):
+            raise ValueError(f"must be none, backbone or until:<layer> (e.g. until:layer2), got {freeze!r}")
+        return freeze
+
+
+MODEL_FAMILIES: tuple[type[Branch], ...] = (CNNConfig, RNNConfig, GANModelConfig, SpeedrunConfig,
+                                            TorchvisionConfig)
 RECURRENT = ("lstm", "gru", "rnn")
 
 # ----------------------------------------------------------------------------- task
@@ -268,7 +297,7 @@ class ClassifyConfig(Branch):
     DEFAULT_METRIC: ClassVar[str] = "val.loss"
     # data kind -> model families
     TRAINS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "image": ("cnn", "speedrun"), "image_rows": RECURRENT, "text": RECURRENT,
+        "image": ("cnn", "speedrun", "torchvision"), "image_rows": RECURRENT, "text": RECURRENT,
     }
 
     name: Literal["classify"] = "classify"

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from . import runs
+from . import distributed, runs
 from .checkpoint import load_checkpoint
 from .config import (
     DEVICE_PATTERN,
@@ -27,9 +27,11 @@ from .config import (
     Config,
     load_config,
 )
-from .data import Batches, DataBundle, Prepare, build_data, eval_batch_size
+from .data import Batches, DataBundle, Prepare, build_data, eval_batch_size, mixed_seed
+from .distributed import SINGLE, Ranks
 from .dotted import flatten
 from .errors import KdlError, RunFailed
+from .models import model_preprocessing
 from .optim import LRSchedule, build_optimizer
 from .plan import Plan
 from .progress import Reporter, format_duration
@@ -48,6 +50,7 @@ class TrainResult:
     exit_code: int
     summary: dict[str, Any]
     skipped: bool = False
+    rank: int = 0  # of the process that returns it (only rank 0 reports to the user)
 
 
 @dataclass
@@ -133,7 +136,7 @@ def build_experiment(cfg: Config, device_override: str | None = None, training: 
             "train.precision: fp16 needs a GPU; on the CPU use bf16 or fp32 (--set train.precision=bf16)"
         )
     seed_everything(cfg.seed, cfg.train.deterministic)
-    data = build_data(cfg.data, cfg.seed, vocabulary)
+    data = build_data(cfg.data, cfg.seed, vocabulary, model_preprocessing(cfg.model))
     if training and cfg.data.batch_size > len(data.train):
         raise KdlError(
             f"data.batch_size is {cfg.data.batch_size} but the training set has only "
@@ -169,8 +172,11 @@ def _check_fits_in_memory(cfg: Config, info: Any, device: torch.device) -> None:
     the random state is left as it was."""
     memory = device_memory(device)
     cuda = [device.index or 0] if device.type == "cuda" else []
+    # the shapes only: pretrained weights are not read for it
+    shapes = (cfg.model.model_copy(update={"pretrained": "none"}) if hasattr(cfg.model, "pretrained")
+              else cfg.model)
     with torch.random.fork_rng(devices=cuda), torch.device("meta"):
-        probe = build_task(cfg.task, cfg.model, info, device)
+        probe = build_task(cfg.task, shapes, info, device)
     parameters = sum(p.numel() for m in probe.models.values() for p in m.parameters())
     needed = parameters * 4 * 4  # fp32 weights, gradients and two optimizer moments
     if needed > memory:
@@ -232,45 +238,63 @@ def versions(device: torch.device) -> dict[str, Any]:
 
 
 def train(plan: Plan, runs_root: Path, command: list[str], quiet: bool = False) -> TrainResult:
-    """`kdl train`: build what `plan` asks for, then start a fresh run or continue one."""
-    reporter = Reporter(quiet)
-    if plan.done is not None:
-        reporter.message(f"run {plan.done.id} has this config and is {plan.done.status}: skipped")
-        return TrainResult(plan.done.id, plan.done.path, plan.done.status, 0, plan.done.summary(),
-                           skipped=True)
+    """`kdl train`: build what `plan` asks for, then start a fresh run or continue one. Started
+    by torchrun, it first joins the other processes (every one has planned the same by then)."""
+    ranks, device = distributed.start(plan.cfg.train.device)
     try:
-        exp = build_experiment(plan.cfg, vocabulary=plan.run.vocabulary() if plan.run else None)
+        reporter = Reporter(quiet, ranks.rank)
+        if plan.done is not None:
+            reporter.message(f"run {plan.done.id} has this config and is {plan.done.status}: skipped")
+            return TrainResult(plan.done.id, plan.done.path, plan.done.status, 0,
+                               plan.done.summary(), skipped=True, rank=ranks.rank)
+        if plan.cfg.data.batch_size < ranks.world:
+            raise KdlError(
+                f"data.batch_size is {plan.cfg.data.batch_size}, the global batch, but {ranks.world} "
+                f"processes train: set data.batch_size to at least {ranks.world} (a multiple of it "
+                "gives every process the same share)"
+            )
+        exp = build_experiment(plan.cfg, device, vocabulary=plan.run.vocabulary() if plan.run else None)
         stop = Stop()
         with stop.installed():  # before the folder exists: no moment of a run is unguarded
             if plan.run is None:
-                return start_run(exp, runs_root, command, reporter, plan.sweep, stop)
-            return resume_run(exp, plan.run.path, plan.changes, command, reporter, stop)
+                result = start_run(exp, runs_root, command, reporter, plan.sweep, stop, ranks)
+            else:
+                result = resume_run(exp, plan.run.path, plan.changes, command, reporter, stop, ranks)
+        if result.status != "failed":  # every rank is done with the others before they part
+            ranks.barrier()
+        return result
     finally:
         if plan.lock is not None:
             plan.lock.release()
+        ranks.close()
 
 
 def start_run(exp: Experiment, runs_root: Path, command: list[str], reporter: Reporter,
-              sweep: dict[str, Any] | None = None, stop: Stop | None = None) -> TrainResult:
+              sweep: dict[str, Any] | None = None, stop: Stop | None = None,
+              ranks: Ranks = SINGLE) -> TrainResult:
     """A new run folder for a built experiment, trained to the end (or a stop)."""
     cfg = exp.cfg
-    writer = RunWriter.create(runs_root, cfg.name, cfg.to_yaml())
-    with writer.lock:
-        trainer = build_trainer(exp, writer, reporter, stop)
-        _start(exp, writer, command, sweep)
+    # rank 0 makes (and locks) the folder and tells the other ranks where it is
+    made = RunWriter.create(runs_root, cfg.name, cfg.to_yaml()) if ranks.primary else None
+    folder = ranks.share(made.folder if made else None)
+    writer = made or RunWriter(folder, rank=ranks.rank)
+    with writer.lock or contextlib.nullcontext():
+        trainer = build_trainer(exp, writer, reporter, stop, ranks)
+        _start(exp, writer, command, sweep, ranks)
         reporter.message(f"run {writer.id}: {writer.folder}")
         return _drive(trainer, writer, previous_duration=0.0)
 
 
 def _start(exp: Experiment, writer: RunWriter, command: list[str],
-           sweep: dict[str, Any] | None) -> None:
+           sweep: dict[str, Any] | None, ranks: Ranks = SINGLE) -> None:
     cfg = exp.cfg
+    processes = {"processes": ranks.world, "backend": ranks.backend} if ranks.world > 1 else {}
     writer.start({
         "name": cfg.name, "task": exp.task.name, "model": cfg.model.name,
         "dataset": cfg.data.name, "config_hash": cfg.hash(), "config_schema": SCHEMA_MAJOR,
         "device": str(exp.device),
         "epochs": cfg.train.epochs, "metric_modes": exp.task.metrics,
-        "versions": versions(exp.device), **({"sweep": sweep} if sweep else {}),
+        "versions": versions(exp.device), **({"sweep": sweep} if sweep else {}), **processes,
     }, command)
     if exp.data.info.vocabulary:
         writer.write_vocabulary(exp.data.info.vocabulary)
@@ -280,11 +304,11 @@ def _start(exp: Experiment, writer: RunWriter, command: list[str],
 
 
 def resume_run(exp: Experiment, folder: Path, changes: dict[str, Any], command: list[str],
-               reporter: Reporter, stop: Stop | None = None) -> TrainResult:
+               reporter: Reporter, stop: Stop | None = None, ranks: Ranks = SINGLE) -> TrainResult:
     """Continue the run in `folder` from its last checkpoint; a run killed before its first
     checkpoint starts again from step 0, as it did the first time."""
-    writer = RunWriter(folder)
-    trainer = build_trainer(exp, writer, reporter, stop)
+    writer = RunWriter(folder, rank=ranks.rank)
+    trainer = build_trainer(exp, writer, reporter, stop, ranks)
     last = writer.checkpoint("last")
     if last.is_file():
         checkpoint = load_checkpoint(last)
@@ -305,20 +329,25 @@ def resume_run(exp: Experiment, folder: Path, changes: dict[str, Any], command: 
 
 
 def build_trainer(exp: Experiment, writer: RunWriter, reporter: Reporter,
-                  stop: Stop | None = None) -> Trainer:
-    """One optimizer and schedule per trainable model, the batches, handed to the one loop."""
+                  stop: Stop | None = None, ranks: Ranks = SINGLE) -> Trainer:
+    """One optimizer and schedule per trainable model, the batches, handed to the one loop.
+    Several processes start from rank 0's weights, each with its own random stream (dropout)."""
     cfg, task = exp.cfg, exp.task
+    ranks.broadcast_models(list(task.models.values()))
+    if ranks.rank:
+        seed_everything(mixed_seed(cfg.seed, ranks.rank), cfg.train.deterministic)
     optimizers = {name: build_optimizer(cfg.optimizer_for(name), task.param_groups(name))
                   for name in task.trainable}
     train_batches = Batches(exp.data.train, cfg.data.batch_size, seed=cfg.seed,
-                            shuffle=not task.ordered_batches, **_streaming(exp))
+                            shuffle=not task.ordered_batches, rank=ranks.rank, world=ranks.world,
+                            **_streaming(exp))
     total_steps = len(train_batches) * cfg.train.epochs
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
     schedules = {name: LRSchedule(cfg.scheduler, cfg.optimizer_for(name).lr, len(train_batches),
                                   total_steps) for name in optimizers}
     trainer = Trainer(cfg.train, task, optimizers, schedules, exp.prepare, train_batches,
-                      _eval_batches(exp, exp.data.val), writer, reporter, exp.device, stop)
+                      _eval_batches(exp, exp.data.val), writer, reporter, exp.device, stop, ranks)
     trainer.stop.attach(writer.log, trainer.reporter.notice)
     return trainer
 
@@ -339,7 +368,11 @@ def _drive(trainer: Trainer, writer: RunWriter, previous_duration: float) -> Tra
         status, exit_code, error = "failed", exc.exit_code, str(exc)
     except Exception as exc:  # an unexpected failure: keep the traceback in train.log
         writer.log(traceback.format_exc())
+        if writer.rank:  # which only rank 0 writes: another rank shows its own
+            print(traceback.format_exc(), file=sys.stderr, flush=True)
         status, exit_code, error = "failed", 1, f"{type(exc).__name__}: {exc}"
+        if trainer.ranks.world > 1:
+            error += " (Another training process may have stopped first: see its output.)"
     finally:
         trainer.reporter.close()
     duration = previous_duration + time.time() - began
@@ -353,7 +386,8 @@ def _drive(trainer: Trainer, writer: RunWriter, previous_duration: float) -> Tra
             f"The run folder {writer.folder} could not be updated ({exc.strerror or exc})."
         )
     if error:  # shown even with --quiet: a failed run must say why
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        rank = f"rank {writer.rank}: " if writer.rank else ""
+        print(f"error: {rank}{error}", file=sys.stderr, flush=True)
     elif status == "interrupted":  # also shown with --quiet: where it stopped, how to go on
         saved = ("with a checkpoint" if trainer.state.stop_reason == "signal"
                  else "at once: resume goes on from the last checkpoint")
@@ -361,7 +395,7 @@ def _drive(trainer: Trainer, writer: RunWriter, previous_duration: float) -> Tra
                                 f"`kdl train --resume {writer.id}`")
     else:
         _print_summary(trainer, writer.id, summary)
-    return TrainResult(writer.id, writer.folder, status, exit_code, summary)
+    return TrainResult(writer.id, writer.folder, status, exit_code, summary, rank=writer.rank)
 
 
 def _position(trainer: Trainer) -> str:

@@ -35,8 +35,9 @@ class Plan:
 
 def plan_train(config_path: str | None, overrides: list[str], runs_root: Path,
                resume: str | None = None, allow_changes: bool = False,
-               skip_existing: bool = False, sweep: str | None = None) -> Plan:
-    """A fresh run, a resume, or (--skip-existing) a run of the same config to reuse."""
+               skip_existing: bool = False, sweep: str | None = None, lock: bool = True) -> Plan:
+    """A fresh run, a resume, or (--skip-existing) a run of the same config to reuse. `lock`:
+    hold the resumed run's lock (not in a launcher of several processes, nor in ranks but 0)."""
     if skip_existing and not resume:
         cfg = load_config(config_path, overrides)
         existing = _existing_run(runs_root, cfg)
@@ -46,13 +47,15 @@ def plan_train(config_path: str | None, overrides: list[str], runs_root: Path,
             resume, overrides = existing.id, []
     if resume:
         run = runs.resolve_run(runs_root, resume)
-        lock = runs.RunLock(run.path).acquire()  # before reading its state: one writer per run
+        # before reading its state: one writer per run
+        held = runs.RunLock(run.path).acquire() if lock else None
         try:
             cfg, changes = _resume_config(run, overrides, allow_changes)
         except BaseException:
-            lock.release()
+            if held is not None:
+                held.release()
             raise
-        return Plan(cfg, run=run, changes=changes, lock=lock)
+        return Plan(cfg, run=run, changes=changes, lock=held)
     tag = None
     if sweep:  # the point is what this run's --set values made of the sweep's config
         tag = {"id": sweep, "point": {".".join(key): value

@@ -37,9 +37,10 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 
 
 class Reporter:
-    def __init__(self, quiet: bool = False, stream: Any = None):
+    def __init__(self, quiet: bool = False, rank: int = 0, stream: Any = None):
         self.stream = stream or sys.stderr
-        self.quiet = quiet
+        self.quiet = quiet or rank != 0  # of several training processes, rank 0 speaks
+        self.rank = rank
         self.live = not quiet and self.stream.isatty()
         self._progress = None
         self._bar = None
@@ -61,6 +62,8 @@ class Reporter:
         """A line that must reach the screen even with --quiet, safe to call from a signal handler:
         the main thread may be inside a write to the same stream (a buffered stream refuses a
         reentrant write), so it falls back to the file descriptor."""
+        if self.rank != 0:  # of several training processes, rank 0 speaks
+            return
         try:
             if self._progress is not None:
                 self._progress.console.print(line, highlight=False, markup=False)

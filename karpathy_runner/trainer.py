@@ -23,7 +23,8 @@ import torch
 
 from .config import TrainConfig
 from .data import Batches, Prepare
-from .errors import RunFailed
+from .distributed import SINGLE, Ranks
+from .errors import KdlError, RunFailed
 from .optim import LRSchedule
 from .progress import Reporter, format_metrics
 from .tasks import StepResult, Task, Totals
@@ -54,6 +55,7 @@ class Updater:
         device: torch.device,
         grad_clip: float | None,
         skip_nonfinite: bool,
+        ranks: Ranks = SINGLE,
     ):
         self.optimizers = optimizers
         self.models = models
@@ -61,6 +63,8 @@ class Updater:
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.grad_clip = grad_clip
         self.skip_nonfinite = skip_nonfinite
+        self.ranks = ranks
+        self.loss_scale = 1.0  # this rank's share of the global batch (distributed.loss_scale)
         self.skipped = False  # the step in flight met a non-finite loss
         self._stepped = False  # some optimizer stepped in the step in flight
         self._undo: list[Callable[[], None]] = []
@@ -75,14 +79,16 @@ class Updater:
         optimizer.zero_grad(set_to_none=True)
         if self.skipped:
             return
-        # skip_step must look at the loss before updating: the one policy that syncs every step
-        if self.skip_nonfinite and not bool(torch.isfinite(loss.detach())):
+        # skip_step must look at the loss before updating: the one policy that syncs every step;
+        # every rank skips if one must, so that none waits alone in the gradient all-reduce
+        if self.skip_nonfinite and not self.ranks.all_true(bool(torch.isfinite(loss.detach()))):
             self.skipped = True  # undone at end_step, after whatever the task still runs
             return
-        # backward
-        self.scaler.scale(loss).backward()
-        # clip
+        # backward (then the gradients averaged over the ranks, if several)
+        self.scaler.scale(loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward()
         params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.ranks.average_gradients(params)
+        # clip
         if self.grad_clip is not None:
             self.scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
@@ -98,6 +104,7 @@ class Updater:
         if self.skipped:
             for undo in reversed(self._undo):
                 undo()
+        self.ranks.average_buffers(self.models)
         if self._stepped:
             self.scaler.update()
 
@@ -148,6 +155,7 @@ class Trainer:
         reporter: Reporter,
         device: torch.device,
         stop: Stop | None = None,
+        ranks: Ranks = SINGLE,
     ):
         self.cfg = cfg
         self.task = task
@@ -159,8 +167,9 @@ class Trainer:
         self.run = run
         self.reporter = reporter
         self.device = device
+        self.ranks = ranks
         self.updater = Updater(optimizers, list(task.models.values()), cfg.precision, device,
-                               cfg.grad_clip, cfg.on_nonfinite == "skip_step")
+                               cfg.grad_clip, cfg.on_nonfinite == "skip_step", ranks)
         self.state = LoopState()
         self.resumed = False
         self.window: list[StepResult] = []  # per-step results since the last log line
@@ -169,6 +178,7 @@ class Trainer:
         self.stop_metric = cfg.early_stopping.metric or cfg.best_metric
         self.stop_mode = self.mode(self.stop_metric, cfg.early_stopping.mode) if self.stop_metric else None
         self.stop = stop or Stop()
+        self.stop.world = ranks.world
         self.started = time.time()
         self._window_started = time.perf_counter()
         self._window_samples = 0
@@ -202,7 +212,7 @@ class Trainer:
         cfg, state = self.cfg, self.state
         self._window_started = time.perf_counter()
         while state.epoch < cfg.epochs and state.stop_reason is None:
-            if self.stop_signal is not None:  # before a step of this process: save where it is
+            if self._stopping():  # before a step of this process: save where it is
                 state.stop_reason = "signal"
                 if not self.run.checkpoint("last").is_file():
                     self._save("last")  # stopped in the start-up: resumable from step 0
@@ -225,7 +235,9 @@ class Trainer:
             self._set_lr(state.step)
             # forward, backward, update: the task's own step, through the updater
             self.updater.begin_step()
-            result = self.task.train_step(self.prepare(batch, state.step), state.step, self.updater)
+            self.updater.loss_scale = self.ranks.loss_scale(self._batch_items(state.batch))
+            prepared = self.prepare(batch, self.ranks.draw(state.step))
+            result = self.task.train_step(prepared, state.step, self.updater)
             self.updater.end_step()
             if self.updater.skipped:  # changed nothing: no metrics either
                 state.skipped_steps += 1
@@ -244,7 +256,7 @@ class Trainer:
             if cfg.max_steps is not None and state.step >= cfg.max_steps:
                 state.stop_reason = "max_steps"
                 break
-            if self.stop_signal is not None:
+            if self._stopping():
                 state.stop_reason = "signal"
                 self._save("last")
                 return
@@ -262,6 +274,18 @@ class Trainer:
         self.run.update_meta(compile_s=round(seconds, 3))
         self._compiling = False
         self._window_started, self._window_samples = time.perf_counter(), 0
+
+    def _stopping(self) -> bool:
+        """Whether a stop signal came, to this rank or (agreed every step) to any other: all
+        ranks stop after the same step."""
+        if self.ranks.world > 1:
+            self.stop.signum = self.ranks.largest(self.stop.signum or 0) or None
+        return self.stop_signal is not None
+
+    def _batch_items(self, index: int) -> int:
+        """How many items global batch `index` of an epoch holds (the last may be short)."""
+        size = self.train_batches.batch_size
+        return min(size, len(self.train_batches.dataset) - index * size)
 
     def _set_lr(self, step: int) -> None:
         for name, optimizer in self.optimizers.items():
@@ -330,13 +354,13 @@ class Trainer:
         if not self.window:
             return
         state = self.state
-        totals, finite = _reduce(self.window)
+        totals, finite = _reduce(self.window, self.ranks.sum)
         self._check_finite(finite)
         self.window = []
         state.epoch_sums = _add(state.epoch_sums, totals)
         metrics = self.task.summarize(totals)
         elapsed = time.perf_counter() - self._window_started
-        samples_per_s = self._window_samples / elapsed if elapsed > 0 else 0.0
+        samples_per_s = totals.count / elapsed if elapsed > 0 else 0.0
         self.run.log_metrics(
             {"step": state.step, "epoch": state.epoch + 1, "split": "train", **metrics,
              **self._lrs(state.step - 1), "samples_per_s": round(samples_per_s, 1),
@@ -344,7 +368,6 @@ class Trainer:
         )
         self.reporter.update(state.batch, {**metrics, "samples/s": round(samples_per_s)})
         self._window_started = time.perf_counter()
-        self._window_samples = 0
 
     def _lrs(self, step: int) -> dict[str, float]:
         """Every optimizer's scheduled lr at `step`: `lr`, or `lr_<model>` for several."""
@@ -396,15 +419,23 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "models": {name: m.state_dict() for name, m in self.task.models.items()},
-            "optimizers": {name: o.state_dict() for name, o in self.optimizers.items()},
-            "scaler": self.updater.scaler.state_dict(),
-            "loop": asdict(self.state),
+        """Everything a resume needs. What differs between ranks (random states, unreduced step
+        results, a task's carried state) is kept for each rank under `ranks`."""
+        own = {
             "task": _moved(self.task.state_dict(), torch.device("cpu")),
             "window": [_moved(asdict(r), torch.device("cpu")) for r in self.window],
             "rng": rng_state(),
         }
+        state = {
+            "models": {name: m.state_dict() for name, m in self.task.models.items()},
+            "optimizers": {name: o.state_dict() for name, o in self.optimizers.items()},
+            "scaler": self.updater.scaler.state_dict(),
+            "loop": asdict(self.state),
+            **own,
+        }
+        if self.ranks.world > 1:
+            state["ranks"] = self.ranks.gather(own)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name, model in self.task.models.items():
@@ -420,16 +451,27 @@ class Trainer:
         self.updater.scaler.load_state_dict(state["scaler"])
         self.state = LoopState(**state["loop"])
         self.state.stop_reason = None
-        self.task.load_state_dict(state.get("task", {}))
-        self.window = [StepResult(**_moved(r, self.device)) for r in state["window"]]
-        self._window_samples = sum(r.count for r in self.window)
-        set_rng_state(state["rng"])
+        own = self._own_state(state)
+        self.task.load_state_dict(own.get("task", {}))
+        self.window = [StepResult(**_moved(r, self.device)) for r in own["window"]]
+        set_rng_state(own["rng"])
         self.resumed = True
+
+    def _own_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """This rank's part of a checkpoint; a run resumes with as many processes as it had."""
+        saved = len(state.get("ranks") or [state])
+        if saved != self.ranks.world:
+            raise KdlError(
+                f"this checkpoint was written by a run of {saved} process(es); resume it with as "
+                f"many: kdl train --resume RUN" + (f" --nproc-per-node {saved}" if saved > 1 else "")
+                + " (the same --nnodes too)"
+            )
+        return state["ranks"][self.ranks.rank] if "ranks" in state else state
 
     def _save(self, *which: str) -> None:
         """Flush metrics, then write the checkpoint(s); never with non-finite weights."""
         if self.window:
-            self._check_finite(_reduce(self.window)[1])
+            self._check_finite(_reduce(self.window, self.ranks.sum)[1])
         if not all(bool(torch.isfinite(p).all()) for m in self.task.models.values()
                    for p in m.parameters()):
             self._nonfinite(self.state.step - 1)
@@ -448,6 +490,7 @@ class Stop:
     def __init__(self) -> None:
         self.signum: int | None = None
         self.in_loop = False
+        self.world = 1  # training processes: with several, a second SIGINT is torchrun's echo
         self._log: Callable[[str], None] | None = None
         self._notice: Callable[[str], None] | None = None
         self._installed = False
@@ -481,7 +524,9 @@ class Stop:
             # a DataLoader worker forked with this handler, before it sets its own (data/__init__)
             if os.getpid() != owner:
                 return
-            if self.signum is not None and signum == signal.SIGINT and self.in_loop:
+            # (torchrun forwards a terminal's Ctrl-C that every process already got: a second
+            # SIGINT is the same one there, not a request to abandon the step)
+            if self.signum is not None and signum == signal.SIGINT and self.in_loop and self.world == 1:
                 raise KeyboardInterrupt
             first = self.signum is None
             self.signum = self.signum or signum
@@ -510,25 +555,27 @@ def _better(value: float, best: float, mode: str, min_delta: float) -> bool:
 # ----------------------------------------------------------------------------- step results
 
 
-def _reduce(window: list[StepResult]) -> tuple[Totals, list[bool]]:
-    """The window's totals and, per step, whether all its losses were finite: one host sync."""
+def _reduce(window: list[StepResult], total: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+            ) -> tuple[Totals, list[bool]]:
+    """The window's totals and, per step, whether all its losses were finite: one host sync.
+    `total` adds the values up over the ranks (one all-reduce), so every rank gets the same."""
     loss_names, sum_names = list(window[0].losses), list(window[0].sums)
     losses = torch.stack([torch.stack([r.losses[n] for r in window]).float() for n in loss_names],
                          dim=1)  # (steps, losses)
     counts = torch.tensor([r.count for r in window], dtype=torch.float32, device=losses.device)
-    finite = torch.isfinite(losses).all(dim=1).float()  # (steps,)
+    nonfinite = (~torch.isfinite(losses).all(dim=1)).float()  # (steps,)
     loss_sums = (losses * counts[:, None]).sum(dim=0)  # (losses,)
     metric_sums = [torch.stack([torch.as_tensor(r.sums[n]) for r in window]).float().sum().to(
         losses.device) for n in sum_names]
-    host = torch.cat([finite, loss_sums, torch.stack(metric_sums) if metric_sums
-                      else loss_sums.new_zeros(0)]).tolist()
+    host = total(torch.cat([nonfinite, counts.sum()[None], loss_sums, torch.stack(metric_sums)
+                            if metric_sums else loss_sums.new_zeros(0)])).tolist()
     steps = len(window)
     totals = Totals(
-        count=float(sum(r.count for r in window)),
-        losses=dict(zip(loss_names, host[steps:steps + len(loss_names)], strict=True)),
-        sums=dict(zip(sum_names, host[steps + len(loss_names):], strict=True)),
+        count=host[steps],
+        losses=dict(zip(loss_names, host[steps + 1:steps + 1 + len(loss_names)], strict=True)),
+        sums=dict(zip(sum_names, host[steps + 1 + len(loss_names):], strict=True)),
     )
-    return totals, [bool(f) for f in host[:steps]]
+    return totals, [f == 0 for f in host[:steps]]
 
 
 def _add(epoch: dict[str, Any], totals: Totals) -> dict[str, Any]:

@@ -4,26 +4,42 @@ config.yaml, meta.json (the first write, updates, resumes, the end), metrics.jso
 summary.json, checkpoints, samples, TensorBoard events and eval JSON. Files that are replaced
 are written atomically (runs.atomic_write); metrics.jsonl and train.log are appended to.
 Nothing is opened until it is written, so `kdl eval` and `kdl sample` use the same writer
-without touching a run's logs.
+without touching a run's logs. In a run of several processes only rank 0 writes: the other
+ranks' writers know the folder (to resume from its checkpoint) and write nothing.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import io
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from . import runs
 from .errors import KdlError, RunFailed
 
+Method = TypeVar("Method", bound=Callable[..., Any])
+
+
+def _rank_zero(method: Method) -> Method:
+    """A write that only rank 0 makes; on the other ranks it does nothing (returns None)."""
+
+    @functools.wraps(method)
+    def write(self: RunWriter, *args: Any, **kwargs: Any) -> Any:
+        return method(self, *args, **kwargs) if self.rank == 0 else None
+
+    return write  # type: ignore[return-value]
+
 
 class RunWriter:
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, rank: int = 0):
         self.folder = Path(folder)
+        self.rank = rank  # of this process among the training processes
         self.meta: dict[str, Any] = runs.read_json(self.folder / runs.META)
         self._metrics: IO[str] | None = None
         self._log: IO[str] | None = None
@@ -46,11 +62,13 @@ class RunWriter:
 
     # ------------------------------------------------------------------ run lifecycle
 
+    @_rank_zero
     def write_config(self, config_yaml: str) -> None:
         """The resolved config, headed like every config by the command that runs it again."""
         path = self.folder / runs.CONFIG
         runs.write_text(path, f"# kdl train {path}\n" + config_yaml)
 
+    @_rank_zero
     def start(self, fields: dict[str, Any], command: list[str]) -> None:
         """The first meta.json of a fresh run, and its TensorBoard log, headed by the config."""
         now = runs.utc_now()
@@ -61,11 +79,13 @@ class RunWriter:
         self._open_events(purge_step=None)
         self.events.text("config", (self.folder / runs.CONFIG).read_text())
 
+    @_rank_zero
     def hparams(self, config: dict[str, Any], metrics: list[str]) -> None:
         """TensorBoard's HParams: the flat config and the split/metric tags to compare runs by."""
         if self.events is not None:
             self.events.hparams(config, metrics)
 
+    @_rank_zero
     def resume(self, step: int, command: list[str], changes: dict[str, Any],
                config_yaml: str | None, fields: dict[str, Any]) -> None:
         """Continue this folder from a checkpoint at `step`: a changed config (only once the
@@ -88,6 +108,7 @@ class RunWriter:
             self.meta.pop("pending_config")
         self.update_meta(**live, **fields)
 
+    @_rank_zero
     def repair_best(self, epoch: int, best_epoch: int | None, batch: int) -> None:
         """best.pt again from last.pt when last.pt is the end of the best epoch but best.pt is
         not (an older kdl wrote last.pt first, and a kill came between the two)."""
@@ -105,6 +126,7 @@ class RunWriter:
             runs.atomic_write(best, lambda handle: handle.write(data))
             self.log(f"best.pt repaired from last.pt (epoch {epoch})")
 
+    @_rank_zero
     def finish(self, status: str, error: str | None, duration: float, summary: dict[str, Any]) -> None:
         """summary.json, then meta.json: the status written last commits the run's end, so a
         kill in between leaves a run that is still `running` (crashed) and resumes to the end."""
@@ -114,16 +136,19 @@ class RunWriter:
                          error=error, epochs_done=summary["epochs_done"], step=summary["steps"])
         self.log(f"run {status}" + (f": {error}" if error else ""))
 
+    @_rank_zero
     def write_vocabulary(self, vocabulary: list[str]) -> None:
         """vocab.json: the token list the run's data was encoded with, for every later command."""
         runs.write_json(self.folder / runs.VOCAB, vocabulary)
 
+    @_rank_zero
     def update_meta(self, **fields: Any) -> None:
         self.meta.update(fields)
         runs.write_json(self.folder / runs.META, self.meta)
 
     # ------------------------------------------------------------------ logs
 
+    @_rank_zero
     def log_metrics(self, record: dict[str, Any]) -> None:
         """Buffered: reaches the disk at `flush()` (every epoch and every checkpoint)."""
         if self._metrics is None:
@@ -132,6 +157,7 @@ class RunWriter:
         if self.events is not None:
             self.events.record(record)
 
+    @_rank_zero
     def log(self, line: str) -> None:
         if self._log is None:
             self._log = open(self.folder / runs.LOG, "a", encoding="utf-8")  # noqa: SIM115
@@ -184,6 +210,7 @@ class RunWriter:
     def checkpoint(self, which: str) -> Path:
         return self.folder / runs.CHECKPOINTS / f"{which}.pt"
 
+    @_rank_zero
     def save_checkpoint(self, which: tuple[str, ...], state: dict[str, Any]) -> None:
         """Metrics flushed first, then each checkpoint atomically; a full disk fails the run."""
         from .checkpoint import save_checkpoint
@@ -203,6 +230,7 @@ class RunWriter:
 
     # ------------------------------------------------------------------ samples and eval
 
+    @_rank_zero
     def write_sample(self, name: str, sample: Any, step: int | None = None,
                      path: Path | None = None) -> Path:
         """A task's sample as samples/NAME.png (an image grid) or .txt, or at `path`; also into
@@ -220,6 +248,7 @@ class RunWriter:
             self.tensorboard(f"samples/{name.split('-')[0]}", sample, step)
         return path
 
+    @_rank_zero
     def write_eval(self, result: dict[str, Any]) -> Path:
         """eval/<checkpoint>-<split>-step<N>.json, one per checkpoint step evaluated (an eval of a
         run in progress is not replaced by a later one), eval/<checkpoint>-<split>.json, the

@@ -144,13 +144,14 @@ def only_run(runs: Path) -> Path:
 
 
 def launch(runs: Path, *args: str, kill_at: tuple[str, int, str] | None = None,
-           **popen: Any) -> subprocess.Popen:
+           env: dict[str, str] | None = None, **popen: Any) -> subprocess.Popen:
     """`kdl train ...` as a real process (`python -m karpathy_runner`), output to a log file;
     with `kill_at` (file name, n, signal name) it signals itself before the n-th replace of that
     file (tests/kill_at.py)."""
     runs.mkdir(parents=True, exist_ok=True)
     log = open(runs.parent / f"kdl-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115
-    env = {**os.environ, "KDL_RUNS_DIR": str(runs), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "KDL_RUNS_DIR": str(runs), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+           **(env or {})}
     entry = [str(Path(__file__).parent / "kill_at.py"), *map(str, kill_at)] if kill_at else [
         "-m", "karpathy_runner"]
     command = [sys.executable, *entry, "train", *args, "--quiet"]

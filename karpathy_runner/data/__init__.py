@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ..distributed import shard
 from ..errors import KdlError
 
 
@@ -42,6 +43,17 @@ class DataInfo:
     # text and chars: token i is vocabulary[i]; built from the training split only, saved in
     # the run folder (vocab.json) and handed back to `build_data` by every later command
     vocabulary: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The input preparation pretrained weights expect: images resized (shorter side to
+    `resize`), centre-cropped to `crop` x `crop` (image folders), normalised by mean and std."""
+
+    resize: int
+    crop: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
 
 class Prepare(Protocol):
@@ -91,10 +103,14 @@ def choose_placement(wanted: str, splits: list[Any], device: torch.device) -> st
     return "device" if sum(split.nbytes for split in splits) < free // 4 else "stream"
 
 
-def build_data(cfg: Any, seed: int = 0, vocabulary: list[str] | None = None) -> DataBundle:
+def build_data(cfg: Any, seed: int = 0, vocabulary: list[str] | None = None,
+               preprocessing: Preprocessing | None = None) -> DataBundle:
     """Build the datasets named by the `data` config branch; `seed` is the run's seed. Text and
-    character data use `vocabulary` (a run's saved one) instead of building their own."""
+    character data use `vocabulary` (a run's saved one) instead of building their own; image
+    data uses a pretrained model's `preprocessing` instead of its own."""
     module = importlib.import_module(f"{__name__}.{type(cfg).MODULE}")
+    if preprocessing is not None:
+        return module.build(cfg, seed, vocabulary, preprocessing)
     return module.build(cfg, seed, vocabulary)
 
 
@@ -134,6 +150,17 @@ def epoch_order(num_items: int, seed: int, epoch: int, shuffle: bool) -> torch.T
     return torch.randperm(num_items, generator=generator)
 
 
+def epoch_chunks(num_items: int, batch_size: int, seed: int, epoch: int, shuffle: bool,
+                 rank: int = 0, world: int = 1, device: torch.device | None = None) -> list[torch.Tensor]:
+    """This process's part of each global batch of an epoch: the (seed, epoch) order cut into
+    batches, a last batch with fewer items than processes left out, and rank `rank`'s shard of
+    each (all of it for one process)."""
+    order = epoch_order(num_items, seed, epoch, shuffle)
+    if device is not None:
+        order = order.to(device)
+    return [shard(chunk, rank, world) for chunk in order.split(batch_size) if len(chunk) >= world]
+
+
 class _EpochBatches(torch.utils.data.Sampler):
     """Keys (epoch, batch) of the batches still to come in the current epoch; `Batches` sets
     them before each pass, so one loader (and its persistent workers) serves every epoch."""
@@ -155,6 +182,7 @@ class _BatchFetcher(torch.utils.data.Dataset):
     def __init__(self, batches: Batches):
         self.dataset = batches.dataset
         self.batch_size, self.seed, self.shuffle = batches.batch_size, batches.seed, batches.shuffle
+        self.rank, self.world = batches.rank, batches.world
         self._chunks: tuple[int, list[torch.Tensor]] | None = None
 
     def __len__(self) -> int:
@@ -163,8 +191,8 @@ class _BatchFetcher(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, ...]:
         epoch, i = key
         if self._chunks is None or self._chunks[0] != epoch:
-            order = epoch_order(len(self.dataset), self.seed, epoch, self.shuffle)
-            self._chunks = (epoch, list(order.split(self.batch_size)))
+            self._chunks = (epoch, epoch_chunks(len(self.dataset), self.batch_size, self.seed, epoch,
+                                                self.shuffle, self.rank, self.world))
         return self.dataset.get_batch(self._chunks[1][i])
 
 
@@ -178,6 +206,9 @@ class Batches:
     batch. Streamed data (`stream=True`) goes through a DataLoader: `num_workers` persistent
     worker processes fetch batches ahead, into pinned memory when `pin_memory` (a CUDA device),
     so that the copy to the device does not wait on the host.
+    With several training processes
+    (`world`), each batch is a global one and this process gets its `rank`'s shard of it; a
+    last batch with fewer items than processes is left out.
     """
 
     def __init__(
@@ -189,6 +220,8 @@ class Batches:
         num_workers: int = 0,
         stream: bool = False,
         pin_memory: bool = False,
+        rank: int = 0,
+        world: int = 1,
     ):
         self.dataset = dataset
         self.batch_size = batch_size
@@ -199,18 +232,19 @@ class Batches:
         self.pin_memory = pin_memory
         self._sampler: _EpochBatches | None = None
         self._loader: torch.utils.data.DataLoader | None = None
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
-        return -(-len(self.dataset) // self.batch_size)
+        return len(self.dataset) // self.batch_size + (len(self.dataset) % self.batch_size >= self.world)
 
     def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
         if self.stream:
             yield from self._streamed(epoch, start)
             return
-        order = epoch_order(len(self.dataset), self.seed, epoch, self.shuffle)
         # one copy of the order to where the data lives; every batch is then cut there
-        order = order.to(getattr(self.dataset, "device", order.device))
-        for chunk in order.split(self.batch_size)[start:]:
+        device = getattr(self.dataset, "device", None)
+        for chunk in epoch_chunks(len(self.dataset), self.batch_size, self.seed, epoch, self.shuffle,
+                                  self.rank, self.world, device)[start:]:
             yield self.dataset.get_batch(chunk)
 
     def _streamed(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, ...]]:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..config import ImageDataConfig
 from ..errors import KdlError
 from ..runs import atomic_write
-from . import DataBundle, DataInfo, mixed_seed
+from . import DataBundle, DataInfo, Preprocessing, mixed_seed
 
 # how many training images the mean/std of a dataset without published constants is computed from
 STATS_SAMPLES = 1000
@@ -61,20 +61,31 @@ class TensorImages:
 
 
 class FolderImages:
-    """Image files decoded per batch: RGB, resized to (size, size), uint8 (B, 3, size, size)."""
+    """Image files decoded per batch: RGB, uint8 (B, 3, size, size); resized to (size, size),
+    or with `crop` (a pretrained model's preprocessing) resized so that the shorter side is
+    `size`, then centre-cropped to (crop, crop)."""
 
-    def __init__(self, paths: list[str], labels: torch.Tensor, image_size: int):
+    def __init__(self, paths: list[str], labels: torch.Tensor, image_size: int,
+                 crop: int | None = None):
         assert len(paths) == len(labels)
         self.paths = paths
         self.labels = labels
         self.image_size = image_size
+        self.crop = crop
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def get_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        images = [self._load(self.paths[i]) for i in indices.tolist()]
-        return torch.stack(images), self.labels[indices]
+        paths = [self.paths[i] for i in indices.tolist()]
+        try:
+            images = read_images(paths, 3, self.image_size, self.crop)
+        except OSError as exc:
+            raise KdlError(
+                f"image_folder: cannot read {exc}; replace or remove the file, or set "
+                "data.skip_bad_files: true to leave out files that do not decode"
+            ) from None
+        return images, self.labels[indices]
 
     def to(self, device: torch.device) -> TensorImages:
         """Every image decoded once (data.placement: device), then kept on `device`."""
@@ -83,21 +94,33 @@ class FolderImages:
 
     def subset(self, indices: torch.Tensor) -> FolderImages:
         paths = [self.paths[i] for i in indices.tolist()]
-        return FolderImages(paths, self.labels[indices], self.image_size)
+        return FolderImages(paths, self.labels[indices], self.image_size, self.crop)
 
-    def _load(self, path: str) -> torch.Tensor:
-        from PIL import Image  # only for image files: runs on in-memory datasets never need it
 
-        size = (self.image_size, self.image_size)
-        try:
-            with Image.open(path) as image:
-                rgb = image.convert("RGB").resize(size, Image.Resampling.BILINEAR)
-        except (OSError, ValueError) as exc:  # PIL.UnidentifiedImageError is an OSError
-            raise KdlError(
-                f"image_folder: cannot read {path} ({exc}); replace or remove the file, or set "
-                "data.skip_bad_files: true to leave out files that do not decode"
-            ) from None
-        return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)  # (3, H, W)
+def read_images(paths: list[str], channels: int, size: int, crop: int | None = None) -> torch.Tensor:
+    """Image files as uint8 (B, channels, S, S): RGB or gray, resized to (size, size); with
+    `crop`, the shorter side resized to `size`, then the centre (crop, crop) (S = crop)."""
+    return torch.stack([_read(path, channels, size, crop) for path in paths])
+
+
+def _read(path: str, channels: int, size: int, crop: int | None) -> torch.Tensor:
+    from PIL import Image  # only for image files: runs on in-memory datasets never need it
+
+    try:
+        with Image.open(path) as image:
+            picture = image.convert("RGB" if channels == 3 else "L")
+    except (OSError, ValueError) as exc:  # PIL.UnidentifiedImageError is an OSError
+        raise OSError(f"{path} ({exc})") from None  # which file: a truncated one's error says not
+    if crop is None:
+        picture = picture.resize((size, size), Image.Resampling.BILINEAR)
+    else:
+        scale = size / min(picture.size)
+        width, height = max(crop, round(picture.width * scale)), max(crop, round(picture.height * scale))
+        picture = picture.resize((width, height), Image.Resampling.BILINEAR)
+        left, top = (width - crop) // 2, (height - crop) // 2
+        picture = picture.crop((left, top, left + crop, top + crop))
+    pixels = torch.from_numpy(np.asarray(picture).copy())
+    return pixels.permute(2, 0, 1) if pixels.ndim == 3 else pixels.unsqueeze(0)  # (C, H, W)
 
 
 ImageDataset = TensorImages | FolderImages
@@ -150,15 +173,20 @@ def augment_batch(
     return x
 
 
-def build(cfg: ImageDataConfig, seed: int, vocabulary: list[str] | None = None) -> DataBundle:
+def build(cfg: ImageDataConfig, seed: int, vocabulary: list[str] | None = None,
+          preprocessing: Preprocessing | None = None) -> DataBundle:
     """Build train/val/test for `cfg.name`; val is `cfg.val_fraction` of the train split.
-    With `as_sequence: rows` the data is the same; the kind tells the model to read rows."""
+    With `as_sequence: rows` the data is the same; the kind tells the model to read rows.
+    A pretrained model's `preprocessing` replaces the data's normalisation, and for an image
+    folder its size (resize and centre crop)."""
     if cfg.name == "digits":
         train, val, test, info = _build_digits(cfg)
     elif cfg.name == "image_folder":
-        train, val, test, info = _build_folder(cfg)
+        train, val, test, info = _build_folder(cfg, preprocessing)
     else:
         train, val, test, info = _build_torchvision(cfg)
+    if preprocessing is not None:
+        info.mean, info.std = preprocessing.mean, preprocessing.std
     prepare = ImagePrep(info.mean, info.std, tuple(cfg.augment), cfg.crop_padding, seed)
     info.kind = ImageDataConfig.kind_of(cfg.model_dump())
     return DataBundle(train=train, val=val, test=test, info=info, prepare=prepare,
@@ -404,10 +432,12 @@ _FOLDER_LAYOUT = (
 )
 
 
-def _build_folder(cfg: ImageDataConfig) -> Splits:
+def _build_folder(cfg: ImageDataConfig, preprocessing: Preprocessing | None = None) -> Splits:
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
     root = _root(cfg)
+    # (size, crop): the images' side, or a pretrained model's resize and centre crop
+    size, crop = (preprocessing.resize, preprocessing.crop) if preprocessing else (cfg.image_size, None)
     if not (root / "train").is_dir():
         what = "does not exist" if not root.is_dir() else "has no train/ folder"
         raise KdlError(
@@ -421,7 +451,7 @@ def _build_folder(cfg: ImageDataConfig) -> Splits:
             f"image_folder: {root / 'train'} has no class folders. Expected: {_FOLDER_LAYOUT}."
         ) from None
     try:
-        train = _scan(root / "train", class_to_idx, cfg, allow_empty=False)
+        train = _scan(root / "train", class_to_idx, cfg, size, crop, allow_empty=False)
     except FileNotFoundError:  # torchvision's words for class folders without one image
         raise KdlError(
             f"image_folder: no images in the class folders of {root / 'train'} "
@@ -429,19 +459,19 @@ def _build_folder(cfg: ImageDataConfig) -> Splits:
             f"Expected: {_FOLDER_LAYOUT}."
         ) from None
     if (root / "val").is_dir():
-        val = _scan_held(root / "val", class_to_idx, cfg)
+        val = _scan_held(root / "val", class_to_idx, cfg, size, crop)
     else:
         train, val = _train_val(train, cfg)
     test = None
     if (root / "test").is_dir():
-        test = _scan_held(root / "test", class_to_idx, cfg)
+        test = _scan_held(root / "test", class_to_idx, cfg, size, crop)
     mean, std = channel_stats(train)
     info = DataInfo(
         kind=ImageDataConfig.KIND,
         num_classes=len(classes),
         class_names=classes,
         in_channels=3,
-        image_size=(cfg.image_size, cfg.image_size),
+        image_size=(crop or size, crop or size),
         mean=mean,
         std=std,
     )
@@ -449,7 +479,8 @@ def _build_folder(cfg: ImageDataConfig) -> Splits:
 
 
 def _scan(
-    folder: Path, class_to_idx: dict[str, int], cfg: ImageDataConfig, allow_empty: bool
+    folder: Path, class_to_idx: dict[str, int], cfg: ImageDataConfig, image_size: int,
+    crop: int | None, allow_empty: bool
 ) -> FolderImages:
     from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
@@ -470,7 +501,7 @@ def _scan(
         raise KdlError(f"image_folder: no images in {folder}. Expected: {_FOLDER_LAYOUT}.")
     paths = [path for path, _ in samples]
     labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
-    return FolderImages(paths, labels, cfg.image_size)
+    return FolderImages(paths, labels, image_size, crop)
 
 
 def _unreadable(path: str) -> str | None:
@@ -484,7 +515,8 @@ def _unreadable(path: str) -> str | None:
         return str(exc) or type(exc).__name__
 
 
-def _scan_held(folder: Path, class_to_idx: dict[str, int], cfg: ImageDataConfig) -> FolderImages:
+def _scan_held(folder: Path, class_to_idx: dict[str, int], cfg: ImageDataConfig, image_size: int,
+               crop: int | None) -> FolderImages:
     """val/ or test/: may lack some classes, but a class unknown to train/ could never be right."""
     unknown = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in class_to_idx)
     if unknown:
@@ -492,4 +524,4 @@ def _scan_held(folder: Path, class_to_idx: dict[str, int], cfg: ImageDataConfig)
             f"image_folder: {folder} has class folders that train/ lacks: {', '.join(unknown)}. "
             f"Train classes: {', '.join(class_to_idx)}. Rename or remove them."
         )
-    return _scan(folder, class_to_idx, cfg, allow_empty=True)
+    return _scan(folder, class_to_idx, cfg, image_size, crop, allow_empty=True)

@@ -165,6 +165,12 @@ def _checked(vocabulary: list[str]) -> list[str]:
     return list(vocabulary)
 
 
+def encode_texts(texts: list[str], cfg: TextDataConfig, vocabulary: list[str]) -> TextDataset:
+    """New texts as a run's data encoded its training texts (`kdl predict`); labels are 0."""
+    index = {word: i for i, word in enumerate(vocabulary)}
+    return _encode(([tokenize(text, cfg) for text in texts], ["0"] * len(texts)), index, {"0": 0})
+
+
 def _encode(split: Tokenized | None, index: dict[str, int],
             class_index: dict[str, int]) -> TextDataset | None:
     if split is None:

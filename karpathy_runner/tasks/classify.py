@@ -25,10 +25,23 @@ class Classify(Task):
         self.vocabulary = info.vocabulary
         self.label_smoothing = cfg.label_smoothing
         self.eval_flip = cfg.eval_flip
+        # a pretrained backbone may learn slower than its new head (torchvision models)
+        self.backbone_lr_scale = getattr(model_cfg, "backbone_lr_scale", 1.0)
 
     @property
     def model(self) -> torch.nn.Module:
         return self.models["model"]
+
+    def param_groups(self, model: str) -> list[dict[str, Any]]:
+        """With a head (a torchvision model): the backbone at backbone_lr_scale, the head at 1."""
+        groups = super().param_groups(model)
+        if self.backbone_lr_scale == 1.0 or not hasattr(self.model, "head_parameters"):
+            return groups
+        head = {id(p) for p in self.model.head_parameters()}
+        trainable = groups[0]["params"]
+        split = [{"params": [p for p in trainable if id(p) not in head], "lr_scale": self.backbone_lr_scale},
+                 {"params": [p for p in trainable if id(p) in head], "lr_scale": 1.0}]
+        return [group for group in split if group["params"]]
 
     def train_step(self, batch: tuple[torch.Tensor, ...], step: int, updater: Updater) -> StepResult:
         *inputs, y = batch

@@ -1,0 +1,226 @@
+"""Data-parallel training over several processes, launched by PyTorch's own torchrun.
+
+`kdl train CONFIG --nproc-per-node N` runs torch.distributed.run on kdl's own entry point
+(`python -m karpathy_runner train ...`), exactly as `torchrun -m karpathy_runner train ...`
+does; each process it starts finds itself a worker from the environment torchrun sets
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). Backends: nccl on CUDA, one GPU per
+process (cuda:LOCAL_RANK); gloo on the CPU. Small decisions every rank must take together (stop
+after this step, skip this step) go over a gloo group even under nccl, so they never wait on
+the GPU.
+
+`data.batch_size` is the global batch: each optimizer step consumes one batch of the (seed,
+epoch) permutation, and rank r takes its items r, r + N, r + 2N, ... (`shard`). Gradients are
+averaged across ranks weighted by each rank's share of the batch (so a step equals the
+single-process step on the whole batch), and batch-norm statistics are averaged after every
+step, so every rank holds the same model at every step. Only rank 0 writes the run folder.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import KdlError
+
+# how long a rank waits for the others in one collective before failing (not hanging forever)
+TIMEOUT = dt.timedelta(minutes=10)
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def in_worker() -> bool:
+    """Whether this process was started by torchrun (kdl's launcher or the user's)."""
+    return all(key in os.environ for key in LAUNCH_ENV)
+
+
+def shard(chunk: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Rank `rank`'s items of one global batch (indices into the dataset): every world-th."""
+    return chunk[rank::world]
+
+
+@dataclass
+class Ranks:
+    """This process's place among the training processes, and the collectives the loop uses.
+    The default is one process alone: every collective is then the identity."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+    control: Any = None  # the gloo group for host-side decisions
+
+    @property
+    def primary(self) -> bool:
+        return self.rank == 0
+
+    def draw(self, step: int) -> int:
+        """The index of a step's random augmentation draw: distinct per rank and step."""
+        return step * self.world + self.rank
+
+    def loss_scale(self, batch_items: int) -> float:
+        """What this rank's mean loss is multiplied by so that the average of the ranks'
+        gradients is the gradient of the mean over the whole batch of `batch_items`."""
+        local = len(range(self.rank, batch_items, self.world))
+        return self.world * local / batch_items
+
+    def all_true(self, flag: bool) -> bool:
+        """True when `flag` holds on every rank."""
+        if self.world == 1:
+            return flag
+        value = torch.tensor([0 if flag else 1], dtype=torch.int64)
+        torch.distributed.all_reduce(value, group=self.control)
+        return int(value) == 0
+
+    def largest(self, value: int) -> int:
+        """The largest of the ranks' values (a signal number, or 0 for none)."""
+        if self.world == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.int64)
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX, group=self.control)
+        return int(tensor)
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Elementwise sum over ranks of a float tensor on the training device."""
+        if self.world > 1:
+            values = values.clone()
+            torch.distributed.all_reduce(values)
+        return values
+
+    def average_gradients(self, params: list[torch.Tensor]) -> None:
+        """Each parameter's gradient summed over the ranks and divided by their number, in one
+        flat all-reduce (each rank's loss is already weighted by its share: `loss_scale`)."""
+        if self.world == 1:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            _all_reduce_mean(grads)
+
+    def average_buffers(self, models: list[nn.Module]) -> None:
+        """Batch-norm running statistics (float buffers) averaged over the ranks."""
+        if self.world == 1:
+            return
+        buffers = [b for m in models for b in m.buffers() if b.is_floating_point()]
+        if buffers:
+            _all_reduce_mean(buffers)
+
+    def broadcast_models(self, models: list[nn.Module]) -> None:
+        """Rank 0's weights and buffers on every rank (as DDP starts)."""
+        if self.world == 1:
+            return
+        for model in models:
+            for tensor in [*model.parameters(), *model.buffers()]:
+                torch.distributed.broadcast(tensor.data, src=0)
+
+    def share(self, obj: Any) -> Any:
+        """Rank 0's `obj` (a picklable value) on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0, group=self.control)
+        return box[0]
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Every rank's `obj`, in rank order, on rank 0 (None on the others)."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world if self.primary else None
+        torch.distributed.gather_object(obj, out, dst=0, group=self.control)
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier(group=self.control)
+
+    def close(self) -> None:
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+            # gloo's finished work objects hold tensors; freed now, not by the exiting
+            # interpreter, where that can abort the process (pytorch/pytorch#179291)
+            gc.collect()
+
+
+SINGLE = Ranks()
+
+
+def exit_worker(code: int) -> None:
+    """End a torchrun worker now that its run folder is final: output flushed, then exit without
+    the interpreter's teardown, in which gloo's threads can abort the process
+    (pytorch/pytorch#179291) and turn a finished run's exit code into 134."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _all_reduce_mean(tensors: list[torch.Tensor]) -> None:
+    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+    torch.distributed.all_reduce(flat)
+    flat /= torch.distributed.get_world_size()
+    offset = 0
+    with torch.no_grad():
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def start(device: str) -> tuple[Ranks, str | None]:
+    """Join the other processes when torchrun started this one; else one process alone.
+    Returns the ranks and the device this process trains on (None: the configured one)."""
+    if not in_worker():
+        return SINGLE, None
+    local_rank = int(os.environ["LOCAL_RANK"])
+    cuda = device.startswith("cuda") or device == "auto" and torch.cuda.is_available()
+    if cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise KdlError(
+                f"this node runs process {local_rank} but sees {torch.cuda.device_count()} GPU(s): "
+                "give --nproc-per-node at most the number of GPUs, or --device cpu"
+            )
+        torch.cuda.set_device(local_rank)
+    backend = "nccl" if cuda else "gloo"
+    torch.distributed.init_process_group(backend, timeout=TIMEOUT)
+    control = torch.distributed.new_group(backend="gloo") if cuda else None
+    ranks = Ranks(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank,
+                  backend, control)
+    return ranks, f"cuda:{local_rank}" if cuda else "cpu"
+
+
+def launch(worker_args: list[str], nproc_per_node: int, nnodes: int, node_rank: int,
+           master_addr: str, master_port: int | None) -> int:
+    """Run torch.distributed.run on `python -m karpathy_runner WORKER_ARGS` and return the exit
+    code: 0, the failed ranks' own code (1 failed, 2 bad input), or 128 + signal. On one machine
+    without a port, torchrun finds a free one."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    port = [] if master_port is None else [f"--master-port={master_port}"]
+    args = parse_args([
+        f"--nproc-per-node={nproc_per_node}", f"--nnodes={nnodes}", f"--node-rank={node_rank}",
+        f"--master-addr={master_addr}", *port, "--module", "karpathy_runner", *worker_args,
+    ])
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun sets; without its warning
+    try:
+        run(args)
+    except SignalException as exc:  # the workers got it too, saved a checkpoint and stopped
+        return 128 + int(exc.sigval)
+    except ChildFailedError as exc:
+        return _exit_code(exc.failures)
+    return 0
+
+
+def _exit_code(failures: dict[int, Any]) -> int:
+    """The launcher's exit code from its workers' (by rank): a worker killed by a signal (the
+    likely first cause: the others then fail in a collective), else the lowest rank's code. A
+    SIGTERM exit is only the cause when every worker stopped for it."""
+    codes = {rank: 128 - f.exitcode if f.exitcode < 0 else f.exitcode for rank, f in failures.items()}
+    causes = {rank: code for rank, code in codes.items() if code != 128 + signal.SIGTERM}
+    if not causes:
+        return 128 + signal.SIGTERM
+    return min(causes.items(), key=lambda item: (item[1] < 128, item[0]))[1]

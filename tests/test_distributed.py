@@ -1,0 +1,175 @@
+"""Data-parallel training through torchrun: two gloo processes on the CPU, as real processes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from kdl import kdl
+from stopping import (
+    assert_same_training,
+    final_state,
+    launch,
+    only_run,
+    output,
+    read_json,
+    train_command,
+    wait_for,
+)
+
+from karpathy_runner.data import Batches
+from karpathy_runner.distributed import Ranks, shard
+from karpathy_runner.plan import plan_train
+
+# no dropout and no batch norm: what makes two processes on half batches do exactly the
+# single-process arithmetic (up to the order of float additions in the gradient all-reduce)
+PLAIN = ["model.channels=[8,16]", "model.batch_norm=false", "model.dropout=0",
+         "data.batch_size=64", "train.device=cpu", "train.log_every_steps=3",
+         "train.checkpoint_every_steps=4", "train.epochs=6"]
+
+
+def test_each_rank_takes_every_nth_item_of_each_global_batch():
+    order = torch.arange(10)
+    assert shard(order, 0, 2).tolist() == [0, 2, 4, 6, 8]
+    assert shard(order, 1, 3).tolist() == [1, 4, 7]
+
+    class Items:
+        def __len__(self):
+            return 11
+
+        def get_batch(self, indices):
+            return (indices,)
+
+    ranks = [Batches(Items(), 4, seed=3, shuffle=True, rank=r, world=2) for r in range(2)]
+    alone = Batches(Items(), 4, seed=3, shuffle=True)
+    assert len(ranks[0]) == len(alone) == 3
+    for together, whole in zip(zip(*(b.epoch(1) for b in ranks), strict=True), alone.epoch(1),
+                               strict=True):
+        assert sorted(torch.cat([t[0] for t in together]).tolist()) == sorted(whole[0].tolist())
+    # a last global batch with fewer items than processes is left out (one item for two here)
+    assert len(Batches(Items(), 5, rank=0, world=2)) == 2
+    # the loss weights give the mean over the whole batch: 3 and 2 items of 5
+    assert [Ranks(r, 2).loss_scale(5) for r in range(2)] == [1.2, 0.8]
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """A single-process run and a two-process run of the same config, and the latter's folder."""
+    root = tmp_path_factory.mktemp("ddp")
+    alone = launch(root / "alone", *train_command(*PLAIN))
+    together = launch(root / "together", *train_command(*PLAIN), "--nproc-per-node", "2")
+    assert alone.wait(timeout=240) == 0, output(alone)
+    assert together.wait(timeout=240) == 0, output(together)
+    return root, output(together)
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(two_processes):
+    root, printed = two_processes
+    folder = only_run(root / "together")  # one run folder, written by rank 0 alone
+    assert printed.strip().splitlines()[-1] == folder.name  # the id, printed once
+    meta = read_json(folder / "meta.json")
+    assert meta["status"] == "completed" and meta["processes"] == 2 and meta["backend"] == "gloo"
+    alone, together = final_state(only_run(root / "alone")), final_state(folder)
+    assert together["loop"]["step"] == alone["loop"]["step"] == 126
+    for name, weight in alone["models"]["model"].items():
+        torch.testing.assert_close(together["models"]["model"][name], weight, rtol=1e-5, atol=1e-6)
+    # metrics are over both processes' items: the single run's numbers, each step once
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    single = [json.loads(line) for line in
+              (only_run(root / "alone") / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["split"]) for r in records] == [(r["step"], r["split"]) for r in single]
+    for mine, theirs in zip(records, single, strict=True):
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
+        assert mine["accuracy"] == pytest.approx(theirs["accuracy"], abs=1e-9)
+    assert (folder / "train.log").read_text().count("started") == 1
+
+
+def _worker(launcher: int, rank: int) -> int:
+    """The pid of the torchrun worker of `rank` that `launcher` started."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        if parent == launcher and f"RANK={rank}".encode() in environ:
+            return int(pid)
+    raise AssertionError(f"no worker of rank {rank}")
+
+
+def _stopped(runs: Path, *args: str, target: str, signum: int = signal.SIGTERM,
+             ) -> tuple[Path, int, str]:
+    """A two-process run of PLAIN (and `args`) sent `signum` once it has a checkpoint, to the
+    launcher or a worker (`target`): its folder, the launcher's exit code and output."""
+    # the launcher: signalled by rank 0 itself as it writes its first last.pt (at step 4), so
+    # that a busy machine never lets the short run end first (tests/sitehook)
+    hook = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent / "sitehook"),
+                                           os.environ.get("PYTHONPATH", "")]),
+            "KDL_TEST_SIGNAL": f"last.pt:1:{signal.Signals(signum).name}:parent"}
+    process = launch(runs, *train_command(*PLAIN, *args), "--nproc-per-node", "2",
+                     env=hook if target == "launcher" else None, start_new_session=True)
+    try:
+        if target != "launcher":
+            wait_for(lambda: any(runs.glob("*/checkpoints/last.pt")) or process.poll() is not None,
+                     timeout=180)
+            assert process.poll() is None, "the run ended before the signal: " + output(process)
+            os.kill(_worker(process.pid, 1), signum)
+        code = process.wait(timeout=240)
+    finally:  # whatever failed, no process of the run outlives the test
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    return only_run(runs), code, output(process)
+
+
+def test_sigterm_to_the_launcher_stops_every_rank_and_the_run_resumes_exactly(tmp_path,
+                                                                              two_processes):
+    """torchrun forwards SIGTERM to the workers: every rank stops after the same step with a
+    checkpoint, exit 143; the resumed run ends with the weights and metrics of the
+    uninterrupted two-process run."""
+    runs = tmp_path / "runs"
+    folder, code, printed = _stopped(runs, target="launcher")
+    assert code == 143, printed
+    assert read_json(folder / "meta.json")["status"] == "interrupted", printed
+    assert 0 < final_state(folder)["loop"]["step"] < 126
+    resumed = launch(runs, "--resume", folder.name, "--nproc-per-node", "2")
+    assert resumed.wait(timeout=240) == 0, output(resumed)
+    assert read_json(folder / "meta.json")["status"] == "completed"
+    assert_same_training(folder, only_run(two_processes[0] / "together"))
+
+
+# a run long enough that the signal, sent once the first checkpoint is there, always finds it
+# training (6 epochs of this tiny model can end before the worker's pid is found on a busy machine)
+LONG = "train.epochs=60"
+
+
+def test_sigterm_to_one_worker_stops_both_after_the_same_step(tmp_path):
+    folder, code, printed = _stopped(tmp_path / "runs", LONG, target="rank1")
+    assert code == 143, printed
+    meta = read_json(folder / "meta.json")
+    assert meta["status"] == "interrupted" and meta["step"] == final_state(folder)["loop"]["step"]
+
+
+def test_a_rank_that_dies_stops_the_others_and_leaves_a_resumable_run(tmp_path):
+    runs = tmp_path / "runs"
+    folder, code, printed = _stopped(runs, LONG, target="rank1", signum=signal.SIGKILL)
+    assert code == 128 + signal.SIGKILL, printed
+    # rank 0 fails in its next collective, or torchrun stops it before: failed, or crashed;
+    # either resumes from its last checkpoint (the launcher test resumes one to the end)
+    assert read_json(folder / "meta.json")["status"] in ("failed", "running"), printed
+    plan = plan_train(None, [], runs, resume=folder.name, lock=False)
+    assert plan.run is not None and plan.run.status in ("failed", "crashed")
+    assert 0 < final_state(folder)["loop"]["step"] < 60 * 21
+
+
+def test_a_checkpoint_resumes_only_with_as_many_processes(two_processes, tmp_path):
+    folder = only_run(two_processes[0] / "together")
+    result = kdl("train", "--resume", folder.name, "--runs-dir", folder.parent, "--set",
+                 "train.epochs=3", "--allow-changes", "--quiet")
+    assert result.exit_code == 2
+    assert "written by a run of 2 process(es)" in result.stderr
+    assert "--nproc-per-node 2" in result.stderr
