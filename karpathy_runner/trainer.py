@@ -278,9 +278,14 @@ class Trainer:
     def _stopping(self) -> bool:
         """Whether a stop signal came, to this rank or (agreed every step) to any other: all
         ranks stop after the same step."""
-        if self.ranks.world > 1:
-            self.stop.signum = self.ranks.largest(self.stop.signum or 0) or None
-        return self.stop_signal is not None
+        if self.ranks.world == 1:
+            return self.stop.signum is not None
+        # a signal that lands while the ranks compare is kept for the next step's comparison
+        # (never overwritten by this one's answer): every rank stops after the same step
+        agreed = self.ranks.largest(self.stop.signum or 0)
+        if agreed and self.stop.signum is None:
+            self.stop.signum = agreed
+        return bool(agreed)
 
     def _batch_items(self, index: int) -> int:
         """How many items global batch `index` of an epoch holds (the last may be short)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import os
 import signal
 from pathlib import Path
@@ -173,3 +174,67 @@ def test_a_checkpoint_resumes_only_with_as_many_processes(two_processes, tmp_pat
     assert result.exit_code == 2
     assert "written by a run of 2 process(es)" in result.stderr
     assert "--nproc-per-node 2" in result.stderr
+
+
+def _skip_step_rank(rank: int, init_file: str, results: multiprocessing.Queue) -> None:
+    """One of two gloo processes: rank 1's loss is NaN, rank 0's finite; both run one step."""
+    from karpathy_runner.distributed import Ranks
+    from karpathy_runner.trainer import Updater
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+        before = [p.detach().clone() for p in model.parameters()]
+        updater = Updater({"model": torch.optim.SGD(model.parameters(), lr=0.1)}, [model], "fp32",
+                          torch.device("cpu"), None, True, Ranks(rank, 2))
+        updater.begin_step()
+        loss = model(torch.ones(2, 3)).mean() * (float("nan") if rank == 1 else 1.0)
+        updater.step("model", loss)
+        updater.end_step()
+        unchanged = all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+        results.put((rank, updater.skipped, unchanged))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_skip_step_is_decided_by_all_ranks_together(tmp_path):
+    """on_nonfinite: skip_step with a non-finite loss on one rank only: every rank skips the
+    step (none waits alone in the gradient all-reduce) and no weight moves anywhere."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    workers = [context.Process(target=_skip_step_rank, args=(rank, str(tmp_path / "init"), results))
+               for rank in range(2)]
+    for worker in workers:
+        worker.start()
+    try:
+        for worker in workers:
+            worker.join(timeout=60)
+            assert worker.exitcode == 0, "a rank hung or failed"
+    finally:  # a rank left waiting in a collective must not outlive the test
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+    assert sorted(results.get(timeout=5) for _ in workers) == [(0, True, True), (1, True, True)]
+
+
+def test_a_signal_that_lands_while_the_ranks_compare_is_not_lost():
+    """The stop agreement is an all-reduce; a signal handled while it runs must survive its
+    answer ('no stop yet') and be compared at the next step, or that rank never stops."""
+    from types import SimpleNamespace
+
+    from karpathy_runner.trainer import Stop, Trainer
+
+    stop = Stop()
+
+    class Comparing(Ranks):
+        def largest(self, value: int) -> int:  # the other rank: no signal; this one: one lands now
+            if stop.signum is None:
+                stop.signum = signal.SIGTERM
+            return value
+
+    trainer = SimpleNamespace(ranks=Comparing(0, 2), stop=stop)
+    assert Trainer._stopping(trainer) is False  # this step's answer: nobody had stopped
+    assert stop.signum == signal.SIGTERM  # kept
+    assert Trainer._stopping(trainer) is True  # and agreed at the next step
