@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from . import __version__, runs
+from . import __version__, runs, workers
 from .errors import KdlError
 
 
@@ -48,8 +48,6 @@ def _reader_left() -> int:
     """Stop quietly, as Unix tools do when their reader closes the pipe: the exit status a shell
     shows for them (141 = 128 + SIGPIPE), and no "Exception ignored ... BrokenPipeError" from
     Python flushing stdout at exit."""
-    import os
-
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 141
 
@@ -161,7 +159,7 @@ def train(
     if config is not None and resume is not None:
         raise KdlError("give either a CONFIG file or --resume RUN, not both")
     root = runs.runs_dir(runs_dir)
-    if nproc_per_node is not None and not _torchrun_worker():
+    if nproc_per_node is not None and not workers.in_worker():
         # the config and the run to resume are checked here, before any process starts
         plan_train(str(config) if config else None, overrides, root, resume, allow_changes,
                    skip_existing, sweep, lock=False)
@@ -178,7 +176,7 @@ def train(
     # config and run references are checked before torch loads (seconds): mistakes answer at once;
     # of several training processes only rank 0 locks the run it resumes
     plan = plan_train(str(config) if config else None, overrides, root, resume, allow_changes,
-                      skip_existing, sweep, lock=os.environ.get("RANK", "0") == "0")
+                      skip_existing, sweep, lock=workers.worker_rank() == 0)
     from . import engine
 
     result = engine.train(plan, root, command=["kdl", *sys.argv[1:]], quiet=quiet)
@@ -187,18 +185,12 @@ def train(
                          "folder": str(result.folder), "summary": result.summary}))
     elif result.rank == 0:
         _out(result.run_id)
-    if _torchrun_worker():
+    if workers.in_worker():
         from . import distributed
 
         distributed.exit_worker(result.exit_code)
     raise typer.Exit(result.exit_code)
 
-
-def _torchrun_worker() -> bool:
-    """Started by torchrun (kdl's launcher or the user's): its environment says so. Read here,
-    not through the distributed module, which imports torch."""
-    return all(key in os.environ for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                             "MASTER_PORT"))
 
 
 @app.command("eval", cls=_Command)
@@ -501,12 +493,9 @@ def compare_runs(
     from . import compare
     from .report import print_comparison, print_csv
 
-    if bool(run_refs) == bool(sweep):
-        raise KdlError("give run ids to compare, or --sweep ID (not both)")
     if as_json and as_csv:
         raise KdlError("choose one of --json and --csv")
-    root = runs.runs_dir(runs_dir)
-    found = runs.resolve_runs(root, run_refs) if run_refs else compare.sweep_runs(root, sweep)
+    found = _runs_or_sweep(run_refs, sweep, runs_dir, "compare")
     comparison = compare.compare([compare.run_record(run) for run in found], group_by)
     if as_json:
         _out(json.dumps(dataclasses.asdict(comparison)))
@@ -542,14 +531,22 @@ def plot(
 ) -> None:
     """Draw the learning curves of runs on one figure (PNG); prints the file written. The legend
     names the config keys that differ between the runs."""
-    from .compare import best_metric_name, sweep_runs
+    from .compare import best_metric_name
     from .plot import plot_runs
 
-    if bool(run_refs) == bool(sweep):
-        raise KdlError("give run ids to plot, or --sweep ID (not both)")
-    root = runs.runs_dir(runs_dir)
-    found = runs.resolve_runs(root, run_refs) if run_refs else sweep_runs(root, sweep)
+    found = _runs_or_sweep(run_refs, sweep, runs_dir, "plot")
     _out(str(plot_runs(found, metric or best_metric_name(found[0]), out, log_y, color_by)))
+
+
+def _runs_or_sweep(run_refs: list[str] | None, sweep: str | None, runs_dir: Path | None,
+                   verb: str) -> list[runs.Run]:
+    """The runs named on the command line, or all runs of --sweep ID: one of the two."""
+    from .compare import sweep_runs
+
+    if bool(run_refs) == bool(sweep):
+        raise KdlError(f"give run ids to {verb}, or --sweep ID (not both)")
+    root = runs.runs_dir(runs_dir)
+    return runs.resolve_runs(root, run_refs) if run_refs else sweep_runs(root, sweep)
 
 
 def main() -> None:

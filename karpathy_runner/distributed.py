@@ -29,15 +29,10 @@ import torch
 from torch import nn
 
 from .errors import KdlError
+from .workers import in_worker
 
 # how long a rank waits for the others in one collective before failing (not hanging forever)
 TIMEOUT = dt.timedelta(minutes=10)
-LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-def in_worker() -> bool:
-    """Whether this process was started by torchrun (kdl's launcher or the user's)."""
-    return all(key in os.environ for key in LAUNCH_ENV)
 
 
 def shard(chunk: torch.Tensor, rank: int, world: int) -> torch.Tensor:
