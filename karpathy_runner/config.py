@@ -764,6 +764,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 
 # ----------------------------------------------------------------------------- error messages
 
+# how a value problem ends: where to fix it; `kdl sweep` cuts it off to point at --grid instead
+FIX_HINT = ". Fix it in the config or with --set"
+
 
 def _branch_class(annotation: Any, raw: Any) -> type[BaseModel] | None:
     """The Branch class a field holds, choosing a family member by the raw `name` if needed."""
@@ -842,10 +845,10 @@ def _describe(err: dict[str, Any]) -> str:
     if msg.startswith("Value error, "):  # our validators already show the value
         msg, shown = msg[len("Value error, "):], ""
         if msg.startswith(path):  # ... and sometimes the key
-            return f"{msg}. Fix it in the config or with --set"
+            return f"{msg}{FIX_HINT}"
     else:
         msg = msg.replace("Input should be", "must be").replace("input should be", "must be")
-    return f"{path}: {msg}{shown}. Fix it in the config or with --set {path}=VALUE"
+    return f"{path}: {msg}{shown}{FIX_HINT} {path}=VALUE"
 
 
 def _all_family_names(branch: str) -> set[str]:

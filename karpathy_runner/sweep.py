@@ -73,13 +73,13 @@ def grid_points(grid: list[tuple[str, list[Any]]]) -> list[dict[str, Any]]:
 
 def check_point(config: Path, base: list[str], point: dict[str, Any]) -> None:
     """The config of one grid point must validate; if not, the message points at --grid."""
-    from .config import ConfigError, load_config
+    from .config import FIX_HINT, ConfigError, load_config
 
     try:
         load_config(config, base + point_sets(point))
     except ConfigError as exc:
         shown = ", ".join(f"{key}={_yaml_value(value)}" for key, value in point.items())
-        problems = "; ".join(problem.split(". Fix it in the config")[0] for problem in exc.problems)
+        problems = "; ".join(problem.split(FIX_HINT)[0] for problem in exc.problems)
         raise KdlError(
             f"--grid: the point {shown} is not a valid config: {problems}. Fix --grid "
             f"{', --grid '.join(point)}"
