@@ -63,20 +63,18 @@ def line_styles(found: list[runs.Run], color_by: str | None = None) -> list[Line
     labels = [", ".join(f"{k}={_shown(c.get(k))}" for k in keys) or runs.short_id(run.id)
               for run, c in zip(found, configs, strict=True)]
     if len(set(labels)) < len(labels) or len(keys) > 4:  # too many keys to read, or runs alike
-        labels = [f"{runs.short_id(run.id)}" + (f" ({label})" if keys and len(keys) <= 4 else "")
+        labels = [runs.short_id(run.id) + (f" ({label})" if keys and len(keys) <= 4 else "")
                   for run, label in zip(found, labels, strict=True)]
     if grouping is None:
         return [LineStyle(label, None) for label in labels]
     from matplotlib import colormaps
 
-    values = list(dict.fromkeys(_shown(c.get(grouping)) for c in configs))
-    members: dict[str, list[int]] = {}
+    members: dict[str, list[int]] = {}  # the runs of each value, values in order of appearance
     for index, config in enumerate(configs):
         members.setdefault(_shown(config.get(grouping)), []).append(index)
     colors: list[Any] = [None] * len(found)
-    for group, value in enumerate(values):
+    for group, shades in enumerate(members.values()):
         family = colormaps[FAMILIES[group % len(FAMILIES)]]
-        shades = members[value]
         for rank, index in enumerate(shades):  # dark to light, never so light it vanishes
             colors[index] = family(0.85 - 0.45 * rank / max(1, len(shades) - 1))
     return [LineStyle(label, color) for label, color in zip(labels, colors, strict=True)]
