@@ -32,3 +32,13 @@ def trained(tmp_path_factory):
     result = train_tiny(runs, "--set", "train.epochs=1")
     assert result.exit_code == 0, result.stderr
     return runs / result.last_line
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread for the test (stopping.one_thread): runs compared bit for bit use
+    the same thread count as the `kdl train` processes of the tests."""
+    from stopping import one_thread
+
+    with one_thread():
+        yield

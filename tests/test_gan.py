@@ -32,10 +32,7 @@ train: {epochs: 2, device: cpu, log_every_steps: 3, deterministic: true}
 """
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")  # as the kdl processes run
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from kdl import kdl, train_tiny
-from stopping import final_state, metrics, one_thread, only_run, signal_at, train
+from stopping import final_state, metrics, only_run, signal_at, train
 
 from karpathy_runner.checkpoint import load_checkpoint
 from karpathy_runner.data.images import ImagePrep, augment_batch
@@ -22,10 +22,7 @@ from karpathy_runner.trainer import Updater, autocast_for, evaluate
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")  # as the kdl processes run
 
 
 def records(folder: Path, split: str) -> list[dict]:

@@ -10,7 +10,7 @@ import math
 
 import pytest
 from kdl import kdl
-from stopping import assert_same_training, final_state, metrics, one_thread, read_json, sets, signal_at
+from stopping import assert_same_training, final_state, metrics, read_json, sets, signal_at
 
 from karpathy_runner.config import load_config
 from karpathy_runner.engine import build_experiment, build_trainer
@@ -21,10 +21,7 @@ from karpathy_runner.writer import RunWriter
 CORPUS = "".join(f"def add_{i}(a, b):\n    return a + b * {i}\n\n" for i in range(120))  # ~4 KB
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")  # as the kdl processes run
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ from stopping import (
     assert_same_training,
     final_state,
     launch,
-    one_thread,
     only_run,
     output,
     read_json,
@@ -33,11 +32,7 @@ from stopping import (
 import karpathy_runner.checkpoint
 from karpathy_runner import runs as runs_module
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")  # as the kdl processes run
 
 
 def replaced_files(monkeypatch, *overrides: str) -> tuple[Path, list[str]]:

@@ -15,7 +15,6 @@ from stopping import (
     assert_same_training,
     final_state,
     metrics,
-    one_thread,
     only_run,
     read_json,
     sets,
@@ -33,10 +32,7 @@ SCHEDULES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")  # as the kdl processes run
 
 
 def uninterrupted(runs, overrides):

@@ -22,7 +22,6 @@ from stopping import (
     assert_same_training,
     final_state,
     metrics,
-    one_thread,
     read_json,
     signal_at,
     train,
@@ -40,10 +39,7 @@ TOY = ["task.name=toy_pair",
        "train.epochs=2"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")  # as the kdl processes run
 
 
 @pytest.fixture

@@ -26,7 +26,6 @@ from stopping import (
     final_state,
     launch,
     metrics,
-    one_thread,
     only_run,
     output,
     read_json,
@@ -44,11 +43,7 @@ from karpathy_runner.data import Batches
 from karpathy_runner.tasks.classify import Classify
 from karpathy_runner.trainer import Stop
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")  # as the kdl processes run
 
 
 def digest(path: Path) -> str:
