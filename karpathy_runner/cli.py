@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from typer.core import TyperCommand, TyperGroup
@@ -125,6 +125,14 @@ def train(
     sweep: Annotated[
         Optional[str], typer.Option(help="Tag the run as a point of sweep ID (its --set values).")  # noqa: UP045
     ] = None,
+    until_epoch: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(min=1, help="Pause after epoch N with a checkpoint (status paused), the run "
+                                 "as it would be there trained straight through; --resume goes on."),
+    ] = None,
+    trial: Annotated[
+        Optional[str], typer.Option(hidden=True, help="kdl sweep --search: the trial tag, as JSON.")  # noqa: UP045
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     as_json: JsonFlag = False,
     nproc_per_node: Annotated[
@@ -144,7 +152,7 @@ def train(
 ) -> None:
     """Train a model; prints the run id as the last line of stdout.
 
-    Exit codes: 0 done (or skipped), 1 the run failed, 2 bad usage/config/data,
+    Exit codes: 0 done (or skipped, or paused by --until-epoch), 1 the run failed, 2 bad usage/config/data,
     130 interrupted by SIGINT, 143 by SIGTERM (checkpoint saved; resume with --resume).
     """
     from .plan import plan_train
@@ -159,13 +167,16 @@ def train(
     if config is not None and resume is not None:
         raise KdlError("give either a CONFIG file or --resume RUN, not both")
     root = runs.runs_dir(runs_dir)
+    tag = json.loads(trial) if trial else None
     if nproc_per_node is not None and not workers.in_worker():
         # the config and the run to resume are checked here, before any process starts
         plan_train(str(config) if config else None, overrides, root, resume, allow_changes,
-                   skip_existing, sweep, lock=False)
+                   skip_existing, sweep, lock=False, until_epoch=until_epoch, trial=tag)
         worker = ["train", *([str(config)] if config else []),
                   *[item for s in overrides for item in ("--set", s)], "--runs-dir", str(root),
                   *(["--resume", resume] if resume else []), *(["--sweep", sweep] if sweep else []),
+                  *(["--until-epoch", str(until_epoch)] if until_epoch else []),
+                  *(["--trial", trial] if trial else []),
                   *[flag for flag, on in (("--allow-changes", allow_changes),
                                           ("--skip-existing", skip_existing), ("--quiet", quiet),
                                           ("--json", as_json)) if on]]
@@ -176,7 +187,8 @@ def train(
     # config and run references are checked before torch loads (seconds): mistakes answer at once;
     # of several training processes only rank 0 locks the run it resumes
     plan = plan_train(str(config) if config else None, overrides, root, resume, allow_changes,
-                      skip_existing, sweep, lock=workers.worker_rank() == 0)
+                      skip_existing, sweep, lock=workers.worker_rank() == 0,
+                      until_epoch=until_epoch, trial=tag)
     from . import engine
 
     result = engine.train(plan, root, command=["kdl", *sys.argv[1:]], quiet=quiet)
@@ -316,8 +328,48 @@ def validate(
 def sweep(
     config: Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML config file.")],
     grid: Annotated[
-        list[str], typer.Option(help="key=v1,v2: values of one key (repeatable; the product is run).")
-    ],
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(help="key=v1,v2: values of one key (repeatable; the product is run)."),
+    ] = None,
+    search: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(metavar="tpe|random|grid",
+                     help="Adaptive search through Optuna over --space (default tpe)."),
+    ] = None,
+    space: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(metavar="KEY=DIST",
+                     help="A searched key: uniform(a,b), loguniform(a,b), int(a,b) or "
+                          "choice(v1,v2,...) (repeatable)."),
+    ] = None,
+    trials: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(min=1, help="--search: trials in the study (grid: default all its points)."),
+    ] = None,
+    metric: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="--search: the metric to optimise (default train.best_metric, in the "
+                          "direction the task declares)."),
+    ] = None,
+    halving: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(min=2, metavar="ETA",
+                     help="--search: successive halving; the best 1/ETA of the trials go on at "
+                          "each rung."),
+    ] = None,
+    min_epochs: Annotated[
+        int, typer.Option(min=1, help="--halving: epochs of the first rung.")
+    ] = 1,
+    storage: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(metavar="URL", help="--search: Optuna storage (default: an SQLite file in the "
+                                         "runs folder); a shared database lets machines share a study."),
+    ] = None,
+    study: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(metavar="NAME", help="--search: the study's name (default: one made from the "
+                                          "config and the search, so the same command continues it)."),
+    ] = None,
     set_: SetOption = None,
     jobs: Annotated[int, typer.Option(min=1, help="Points run at the same time.")] = 1,
     fail_fast: Annotated[bool, typer.Option(help="Stop the sweep at the first failed point.")] = False,
@@ -330,15 +382,39 @@ def sweep(
     runs_dir: RunsDir = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Run the Cartesian product of --grid values; prints the sweep id as the last stdout line.
+    """Run the Cartesian product of --grid values, or an adaptive search over --space; prints
+    the sweep (or study) id as the last stdout line.
 
-    Each point is a normal run tagged with the sweep id (see `kdl runs --sweep`, `kdl compare
-    --sweep`). Exit code 0 when every point completed, 1 otherwise, 130 if interrupted.
+    Each point or trial is a normal run tagged with the id (see `kdl runs --sweep`, `kdl compare
+    --sweep`). A search's study lives on in its storage: the same command run again continues it.
+    Exit code 0 when every point completed (a search: when one trial did), 1 otherwise, 130 if
+    interrupted.
     """
     from . import sweep as sweeps
     from .config import load_config
 
     base = list(set_ or [])
+    adaptive = search is not None or space or halving is not None
+    if adaptive:
+        if grid:
+            raise KdlError("give --grid for a grid sweep, or --space with --search for a search; "
+                           "not both (a grid search is --search grid --space 'KEY=choice(...)')")
+        if emit:
+            raise KdlError(
+                "--emit prints a grid's commands in advance, but an adaptive search chooses each "
+                "trial's values from the results of the trials before it, so there is no list to "
+                "print. Run the search itself (Ctrl-C stops it; the same command continues it), "
+                "or give --grid to --emit a grid's commands."
+            )
+        raise typer.Exit(_search(config, base, search or "tpe", space or [], trials, metric,
+                                 halving, min_epochs, storage, study, jobs, runs_dir, as_json))
+    if not grid:
+        raise KdlError("kdl sweep needs --grid key=v1,v2 (a grid), or --space KEY=DIST (a search)")
+    for option, given in (("--trials", trials), ("--metric", metric), ("--storage", storage),
+                          ("--study", study)):
+        if given is not None:
+            raise KdlError(f"{option} belongs to a search (--space, --search); a --grid sweep "
+                           "runs every point once")
     values = sweeps.grid_points(sweeps.parse_grid(grid))
     load_config(config, base)  # the config and its --set values first: their errors are theirs
     for point in values:  # then every point's, before anything runs: its errors are the grid's
@@ -354,7 +430,7 @@ def sweep(
     if emit:
         _out(sweeps.emit(points))
         return
-    log = (lambda line: None) if as_json else (lambda line: print(line, file=sys.stderr, flush=True))
+    log = _sweep_log(as_json)
     log(f"sweep {sweep_id}: {len(points)} points, {jobs} at a time, runs in {root}")
     code = sweeps.Sweep(points, jobs, fail_fast, log).run()
     rows = sweeps.results(points, root)
@@ -366,13 +442,68 @@ def sweep(
     raise typer.Exit(code)
 
 
+def _sweep_log(as_json: bool) -> Any:
+    return (lambda line: None) if as_json else (lambda line: print(line, file=sys.stderr, flush=True))
+
+
+def _search(config: Path, base: list[str], search: str, space_items: list[str], trials: int | None,
+            metric: str | None, halving: int | None, min_epochs: int, storage: str | None,
+            study_name: str | None, jobs: int, runs_dir: Path | None, as_json: bool) -> int:
+    """`kdl sweep --search`: everything is checked before Optuna loads or any trial runs."""
+    from . import search as searches
+    from .config import load_config
+
+    if search not in searches.SEARCHES:
+        raise KdlError(f"--search must be one of {', '.join(searches.SEARCHES)}; got {search!r}")
+    space = searches.parse_space(space_items)
+    if metric is not None:
+        base = [*base, f"train.best_metric={metric}"]
+    cfg = load_config(config, base)
+    searches.check_space(config, base, space)
+    metric_name, direction = searches.metric_direction(cfg)
+    if search == "grid":
+        size = 1
+        for dimension in space:
+            size *= len(dimension.grid())
+        if trials is not None and trials > size:
+            raise KdlError(f"--trials {trials}: the grid has only {size} points")
+        trials = trials or size
+    if trials is None:
+        raise KdlError(f"--search {search} needs --trials N: how many trials the study runs")
+    if halving is not None and min_epochs >= cfg.train.epochs:
+        raise KdlError(f"--min-epochs {min_epochs}: the first rung must train fewer epochs than "
+                       f"train.epochs ({cfg.train.epochs}), or there is nothing to halve")
+    spec = searches.SearchSpec(config, base, space, search, trials, metric_name, direction,
+                               cfg.hash(), cfg.name, halving, min_epochs, cfg.train.epochs)
+    root = runs.runs_dir(runs_dir)
+    name = study_name or spec.study_name()
+    url = storage or searches.default_storage(root)
+    log = _sweep_log(as_json)
+    with searches.study_lock(root, name):
+        study = searches.open_study(spec, url, name, cfg.seed)
+        done = len(study.get_trials(deepcopy=False))
+        rungs = f", halving by {halving} over epochs {spec.rungs()}" if halving else ""
+        log(f"study {name}: {search} search, {done} of {trials} trials so far, {jobs} at a time"
+            f"{rungs}; {direction} {metric_name}; storage {url}")
+        runner = searches.Search(spec, study, name, root, jobs, log)
+        code = runner.halve() if halving else runner.run()
+        rows, best = runner.results(), runner.best()
+    if as_json:
+        _out(json.dumps({"sweep": name, "study": name, "storage": url, "direction": direction,
+                         "metric": metric_name, "trials": rows, "best": best}))
+    else:
+        searches.print_results(runner, rows, best)
+        _out(name)
+    return 1 if code == 0 and best is None else code
+
+
 @app.command("runs", cls=_Command)
 def list_runs(
     runs_dir: RunsDir = None,
     status: Annotated[
         Optional[list[str]],  # noqa: UP045
         typer.Option(metavar="STATUS",
-                     help="Only runs with this status: running, completed, failed, interrupted or "
+                     help="Only runs with this status: running, completed, paused, failed, interrupted or "
                           "crashed (repeatable: any of them)."),
     ] = None,
     name: Annotated[

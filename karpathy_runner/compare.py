@@ -29,6 +29,25 @@ def sweep_id(run: Run) -> str | None:
     return sweep.get("id") if isinstance(sweep, dict) else None
 
 
+def trial_place(run: Run) -> dict[str, Any]:
+    """A search trial's number, and with successive halving the rung it stopped at and its
+    epochs so far; {} for a run that is no trial."""
+    tag = run.meta.get("sweep")
+    if not isinstance(tag, dict) or not isinstance(tag.get("trial"), int):
+        return {}
+    place = {"trial": tag["trial"]}
+    rungs = tag.get("rungs")
+    if isinstance(rungs, list) and all(isinstance(r, int) for r in rungs):
+        epochs = run.meta.get("epochs_done") if isinstance(run.meta.get("epochs_done"), int) else 0
+        place.update(rung=rung_of(rungs, epochs), epochs=f"{epochs}/{rungs[-1]}")
+    return place
+
+
+def rung_of(rungs: list[int], epochs: int) -> int:
+    """The rung (from 1) a trial has reached: the last whose epochs it has trained; 0 if none."""
+    return max([i + 1 for i, r in enumerate(rungs) if r <= epochs], default=0)
+
+
 def metric_mode(run: Run, metric: str) -> str | None:
     """Which way `metric` (split.name or name) is better, "min" or "max", as the run's task
     declared it in meta.json; None when the run does not say (kdl never guesses from a name)."""
@@ -261,7 +280,9 @@ def query_runs(
 
 
 def sweep_runs(root: Path, sweep: str) -> list[Run]:
+    """The runs of a sweep, oldest first; a search's in the order of their trials."""
     found = [run for run in runs.iter_runs(root) if sweep_id(run) == sweep]
+    found.sort(key=lambda run: trial_place(run).get("trial", -1))
     if not found:
         known = sorted({s for s in map(sweep_id, runs.iter_runs(root)) if s})
         listed = f"; sweeps in {root}: {', '.join(known)}" if known else ""
@@ -282,6 +303,7 @@ def run_record(run: Run) -> dict[str, Any]:
         "final": runs.final_metrics(summary),
         "best": summary.get("best") or run.meta.get("best") or {},
         "metric_modes": run.meta.get("metric_modes") or {},
+        "trial": trial_place(run),
     }
 
 
@@ -330,6 +352,7 @@ def compare(records: list[dict[str, Any]], group_by: list[str] | None = None) ->
     values = [_metric_values(r, metrics, best_metric) for r in records]
     if not group_by:
         rows = [{"id": r["id"], "name": r["name"], "status": r["status"],
+                 "trial": r.get("trial") or {},
                  "config": {k: r["config"].get(k) for k in varying}, "metrics": v}
                 for r, v in zip(records, values, strict=True)]
         best_row = _best_index([row["metrics"]["best"] for row in rows], best_mode)
@@ -418,5 +441,6 @@ def flat_rows(comparison: Comparison) -> list[dict[str, Any]]:
             flat.append({**row["values"], "n": row["n"], **stats, "runs": " ".join(row["runs"])})
         else:
             flat.append({"id": row["id"], "name": row["name"], "status": row["status"],
-                         **row["config"], **row["metrics"], "best_metric": comparison.best_metric})
+                         **row["trial"], **row["config"], **row["metrics"],
+                         "best_metric": comparison.best_metric})
     return flat

@@ -231,6 +231,7 @@ def versions(device: torch.device) -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "cpu_threads": torch.get_num_threads(),  # CPU results differ in the last bits with it
     }
 
 
@@ -257,9 +258,11 @@ def train(plan: Plan, runs_root: Path, command: list[str], quiet: bool = False) 
         stop = Stop()
         with stop.installed():  # before the folder exists: no moment of a run is unguarded
             if plan.run is None:
-                result = start_run(exp, runs_root, command, reporter, plan.sweep, stop, ranks)
+                result = start_run(exp, runs_root, command, reporter, plan.sweep, stop, ranks,
+                                   plan.until_epoch)
             else:
-                result = resume_run(exp, plan.run.path, plan.changes, command, reporter, stop, ranks)
+                result = resume_run(exp, plan.run.path, plan.changes, command, reporter, stop, ranks,
+                                    plan.until_epoch)
         if result.status != "failed":  # every rank is done with the others before they part
             ranks.barrier()
         return result
@@ -271,8 +274,9 @@ def train(plan: Plan, runs_root: Path, command: list[str], quiet: bool = False) 
 
 def start_run(exp: Experiment, runs_root: Path, command: list[str], reporter: Reporter,
               sweep: dict[str, Any] | None = None, stop: Stop | None = None,
-              ranks: Ranks = SINGLE) -> TrainResult:
-    """A new run folder for a built experiment, trained to the end (or a stop)."""
+              ranks: Ranks = SINGLE, until_epoch: int | None = None) -> TrainResult:
+    """A new run folder for a built experiment, trained to the end (or a stop, or the pause
+    after epoch `until_epoch`)."""
     cfg = exp.cfg
     # rank 0 makes (and locks) the folder and tells the other ranks where it is
     made = RunWriter.create(runs_root, cfg.name, cfg.to_yaml()) if ranks.primary else None
@@ -280,20 +284,22 @@ def start_run(exp: Experiment, runs_root: Path, command: list[str], reporter: Re
     writer = made or RunWriter(folder, rank=ranks.rank)
     with writer.lock or contextlib.nullcontext():
         trainer = build_trainer(exp, writer, reporter, stop, ranks)
-        _start(exp, writer, command, sweep, ranks)
+        trainer.until_epoch = until_epoch
+        _start(exp, writer, command, sweep, ranks, until_epoch)
         reporter.message(f"run {writer.id}: {writer.folder}")
         return _drive(trainer, writer, previous_duration=0.0)
 
 
 def _start(exp: Experiment, writer: RunWriter, command: list[str],
-           sweep: dict[str, Any] | None, ranks: Ranks = SINGLE) -> None:
+           sweep: dict[str, Any] | None, ranks: Ranks = SINGLE,
+           until_epoch: int | None = None) -> None:
     cfg = exp.cfg
     processes = {"processes": ranks.world, "backend": ranks.backend} if ranks.world > 1 else {}
     writer.start({
         "name": cfg.name, "task": exp.task.name, "model": cfg.model.name,
         "dataset": cfg.data.name, "config_hash": cfg.hash(), "config_schema": SCHEMA_MAJOR,
         "device": str(exp.device),
-        "epochs": cfg.train.epochs, "metric_modes": exp.task.metrics,
+        "epochs": cfg.train.epochs, "until_epoch": until_epoch, "metric_modes": exp.task.metrics,
         "versions": versions(exp.device), **({"sweep": sweep} if sweep else {}), **processes,
     }, command)
     if exp.data.info.vocabulary:
@@ -304,11 +310,13 @@ def _start(exp: Experiment, writer: RunWriter, command: list[str],
 
 
 def resume_run(exp: Experiment, folder: Path, changes: dict[str, Any], command: list[str],
-               reporter: Reporter, stop: Stop | None = None, ranks: Ranks = SINGLE) -> TrainResult:
+               reporter: Reporter, stop: Stop | None = None, ranks: Ranks = SINGLE,
+               until_epoch: int | None = None) -> TrainResult:
     """Continue the run in `folder` from its last checkpoint; a run killed before its first
     checkpoint starts again from step 0, as it did the first time."""
     writer = RunWriter(folder, rank=ranks.rank)
     trainer = build_trainer(exp, writer, reporter, stop, ranks)
+    trainer.until_epoch = until_epoch
     last = writer.checkpoint("last")
     if last.is_file():
         checkpoint = load_checkpoint(last)
@@ -321,7 +329,8 @@ def resume_run(exp: Experiment, folder: Path, changes: dict[str, Any], command: 
     # the config is rewritten only now: a change the checkpoint cannot take leaves the run as it was
     rewrite = bool(changes) or "pending_config" in writer.meta
     writer.resume(trainer.state.step, command, changes, exp.cfg.to_yaml() if rewrite else None,
-                  {"epochs": exp.cfg.train.epochs, "config_hash": exp.cfg.hash(),
+                  {"epochs": exp.cfg.train.epochs, "until_epoch": until_epoch,
+                   "config_hash": exp.cfg.hash(),
                    "config_schema": SCHEMA_MAJOR})
     writer.log(f"===== resumed at epoch {trainer.state.epoch} step {trainer.state.step} =====")
     reporter.message(f"run {writer.id}: resumed {_position(trainer)}: {writer.folder}")
@@ -360,6 +369,8 @@ def _drive(trainer: Trainer, writer: RunWriter, previous_duration: float) -> Tra
         state = trainer.fit()
         if state.stop_reason == "signal":
             status, exit_code = "interrupted", EXIT_SIGNALS.get(trainer.stop_signal, 130)
+        elif state.stop_reason == "paused":
+            status = "paused"
     except KeyboardInterrupt:
         status, exit_code = "interrupted", 130
     except RunFailed as exc:
@@ -393,6 +404,9 @@ def _drive(trainer: Trainer, writer: RunWriter, previous_duration: float) -> Tra
                  else "at once: resume goes on from the last checkpoint")
         trainer.reporter.notice(f"interrupted {_position(trainer)}, {saved}; resume with "
                                 f"`kdl train --resume {writer.id}`")
+    elif status == "paused":
+        trainer.reporter.notice(f"paused {_position(trainer)} at --until-epoch "
+                                f"{trainer.until_epoch}; go on with `kdl train --resume {writer.id}`")
     else:
         _print_summary(trainer, writer.id, summary)
     return TrainResult(writer.id, writer.folder, status, exit_code, summary, rank=writer.rank)
@@ -413,7 +427,7 @@ def _print_summary(trainer: Trainer, run_id: str, summary: dict[str, Any]) -> No
             f"{summary['steps']} steps")
     if best["metric"] and best["value"] is not None:
         line += f"; best {best['metric']} {best['value']:.4g} at epoch {best['epoch']}"
-    if summary["stop_reason"] and summary["stop_reason"] != "signal":
+    if summary["stop_reason"] not in (None, "signal", "paused"):
         line += f" (stopped early: {summary['stop_reason']})"
     trainer.reporter.message(line)
     trainer.reporter.message(f"test it:   kdl eval {run_id} --split test")

@@ -31,13 +31,26 @@ class Plan:
     done: runs.Run | None = None  # --skip-existing found this run completed or running
     sweep: dict[str, Any] | None = None  # the sweep tag of a fresh run
     lock: runs.RunLock | None = None  # held on `run` from planning to the end of the process's work
+    until_epoch: int | None = None  # --until-epoch: pause after this epoch (status paused)
 
 
 def plan_train(config_path: str | None, overrides: list[str], runs_root: Path,
                resume: str | None = None, allow_changes: bool = False,
-               skip_existing: bool = False, sweep: str | None = None, lock: bool = True) -> Plan:
+               skip_existing: bool = False, sweep: str | None = None, lock: bool = True,
+               until_epoch: int | None = None, trial: dict[str, Any] | None = None) -> Plan:
     """A fresh run, a resume, or (--skip-existing) a run of the same config to reuse. `lock`:
-    hold the resumed run's lock (not in a launcher of several processes, nor in ranks but 0)."""
+    hold the resumed run's lock (not in a launcher of several processes, nor in ranks but 0).
+    `until_epoch`: pause the run after that epoch; `trial`: a search's trial tag (trial number,
+    sampled point, rungs), added to the sweep tag of a fresh run."""
+    plan = _plan(config_path, overrides, runs_root, resume, allow_changes, skip_existing, sweep,
+                 lock, trial)
+    plan.until_epoch = until_epoch
+    return plan
+
+
+def _plan(config_path: str | None, overrides: list[str], runs_root: Path, resume: str | None,
+          allow_changes: bool, skip_existing: bool, sweep: str | None, lock: bool,
+          trial: dict[str, Any] | None) -> Plan:
     if skip_existing and not resume:
         cfg = load_config(config_path, overrides)
         existing = _existing_run(runs_root, cfg)
@@ -59,7 +72,8 @@ def plan_train(config_path: str | None, overrides: list[str], runs_root: Path,
     tag = None
     if sweep:  # the point is what this run's --set values made of the sweep's config
         tag = {"id": sweep, "point": {".".join(key): value
-                                      for key, value in map(parse_override, overrides)}}
+                                      for key, value in map(parse_override, overrides)},
+               **(trial or {})}
     return Plan(load_config(config_path, overrides), sweep=tag)
 
 

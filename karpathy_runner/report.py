@@ -298,8 +298,11 @@ def _comparison_table(comparison: Comparison, narrow: bool) -> Table:
     table = (_table(box=None, padding=(0, 1), collapse_padding=True, pad_edge=False) if narrow
              else _table(box=box.HEAVY_HEAD))
     show_status = not grouped and any(row["status"] != "completed" for row in comparison.rows)
+    # a search's trials: their numbers, and with halving the rung and epochs where each stopped
+    places = [] if grouped else [key for key in ("trial", "rung", "epochs")
+                                 if any(key in row["trial"] for row in comparison.rows)]
     first = [*comparison.keys, "n"] if grouped else ["id", *(["status"] if show_status else []),
-                                                      *comparison.keys]
+                                                      *places, *comparison.keys]
     # narrow: the note under the table names the best metric
     best_header = f"best {comparison.best_metric}" if comparison.best_metric and not narrow else "best"
     metrics = [best_header if metric == "best" else metric for metric in comparison.metrics]
@@ -314,6 +317,7 @@ def _comparison_table(comparison: Comparison, narrow: bool) -> Table:
         else:
             shown_id = runs.short_id(row["id"]) if narrow else row["id"]
             cells = [shown_id, *([row["status"]] if show_status else []),
+                     *(str(row["trial"].get(k, "-")) for k in places),
                      *(_value(row["config"][k]) for k in comparison.keys),
                      *(_number(row["metrics"][m]) for m in comparison.metrics)]
         table.add_row(marker, *cells, style="bold green" if marker else None)

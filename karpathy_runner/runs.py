@@ -18,7 +18,7 @@ from typing import IO, Any
 from .errors import KdlError
 
 DEFAULT_RUNS_DIR = "runs"
-STATUSES = ("running", "completed", "failed", "interrupted", "crashed", "damaged")
+STATUSES = ("running", "completed", "paused", "failed", "interrupted", "crashed", "damaged")
 
 CONFIG = "config.yaml"
 META = "meta.json"
@@ -102,8 +102,9 @@ class RunLock:
     """An exclusive lock on a run folder (flock on its .lock file), held while one process
     trains, resumes or removes the run; the kernel releases it when the process dies, however."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, what: str | None = None):
         self.folder = Path(folder)
+        self.what = what or f"run {self.folder.name}"  # what the lock guards, for its message
         self._fd: int | None = None
 
     def acquire(self) -> RunLock:
@@ -113,17 +114,17 @@ class RunLock:
         try:
             fd = os.open(self.folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise KdlError(f"cannot lock run folder {self.folder}: {exc.strerror}. Check that it "
-                           "is writable.") from None
+            raise KdlError(f"cannot lock {self.what} ({self.folder}): {exc.strerror}. Check that "
+                           "the folder is writable.") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise KdlError(
-                f"run {self.folder.name} is in use by another kdl process (pid {holder}); only one "
-                "process may train, resume or remove a run at a time. Wait for it to end, or stop "
-                f"it (kill {holder}) and try again."
+                f"{self.what} is in use by another kdl process (pid {holder}); only one process "
+                f"may work on a {self.what.split()[0]} at a time. Wait for it to end, or stop it "
+                f"(kill {holder}) and try again."
             ) from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())

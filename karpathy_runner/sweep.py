@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import json
+import os
 import secrets
 import shlex
 import signal
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -24,7 +26,9 @@ import yaml
 
 from .errors import KdlError
 
-STATUS_BY_EXIT = {0: "completed", 1: "failed", 2: "bad config", 130: "interrupted", 143: "interrupted"}
+# exit codes of `kdl train`; killed by a signal (a second Ctrl-C) Popen says -SIGNAL
+STATUS_BY_EXIT = {0: "completed", 1: "failed", 2: "bad config", 130: "interrupted", 143: "interrupted",
+                  -signal.SIGINT: "interrupted", -signal.SIGTERM: "interrupted"}
 
 
 def new_sweep_id() -> str:
@@ -71,27 +75,32 @@ def grid_points(grid: list[tuple[str, list[Any]]]) -> list[dict[str, Any]]:
     return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(v for _, v in grid))]
 
 
-def check_point(config: Path, base: list[str], point: dict[str, Any]) -> None:
-    """The config of one grid point must validate; if not, the message points at --grid."""
+def check_point(config: Path, base: list[str], point: dict[str, Any], option: str = "--grid") -> None:
+    """The config of one point must validate; if not, the message points at `option`."""
     from .config import FIX_HINT, ConfigError, load_config
 
     try:
         load_config(config, base + point_sets(point))
     except ConfigError as exc:
-        shown = ", ".join(f"{key}={_yaml_value(value)}" for key, value in point.items())
+        shown = ", ".join(f"{key}={yaml_value(value)}" for key, value in point.items())
         problems = "; ".join(problem.split(FIX_HINT)[0] for problem in exc.problems)
         raise KdlError(
-            f"--grid: the point {shown} is not a valid config: {problems}. Fix --grid "
-            f"{', --grid '.join(point)}"
+            f"{option}: the point {shown} is not a valid config: {problems}. Fix {option} "
+            f"{f', {option} '.join(point)}"
         ) from None
 
 
 def point_sets(point: dict[str, Any]) -> list[str]:
     """A point as `key=value` overrides whose values read back as the same YAML."""
-    return [f"{key}={_yaml_value(value)}" for key, value in point.items()]
+    return [f"{key}={yaml_value(value)}" for key, value in point.items()]
 
 
-def _yaml_value(value: Any) -> str:
+def shown(value: Any) -> str:
+    """A value as a person reads it: floats to 4 significant digits, the rest as YAML."""
+    return f"{value:.4g}" if isinstance(value, float) else yaml_value(value)
+
+
+def yaml_value(value: Any) -> str:
     if isinstance(value, (list, dict)):  # compact JSON is YAML too, and has no spaces to quote
         return json.dumps(value, separators=(",", ":"))
     text = yaml.safe_dump(value, default_flow_style=True, width=1_000_000).strip()
@@ -111,9 +120,10 @@ class Point:
     process: subprocess.Popen | None = field(default=None, repr=False)
     files: tuple[IO[str], IO[str]] | None = field(default=None, repr=False)
     started: float = 0.0
+    name: str = ""  # shown in the log instead of its place in the list (a search's trial)
 
     def label(self) -> str:
-        return " ".join(f"{k}={v}" for k, v in self.values.items())
+        return " ".join(f"{k}={shown(v)}" for k, v in self.values.items())
 
 
 def train_argv(config: str, sets: list[str], sweep_id: str, runs_dir: str | None,
@@ -133,51 +143,87 @@ def emit(points: list[Point]) -> str:
 
 
 class Sweep:
-    """Runs points as `python -m karpathy_runner train ...` processes, at most `jobs` at once."""
+    """Runs points as `python -m karpathy_runner train ...` processes, at most `jobs` at once.
 
-    def __init__(self, points: list[Point], jobs: int, fail_fast: bool, log: Any):
+    `more()` gives the next point when the list runs out (None: no more for now), as a search
+    asks for its next trial; `finished(point)` hears of each point that ends."""
+
+    def __init__(self, points: list[Point], jobs: int, fail_fast: bool, log: Any,
+                 more: Callable[[], Point | None] | None = None,
+                 finished: Callable[[Point], None] | None = None, total: int | None = None):
         self.points = points
         self.jobs = max(jobs, 1)
         self.fail_fast = fail_fast
         self.log = log
+        self.more = more or (lambda: None)
+        self.finished = finished or (lambda point: None)
+        self.total = total or len(points)
         self.stopping = False
 
     def run(self) -> int:
         pending = list(self.points)
         running: list[Point] = []
         try:
-            while pending or running:
-                while pending and len(running) < self.jobs and not self.stopping:
-                    running.append(self._start(pending.pop(0)))
+            while True:
+                while len(running) < self.jobs and not self.stopping:
+                    point = pending.pop(0) if pending else self._more()
+                    if point is None:
+                        break
+                    running.append(self._start(point))
+                if not running:
+                    break
                 for point in [p for p in running if p.process.poll() is not None]:
                     running.remove(point)
                     self._finish(point)
+                    self.finished(point)
                     if point.status != "completed" and self.fail_fast and not self.stopping:
                         self._stop(running, signal.SIGTERM, "--fail-fast: stopping the sweep")
                 if self.stopping and not running:
                     break
                 time.sleep(0.05)
         except KeyboardInterrupt:
-            self._stop(running, signal.SIGINT, "interrupted: letting running points checkpoint")
-            for point in running:
-                point.process.wait()
-                self._finish(point)
+            self._stop(running, signal.SIGINT, "interrupted: letting running points checkpoint "
+                                               "(Ctrl-C again to stop them now)")
+            self._wait(running)
             return 130
         for point in pending:
             point.status = "not run"
         return 0 if all(p.status == "completed" for p in self.points) else 1
+
+    def _wait(self, running: list[Point]) -> None:
+        """Wait for the stopped points; a second Ctrl-C passes on a second SIGINT, which stops
+        them at once (they resume from their last checkpoint)."""
+        try:
+            for point in running:
+                point.process.wait()
+        except KeyboardInterrupt:
+            self._stop(running, signal.SIGINT, "interrupted again: stopping the points now")
+            for point in running:
+                point.process.wait()
+        for point in running:
+            self._finish(point)
+            self.finished(point)
+
+    def _more(self) -> Point | None:
+        point = self.more()
+        if point is not None:
+            self.points.append(point)
+        return point
 
     def _start(self, point: Point) -> Point:
         out = tempfile.TemporaryFile("w+")
         err = tempfile.TemporaryFile("w+")
         point.files = (out, err)
         point.started = time.time()
+        # in a session of its own: a Ctrl-C at the terminal reaches the sweep alone, which passes
+        # one SIGINT on (two would stop a point at once, without its checkpoint)
         point.process = subprocess.Popen(
             [sys.executable, "-m", "karpathy_runner", *point.argv],
-            stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+            stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True,
+            env=self._environment(),
         )
         point.status = "running"
-        self.log(f"[{point.index + 1}/{len(self.points)}] started  {point.label()}")
+        self.log(f"{self._where(point)} started  {point.label()}")
         return point
 
     def _finish(self, point: Point) -> None:
@@ -192,10 +238,22 @@ class Sweep:
         out.close()
         err.close()
         point.status = STATUS_BY_EXIT.get(point.exit_code, f"exit {point.exit_code}")
-        self.log(f"[{point.index + 1}/{len(self.points)}] {point.status:<10} {point.label()} -> "
+        self.log(f"{self._where(point)} {point.status:<10} {point.label()} -> "
                  f"{point.run_id or '-'} ({point.seconds:.1f}s)")
         if point.status != "completed" and point.error:
             self.log("    " + point.error.splitlines()[-1])
+
+    def _environment(self) -> dict[str, str]:
+        """The points' environment: with several at once and no OMP_NUM_THREADS of the user's,
+        each gets its share of the CPU cores for torch's threads (torch takes them all by
+        default, and points spinning on each other's cores run several times slower)."""
+        environment = dict(os.environ)
+        if self.jobs > 1 and "OMP_NUM_THREADS" not in environment:
+            environment["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.jobs))
+        return environment
+
+    def _where(self, point: Point) -> str:
+        return f"[{point.name}]" if point.name else f"[{point.index + 1}/{self.total}]"
 
     def _stop(self, running: list[Point], signum: int, why: str) -> None:
         self.stopping = True

@@ -184,6 +184,8 @@ class Trainer:
         self._window_samples = 0
         self._compiling = cfg.compile
         self.last_metrics: dict[str, float] = {}
+        # pause (stop_reason "paused") once this many epochs are done: a search's rung budget
+        self.until_epoch: int | None = None
 
     @property
     def stop_signal(self) -> int | None:
@@ -212,6 +214,9 @@ class Trainer:
         cfg, state = self.cfg, self.state
         self._window_started = time.perf_counter()
         while state.epoch < cfg.epochs and state.stop_reason is None:
+            if self.until_epoch is not None and state.epoch >= self.until_epoch:
+                state.stop_reason = "paused"  # after the epoch's checkpoint, as a straight run's
+                break
             if self._stopping():  # before a step of this process: save where it is
                 state.stop_reason = "signal"
                 if not self.run.checkpoint("last").is_file():

@@ -19,6 +19,8 @@ CASES = [
     (["eval", "nosuchrun"], "no run 'nosuchrun'"),
     (["sample", "nosuchrun"], "no run 'nosuchrun'"),
     (["validate", CONFIG, "--set", "model.name=transformer"], "model.name"),
+    (["sweep", CONFIG, "--trials", "3", "--space", "optimizer.lr=loguniform(0,1)"], "loguniform"),
+    (["sweep", CONFIG, "--trials", "3", "--space", "optimizer.lrr=uniform(0,1)"], "optimizer.lrr"),
 ]
 
 

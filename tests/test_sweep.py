@@ -43,7 +43,8 @@ def test_bad_grid_key_runs_nothing(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_sweep_runs_points_in_parallel_tags_them_and_records_failures(tmp_path):
+def test_sweep_runs_points_in_parallel_tags_them_and_records_failures(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the sweep shares the cores out
     # lr 1e6 makes the loss non-finite: that point fails (exit 1), the other still completes
     result = kdl("sweep", CONFIGS / "digits_cnn.yaml", "--grid", "optimizer.lr=1e6,0.001",
                  *TINY_SETS, "--set", "train.epochs=1", "--set", "optimizer.name=sgd",
@@ -58,6 +59,9 @@ def test_sweep_runs_points_in_parallel_tags_them_and_records_failures(tmp_path):
     runs = {r.meta["sweep"]["point"]["optimizer.lr"]: r for r in iter_runs(tmp_path)}
     assert {r.meta["sweep"]["id"] for r in runs.values()} == {sweep_id}
     assert (runs[1e6].status, runs[0.001].status) == ("failed", "completed")
+    # two points at once on this machine's cores: torch threads of each, its share of them
+    share = max(1, (os.cpu_count() or 1) // 2)
+    assert [r.meta["versions"]["cpu_threads"] for r in runs.values()] == [share, share]
 
 
 def test_emitted_commands_run_as_is_in_a_shell(tmp_path):

@@ -1,0 +1,223 @@
+"""Adaptive search: `kdl sweep --search/--space` through Optuna, a study stopped by Ctrl-C and
+continued by the same command, successive halving on exact resume, and `kdl train --until-epoch`."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from kdl import CONFIGS, TINY, kdl
+from stopping import assert_same_training, read_json, sets
+
+from karpathy_runner.compare import rung_of
+from karpathy_runner.runs import Run, iter_runs
+from karpathy_runner.search import SearchSpec
+
+DIGITS = CONFIGS / "digits_cnn.yaml"
+HOOK = Path(__file__).parent / "sitehook"  # signals the sweep at an exact point of a trial
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # trials are compared with a run made here
+
+
+def study_trials(runs: Path, study: str) -> list[optuna.trial.FrozenTrial]:
+    storage = f"sqlite:///{runs / '.studies' / 'studies.db'}"
+    return optuna.load_study(study_name=study, storage=storage).get_trials()
+
+
+def trial_runs(runs: Path, study: str) -> dict[int, Run]:
+    found = [run for run in iter_runs(runs) if (run.meta.get("sweep") or {}).get("id") == study]
+    by_trial = {run.meta["sweep"]["trial"]: run for run in found}
+    assert len(by_trial) == len(found), "two run folders for one trial"
+    return by_trial
+
+
+def sweep_process(runs: Path, *args: str, env: dict[str, str] | None = None
+                  ) -> subprocess.CompletedProcess:
+    """`kdl sweep` as a real process, as a shell runs it (its trials are processes too), in a
+    process group of its own, as a terminal's foreground job."""
+    command = [sys.executable, "-m", "karpathy_runner", "sweep", str(DIGITS), *args,
+               "--runs-dir", str(runs)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                          start_new_session=True)
+
+
+# ----------------------------------------------------------------------------- refused at once
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--space", "optimizer.lr=loguniform(0,1)"], "loguniform's bounds must be above 0"),
+    (["--space", "optimizer.lrr=uniform(0.1,0.2)"], "Did you mean 'optimizer.lr'"),
+    (["--space", "model.channels=choice()"], "choice() needs values"),
+    (["--space", "optimizer.lr=normal(0,1)"], "unknown distribution 'normal'"),
+    (["--space", "optimizer.lr"], "--space 'optimizer.lr' is malformed"),
+    (["--space", "optimizer.lr=uniform(0.2,0.1)"], "the low bound must be below the high one"),
+    (["--space", "model.channels=int(1,8)"], "--space: the point model.channels=1 is not a valid"),
+    (["--space", "optimizer.lr=uniform(0.1,0.2)", "--space", "optimizer.lr=uniform(0.1,0.3)"],
+     "'optimizer.lr' is given twice"),
+    (["--space", "optimizer.lr=uniform(0.1,0.2)", "--search", "grid"], "is continuous"),
+    (["--space", "seed=int(0,3)", "--search", "grid", "--trials", "5"], "the grid has only 4 points"),
+    (["--space", "seed=int(0,3)", "--search", "bayes"], "--search must be one of tpe, random, grid"),
+    (["--space", "seed=int(0,3)", "--metric", "val.bogus"], "train.best_metric"),
+    (["--space", "seed=int(0,3)", "--halving", "3", "--min-epochs", "15"],
+     "--min-epochs 15: the first rung must train fewer epochs than train.epochs (15)"),
+    (["--space", "seed=int(0,3)", "--emit"], "there is no list to print"),
+    (["--space", "seed=int(0,3)", "--grid", "seed=0,1"], "not both"),
+    (["--grid", "seed=0,1", "--trials", "3"], "--trials belongs to a search"),
+])
+def test_a_bad_search_is_refused_before_any_trial_runs(tmp_path, args, says):
+    trials = [] if any(a in args for a in ("--trials", "--emit", "--grid")) else ["--trials", "3"]
+    result = kdl("sweep", DIGITS, *args, *trials, "--runs-dir", tmp_path)
+    assert result.exit_code == 2, result.stderr
+    assert says in " ".join(result.stderr.split()), result.stderr
+    assert "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir())  # no run, no study, no storage file
+
+
+def test_rungs_climb_by_eta_to_train_epochs():
+    def rungs(min_epochs: int, eta: int, epochs: int) -> list[int]:
+        return SearchSpec(DIGITS, [], [], "tpe", 9, "val.loss", "minimize", "", "x", eta,
+                          min_epochs, epochs).rungs()
+
+    assert rungs(1, 3, 9) == [1, 3, 9]
+    assert rungs(2, 2, 10) == [2, 4, 8, 10]
+    assert rungs(1, 3, 10) == [1, 3, 9, 10]
+    assert [rung_of([1, 3, 9], e) for e in (0, 1, 2, 3, 8, 9)] == [0, 1, 1, 2, 2, 3]
+
+
+# ----------------------------------------------------------------------------- pausing a run
+
+
+def test_until_epoch_pauses_a_run_that_resume_takes_to_the_end(tmp_path):
+    result = kdl("train", DIGITS, *sets([*TINY, "train.epochs=3"]), "--until-epoch", "1",
+                 "--runs-dir", tmp_path)
+    assert result.exit_code == 0, result.stderr
+    run_id = result.last_line
+    meta = read_json(tmp_path / run_id / "meta.json")
+    assert (meta["status"], meta["epochs_done"], meta["until_epoch"]) == ("paused", 1, 1)
+    assert f"paused after epoch 1/3 (step 21) at --until-epoch 1; go on with `kdl train --resume " \
+           f"{run_id}`" in result.stderr
+    listed = kdl("runs", "--status", "paused", "--runs-dir", tmp_path, "--json")
+    assert [r["id"] for r in json.loads(listed.stdout)] == [run_id]
+    result = kdl("train", "--resume", run_id, "--runs-dir", tmp_path, "--quiet")
+    assert result.exit_code == 0, result.stderr
+    meta = read_json(tmp_path / run_id / "meta.json")
+    assert (meta["status"], meta["epochs_done"], meta["until_epoch"]) == ("completed", 3, None)
+
+
+# ----------------------------------------------------------------------------- studies
+
+
+def test_a_tpe_study_stopped_by_ctrl_c_is_continued_by_the_same_command(tmp_path):
+    runs = tmp_path / "runs"
+    args = ["--search", "tpe", "--trials", "6", "--jobs", "2",
+            "--space", "optimizer.lr=loguniform(1e-3,1e-2)", "--space", "model.dropout=choice(0.0,0.2)",
+            *sets([*TINY, "train.epochs=3"])]
+    # the first trial to finish its second epoch sends the sweep's process group a SIGINT, as a
+    # Ctrl-C at the terminal does: it reaches the sweep, which passes one on to each trial
+    hook = {"PYTHONPATH": os.pathsep.join([str(HOOK), os.environ.get("PYTHONPATH", "")]),
+            "KDL_TEST_SIGNAL": f"last.pt:2:SIGINT:parent-group:{tmp_path / 'signalled'}"}
+    first = sweep_process(runs, *args, env=hook)
+    assert first.returncode == 130, first.stderr
+    # one SIGINT per trial: each stops after its step with a checkpoint (two would stop it at once)
+    assert "with a checkpoint" in first.stderr and "at once" not in first.stderr, first.stderr
+    study = first.stdout.strip().splitlines()[-1]
+    stopped = trial_runs(runs, study)
+    assert stopped and all(run.status == "interrupted" for run in stopped.values())
+    assert [t.state.name for t in study_trials(runs, study)] == ["RUNNING"] * len(stopped)
+
+    again = sweep_process(runs, *args)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip().splitlines()[-1] == study
+    assert f"resuming {len(stopped)} unfinished trial(s)" in again.stderr
+    trials = study_trials(runs, study)
+    assert [(t.number, t.state.name) for t in trials] == [(n, "COMPLETE") for n in range(6)]
+    done = trial_runs(runs, study)
+    assert sorted(done) == list(range(6))  # one run per trial: none lost, none run twice
+    assert all(run.status == "completed" for run in done.values())
+    for number, run in stopped.items():  # the stopped trials went on in their own folders
+        assert done[number].id == run.id and len(Run(run.path).meta["resumes"]) == 1
+    for trial in trials:  # each trial's value is its run's best val.loss, its values its config
+        meta = Run(done[trial.number].path).meta
+        assert trial.value == meta["best"]["value"]
+        assert meta["sweep"]["point"]["optimizer.lr"] == trial.params["optimizer.lr"]
+    best = min(trials, key=lambda t: t.value)
+    assert f"best: trial {best.number}, val.loss {best.value:.4g}" in again.stderr
+
+
+def test_halving_keeps_a_third_at_each_rung_and_the_survivor_equals_a_straight_run(
+        tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the trials' processes, as the run made here
+    runs = tmp_path / "runs"
+    result = kdl("sweep", DIGITS, "--search", "random", "--trials", "9", "--halving", "3",
+                 "--min-epochs", "1", "--jobs", "2", "--space", "optimizer.lr=loguniform(1e-3,3e-2)",
+                 *sets([*TINY, "train.epochs=9", "data.batch_size=256", "model.channels=[4,8]",
+                        "train.deterministic=true"]), "--runs-dir", runs)
+    assert result.exit_code == 0, result.stderr
+    study = result.last_line
+    trials = study_trials(runs, study)
+    assert sorted(t.state.name for t in trials) == ["COMPLETE"] + ["PRUNED"] * 8
+    done = trial_runs(runs, study)
+    epochs = {n: Run(run.path).meta["epochs_done"] for n, run in done.items()}
+    assert sorted(epochs.values()) == [1] * 6 + [3] * 2 + [9]  # 9, then 3, then 1 trial
+
+    def value_at(number: int, epoch: int) -> float:
+        return min(r["loss"] for r in (json.loads(line) for line in
+                                       (done[number].path / "metrics.jsonl").read_text().splitlines())
+                   if r["split"] == "val" and r["epoch"] <= epoch)
+
+    # the best third by val.loss went on at each rung
+    second = sorted(done, key=lambda n: value_at(n, 1))[:3]
+    assert sorted(n for n, e in epochs.items() if e >= 3) == sorted(second)
+    survivor = min(second, key=lambda n: value_at(n, 3))
+    assert epochs[survivor] == 9 and Run(done[survivor].path).status == "completed"
+    assert all(Run(run.path).status == "paused" for n, run in done.items() if n != survivor)
+
+    # kdl compare --sweep shows each trial's rung and where it stopped
+    shown = kdl("compare", "--sweep", study, "--runs-dir", runs).stdout
+    header = next(line for line in shown.splitlines() if "trial" in line)
+    assert header.replace("┃", " ").split()[:5] == ["id", "status", "trial", "rung", "epochs"]
+    assert sum(" 9/9 " in line for line in shown.splitlines()) == 1
+    assert sum(" 1/9 " in line for line in shown.splitlines()) == 6
+    table = kdl("compare", "--sweep", study, "--csv", "--runs-dir", runs)
+    rows = {int(r["trial"]): r for r in csv.DictReader(io.StringIO(table.stdout))}
+    assert {n: (int(r["rung"]), r["epochs"]) for n, r in rows.items()} == {
+        n: ({1: 1, 3: 2, 9: 3}[e], f"{e}/9") for n, e in epochs.items()}
+
+    # paused twice and resumed twice, the survivor ends bit for bit as its config trained straight
+    straight = kdl("train", done[survivor].path / "config.yaml", "--runs-dir", tmp_path / "straight",
+                   "--quiet")
+    assert straight.exit_code == 0, straight.stderr
+    assert_same_training(done[survivor].path, tmp_path / "straight" / straight.last_line)
+
+
+def test_the_metric_and_its_direction_come_from_the_task():
+    from karpathy_runner.config import load_config
+    from karpathy_runner.search import metric_direction
+
+    assert metric_direction(load_config(DIGITS, [])) == ("val.loss", "minimize")
+    assert metric_direction(load_config(DIGITS, ["train.best_metric=val.accuracy"])) == (
+        "val.accuracy", "maximize")
+    assert metric_direction(load_config(DIGITS, ["train.best_metric=val.accuracy",
+                                                 "train.best_mode=min"]))[1] == "minimize"
+
+
+def test_a_study_name_made_by_another_search_is_refused(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+    made = optuna.create_study(storage=storage, study_name="mine")
+    made.set_user_attr("kdl", {"config": "x", "space": ["seed=int(0,9)"], "search": "random",
+                               "metric": "val.loss", "halving": None, "config_path": "other.yaml"})
+    result = kdl("sweep", DIGITS, "--space", "optimizer.lr=uniform(0.001,0.01)", "--trials", "2",
+                 "--study", "mine", "--storage", storage, "--runs-dir", tmp_path / "runs")
+    assert result.exit_code == 2
+    assert "study mine in" in result.stderr and "was made by another search" in result.stderr
+    assert "space seed=int(0,9)" in result.stderr
+    assert not list(iter_runs(tmp_path / "runs"))
+    assert optuna.load_study(study_name="mine", storage=storage).get_trials() == []
