@@ -22,6 +22,7 @@ each time, so an interrupted halving study continues where it was.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -218,6 +219,9 @@ def open_study(spec: SearchSpec, storage: str, study_name: str, seed: int) -> An
     made = study.user_attrs.get("kdl")
     if made is None:
         study.set_user_attr("kdl", {**spec.identity(), "config_path": str(spec.config)})
+        if spec.search == "grid":  # every point queued once, in order; asked trials take them
+            for values in itertools.product(*(d.grid() for d in spec.space)):
+                study.enqueue_trial(dict(zip([d.key for d in spec.space], values, strict=True)))
     elif {k: made.get(k) for k in spec.identity()} != spec.identity():
         raise KdlError(
             f"study {study_name} in {storage} was made by another search (config "
@@ -229,11 +233,11 @@ def open_study(spec: SearchSpec, storage: str, study_name: str, seed: int) -> An
 
 
 def _sampler(spec: SearchSpec, seed: int) -> Any:
+    """TPE or random; a grid's points are queued in the study (Optuna's GridSampler stops a
+    study from inside `optimize`, which kdl does not use)."""
     import optuna
 
-    if spec.search == "grid":
-        return optuna.samplers.GridSampler({d.key: d.grid() for d in spec.space}, seed=seed)
-    if spec.search == "random":
+    if spec.search in ("random", "grid"):
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
 
@@ -360,12 +364,9 @@ class Search:
                      total=self.spec.trials).run()
 
     def _size(self) -> int:
-        """Trials the study has, less those dropped before they ran (no run folder, failed)."""
-        from optuna.trial import TrialState
-
-        ran = self.trial_runs()
-        return sum(1 for t in self.study.get_trials(deepcopy=False)
-                   if t.state != TrialState.FAIL or t.number in ran)
+        """Trials the study has, less those dropped before Optuna drew all their values."""
+        keys = {d.key for d in self.spec.space}
+        return sum(1 for t in self.study.get_trials(deepcopy=False) if set(t.params) == keys)
 
     def _finished(self, point: Point) -> None:
         """Tell the study a trial's end, as its run folder has it; a trial stopped on the way

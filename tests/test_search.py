@@ -221,3 +221,30 @@ def test_a_study_name_made_by_another_search_is_refused(tmp_path):
     assert "space seed=int(0,9)" in result.stderr
     assert not list(iter_runs(tmp_path / "runs"))
     assert optuna.load_study(study_name="mine", storage=storage).get_trials() == []
+
+
+def test_a_grid_search_runs_each_point_once_and_a_rerun_runs_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = ["sweep", DIGITS, "--search", "grid", "--space", "model.channels=choice([4,8],[8,8])",
+            "--jobs", "2", *sets([*TINY, "train.epochs=1"]), "--runs-dir", tmp_path]
+    result = kdl(*args)
+    assert result.exit_code == 0, result.stderr
+    study = result.last_line
+    done = trial_runs(tmp_path, study)
+    assert sorted(run.meta["sweep"]["point"]["model.channels"] for run in done.values()) == [
+        [4, 8], [8, 8]]
+    assert [t.state.name for t in study_trials(tmp_path, study)] == ["COMPLETE"] * 2
+    again = kdl(*args)
+    assert again.exit_code == 0 and "started" not in again.stderr
+    assert trial_runs(tmp_path, study).keys() == done.keys()
+
+
+def test_a_grid_study_asks_every_point_once_in_order(tmp_path):
+    from karpathy_runner.search import Search, open_study, parse_space
+
+    space = parse_space(["seed=int(0,1)", "model.channels=choice([4,8],[8,8])"])
+    spec = SearchSpec(DIGITS, [], space, "grid", 4, "val.loss", "minimize", "hash", "digits", None)
+    study = open_study(spec, f"sqlite:///{tmp_path / 'studies.db'}", "grid", seed=0)
+    search = Search(spec, study, "grid", tmp_path, 1, lambda line: None)
+    asked = [search.ask().params for _ in range(4)]
+    assert asked == [{"seed": s, "model.channels": c} for s in (0, 1) for c in ([4, 8], [8, 8])]
