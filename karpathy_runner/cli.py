@@ -399,6 +399,9 @@ def sweep(
         if grid:
             raise KdlError("give --grid for a grid sweep, or --space with --search for a search; "
                            "not both (a grid search is --search grid --space 'KEY=choice(...)')")
+        if skip_existing:
+            raise KdlError("--skip-existing belongs to --grid sweeps: a search's study already "
+                           "knows its trials, and the same command continues it")
         if emit:
             raise KdlError(
                 "--emit prints a grid's commands in advance, but an adaptive search chooses each "
@@ -407,7 +410,8 @@ def sweep(
                 "or give --grid to --emit a grid's commands."
             )
         raise typer.Exit(_search(config, base, search or "tpe", space or [], trials, metric,
-                                 halving, min_epochs, storage, study, jobs, runs_dir, as_json))
+                                 halving, min_epochs, storage, study, jobs, fail_fast, runs_dir,
+                                 as_json))
     if not grid:
         raise KdlError("kdl sweep needs --grid key=v1,v2 (a grid), or --space KEY=DIST (a search)")
     for option, given in (("--trials", trials), ("--metric", metric), ("--storage", storage),
@@ -448,7 +452,8 @@ def _sweep_log(as_json: bool) -> Any:
 
 def _search(config: Path, base: list[str], search: str, space_items: list[str], trials: int | None,
             metric: str | None, halving: int | None, min_epochs: int, storage: str | None,
-            study_name: str | None, jobs: int, runs_dir: Path | None, as_json: bool) -> int:
+            study_name: str | None, jobs: int, fail_fast: bool, runs_dir: Path | None,
+            as_json: bool) -> int:
     """`kdl sweep --search`: everything is checked before Optuna loads or any trial runs."""
     from . import search as searches
     from .config import load_config
@@ -485,7 +490,7 @@ def _search(config: Path, base: list[str], search: str, space_items: list[str], 
         rungs = f", halving by {halving} over epochs {spec.rungs()}" if halving else ""
         log(f"study {name}: {search} search, {done} of {trials} trials so far, {jobs} at a time"
             f"{rungs}; {direction} {metric_name}; storage {url}")
-        runner = searches.Search(spec, study, name, root, jobs, log)
+        runner = searches.Search(spec, study, name, root, jobs, log, fail_fast)
         code = runner.halve() if halving else runner.run()
         rows, best = runner.results(), runner.best()
     if as_json:

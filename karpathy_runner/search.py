@@ -265,9 +265,9 @@ class Search:
     """Drives a study: starts, resumes and reports trials, `jobs` at a time."""
 
     def __init__(self, spec: SearchSpec, study: Any, study_name: str, root: Path, jobs: int,
-                 log: Callable[[str], None]):
+                 log: Callable[[str], None], fail_fast: bool = False):
         self.spec, self.study, self.study_name = spec, study, study_name
-        self.root, self.jobs, self.log = root, jobs, log
+        self.root, self.jobs, self.log, self.fail_fast = root, jobs, log, fail_fast
         self.host = socket.gethostname()
 
     # --- trials and their runs
@@ -360,7 +360,7 @@ class Search:
                 return self.point(self.ask(), None)
             return None
 
-        return Sweep([], self.jobs, False, self.log, more=more, finished=self._finished,
+        return Sweep([], self.jobs, self.fail_fast, self.log, more=more, finished=self._finished,
                      total=self.spec.trials).run()
 
     def _size(self) -> int:
@@ -402,10 +402,10 @@ class Search:
             self.log(f"rung {index + 1}/{len(rungs)}: {len(members)} trial(s) to epoch {epochs}"
                      + (f", {len(todo)} to train" if len(todo) != len(members) else ""))
             if todo:
-                code = Sweep([self.point(t, epochs) for t in todo], self.jobs, False, self.log,
-                             total=len(todo)).run()
-                if code == 130:
-                    return 130
+                code = Sweep([self.point(t, epochs) for t in todo], self.jobs, self.fail_fast,
+                             self.log, total=len(todo)).run()
+                if code == 130 or (code and self.fail_fast):
+                    return code
                 have = self.trial_runs()
                 for trial in members:
                     trial.run = have.get(trial.number)

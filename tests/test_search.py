@@ -69,6 +69,7 @@ def sweep_process(runs: Path, *args: str, env: dict[str, str] | None = None
     (["--space", "seed=int(0,3)", "--halving", "3", "--min-epochs", "15"],
      "--min-epochs 15: the first rung must train fewer epochs than train.epochs (15)"),
     (["--space", "seed=int(0,3)", "--emit"], "there is no list to print"),
+    (["--space", "seed=int(0,3)", "--skip-existing"], "--skip-existing belongs to --grid sweeps"),
     (["--space", "seed=int(0,3)", "--grid", "seed=0,1"], "not both"),
     (["--grid", "seed=0,1", "--trials", "3"], "--trials belongs to a search"),
 ])
