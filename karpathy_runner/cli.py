@@ -387,8 +387,8 @@ def sweep(
 
     Each point or trial is a normal run tagged with the id (see `kdl runs --sweep`, `kdl compare
     --sweep`). A search's study lives on in its storage: the same command run again continues it.
-    Exit code 0 when every point completed (a search: when one trial did), 1 otherwise, 130 if
-    interrupted.
+    Exit code 0 when every point completed (a search: no trial failed and one completed), 1
+    otherwise, 130 if interrupted.
     """
     from . import sweep as sweeps
     from .config import load_config

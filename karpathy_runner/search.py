@@ -393,7 +393,7 @@ class Search:
         members = [TrialRun(t.number, self.params(t), None) for t in existing[: spec.trials]]
         while len(members) < spec.trials:
             members.append(self.ask())
-        rungs = spec.rungs()
+        rungs, code = spec.rungs(), 0
         for index, epochs in enumerate(rungs):
             have = self.trial_runs()
             for trial in members:
@@ -402,10 +402,11 @@ class Search:
             self.log(f"rung {index + 1}/{len(rungs)}: {len(members)} trial(s) to epoch {epochs}"
                      + (f", {len(todo)} to train" if len(todo) != len(members) else ""))
             if todo:
-                code = Sweep([self.point(t, epochs) for t in todo], self.jobs, self.fail_fast,
-                             self.log, total=len(todo)).run()
-                if code == 130 or (code and self.fail_fast):
-                    return code
+                ran = Sweep([self.point(t, epochs) for t in todo], self.jobs, self.fail_fast,
+                            self.log, total=len(todo)).run()
+                if ran == 130 or (ran and self.fail_fast):
+                    return ran
+                code = code or ran
                 have = self.trial_runs()
                 for trial in members:
                     trial.run = have.get(trial.number)
@@ -426,7 +427,7 @@ class Search:
             members = [t for _, t in ranked[:keep]]
             if not members:
                 break
-        return 0 if any(t.state.name == "COMPLETE" for t in self.study.get_trials(deepcopy=False)) else 1
+        return code
 
     def _reached(self, trial: TrialRun, epochs: int) -> bool:
         """Has the trial's run trained `epochs` epochs (or ended before, by early stopping)?"""
