@@ -19,6 +19,7 @@ from .config import (
     resolve,
 )
 from .errors import KdlError
+from .trackers import check_installed
 
 
 @dataclass
@@ -38,6 +39,19 @@ def plan_train(config_path: str | None, overrides: list[str], runs_root: Path,
                skip_existing: bool = False, sweep: str | None = None, lock: bool = True) -> Plan:
     """A fresh run, a resume, or (--skip-existing) a run of the same config to reuse. `lock`:
     hold the resumed run's lock (not in a launcher of several processes, nor in ranks but 0)."""
+    plan = _plan(config_path, overrides, runs_root, resume, allow_changes, skip_existing, sweep, lock)
+    if plan.done is None:
+        try:  # a tracker that is not installed: said before torch loads, nothing written
+            check_installed(plan.cfg.train.loggers)
+        except KdlError:
+            if plan.lock is not None:
+                plan.lock.release()
+            raise
+    return plan
+
+
+def _plan(config_path: str | None, overrides: list[str], runs_root: Path, resume: str | None,
+          allow_changes: bool, skip_existing: bool, sweep: str | None, lock: bool) -> Plan:
     if skip_existing and not resume:
         cfg = load_config(config_path, overrides)
         existing = _existing_run(runs_root, cfg)
