@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import sys
 
 import mlflow  # once for the module: a second or two
 import pytest
 import yaml
 from kdl import CONFIGS, kdl, train_tiny
-from stopping import signal_at
+from stopping import RANDOM, launch, output, signal_at, train_command
 from stopping import train as train_random
 
 from karpathy_runner.config import resolve
@@ -148,6 +149,24 @@ def test_a_failed_stopped_and_resumed_run_is_one_mlflow_run_equal_to_metrics_jso
     assert client.get_run(run_id).info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run_id, "train.loss")]
     assert steps == sorted(set(steps)) and steps[-1] == 42
+    assert history_of(client, run_id, folder) == expected_history(folder)
+
+
+def test_a_run_killed_writing_a_checkpoint_resumes_into_the_same_mlflow_run(runs):
+    """SIGKILL just before the third last.pt lands (step 12): metrics.jsonl already holds steps 9
+    and 12, which MLflow never got and the resume (from step 8) drops and trains again."""
+    process = launch(runs, *train_command(*RANDOM, "train.loggers=[mlflow]"),
+                     kill_at=("last.pt", 3, "SIGKILL"))
+    assert process.wait(timeout=300) == -signal.SIGKILL, output(process)
+    folder = the_run(runs)
+    assert [r["step"] for r in records(folder) if r["split"] == "train"] == [3, 6, 9, 12]
+    client = client_for(runs)
+    run_id = mlflow_run_id(folder)
+    assert client.get_run(run_id).info.status == "RUNNING"  # killed: nobody told MLflow
+    assert [m.step for m in client.get_metric_history(run_id, "train.loss")] == [3, 6]
+
+    assert train_random(runs, resume=folder.name).exit_code == 0
+    assert mlflow_run_id(folder) == run_id and client.get_run(run_id).info.status == "FINISHED"
     assert history_of(client, run_id, folder) == expected_history(folder)
 
 
