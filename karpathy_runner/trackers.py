@@ -11,6 +11,7 @@ only by the runs that ask for them; this module imports neither, nor torch.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import importlib
 import io
@@ -19,6 +20,7 @@ import netrc
 import os
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,12 +193,31 @@ def mlflow_uri(cfg: MlflowConfig, runs_root: Path) -> str:
             or f"sqlite:///{(runs_root / 'mlflow.db').resolve()}")
 
 
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
 def _artifact_location(uri: str) -> str | None:
     """For a SQLite store, artifacts beside the database (MLflow's own default is ./mlruns in
     whatever folder the command runs from); other stores choose their own."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    database = _sqlite_path(uri)
+    return None if database is None else (database.parent / "mlartifacts").resolve().as_uri()
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """One process at a time in a SQLite store (the runs of `kdl sweep --jobs N` share one):
+    SQLite takes one writer, and two processes making a new store's tables at once fail."""
+    database = _sqlite_path(uri)
+    if database is None:  # a server or a database server takes concurrent clients itself
+        yield
+        return
+    import fcntl
+
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{database}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 class MlflowTracker(Held):
@@ -215,27 +236,33 @@ class MlflowTracker(Held):
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
-        cfg, previous = opening.setup.mlflow, opening.previous("mlflow")
-        uri = previous.get("tracking_uri") or mlflow_uri(cfg, opening.folder.parent)
+        previous = opening.previous("mlflow")
+        uri = previous.get("tracking_uri") or mlflow_uri(opening.setup.mlflow, opening.folder.parent)
         try:
-            client = MlflowClient(tracking_uri=uri)
-            if previous:  # a resume continues the run it started
-                run = client.get_run(previous["run_id"])
-                client.update_run(run.info.run_id, status="RUNNING")
-                tracker = cls(client, run.info.run_id, uri, run.info.experiment_id)
-            else:
-                experiment_id = _experiment(client, cfg.experiment or opening.setup.name, uri)
-                run = client.create_run(experiment_id, run_name=opening.run_id, tags=opening.tags)
-                tracker = cls(client, run.info.run_id, uri, experiment_id)
-            tracker._log_params(opening.setup.params, run.data.params)
-            if opening.history:
-                tracker._catch_up(opening.history)
+            with _store_lock(uri):
+                return cls._open(MlflowClient(tracking_uri=uri), uri, opening)
         except (MlflowException, OSError) as exc:
             raise KdlError(
                 f"could not open this run's MLflow run at {uri} ({str(exc).strip().rstrip('.')}). "
                 "Check train.mlflow.tracking_uri (or MLFLOW_TRACKING_URI), or leave mlflow out of "
                 f"train.loggers; then continue with `kdl train --resume {opening.run_id}`"
             ) from None
+
+    @classmethod
+    def _open(cls, client: Any, uri: str, opening: Opening) -> MlflowTracker:
+        previous = opening.previous("mlflow")
+        if previous:  # a resume continues the run it started
+            run = client.get_run(previous["run_id"])
+            client.update_run(run.info.run_id, status="RUNNING")
+            tracker = cls(client, run.info.run_id, uri, run.info.experiment_id)
+        else:
+            name = opening.setup.mlflow.experiment or opening.setup.name
+            experiment_id = _experiment(client, name, uri)
+            run = client.create_run(experiment_id, run_name=opening.run_id, tags=opening.tags)
+            tracker = cls(client, run.info.run_id, uri, experiment_id)
+        tracker._log_params(opening.setup.params, run.data.params)
+        if opening.history:
+            tracker._catch_up(opening.history)
         return tracker
 
     def state(self) -> dict[str, Any]:
@@ -282,15 +309,20 @@ class MlflowTracker(Held):
     def _send_text(self, tag: str, text: str, step: int) -> None:
         self.client.log_text(self.run_id, text, f"{tag}/step{step:07d}.txt")
 
+    def checkpointed(self) -> None:
+        with _store_lock(self.uri):
+            super().checkpointed()
+
     def flush(self) -> None:
         for start in range(0, len(self._metrics), MLFLOW_BATCH):
             self.client.log_batch(self.run_id, metrics=self._metrics[start:start + MLFLOW_BATCH])
         self._metrics = []
 
     def finish(self, status: str, files: list[Path]) -> None:
-        for path in files:
-            self.client.log_artifact(self.run_id, str(path))
-        self.client.set_terminated(self.run_id, MLFLOW_STATUS.get(status, "FAILED"))
+        with _store_lock(self.uri):
+            for path in files:
+                self.client.log_artifact(self.run_id, str(path))
+            self.client.set_terminated(self.run_id, MLFLOW_STATUS.get(status, "FAILED"))
 
 
 def _experiment(client: Any, name: str, uri: str) -> str:

@@ -12,7 +12,7 @@ import sys
 import mlflow  # once for the module: a second or two
 import pytest
 import yaml
-from kdl import CONFIGS, kdl, train_tiny
+from kdl import CONFIGS, TINY, kdl, train_tiny
 from stopping import RANDOM, launch, output, signal_at, train_command
 from stopping import train as train_random
 
@@ -168,6 +168,20 @@ def test_a_run_killed_writing_a_checkpoint_resumes_into_the_same_mlflow_run(runs
     assert train_random(runs, resume=folder.name).exit_code == 0
     assert mlflow_run_id(folder) == run_id and client.get_run(run_id).info.status == "FINISHED"
     assert history_of(client, run_id, folder) == expected_history(folder)
+
+
+def test_parallel_runs_share_a_new_sqlite_store(tmp_path, monkeypatch):
+    """Two runs at once (as `kdl sweep --jobs 2` starts them) with no store yet: one makes its
+    tables while the other waits, and both land in the one experiment."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    runs = tmp_path / "runs"
+    processes = [launch(runs, *train_command(*TINY, "train.epochs=1", "train.loggers=[mlflow]"))
+                 for _ in range(2)]
+    assert [p.wait(timeout=300) for p in processes] == [0, 0], [output(p) for p in processes]
+    client = client_for(runs)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "digits_cnn"]
+    finished = client.search_runs([experiment.experiment_id])
+    assert sorted(r.info.status for r in finished) == ["FINISHED", "FINISHED"]
 
 
 def test_a_tracker_that_fails_is_dropped_and_a_resume_sends_what_it_missed(runs, monkeypatch):
