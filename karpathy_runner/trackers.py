@@ -6,7 +6,8 @@ summary.json). TensorBoard takes each record as it comes, since a resume drops w
 (purge_step). MLflow and W&B cannot take a point back, so they are `Held`: a record reaches them
 only once a checkpoint covers it (a resume keeps exactly those), and after any kill and resume
 their history is metrics.jsonl's, without duplicates. MLflow and W&B are optional extras, imported
-only by the runs that ask for them; this module imports neither, nor torch.
+only by the runs that ask for them; importing this module loads neither, nor torch (plan.py
+checks `train.loggers` with it before torch loads).
 """
 
 from __future__ import annotations
