@@ -423,6 +423,20 @@ class EarlyStoppingConfig(Branch):
         return metric if metric is None else _metric_shape(metric)
 
 
+class MlflowConfig(Branch):
+    # null: $MLFLOW_TRACKING_URI if set, else a SQLite store beside the runs (<runs dir>/mlflow.db)
+    tracking_uri: str | None = None
+    experiment: str | None = None  # null: the config's name
+
+
+class WandbConfig(Branch):
+    project: str | None = None  # null: the config's name
+    entity: str | None = None  # null: the user's default entity
+    # auto: online when logged in (WANDB_API_KEY or `wandb login`), else offline; $WANDB_MODE wins
+    mode: Literal["auto", "online", "offline"] = "auto"
+
+
+Logger = Literal["tensorboard", "mlflow", "wandb"]
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 METRIC_PATTERN = re.compile(r"^(train|val)\.[a-z_]+$")
 
@@ -453,6 +467,18 @@ class TrainConfig(Branch):
     # conv weights and activations in channels-last layout; null: on for conv nets on CUDA,
     # where tensor cores want it, off elsewhere
     channels_last: bool | None = None
+    # where the metrics also go: TensorBoard (tb/), MLflow, Weights & Biases; [] for none of them
+    loggers: list[Logger] = Field(default_factory=lambda: ["tensorboard"])
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+    @field_validator("loggers")
+    @classmethod
+    def _unique(cls, loggers: list[str]) -> list[str]:
+        twice = sorted({name for name in loggers if loggers.count(name) > 1})
+        if twice:
+            raise ValueError(f"names {', '.join(twice)} more than once; list each logger once")
+        return loggers
 
     @field_validator("device")
     @classmethod

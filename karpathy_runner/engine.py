@@ -36,6 +36,7 @@ from .optim import LRSchedule, build_optimizer
 from .plan import Plan
 from .progress import Reporter, format_duration
 from .tasks import Sample, SampleRequest, Task, build_task
+from .trackers import Setup
 from .trainer import Stop, Trainer, autocast_for, evaluate, seed_everything
 from .writer import RunWriter
 
@@ -301,11 +302,9 @@ def _start(exp: Experiment, writer: RunWriter, command: list[str],
         "device": str(exp.device),
         "epochs": cfg.train.epochs, "until_epoch": until_epoch, "metric_modes": exp.task.metrics,
         "versions": versions(exp.device), **({"sweep": sweep} if sweep else {}), **processes,
-    }, command)
+    }, command, _tracking(exp))
     if exp.data.info.vocabulary:
         writer.write_vocabulary(exp.data.info.vocabulary)
-    writer.hparams(flatten(cfg.to_dict()), [f"{split}/{metric}" for split in ("val", "train_epoch")
-                                            for metric in exp.task.metrics])
     writer.log(f"run {writer.id} started: {cfg.name} on {exp.device}")
 
 
@@ -330,11 +329,18 @@ def resume_run(exp: Experiment, folder: Path, changes: dict[str, Any], command: 
     rewrite = bool(changes) or "pending_config" in writer.meta
     writer.resume(trainer.state.step, command, changes, exp.cfg.to_yaml() if rewrite else None,
                   {"epochs": exp.cfg.train.epochs, "until_epoch": until_epoch,
-                   "config_hash": exp.cfg.hash(),
-                   "config_schema": SCHEMA_MAJOR})
+                   "config_hash": exp.cfg.hash(), "config_schema": SCHEMA_MAJOR}, _tracking(exp))
     writer.log(f"===== resumed at epoch {trainer.state.epoch} step {trainer.state.step} =====")
     reporter.message(f"run {writer.id}: resumed {_position(trainer)}: {writer.folder}")
     return _drive(trainer, writer, previous_duration=float(writer.meta.get("duration_s") or 0.0))
+
+
+def _tracking(exp: Experiment) -> Setup:
+    """What the trackers get of the config: their own settings, the config flat (dotted names,
+    as --set writes them), the metric tags to compare runs by."""
+    cfg = exp.cfg
+    return Setup(cfg.train.loggers, cfg.train.mlflow, cfg.train.wandb, cfg.name, flatten(cfg.to_dict()),
+                 [f"{split}/{metric}" for split in ("val", "train_epoch") for metric in exp.task.metrics])
 
 
 def build_trainer(exp: Experiment, writer: RunWriter, reporter: Reporter,

@@ -1,4 +1,5 @@
-"""TensorBoard event files under a run's tb/ folder, so `tensorboard --logdir runs` works.
+"""TensorBoard event files under a run's tb/ folder, so `tensorboard --logdir runs` works: the
+default tracker (trackers.py).
 
 Every metrics record becomes scalars named split/metric (train/loss, val/accuracy, ...) at its
 step; image tasks add a grid of example inputs, and every run its config as text and as
@@ -13,15 +14,30 @@ from typing import Any
 
 import torch
 
-NOT_SCALARS = {"step", "epoch", "split", "time"}
+from . import runs
+from .trackers import NOT_SCALARS, Opening, Tracker
 
 
-class EventLog:
+class EventLog(Tracker):
+    name = "tensorboard"
+
     def __init__(self, folder: Path, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step drops events a resumed run is about to write again
         self.writer = SummaryWriter(log_dir=str(folder), purge_step=purge_step, flush_secs=60)
+
+    @classmethod
+    def open(cls, opening: Opening) -> EventLog:
+        """A fresh run's log starts with its config (text and HParams); a resumed run's drops
+        the events after its checkpoint's step, which it is about to write again."""
+        folder = opening.folder / runs.TENSORBOARD
+        if opening.resumed_at is not None:
+            return cls(folder, purge_step=opening.resumed_at + 1)
+        log = cls(folder)
+        log.text("config", (opening.folder / runs.CONFIG).read_text())
+        log.hparams(opening.setup.params, opening.setup.metric_tags)
+        return log
 
     def record(self, record: dict[str, Any]) -> None:
         split, step = record.get("split", "train"), record.get("step", 0)

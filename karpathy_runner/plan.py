@@ -19,6 +19,7 @@ from .config import (
     resolve,
 )
 from .errors import KdlError
+from .trackers import check_installed
 
 
 @dataclass
@@ -45,6 +46,13 @@ def plan_train(config_path: str | None, overrides: list[str], runs_root: Path,
     plan = _plan(config_path, overrides, runs_root, resume, allow_changes, skip_existing, sweep,
                  lock, trial)
     plan.until_epoch = until_epoch
+    if plan.done is None:
+        try:  # a tracker that is not installed: said before torch loads, nothing written
+            check_installed(plan.cfg.train.loggers)
+        except KdlError:
+            if plan.lock is not None:
+                plan.lock.release()
+            raise
     return plan
 
 

@@ -1,8 +1,9 @@
 """The run writer: every file a process writes into a run folder goes through here.
 
 config.yaml, meta.json (the first write, updates, resumes, the end), metrics.jsonl, train.log,
-summary.json, checkpoints, samples, TensorBoard events and eval JSON. Files that are replaced
-are written atomically (runs.atomic_write); metrics.jsonl and train.log are appended to.
+summary.json, checkpoints, samples, the trackers (TensorBoard events, MLflow, W&B) and eval
+JSON. Files that are replaced are written atomically (runs.atomic_write); metrics.jsonl and
+train.log are appended to.
 Nothing is opened until it is written, so `kdl eval` and `kdl sample` use the same writer
 without touching a run's logs. In a run of several processes only rank 0 writes: the other
 ranks' writers know the folder (to resume from its checkpoint) and write nothing.
@@ -16,12 +17,14 @@ import io
 import json
 import math
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from . import runs
 from .errors import KdlError, RunFailed
+from .trackers import Opening, Setup, Tracker, open_trackers
 
 Method = TypeVar("Method", bound=Callable[..., Any])
 
@@ -43,7 +46,7 @@ class RunWriter:
         self.meta: dict[str, Any] = runs.read_json(self.folder / runs.META)
         self._metrics: IO[str] | None = None
         self._log: IO[str] | None = None
-        self.events: Any = None  # an events.EventLog once training starts or resumes
+        self.trackers: list[Tracker] = []  # opened when training starts or resumes
         self.lock: runs.RunLock | None = None  # a new run's, taken with its folder
 
     @classmethod
@@ -69,31 +72,23 @@ class RunWriter:
         runs.write_text(path, f"# kdl train {path}\n" + config_yaml)
 
     @_rank_zero
-    def start(self, fields: dict[str, Any], command: list[str]) -> None:
-        """The first meta.json of a fresh run, and its TensorBoard log, headed by the config."""
+    def start(self, fields: dict[str, Any], command: list[str], tracking: Setup) -> None:
+        """The first meta.json of a fresh run, then its trackers (`train.loggers`)."""
         now = runs.utc_now()
         self.update_meta(id=self.id, status="running", created_at=now, started_at=now,
                          ended_at=None, duration_s=0.0, epochs_done=0, step=0, **fields,
                          **runs.run_environment(command))
         (self.folder / runs.METRICS).touch()  # present from the start, even with no record yet
-        self._open_events(purge_step=None)
-        self.events.text("config", (self.folder / runs.CONFIG).read_text())
-
-    @_rank_zero
-    def hparams(self, config: dict[str, Any], metrics: list[str]) -> None:
-        """TensorBoard's HParams: the flat config and the split/metric tags to compare runs by."""
-        if self.events is not None:
-            self.events.hparams(config, metrics)
+        self._open_trackers(Opening(self.folder, tracking, self.meta))
 
     @_rank_zero
     def resume(self, step: int, command: list[str], changes: dict[str, Any],
-               config_yaml: str | None, fields: dict[str, Any]) -> None:
+               config_yaml: str | None, fields: dict[str, Any], tracking: Setup) -> None:
         """Continue this folder from a checkpoint at `step`: a changed config (only once the
         checkpoint has loaded), metrics and TensorBoard events after `step` dropped, the resume
         recorded in meta.json (with `fields`: the epochs and config hash it now trains with; the
-        hash before, when the config changes) and train.log."""
-        self._keep_metrics_up_to(step)
-        self._open_events(purge_step=step + 1)  # TensorBoard drops what is about to be redone
+        hash before, when the config changes) and train.log, the trackers reopened."""
+        kept = self._keep_metrics_up_to(step)
         environment = runs.run_environment(command)
         live = {"status": "running",
                 **{k: environment[k] for k in ("command", "host", "pid", "pid_started")}}
@@ -107,6 +102,7 @@ class RunWriter:
             self.write_config(config_yaml)
             self.meta.pop("pending_config")
         self.update_meta(**live, **fields)
+        self._open_trackers(Opening(self.folder, tracking, self.meta, resumed_at=step, history=kept))
 
     @_rank_zero
     def repair_best(self, epoch: int, best_epoch: int | None, batch: int) -> None:
@@ -135,6 +131,8 @@ class RunWriter:
         self.update_meta(status=status, ended_at=runs.utc_now(), duration_s=round(duration, 3),
                          error=error, epochs_done=summary["epochs_done"], step=summary["steps"])
         self.log(f"run {status}" + (f": {error}" if error else ""))
+        files = [self.folder / runs.CONFIG, self.folder / runs.SUMMARY]
+        self._tell_trackers(lambda tracker: tracker.finish(status, files))
 
     @_rank_zero
     def write_vocabulary(self, vocabulary: list[str]) -> None:
@@ -154,8 +152,8 @@ class RunWriter:
         if self._metrics is None:
             self._metrics = open(self.folder / runs.METRICS, "a", encoding="utf-8")  # noqa: SIM115
         self._metrics.write(json.dumps(record) + "\n")
-        if self.events is not None:
-            self.events.record(record)
+        for tracker in self.trackers:
+            tracker.record(record)
 
     @_rank_zero
     def log(self, line: str) -> None:
@@ -169,41 +167,62 @@ class RunWriter:
         if self._metrics is not None:
             self._metrics.flush()
             os.fsync(self._metrics.fileno())
-        if self.events is not None:
-            self.events.flush()
-
-    def images(self, tag: str, images: Any, step: int = 0) -> None:
-        """uint8 (B, C, H, W) images into TensorBoard."""
-        if self.events is not None:
-            self.events.images(tag, images, step)
+        for tracker in self.trackers:
+            tracker.flush()
 
     def tensorboard(self, tag: str, sample: Any, step: int = 0) -> None:
-        """A task's images or text (example inputs, samples) into TensorBoard."""
-        if sample.images is not None:
-            self.images(tag, sample.images, step)
-        elif sample.text is not None and self.events is not None:
-            self.events.text(tag, sample.text, step)
+        """A task's images or text (example inputs, samples) into TensorBoard and the other
+        trackers."""
+        for tracker in self.trackers:
+            if sample.images is not None:
+                tracker.images(tag, sample.images, step)
+            elif sample.text is not None:
+                tracker.text(tag, sample.text, step)
 
     def close(self) -> None:
         for handle in (self._metrics, self._log):
             if handle is not None and not handle.closed:
                 handle.close()
-        if self.events is not None:
-            self.events.close()
-            self.events = None
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
-    def _open_events(self, purge_step: int | None) -> None:
-        from .events import EventLog
+    def _open_trackers(self, opening: Opening) -> None:
+        """The trackers, each on the same tracked run as before on a resume (meta.json keeps
+        their ids). One that cannot open fails the run (status and reason in meta.json) before
+        its first step."""
+        opening.tags = {"kdl.run_id": self.id, **_sweep_tags(self.meta.get("sweep"))}
+        try:
+            self.trackers = open_trackers(opening)
+        except KdlError as exc:
+            self.update_meta(status="failed", ended_at=runs.utc_now(), error=str(exc))
+            self.log(f"run failed: {exc}")
+            raise
+        states = {tracker.name: tracker.state() for tracker in self.trackers if tracker.state()}
+        if states:  # a tracker left out at a resume keeps its run, should it come back later
+            self.update_meta(trackers={**(self.meta.get("trackers") or {}), **states})
 
-        self.events = EventLog(self.folder / runs.TENSORBOARD, purge_step=purge_step)
+    def _tell_trackers(self, call: Callable[[Tracker], None]) -> None:
+        """A tracker that fails here (its server gone, its disk full) is dropped, said in
+        train.log and on stderr: where the metrics are copied to never ends a training run,
+        and a resume sends what it missed (trackers.MlflowTracker._catch_up)."""
+        for tracker in list(self.trackers):
+            try:
+                call(tracker)
+            except Exception as exc:  # any library's failure, so broad on purpose
+                self.trackers.remove(tracker)
+                message = f"{tracker.name} failed and gets no more of this run: {type(exc).__name__}: {exc}"
+                self.log(message)
+                print(f"warning: {message}", file=sys.stderr, flush=True)
 
-    def _keep_metrics_up_to(self, step: int) -> None:
-        """Drop records written after the checkpoint being resumed from."""
+    def _keep_metrics_up_to(self, step: int) -> list[dict[str, Any]]:
+        """Drop records written after the checkpoint being resumed from; the records kept."""
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
         kept = [r for r in runs.read_jsonl(self.folder / runs.METRICS) if r.get("step", 0) <= step]
         runs.write_text(self.folder / runs.METRICS, "".join(json.dumps(r) + "\n" for r in kept))
+        return kept
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -227,6 +246,9 @@ class RunWriter:
                 f"could not write {paths[-1]}: {exc.strerror or exc}. {kept}; free some space (or "
                 f"fix the folder's permissions) and continue with `kdl train --resume {self.id}`."
             ) from None
+        # what the checkpoint covers is what a resume keeps: the trackers that cannot drop a
+        # point get it now
+        self._tell_trackers(lambda tracker: tracker.checkpointed())
 
     # ------------------------------------------------------------------ samples and eval
 
@@ -266,6 +288,14 @@ class RunWriter:
             "metrics": scalars}}
         runs.write_json(self.folder / runs.SUMMARY, summary)
         return path
+
+
+def _sweep_tags(sweep: dict[str, Any] | None) -> dict[str, str]:
+    """kdl.sweep and kdl.trial of a run a sweep made (meta.json's sweep tag)."""
+    if not sweep:
+        return {}
+    return {"kdl.sweep": str(sweep["id"]),
+            **({"kdl.trial": str(sweep["trial"])} if "trial" in sweep else {})}
 
 
 def png_grid(images: Any) -> bytes:
