@@ -119,7 +119,7 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            holder = _lock_holder(fd)
             os.close(fd)
             raise KdlError(
                 f"{self.what} is in use by another kdl process (pid {holder}); only one process "
@@ -142,6 +142,19 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _lock_holder(fd: int) -> str:
+    """The pid the holder of a lock wrote into it: it writes it just after taking the lock, so
+    a process that lost the race a moment ago waits a little for it."""
+    import time
+
+    for _ in range(50):
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if holder:
+            return holder
+        time.sleep(0.01)
+    return "unknown"
 
 
 def _fsync_dir(folder: Path) -> None:
