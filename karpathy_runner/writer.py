@@ -10,17 +10,20 @@ ranks' writers know the folder (to resume from its checkpoint) and write nothing
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import datetime as dt
 import functools
 import io
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from . import runs
+from .checkpoint import InBackground
 from .errors import KdlError, RunFailed
 
 Method = TypeVar("Method", bound=Callable[..., Any])
@@ -45,6 +48,7 @@ class RunWriter:
         self._log: IO[str] | None = None
         self.events: Any = None  # an events.EventLog once training starts or resumes
         self.lock: runs.RunLock | None = None  # a new run's, taken with its folder
+        self._saving = InBackground()  # the checkpoint being written while training goes on
 
     @classmethod
     def create(cls, root: Path, name: str, config_yaml: str) -> RunWriter:
@@ -165,10 +169,13 @@ class RunWriter:
         self._log.write(f"{stamp} {line}\n")
         self._log.flush()
 
-    def flush(self) -> None:
+    def flush(self, sync: bool = True) -> None:
+        """Buffered records handed to the OS; metrics.jsonl also fsynced when `sync` (a
+        checkpoint's thread fsyncs it itself, before the checkpoint)."""
         if self._metrics is not None:
             self._metrics.flush()
-            os.fsync(self._metrics.fileno())
+            if sync:
+                os.fsync(self._metrics.fileno())
         if self.events is not None:
             self.events.flush()
 
@@ -185,6 +192,7 @@ class RunWriter:
             self.events.text(tag, sample.text, step)
 
     def close(self) -> None:
+        self._saving.close()
         for handle in (self._metrics, self._log):
             if handle is not None and not handle.closed:
                 handle.close()
@@ -211,22 +219,57 @@ class RunWriter:
         return self.folder / runs.CHECKPOINTS / f"{which}.pt"
 
     @_rank_zero
-    def save_checkpoint(self, which: tuple[str, ...], state: dict[str, Any]) -> None:
-        """Metrics flushed first, then each checkpoint atomically; a full disk fails the run."""
-        from .checkpoint import save_checkpoint
+    def save_checkpoint(self, which: tuple[str, ...], state: dict[str, Any],
+                        meta: dict[str, Any] | None = None) -> None:
+        """Metrics flushed and the state serialised now; then, on a thread of its own while
+        training goes on, the metrics fsynced, the checkpoint written atomically once under each
+        name, then meta.json updated with `meta` (what the checkpoint commits, never claimed
+        before it is on disk). The next save and the end of training (Trainer.fit) wait for it,
+        before any other write of meta.json: a full disk fails the run there."""
+        from .checkpoint import save_checkpoint, serialise
 
+        self.wait_for_checkpoint()
         paths = [self.checkpoint(name) for name in which]
         # what a resume would start from: the previous last.pt, or (none yet) step 0
         kept = ("The previous checkpoint is intact" if self.checkpoint("last").is_file() else
                 "No checkpoint was written yet, so the run will start again from step 0")
+        with self._failing(paths[-1], kept):
+            self.flush(sync=False)  # to the OS now (a kill loses none); to the disk in the thread
+        data = serialise(state)
+        if meta is not None:
+            self.meta.update(meta)
+            snapshot = copy.deepcopy(self.meta)  # as it is now: the thread writes it later
+        metrics = None if self._metrics is None else os.dup(self._metrics.fileno())
+
+        def write() -> None:
+            with self._failing(paths[-1], kept):
+                if metrics is not None:  # the records up to the checkpoint, on disk before it
+                    try:
+                        os.fsync(metrics)
+                    finally:
+                        os.close(metrics)
+                save_checkpoint(paths, data)
+            if meta is not None:
+                with self._failing(self.folder / runs.META, "The checkpoint is written"):
+                    runs.write_json(self.folder / runs.META, snapshot)
+
+        self._saving.start(write)
+
+    @contextlib.contextmanager
+    def _failing(self, path: Path, kept: str) -> Iterator[None]:
+        """An OSError (a full disk) as the run's failure, naming the file and what a resume
+        starts from."""
         try:
-            self.flush()
-            save_checkpoint(paths, state)
+            yield
         except OSError as exc:
             raise RunFailed(
-                f"could not write {paths[-1]}: {exc.strerror or exc}. {kept}; free some space (or "
+                f"could not write {path}: {exc.strerror or exc}. {kept}; free some space (or "
                 f"fix the folder's permissions) and continue with `kdl train --resume {self.id}`."
             ) from None
+
+    def wait_for_checkpoint(self) -> None:
+        """Until the checkpoint being written is on disk; its error (RunFailed), if any."""
+        self._saving.wait()
 
     # ------------------------------------------------------------------ samples and eval
 
