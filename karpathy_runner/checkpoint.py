@@ -21,8 +21,29 @@ from .runs import atomic_write
 FORMAT_VERSION = 2
 
 
+def captured(state: Any, memo: dict[int, Any] | None = None) -> Any:
+    """`state` with every tensor copied into CPU memory now, so that training steps that change
+    the weights and optimizer state in place cannot reach it; containers rebuilt as they were
+    (a state dict's OrderedDict with its `_metadata`), tensors shared in it still shared."""
+    import torch
+
+    memo = {} if memo is None else memo
+    if isinstance(state, torch.Tensor):
+        if id(state) not in memo:
+            memo[id(state)] = state.detach().to("cpu", copy=True)
+        return memo[id(state)]
+    if isinstance(state, dict):
+        copied = type(state)((key, captured(value, memo)) for key, value in state.items())
+        if hasattr(state, "_metadata"):  # the module versions load_state_dict reads
+            copied._metadata = state._metadata  # type: ignore[attr-defined]
+        return copied
+    if type(state) in (list, tuple):
+        return type(state)(captured(value, memo) for value in state)
+    return state
+
+
 def serialise(state: dict[str, Any]) -> memoryview:
-    """A checkpoint's bytes, made at once: later training steps cannot change them."""
+    """A checkpoint's bytes."""
     import torch
 
     buffer = io.BytesIO()  # one write of the whole file is much faster than torch.save's many

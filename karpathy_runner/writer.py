@@ -221,12 +221,12 @@ class RunWriter:
     @_rank_zero
     def save_checkpoint(self, which: tuple[str, ...], state: dict[str, Any],
                         meta: dict[str, Any] | None = None) -> None:
-        """Metrics flushed and the state serialised now; then, on a thread of its own while
-        training goes on, the metrics fsynced, the checkpoint written atomically once under each
-        name, then meta.json updated with `meta` (what the checkpoint commits, never claimed
-        before it is on disk). The next save and the end of training (Trainer.fit) wait for it,
+        """Metrics flushed and the state copied now; then, on a thread of its own while training
+        goes on, the metrics fsynced, the state serialised and written atomically once under
+        each name, then meta.json updated with `meta` (what the checkpoint commits, never
+        claimed before it is on disk). The next save and the end of training (Trainer.fit) wait for it,
         before any other write of meta.json: a full disk fails the run there."""
-        from .checkpoint import save_checkpoint, serialise
+        from .checkpoint import captured, save_checkpoint, serialise
 
         self.wait_for_checkpoint()
         paths = [self.checkpoint(name) for name in which]
@@ -235,7 +235,7 @@ class RunWriter:
                 "No checkpoint was written yet, so the run will start again from step 0")
         with self._failing(paths[-1], kept):
             self.flush(sync=False)  # to the OS now (a kill loses none); to the disk in the thread
-        data = serialise(state)
+        state = captured(state)  # serialised by the thread, off the training thread
         if meta is not None:
             self.meta.update(meta)
             snapshot = copy.deepcopy(self.meta)  # as it is now: the thread writes it later
@@ -248,7 +248,7 @@ class RunWriter:
                         os.fsync(metrics)
                     finally:
                         os.close(metrics)
-                save_checkpoint(paths, data)
+                save_checkpoint(paths, serialise(state))
             if meta is not None:
                 with self._failing(self.folder / runs.META, "The checkpoint is written"):
                     runs.write_json(self.folder / runs.META, snapshot)

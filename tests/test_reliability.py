@@ -36,7 +36,7 @@ from stopping import (
 
 import karpathy_runner.checkpoint
 from karpathy_runner import runs as runs_module
-from karpathy_runner.checkpoint import InBackground, load_checkpoint
+from karpathy_runner.checkpoint import InBackground, captured, load_checkpoint
 from karpathy_runner.tasks.classify import Classify
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # as the kdl processes run
@@ -397,3 +397,18 @@ def test_ctrl_c_while_a_checkpoint_is_written_stops_only_once_it_is_done():
     with pytest.raises(KeyboardInterrupt):
         saving.wait()
     assert done == [True]
+
+
+def test_a_captured_state_is_a_copy_shaped_like_the_state():
+    """What the checkpoint thread serialises: the tensors copied (a later in-place update does
+    not reach them), a tensor held twice still one, state dicts with their module versions."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    state = {"models": {"model": model.state_dict()}, "tied": [model[0].weight] * 2,
+             "rng": (3, (1, 2), None)}
+    copied = captured(state)
+    with torch.no_grad():
+        model[0].weight.add_(1)
+    assert not torch.equal(copied["models"]["model"]["0.weight"], model[0].weight)
+    assert torch.equal(copied["models"]["model"]["0.weight"], copied["tied"][0])
+    assert copied["tied"][0] is copied["tied"][1] and copied["rng"] == state["rng"]
+    assert copied["models"]["model"]._metadata == state["models"]["model"]._metadata
