@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import os
 import socket
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -149,7 +150,7 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            holder = _lock_holder(fd)
             os.close(fd)
             raise KdlError(
                 f"run {self.folder.name} is in use by another kdl process (pid {holder}); only one "
@@ -172,6 +173,17 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _lock_holder(fd: int) -> str:
+    """The pid in a locked run's .lock file. Its holder writes it just after taking the lock,
+    so a process that lost the race by a moment waits for it (half a second at most)."""
+    for _ in range(50):
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if pid:
+            return pid
+        time.sleep(0.01)
+    return "unknown"
 
 
 def _fsync_dir(folder: Path) -> None:
