@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import io
 import pickle
+import queue
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +21,95 @@ from .runs import atomic_write
 FORMAT_VERSION = 2
 
 
-def save_checkpoint(paths: list[Path], state: dict[str, Any]) -> None:
-    """Serialise once, then for each path: temp file beside it, fsync, rename over it.
+def captured(state: Any, memo: dict[int, Any] | None = None) -> Any:
+    """`state` with every tensor copied into CPU memory now, so that training steps that change
+    the weights and optimizer state in place cannot reach it; containers rebuilt as they were
+    (a state dict's OrderedDict with its `_metadata`), tensors shared in it still shared."""
+    import torch
 
-    A kill at any moment leaves every path holding either its old or its new complete file.
-    """
+    memo = {} if memo is None else memo
+    if isinstance(state, torch.Tensor):
+        if id(state) not in memo:
+            memo[id(state)] = state.detach().to("cpu", copy=True)
+        return memo[id(state)]
+    if isinstance(state, dict):
+        copied = type(state)((key, captured(value, memo)) for key, value in state.items())
+        if hasattr(state, "_metadata"):  # the module versions load_state_dict reads
+            copied._metadata = state._metadata  # type: ignore[attr-defined]
+        return copied
+    if type(state) in (list, tuple):
+        return type(state)(captured(value, memo) for value in state)
+    return state
+
+
+def serialise(state: dict[str, Any]) -> memoryview:
+    """A checkpoint's bytes."""
     import torch
 
     buffer = io.BytesIO()  # one write of the whole file is much faster than torch.save's many
     torch.save({"format": FORMAT_VERSION, **state}, buffer)
-    data = buffer.getbuffer()
-    for path in paths:
-        atomic_write(path, lambda handle: handle.write(data))
+    return buffer.getbuffer()
+
+
+def save_checkpoint(paths: list[Path], data: memoryview) -> None:
+    """Serialised bytes as one file (temp file beside it, fsync, rename) under every path, in
+    order; the last path's temp file is written and the others are hard links of it.
+
+    A kill at any moment leaves every path holding either its old or its new complete file.
+    """
+    *first, last = paths
+    atomic_write(last, lambda handle: handle.write(data), also=first)
+
+
+class InBackground:
+    """Jobs run one at a time, in order, by a thread of its own (started with the first), so
+    that a checkpoint reaches the disk while training goes on. `start` waits for the job
+    before; so does `wait`; an exception a job raised is raised there, in the training thread
+    (once)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def start(self, job: Callable[[], None]) -> None:
+        self.wait()
+        if self._thread is None:  # one thread for all jobs: no start-up to wait for at each
+            self._thread = threading.Thread(target=self._work, name="kdl-checkpoint", daemon=True)
+            self._thread.start()
+        self._jobs.put(job)
+
+    def wait(self) -> None:
+        """Until the job is done, even through Ctrl-C (a write of a few seconds at most, and the
+        run folder must not be written by two threads at once); then its error, if any."""
+        interrupted = False
+        while True:
+            try:
+                self._jobs.join()
+                break
+            except KeyboardInterrupt:
+                interrupted = True
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+        if interrupted:
+            raise KeyboardInterrupt
+
+    def close(self) -> None:
+        """The thread ends once its job is done (a later `start` starts another)."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread = None
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                job()
+            except BaseException as exc:  # raised again by `wait`, in the training thread
+                self._error = exc
+            finally:
+                self._jobs.task_done()
+        self._jobs.task_done()
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

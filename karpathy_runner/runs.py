@@ -7,11 +7,13 @@ start fast.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
 import socket
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -46,28 +48,58 @@ def utc_now() -> str:
 # ----------------------------------------------------------------------------- atomic files
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], also: Sequence[Path] = ()) -> None:
     """Write through `write(handle)` into a temp file beside `path`, fsync, rename over it.
 
-    The temp file is locked until it is renamed, so `remove_stale_temps` knows a live writer's
-    from one a kill left behind."""
+    `also`: more names in the same folder for the same bytes, renamed into place first, in
+    order. Each is a hard link of the one temp file, so the bytes are written and fsynced once
+    (a second copy is written where the file system has no hard links), and the folder is
+    fsynced once, after the last rename. The next atomic write of any one name makes a new
+    file, so the others keep their bytes. The temp files are locked until they are renamed,
+    so `remove_stale_temps` knows a live writer's from one a kill left behind."""
+    path = Path(path)
+    made: list[Path] = []  # temp files, to remove if anything fails before they are renamed
+    with contextlib.ExitStack() as locks:  # each temp file's handle (and lock) until the renames
+        try:
+            first = _written_temp(path, write, locks, made)
+            temps = [_linked_temp(first, other, made) or _written_temp(other, write, locks, made)
+                     for other in also]
+            for temp, target in zip([*temps, first], [*also, path], strict=True):
+                os.replace(temp, target)
+        except BaseException:
+            for temp in made:
+                temp.unlink(missing_ok=True)
+            raise
+    _fsync_dir(path.parent)
+
+
+def _written_temp(path: Path, write: Callable[[IO[bytes]], Any], locks: contextlib.ExitStack,
+                  made: list[Path]) -> Path:
+    """A new temp file beside `path`, locked (held open in `locks`), written and fsynced."""
     import fcntl
     import tempfile  # here, not at the top: `kdl --help` and `kdl runs` never write
 
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    made.append(Path(name))
+    os.fchmod(fd, _new_file_mode())  # mkstemp makes 0600: teammates could not read the run
+    handle = locks.enter_context(os.fdopen(fd, "wb"))
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    write(handle)
+    handle.flush()
+    os.fsync(fd)
+    return Path(name)
+
+
+def _linked_temp(temp: Path, path: Path, made: list[Path]) -> Path | None:
+    """A hard link of `temp` under a temp name for `path` (locked with it: one file), or None
+    where the file system makes none."""
+    link = path.parent / f".{path.name}.{os.urandom(6).hex()}{TEMP_SUFFIX}"
     try:
-        os.fchmod(fd, _new_file_mode())  # mkstemp makes 0600: teammates could not read the run
-        with os.fdopen(fd, "wb") as handle:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-            os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+        os.link(temp, link)
+    except OSError:  # no hard links here (EPERM, ENOTSUP...), or the name is taken: a copy then
+        return None
+    made.append(link)
+    return link
 
 
 def _new_file_mode() -> int:
@@ -145,14 +177,12 @@ class RunLock:
 
 
 def _lock_holder(fd: int) -> str:
-    """The pid the holder of a lock wrote into it: it writes it just after taking the lock, so
-    a process that lost the race a moment ago waits a little for it."""
-    import time
-
+    """The pid in a locked run's .lock file. Its holder writes it just after taking the lock,
+    so a process that lost the race by a moment waits for it (half a second at most)."""
     for _ in range(50):
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        if holder:
-            return holder
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if pid:
+            return pid
         time.sleep(0.01)
     return "unknown"
 

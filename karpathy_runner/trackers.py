@@ -100,8 +100,11 @@ class Tracker:
     def flush(self) -> None:
         pass
 
+    def checkpointing(self) -> None:
+        """A checkpoint covering everything handed over so far is being written."""
+
     def checkpointed(self) -> None:
-        """A checkpoint covering everything handed over so far is on disk."""
+        """The checkpoint last begun (`checkpointing`) is on disk."""
 
     def finish(self, status: str, files: list[Path]) -> None:
         """The run ended (`status` as in meta.json); `files` are its config.yaml and summary.json."""
@@ -117,6 +120,7 @@ class Held(Tracker):
 
     def __init__(self) -> None:
         self._held: list[tuple[str, tuple[Any, ...]]] = []
+        self._covered: list[tuple[str, tuple[Any, ...]]] = []  # by the checkpoint being written
 
     def record(self, record: dict[str, Any]) -> None:
         self._held.append(("_send_records", ([record],)))
@@ -127,11 +131,16 @@ class Held(Tracker):
     def text(self, tag: str, text: str, step: int) -> None:
         self._held.append(("_send_text", (tag, text, step)))
 
+    def checkpointing(self) -> None:
+        self._covered += self._held
+        self._held = []
+
     def checkpointed(self) -> None:
-        held, self._held = self._held, []
-        for method, args in held:
+        covered, self._covered = self._covered, []
+        for method, args in covered:
             getattr(self, method)(*args)
-        self.flush()
+        if covered:
+            self.flush()
 
     def _send_records(self, records: list[dict[str, Any]]) -> None:
         raise NotImplementedError

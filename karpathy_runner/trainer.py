@@ -207,6 +207,7 @@ class Trainer:
                 self._epochs()
             finally:
                 self.stop.in_loop = False
+                self.run.wait_for_checkpoint()  # on disk before the run's end is written
         self.reporter.close()
         return state
 
@@ -332,13 +333,12 @@ class Trainer:
         self.run.log(line)
         self.reporter.end_epoch(line)
         # best.pt before last.pt: a kill between them leaves last.pt at the epoch before, which a
-        # resume trains again to the same best.pt; the other order leaves best.pt behind for good
-        self._save(*(("best", "last") if improved else ("last",)))
-        self.run.update_meta(
-            epochs_done=state.epoch, step=state.step,
-            best={"metric": cfg.best_metric, "mode": self.best_mode, "value": state.best_value,
-                  "epoch": state.best_epoch},
-        )
+        # resume trains again to the same best.pt; the other order leaves best.pt behind for good.
+        # meta.json's epochs_done after both: it never claims an epoch no checkpoint holds
+        self._save(*(("best", "last") if improved else ("last",)), meta={
+            "epochs_done": state.epoch, "step": state.step,
+            "best": {"metric": cfg.best_metric, "mode": self.best_mode, "value": state.best_value,
+                     "epoch": state.best_epoch}})
 
     def restore_last_metrics(self, records: list[dict[str, Any]]) -> None:
         """The metrics of the last completed epoch, as _end_epoch made them, from metrics.jsonl:
@@ -478,14 +478,15 @@ class Trainer:
             )
         return state["ranks"][self.ranks.rank] if "ranks" in state else state
 
-    def _save(self, *which: str) -> None:
-        """Flush metrics, then write the checkpoint(s); never with non-finite weights."""
+    def _save(self, *which: str, meta: dict[str, Any] | None = None) -> None:
+        """Flush metrics, then write the checkpoint(s) (and then `meta` into meta.json), in the
+        background while training goes on; never with non-finite weights."""
         if self.window:
             self._check_finite(_reduce(self.window, self.ranks.sum)[1])
         if not all(bool(torch.isfinite(p).all()) for m in self.task.models.values()
                    for p in m.parameters()):
             self._nonfinite(self.state.step - 1)
-        self.run.save_checkpoint(which, self.state_dict())
+        self.run.save_checkpoint(which, self.state_dict(), meta)
 
 
 class Stop:

@@ -11,6 +11,8 @@ ranks' writers know the folder (to resume from its checkpoint) and write nothing
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import datetime as dt
 import functools
 import io
@@ -18,11 +20,12 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from . import runs
+from .checkpoint import InBackground
 from .errors import KdlError, RunFailed
 from .trackers import Opening, Setup, Tracker, open_trackers
 
@@ -48,6 +51,8 @@ class RunWriter:
         self._log: IO[str] | None = None
         self.trackers: list[Tracker] = []  # opened when training starts or resumes
         self.lock: runs.RunLock | None = None  # a new run's, taken with its folder
+        self._saving = InBackground()  # the checkpoint being written while training goes on
+        self._covering = False  # has it trackers' records to hand over once it is on disk?
 
     @classmethod
     def create(cls, root: Path, name: str, config_yaml: str) -> RunWriter:
@@ -163,10 +168,13 @@ class RunWriter:
         self._log.write(f"{stamp} {line}\n")
         self._log.flush()
 
-    def flush(self) -> None:
+    def flush(self, sync: bool = True) -> None:
+        """Buffered records handed to the OS; metrics.jsonl also fsynced when `sync` (a
+        checkpoint's thread fsyncs it itself, before the checkpoint)."""
         if self._metrics is not None:
             self._metrics.flush()
-            os.fsync(self._metrics.fileno())
+            if sync:
+                os.fsync(self._metrics.fileno())
         for tracker in self.trackers:
             tracker.flush()
 
@@ -180,6 +188,7 @@ class RunWriter:
                 tracker.text(tag, sample.text, step)
 
     def close(self) -> None:
+        self._saving.close()
         for handle in (self._metrics, self._log):
             if handle is not None and not handle.closed:
                 handle.close()
@@ -230,25 +239,64 @@ class RunWriter:
         return self.folder / runs.CHECKPOINTS / f"{which}.pt"
 
     @_rank_zero
-    def save_checkpoint(self, which: tuple[str, ...], state: dict[str, Any]) -> None:
-        """Metrics flushed first, then each checkpoint atomically; a full disk fails the run."""
-        from .checkpoint import save_checkpoint
+    def save_checkpoint(self, which: tuple[str, ...], state: dict[str, Any],
+                        meta: dict[str, Any] | None = None) -> None:
+        """Metrics flushed and the state copied now; then, on a thread of its own while training
+        goes on, the metrics fsynced, the state serialised and written atomically once under
+        each name, then meta.json updated with `meta` (what the checkpoint commits, never
+        claimed before it is on disk). The next save and the end of training (Trainer.fit) wait for it,
+        before any other write of meta.json: a full disk fails the run there."""
+        from .checkpoint import captured, save_checkpoint, serialise
 
+        self.wait_for_checkpoint()
         paths = [self.checkpoint(name) for name in which]
         # what a resume would start from: the previous last.pt, or (none yet) step 0
         kept = ("The previous checkpoint is intact" if self.checkpoint("last").is_file() else
                 "No checkpoint was written yet, so the run will start again from step 0")
+        with self._failing(paths[-1], kept):
+            self.flush(sync=False)  # to the OS now (a kill loses none); to the disk in the thread
+        # the trackers' records so far are this checkpoint's: handed over once it is on disk
+        self._tell_trackers(lambda tracker: tracker.checkpointing())
+        state = captured(state)  # serialised by the thread, off the training thread
+        if meta is not None:
+            self.meta.update(meta)
+            snapshot = copy.deepcopy(self.meta)  # as it is now: the thread writes it later
+        metrics = None if self._metrics is None else os.dup(self._metrics.fileno())
+
+        def write() -> None:
+            with self._failing(paths[-1], kept):
+                if metrics is not None:  # the records up to the checkpoint, on disk before it
+                    try:
+                        os.fsync(metrics)
+                    finally:
+                        os.close(metrics)
+                save_checkpoint(paths, serialise(state))
+            if meta is not None:
+                with self._failing(self.folder / runs.META, "The checkpoint is written"):
+                    runs.write_json(self.folder / runs.META, snapshot)
+
+        self._saving.start(write)
+        self._covering = True
+
+    @contextlib.contextmanager
+    def _failing(self, path: Path, kept: str) -> Iterator[None]:
+        """An OSError (a full disk) as the run's failure, naming the file and what a resume
+        starts from."""
         try:
-            self.flush()
-            save_checkpoint(paths, state)
+            yield
         except OSError as exc:
             raise RunFailed(
-                f"could not write {paths[-1]}: {exc.strerror or exc}. {kept}; free some space (or "
+                f"could not write {path}: {exc.strerror or exc}. {kept}; free some space (or "
                 f"fix the folder's permissions) and continue with `kdl train --resume {self.id}`."
             ) from None
-        # what the checkpoint covers is what a resume keeps: the trackers that cannot drop a
-        # point get it now
-        self._tell_trackers(lambda tracker: tracker.checkpointed())
+
+    def wait_for_checkpoint(self) -> None:
+        """Until the checkpoint being written is on disk; its error (RunFailed), if any. Then
+        what it covers is what a resume keeps: the trackers that cannot drop a point get it."""
+        covering, self._covering = self._covering, False
+        self._saving.wait()
+        if covering:  # (a checkpoint that failed hands nothing over)
+            self._tell_trackers(lambda tracker: tracker.checkpointed())
 
     # ------------------------------------------------------------------ samples and eval
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 
 from karpathy_runner.cli import main
 
@@ -21,7 +22,8 @@ def replace(src, dst):
     global seen
     if os.path.basename(dst) == name:
         seen += 1
-        if seen == nth:
+        if seen == nth:  # (which thread replaces it: the training one or a checkpoint's)
+            print(f"kill_at: {name} {nth} in thread {threading.current_thread().name}", flush=True)
             os.kill(os.getpid(), signum)
     return real_replace(src, dst)
 

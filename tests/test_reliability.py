@@ -1,5 +1,6 @@
 """Reliability at the edges: a kill between any two of a run's file replacements, the start-up
-window, changes applied by a resume, one process per run, temp files a kill left behind.
+window, changes applied by a resume, one process per run, temp files a kill left behind, and
+checkpoint files (best.pt a hard link of last.pt, written in the background).
 
 The kills use real `kdl train` processes that signal themselves just before the n-th os.replace
 onto a named file (tests/kill_at.py); resumes run in-process.
@@ -8,16 +9,20 @@ onto a named file (tests/kill_at.py); resumes run in-process.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
+import torch
 from kdl import TINY, kdl
 from stopping import (
     RANDOM,
+    assert_same_tensors,
     assert_same_training,
     final_state,
     launch,
@@ -31,6 +36,8 @@ from stopping import (
 
 import karpathy_runner.checkpoint
 from karpathy_runner import runs as runs_module
+from karpathy_runner.checkpoint import InBackground, captured, load_checkpoint
+from karpathy_runner.tasks.classify import Classify
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # as the kdl processes run
 
@@ -80,7 +87,10 @@ def test_a_kill_before_any_of_the_final_writes_resumes_to_the_same_files(runs_di
         assert process.wait(timeout=240) == -signal.SIGKILL, output(process)
         folder = only_run(runs_dir / f"kill{i}")
         temps = list(folder.rglob("*.tmp"))
-        assert [t.name.split(".")[1] for t in temps] == [tail[i][0].split(".")[0]]  # left by the kill
+        # left by the kill: the temp file of the file about to be replaced (and before best.pt,
+        # last.pt's: best.pt's is a hard link of it, both made before either is renamed)
+        left = ["best", "last"] if tail[i][0] == "best.pt" else [tail[i][0].split(".")[0]]
+        assert sorted(t.name.split(".")[1] for t in temps) == left
         listed = json.loads(kdl("runs", "--runs-dir", runs_dir / f"kill{i}", "--json").stdout)
         assert listed[0]["status"] == "crashed", tail[i]
         resumed = train(runs_dir / f"kill{i}", resume=folder.name)
@@ -162,7 +172,7 @@ def test_a_kill_before_the_first_checkpoint_resumes_from_step_0(runs_dir):
 def test_full_disk_before_the_first_checkpoint_promises_no_checkpoint(runs_dir, monkeypatch):
     real = karpathy_runner.checkpoint.atomic_write
 
-    def full(path, write):
+    def full(path, write, also=()):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(karpathy_runner.checkpoint, "atomic_write", full)
@@ -260,3 +270,145 @@ def test_stale_temp_files_are_removed_but_not_a_live_writers(tmp_path):
     writer.join()
     assert read_json(folder / "eval.json") == {"partial": True}
     assert not list(folder.rglob("*.tmp"))
+
+
+# ----------------------------------------------------------------------------- 5: checkpoint files
+
+
+def test_best_pt_shares_the_file_of_its_last_pt_until_last_pt_moves_on(runs_dir, monkeypatch):
+    """An improved epoch's checkpoint is written once, renamed into place as best.pt and (the
+    same file, a hard link) last.pt; the next epoch's last.pt is a new file, so best.pt keeps
+    the best epoch's bytes. (lr 1e-12: no later epoch is better than the first.)"""
+    renamed: list[tuple[str, int]] = []  # (name, inode) of each checkpoint renamed into place
+    real = os.replace
+
+    def replace(src, dst):
+        if Path(dst).suffix == ".pt":
+            renamed.append((Path(dst).name, os.stat(src).st_ino))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    result = train(runs_dir, "train.epochs=2", "optimizer.lr=1e-12", "model.batch_norm=false",
+                   "model.dropout=0", "train.checkpoint_every_steps=null")
+    assert result.exit_code == 0, result.stderr
+    folder = runs_dir / result.last_line
+    best = folder / "checkpoints" / "best.pt"
+    assert [name for name, _ in renamed] == ["best.pt", "last.pt", "last.pt"]
+    assert renamed[0][1] == renamed[1][1] != renamed[2][1]
+    assert best.stat().st_ino == renamed[0][1] and best.stat().st_nlink == 1
+    assert final_state(folder, "best")["loop"]["epoch"] == 1
+    assert final_state(folder, "last")["loop"]["epoch"] == 2
+
+
+def test_without_hard_links_best_pt_is_a_copy(runs_dir, monkeypatch):
+    """On a file system without hard links best.pt is a second file with the same bytes."""
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(os, "link", no_links)
+    result = train(runs_dir, "train.epochs=1", "train.checkpoint_every_steps=null")
+    assert result.exit_code == 0, result.stderr
+    folder = runs_dir / result.last_line
+    best, last = folder / "checkpoints" / "best.pt", folder / "checkpoints" / "last.pt"
+    assert not best.samefile(last) and best.stat().st_nlink == last.stat().st_nlink == 1
+    assert best.read_bytes() == last.read_bytes()
+    assert not list(folder.rglob("*.tmp"))
+
+
+def test_checkpoints_are_written_while_training_goes_on_with_the_state_of_their_step(
+        runs_dir, monkeypatch):
+    """Each checkpoint write is held until the training thread has done a step more: it runs on
+    the checkpoint thread, and still writes the state of its own step, bit for bit as a run
+    whose writes are not held writes it."""
+    def saves(runs: Path, hold: bool) -> list[tuple[str, bool, int, dict]]:
+        progress, saved = {"step": 0}, []
+        original, real = Classify.train_step, karpathy_runner.checkpoint.atomic_write
+
+        def train_step(self, batch, step, updater):
+            result = original(self, batch, step, updater)
+            progress["step"] = step + 1
+            return result
+
+        def atomic_write(path, write, also=()):
+            deadline = time.monotonic() + 3
+            while hold and progress["step"] <= at_step(write) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            real(path, write, also)
+            state = load_checkpoint(path)
+            saved.append((threading.current_thread().name, progress["step"] > state["loop"]["step"],
+                           state["loop"]["step"], state["models"]))
+
+        with monkeypatch.context() as patch:
+            patch.setattr(Classify, "train_step", train_step)
+            patch.setattr(karpathy_runner.checkpoint, "atomic_write", atomic_write)
+            result = train(runs)
+        assert result.exit_code == 0, result.stderr
+        return saved
+
+    def at_step(write) -> int:
+        """The step of the checkpoint that `write` writes."""
+        buffer = io.BytesIO()
+        write(buffer)
+        buffer.seek(0)
+        return torch.load(buffer, weights_only=True)["loop"]["step"]
+
+    held, free = saves(runs_dir / "held", hold=True), saves(runs_dir / "free", hold=False)
+    assert {thread for thread, *_ in held} == {"kdl-checkpoint"}
+    assert [moved_on for _, moved_on, *_ in held] == [True] * (len(held) - 1) + [False]  # the end
+    assert [step for *_, step, _ in held] == [step for *_, step, _ in free] == [
+        4, 8, 12, 16, 20, 21, 24, 28, 32, 36, 40, 42]
+    for (*_, step, models), (*_, _, expected) in zip(held, free, strict=True):
+        assert_same_tensors(models, expected, f"step {step}")
+
+
+def test_a_kill_while_a_checkpoint_is_written_in_the_background_keeps_the_one_before(runs_dir):
+    """SIGKILL from the checkpoint thread just before its step-12 last.pt replaces the step-8
+    one, as training goes on: last.pt is the complete step-8 file and the run resumes to the
+    uninterrupted run's end."""
+    baseline = train(runs_dir / "straight")
+    process = launch(runs_dir / "runs", *train_command(*RANDOM), kill_at=("last.pt", 3, "SIGKILL"))
+    assert process.wait(timeout=240) == -signal.SIGKILL, output(process)
+    assert "kill_at: last.pt 3 in thread kdl-checkpoint" in output(process)
+    folder = only_run(runs_dir / "runs")
+    assert final_state(folder)["loop"]["step"] == 8
+    assert [t.name.split(".")[1] for t in folder.rglob("*.tmp")] == ["last"]
+    assert json.loads(kdl("runs", "--runs-dir", runs_dir / "runs", "--json").stdout)[0]["status"] == "crashed"
+    resumed = train(runs_dir / "runs", resume=folder.name)
+    assert resumed.exit_code == 0, resumed.stderr
+    assert_same_training(folder, runs_dir / "straight" / baseline.last_line)
+
+
+def test_ctrl_c_while_a_checkpoint_is_written_stops_only_once_it_is_done():
+    """The training thread waits for the checkpoint thread through a Ctrl-C, then stops: the
+    run folder is never written by both at once."""
+    saving, release, done = InBackground(), threading.Event(), []
+
+    def job():
+        release.wait(30)
+        time.sleep(0.05)
+        done.append(True)
+
+    def ctrl_c_then_release():
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        release.set()
+
+    saving.start(job)
+    threading.Timer(0.1, ctrl_c_then_release).start()
+    with pytest.raises(KeyboardInterrupt):
+        saving.wait()
+    assert done == [True]
+
+
+def test_a_captured_state_is_a_copy_shaped_like_the_state():
+    """What the checkpoint thread serialises: the tensors copied (a later in-place update does
+    not reach them), a tensor held twice still one, state dicts with their module versions."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    state = {"models": {"model": model.state_dict()}, "tied": [model[0].weight] * 2,
+             "rng": (3, (1, 2), None)}
+    copied = captured(state)
+    with torch.no_grad():
+        model[0].weight.add_(1)
+    assert not torch.equal(copied["models"]["model"]["0.weight"], model[0].weight)
+    assert torch.equal(copied["models"]["model"]["0.weight"], copied["tied"][0])
+    assert copied["tied"][0] is copied["tied"][1] and copied["rng"] == state["rng"]
+    assert copied["models"]["model"]._metadata == state["models"]["model"]._metadata

@@ -80,8 +80,10 @@ def test_second_sigint_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path
     original = Classify.train_step
 
     def remember_step_8(self, batch, step, updater):
-        if step == 8:  # step 8 is done and checkpointed
-            saved["digest"] = digest(next((tmp_path / "runs").glob("*/checkpoints/last.pt")))
+        if step == 8:  # step 8 is done; its checkpoint is on its way to the disk
+            last = next((tmp_path / "runs").glob("*/checkpoints/last.pt"))
+            wait_for(lambda: load_checkpoint(last)["loop"]["step"] == 8)
+            saved["digest"] = digest(last)
         return original(self, batch, step, updater)
 
     monkeypatch.setattr(Classify, "train_step", remember_step_8)
@@ -205,15 +207,17 @@ def test_sigkill_at_random_moments_then_resume_ends_like_an_uninterrupted_run(tm
 
 
 def test_every_replaced_file_is_written_beside_fsynced_and_renamed(tmp_path, monkeypatch):
-    events: list[tuple[str, str]] = []
+    """Each file is renamed into place from a temp file beside it whose bytes (its inode: a
+    hard link shares them) were fsynced before; the folder is fsynced after the rename."""
+    events: list[tuple] = []
     real_replace, real_fsync = os.replace, os.fsync
 
     def fsync(fd):
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        events.append(("fsync", os.fstat(fd).st_ino, os.readlink(f"/proc/self/fd/{fd}")))
         return real_fsync(fd)
 
     def replace(src, dst):
-        events.append(("replace", f"{src} -> {dst}"))
+        events.append(("replace", os.stat(src).st_ino, src, dst))
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "fsync", fsync)
@@ -225,12 +229,17 @@ def test_every_replaced_file_is_written_beside_fsynced_and_renamed(tmp_path, mon
     for target in ("checkpoints/last.pt", "checkpoints/best.pt", "meta.json", "summary.json",
                    "eval/best-val.json", "config.yaml"):
         path = folder / target
-        renames = [e[1] for e in events if e[0] == "replace" and e[1].endswith(f" -> {path}")]
+        renames = [e for e in events if e[0] == "replace" and e[3] == path]
         assert renames, f"{target} was not renamed into place"
         for rename in renames:
-            temp = Path(rename.split(" -> ")[0])
+            temp, inode, at = Path(rename[2]), rename[1], events.index(rename)
             assert temp.parent == path.parent and temp.name.startswith(f".{path.name}.")
-            assert ("fsync", str(temp)) in events[: events.index(("replace", rename))]
+            assert any(e[:2] == ("fsync", inode) for e in events[:at]), f"{temp} not fsynced"
+            assert ("fsync", str(path.parent)) in [(e[0], e[2]) for e in events[at:] if e[0] == "fsync"]
+    # the metrics a checkpoint carries on from are on disk before it
+    renames = [i for i, e in enumerate(events) if e[0] == "replace" and e[3].name == "last.pt"]
+    for before, at in zip([0, *renames], renames, strict=False):
+        assert ("fsync", str(folder / "metrics.jsonl")) in [(e[0], e[2]) for e in events[before:at]]
     assert not list(folder.rglob("*.tmp"))
 
 
@@ -238,23 +247,24 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch)
     real = karpathy_runner.checkpoint.atomic_write
     seen = {"calls": 0}
 
-    def atomic_write(path, write):
+    def atomic_write(path, write, also=()):
         seen["calls"] += 1
         if seen["calls"] < 3:  # steps 4 and 8 are written; step 12 meets a full disk
-            return real(path, write)
-        seen["previous"] = digest(path)
+            return real(path, write, also)
+        seen["previous"], seen["thread"] = digest(path), threading.current_thread().name
 
         def half_then_full(handle):
             handle.write(b"\x80\x02partial checkpoint")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        return real(path, half_then_full)
+        return real(path, half_then_full, also)
 
     monkeypatch.setattr(karpathy_runner.checkpoint, "atomic_write", atomic_write)
     result = train(tmp_path)
     assert result.exit_code == 1
     assert "No space left on device" in result.stderr and "--resume" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "The previous checkpoint is intact" in result.stderr and "Traceback" not in result.stderr
+    assert seen["thread"] == "kdl-checkpoint"  # written in the background: failed at the next wait
     folder = tmp_path / result.last_line
     last = folder / "checkpoints" / "last.pt"
     assert digest(last) == seen["previous"] and final_state(folder)["loop"]["step"] == 8
@@ -266,6 +276,26 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch)
     assert resumed.exit_code == 0 and read_json(folder / "meta.json")["status"] == "completed"
     baseline = train(tmp_path / "straight")
     assert_same_training(folder, tmp_path / "straight" / baseline.last_line)
+
+
+def test_full_disk_at_the_last_checkpoint_fails_the_run_at_its_end(tmp_path, monkeypatch):
+    """The end of training waits for the checkpoint being written, and fails the run with its
+    error: epoch 2's write meets a full disk, epoch 1's checkpoint stays."""
+    real = karpathy_runner.checkpoint.atomic_write
+
+    def full_at_epoch_2(path, write, also=()):
+        if path.exists():  # epoch 1's last.pt is there: this is epoch 2's
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(path, write, also)
+
+    monkeypatch.setattr(karpathy_runner.checkpoint, "atomic_write", full_at_epoch_2)
+    result = train(tmp_path, "train.checkpoint_every_steps=null")
+    assert result.exit_code == 1
+    assert "No space left on device" in result.stderr and "The previous checkpoint is intact" in result.stderr
+    assert "Traceback" not in result.stderr
+    folder = tmp_path / result.last_line
+    assert read_json(folder / "meta.json")["status"] == "failed"
+    assert final_state(folder)["loop"]["epoch"] == 1
 
 
 def test_full_disk_when_updating_meta_is_a_clear_failure(tmp_path, monkeypatch):
@@ -280,6 +310,7 @@ def test_full_disk_when_updating_meta_is_a_clear_failure(tmp_path, monkeypatch):
     result = train(tmp_path)
     assert result.exit_code == 1
     assert "No space left on device" in result.stderr and "Traceback" not in result.stderr
+    assert "meta.json" in result.stderr and "--resume" in result.stderr
     assert final_state(tmp_path / result.last_line)["loop"]["epoch"] == 1
 
 
@@ -320,6 +351,8 @@ def test_nan_loss_stops_the_run_and_keeps_finite_checkpoints(tmp_path, monkeypat
     def remember(self, batch, at, updater):
         if at + 1 == STEPS_PER_EPOCH + 5:  # the checkpoints as they were before the bad step
             folder = only_run(tmp_path)
+            # (the one of step 24, every 4 steps, may still be on its way to the disk)
+            wait_for(lambda: final_state(folder)["loop"]["step"] == 24)
             digests.update({p.name: digest(p) for p in (folder / "checkpoints").glob("*.pt")})
         return original(self, batch, at, updater)
 
