@@ -492,7 +492,8 @@ def _search(config: Path, base: list[str], search: str, space_items: list[str], 
             f"{rungs}; {direction} {metric_name}; storage {url}")
         runner = searches.Search(spec, study, name, root, jobs, log, fail_fast)
         code = runner.halve() if halving else runner.run()
-        rows, best = runner.results(), runner.best()
+        rows = runner.results()
+        best = runner.best(rows)
     if as_json:
         _out(json.dumps({"sweep": name, "study": name, "storage": url, "direction": direction,
                          "metric": metric_name, "trials": rows, "best": best}))

@@ -284,6 +284,16 @@ class Search:
     def params(self, frozen: Any) -> dict[str, Any]:
         return {d.key: d.value(frozen.params[d.key]) for d in self.spec.space}
 
+    def drawn(self, frozen: Any) -> bool:
+        """Has Optuna drawn all of the trial's values (not stopped in the middle of it)?"""
+        return set(frozen.params) == {d.key for d in self.spec.space}
+
+    def attach(self, trials: list[TrialRun]) -> None:
+        """Each trial's run folder as it is now (a Run reads its meta.json once)."""
+        have = self.trial_runs()
+        for trial in trials:
+            trial.run = have.get(trial.number)
+
     def ask(self) -> TrialRun:
         trial = self.study.ask({d.key: d.distribution() for d in self.spec.space})
         trial.set_user_attr("host", self.host)
@@ -304,25 +314,19 @@ class Search:
         argv += ["--runs-dir", str(self.root), "--quiet"]
         if until is not None and until < self.spec.epochs:
             argv += ["--until-epoch", str(until)]
-        point = Point(trial.number, trial.params, argv)
-        point.name = f"trial {trial.number}"
-        return point
-
-    def value(self, run: runs.Run | None) -> float | None:
-        """A finished trial's objective: its run's best value of the metric."""
-        if run is None:
-            return None
-        value = (fresh(run.path).meta.get("best") or {}).get("value")
-        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+        return Point(trial.number, trial.params, argv, name=f"trial {trial.number}")
 
     def tell(self, number: int, run: runs.Run | None, state: str | None = None) -> None:
+        """The trial's end: PRUNED if `state` says so, else COMPLETE with its run's best value
+        of the metric, or FAIL (no completed run, or no finite value)."""
         from optuna.trial import TrialState
 
-        value = self.value(run)
         if state == "pruned":
             self.study.tell(number, state=TrialState.PRUNED, skip_if_finished=True)
-        elif run is not None and fresh(run.path).status == "completed" and value is not None:
-            self.study.tell(number, value, skip_if_finished=True)
+            return
+        value = (run.meta.get("best") or {}).get("value") if run is not None else None
+        if run is not None and run.status == "completed" and _finite(value):
+            self.study.tell(number, float(value), skip_if_finished=True)
         else:
             self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
 
@@ -336,13 +340,13 @@ class Search:
                 if t.user_attrs.get("host") == self.host]
         queue: list[TrialRun] = []
         for frozen in mine:  # left running by a command that stopped: resume or collect them
-            if set(frozen.params) != {d.key for d in self.spec.space}:
+            if not self.drawn(frozen):
                 self.log(f"trial {frozen.number} was stopped while Optuna drew its values: dropped")
                 self.study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
                 continue
             trial = TrialRun(frozen.number, self.params(frozen), have.get(frozen.number))
-            status = fresh(trial.run.path).status if trial.run else None
-            if status == "completed" or status == "failed":
+            status = trial.run.status if trial.run else None
+            if status in ("completed", "failed"):
                 self.tell(trial.number, trial.run)
             elif status == "running":
                 self.log(f"trial {trial.number}: its run {trial.run.id} is still running (pid "
@@ -365,15 +369,14 @@ class Search:
 
     def _size(self) -> int:
         """Trials the study has, less those dropped before Optuna drew all their values."""
-        keys = {d.key for d in self.spec.space}
-        return sum(1 for t in self.study.get_trials(deepcopy=False) if set(t.params) == keys)
+        return sum(1 for t in self.study.get_trials(deepcopy=False) if self.drawn(t))
 
     def _finished(self, point: Point) -> None:
         """Tell the study a trial's end, as its run folder has it; a trial stopped on the way
         stays RUNNING in the study, for the next command to resume (or start, if it made no
         run folder)."""
         run = self.trial_runs().get(point.index)
-        status = fresh(run.path).status if run else None
+        status = run.status if run else None
         if status in ("completed", "failed") or (run is None and point.status == "bad config"):
             self.tell(point.index, run)
 
@@ -383,10 +386,9 @@ class Search:
         from optuna.trial import TrialState
 
         spec = self.spec
-        keys = {d.key for d in spec.space}
         existing = []
         for frozen in sorted(self.study.get_trials(deepcopy=False), key=lambda t: t.number):
-            if set(frozen.params) == keys:
+            if self.drawn(frozen):
                 existing.append(frozen)
             else:  # stopped while Optuna drew its values: never ran
                 self.study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
@@ -395,9 +397,7 @@ class Search:
             members.append(self.ask())
         rungs, code = spec.rungs(), 0
         for index, epochs in enumerate(rungs):
-            have = self.trial_runs()
-            for trial in members:
-                trial.run = have.get(trial.number)
+            self.attach(members)
             todo = [t for t in members if not self._reached(t, epochs)]
             self.log(f"rung {index + 1}/{len(rungs)}: {len(members)} trial(s) to epoch {epochs}"
                      + (f", {len(todo)} to train" if len(todo) != len(members) else ""))
@@ -407,9 +407,7 @@ class Search:
                 if ran == 130 or (ran and self.fail_fast):
                     return ran
                 code = code or ran
-                have = self.trial_runs()
-                for trial in members:
-                    trial.run = have.get(trial.number)
+                self.attach(members)
             scored = [(self.rung_value(t, epochs), t) for t in members]
             for value, trial in scored:
                 if value is None:
@@ -431,23 +429,23 @@ class Search:
 
     def _reached(self, trial: TrialRun, epochs: int) -> bool:
         """Has the trial's run trained `epochs` epochs (or ended before, by early stopping)?"""
-        if trial.run is None:
+        run = trial.run
+        if run is None:
             return False
-        run = fresh(trial.run.path)
-        if run.status == "completed" or run.status == "failed":
+        if run.status in ("completed", "failed"):
             return True
         return run.status == "paused" and int(run.meta.get("epochs_done") or 0) >= epochs
 
     def rung_value(self, trial: TrialRun, epochs: int) -> float | None:
         """The best value of the metric in the trial's first `epochs` epochs (from metrics.jsonl,
         so it does not change when the trial goes on); None if it failed or has none."""
-        if trial.run is None or fresh(trial.run.path).status == "failed":
+        from .report import epoch_rows
+
+        if trial.run is None or trial.run.status == "failed":
             return None
-        split, name = self.spec.metric.split(".", 1)
-        split = "val" if split == "val" else "train_epoch"
-        values = [r[name] for r in runs.read_jsonl(trial.run.path / runs.METRICS)
-                  if r.get("split") == split and r.get("epoch", 0) <= epochs
-                  and isinstance(r.get(name), (int, float)) and math.isfinite(r[name])]
+        values = [row[self.spec.metric] for row in
+                  epoch_rows(runs.read_jsonl(trial.run.path / runs.METRICS))
+                  if row["epoch"] <= epochs and _finite(row.get(self.spec.metric))]
         if not values:
             return None
         return min(values) if self.spec.direction == "minimize" else max(values)
@@ -460,8 +458,7 @@ class Search:
         rows = []
         for frozen in sorted(self.study.get_trials(deepcopy=False), key=lambda t: t.number):
             run = have.get(frozen.number)
-            now = fresh(run.path) if run else None
-            epochs = int(now.meta.get("epochs_done") or 0) if now else 0
+            epochs = int(run.meta.get("epochs_done") or 0) if run else 0
             value = frozen.value
             rung = rung_of(rungs, epochs) if rungs else None
             if value is None and rung:  # a pruned trial: its value where it stopped
@@ -470,22 +467,22 @@ class Search:
                 "trial": frozen.number, "state": frozen.state.name.lower(),
                 "params": self.params(frozen) if frozen.params else {},
                 "value": value, "run": run.id if run else None,
-                "status": now.status if now else None, "epochs": epochs,
+                "status": run.status if run else None, "epochs": epochs,
                 **({"rung": rung} if rungs else {}),
             })
         return rows
 
-    def best(self) -> dict[str, Any] | None:
-        done = [r for r in self.results() if r["state"] == "complete" and r["value"] is not None]
+    def best(self, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """The completed trial with the best value, of the rows `results` made."""
+        done = [r for r in rows if r["state"] == "complete" and r["value"] is not None]
         if not done:
             return None
         pick = min if self.spec.direction == "minimize" else max
         return pick(done, key=lambda r: r["value"])
 
 
-def fresh(path: Path) -> runs.Run:
-    """A fresh reading of a run folder (Run caches its meta.json; trials change it meanwhile)."""
-    return runs.Run(path)
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def print_results(search: Search, rows: list[dict[str, Any]], best: dict[str, Any] | None) -> None:

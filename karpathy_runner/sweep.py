@@ -146,7 +146,7 @@ class Sweep:
     """Runs points as `python -m karpathy_runner train ...` processes, at most `jobs` at once.
 
     `more()` gives the next point when the list runs out (None: no more for now), as a search
-    asks for its next trial; `finished(point)` hears of each point that ends."""
+    asks for its next trial; `finished(point)` hears of each point that ends (once it is logged)."""
 
     def __init__(self, points: list[Point], jobs: int, fail_fast: bool, log: Any,
                  more: Callable[[], Point | None] | None = None,
@@ -175,11 +175,8 @@ class Sweep:
                 for point in [p for p in running if p.process.poll() is not None]:
                     running.remove(point)
                     self._finish(point)
-                    self.finished(point)
                     if point.status != "completed" and self.fail_fast and not self.stopping:
                         self._stop(running, signal.SIGTERM, "--fail-fast: stopping the sweep")
-                if self.stopping and not running:
-                    break
                 time.sleep(0.05)
         except KeyboardInterrupt:
             self._stop(running, signal.SIGINT, "interrupted: letting running points checkpoint "
@@ -202,7 +199,6 @@ class Sweep:
                 point.process.wait()
         for point in running:
             self._finish(point)
-            self.finished(point)
 
     def _more(self) -> Point | None:
         point = self.more()
@@ -242,6 +238,7 @@ class Sweep:
                  f"{point.run_id or '-'} ({point.seconds:.1f}s)")
         if point.status != "completed" and point.error:
             self.log("    " + point.error.splitlines()[-1])
+        self.finished(point)
 
     def _environment(self) -> dict[str, str]:
         """The points' environment: with several at once and no OMP_NUM_THREADS of the user's,
