@@ -96,9 +96,11 @@ class InBackground:
             raise KeyboardInterrupt
 
     def close(self) -> None:
-        """The thread ends once its job is done (a later `start` starts another)."""
+        """The thread ends once its job is done, and is joined (a later `start` starts
+        another): no thread of ours is left for the interpreter's exit to stop."""
         if self._thread is not None:
             self._jobs.put(None)
+            self._thread.join()
             self._thread = None
 
     def _work(self) -> None:
@@ -108,6 +110,9 @@ class InBackground:
             except BaseException as exc:  # raised again by `wait`, in the training thread
                 self._error = exc
             finally:
+                # the job's state (the copied tensors) freed here, before `wait` returns: a
+                # tensor freed by this thread while the interpreter exits aborts the process
+                job = None
                 self._jobs.task_done()
         self._jobs.task_done()
 

@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -397,6 +398,25 @@ def test_ctrl_c_while_a_checkpoint_is_written_stops_only_once_it_is_done():
     with pytest.raises(KeyboardInterrupt):
         saving.wait()
     assert done == [True]
+
+
+def test_the_checkpoint_thread_lets_go_of_a_job_before_wait_returns_and_is_joined_by_close():
+    """A job's state (its copied tensors) is freed by the checkpoint thread before `wait`
+    returns, and `close` joins the thread: a tensor freed by a thread the exiting interpreter
+    stops aborts the process (`terminate called without an active exception`)."""
+    saving, state = InBackground(), torch.zeros(3)
+    freed = weakref.ref(state)
+
+    def job(state=state):
+        state.add_(1)
+
+    saving.start(job)
+    del job, state
+    saving.wait()
+    assert freed() is None
+    thread = saving._thread
+    saving.close()
+    assert thread is not None and not thread.is_alive()
 
 
 def test_a_captured_state_is_a_copy_shaped_like_the_state():
