@@ -7,6 +7,8 @@ autocast under bf16/fp16 (with a gradient scaler for fp16), the same optimizer a
 
 - `digits_cnn`: the digits CNN of configs/digits_cnn.yaml (no scheduler, no validation, so that
   the only difference is the loop); the tiny model makes any per-step cost of the loop show.
+- `digits_tiny`: the same with one conv channel (`model.channels=[1]`), a model that costs next
+  to nothing, so that the figure is the loop's own cost per step (with its epoch-end checkpoints).
 - `seed_cnn`: the seed CNN of configs/cifar_cnn.yaml (SGD, no augmentation, no scheduler, no
   validation) on synthetic CIFAR-10 written in the real file format (bench/synthetic_cifar.py).
 - `char_lstm`: the 2x256 LSTM of configs/stdlib_char_lstm.yaml on the first 400,000 characters
@@ -17,7 +19,7 @@ autocast under bf16/fp16 (with a gradient scaler for fp16), the same optimizer a
 kdl's side includes everything a real run does: its step, metric windows, log lines and the
 checkpoint written at the end.
 
-    python bench/overhead.py [--case digits_cnn|seed_cnn|char_lstm|all] [--steps N] [--rounds R]
+    python bench/overhead.py [--case digits_cnn|digits_tiny|seed_cnn|char_lstm|all] [--steps N] [--rounds R]
         [--threads N] [--device cpu|cuda] [--precision fp32|bf16|fp16] [--batch-size N]
 """
 
@@ -114,6 +116,10 @@ CASES = {
     "digits_cnn": Case("digits_cnn.yaml",
                        ["scheduler.name=none", "data.val_fraction=0", "train.best_metric=train.loss"],
                        plain_cnn, lambda cfg: cfg.data.batch_size, "samples/s", 400),
+    "digits_tiny": Case("digits_cnn.yaml",
+                        ["scheduler.name=none", "data.val_fraction=0", "train.best_metric=train.loss",
+                         "model.channels=[1]"],
+                        plain_cnn, lambda cfg: cfg.data.batch_size, "samples/s", 2000),
     "seed_cnn": Case("cifar_cnn.yaml",
                      ["scheduler.name=none", "data.val_fraction=0", "train.best_metric=train.loss",
                       "data.augment=[]", f"data.root={CIFAR_ROOT}", "data.download=false"],
@@ -166,13 +172,16 @@ def run_case(name: str, steps: int, rounds: int, args: argparse.Namespace) -> No
     print(f"  kdl trainer:        {k:9.0f} {case.unit}   (rounds: {', '.join(f'{v:.0f}' for v in ours)})")
     print(f"  ratio kdl/plain:    {k / p:9.3f}   (median of per-round ratios: "
           f"{statistics.median(ratios):.3f}; spread {min(ratios):.3f}-{max(ratios):.3f})")
+    print(f"  per step:           plain {per_step / p * 1e6:.0f} us, kdl {per_step / k * 1e6:.0f} us "
+          f"(+{(per_step / k - per_step / p) * 1e6:.0f} us)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", choices=[*CASES, "all"], default="all")
     parser.add_argument("--steps", type=int, default=None,
-                        help="steps per loop (default: 400 digits_cnn, 300 seed_cnn, 150 char_lstm)")
+                        help="steps per loop (default: 400 digits_cnn, 2000 digits_tiny, 300 seed_cnn, "
+                             "150 char_lstm)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's choice); 1 is steadier on a busy machine")

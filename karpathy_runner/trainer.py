@@ -241,7 +241,8 @@ class Trainer:
             self._set_lr(state.step)
             # forward, backward, update: the task's own step, through the updater
             self.updater.begin_step()
-            self.updater.loss_scale = self.ranks.loss_scale(self._batch_items(state.batch))
+            if self.ranks.world > 1:  # (one process: always 1)
+                self.updater.loss_scale = self.ranks.loss_scale(self._batch_items(state.batch))
             prepared = self.prepare(batch, self.ranks.draw(state.step))
             result = self.task.train_step(prepared, state.step, self.updater)
             self.updater.end_step()

@@ -241,12 +241,13 @@ class RunWriter:
     @_rank_zero
     def save_checkpoint(self, which: tuple[str, ...], state: dict[str, Any],
                         meta: dict[str, Any] | None = None) -> None:
-        """Metrics flushed and the state copied now; then, on a thread of its own while training
-        goes on, the metrics fsynced, the state serialised and written atomically once under
-        each name, then meta.json updated with `meta` (what the checkpoint commits, never
-        claimed before it is on disk). The next save and the end of training (Trainer.fit) wait for it,
-        before any other write of meta.json: a full disk fails the run there."""
-        from .checkpoint import captured, save_checkpoint, serialise
+        """Metrics flushed and the state taken now (serialised, or copied: checkpoint.snapshot);
+        then, on a thread of its own while training goes on, the metrics fsynced, the state
+        serialised if it was copied and written atomically once under each name, then meta.json
+        updated with `meta` (what the checkpoint commits, never claimed before it is on disk).
+        The next save and the end of training (Trainer.fit) wait for it, before any other write
+        of meta.json: a full disk fails the run there."""
+        from .checkpoint import save_checkpoint, snapshot
 
         self.wait_for_checkpoint()
         paths = [self.checkpoint(name) for name in which]
@@ -257,7 +258,7 @@ class RunWriter:
             self.flush(sync=False)  # to the OS now (a kill loses none); to the disk in the thread
         # the trackers' records so far are this checkpoint's: handed over once it is on disk
         self._tell_trackers(lambda tracker: tracker.checkpointing())
-        state = captured(state)  # serialised by the thread, off the training thread
+        checkpoint = snapshot(state)  # this step's state, whatever training does next
         if meta is not None:
             self.meta.update(meta)
             snapshot = copy.deepcopy(self.meta)  # as it is now: the thread writes it later
@@ -270,7 +271,7 @@ class RunWriter:
                         os.fsync(metrics)
                     finally:
                         os.close(metrics)
-                save_checkpoint(paths, serialise(state))
+                save_checkpoint(paths, checkpoint())
             if meta is not None:
                 with self._failing(self.folder / runs.META, "The checkpoint is written"):
                     runs.write_json(self.folder / runs.META, snapshot)

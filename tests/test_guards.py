@@ -120,6 +120,26 @@ def test_image_prep_flips_in_training_steps_only():
     assert not flipped_mask(x, plain).any()
 
 
+def test_image_prep_normalises_each_channel_and_pads_crops_with_black():
+    """Guards `ImagePrep`'s one scale-and-shift: (x / 255 - mean) / std per channel, and the
+    crop's padding is a black pixel (0 before normalising), whatever the channel's mean."""
+    mean, std = (0.5, 0.25, 0.125), (0.2, 0.4, 0.8)
+    images = torch.randint(0, 256, (6, 3, 5, 5), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(6)
+    channel = lambda values: torch.tensor(values).view(1, 3, 1, 1)  # noqa: E731
+    expected = (images.float() / 255 - channel(mean)) / channel(std)
+    x, y = ImagePrep(mean, std, augment=("crop",), padding=2, seed=0)((images, labels), None)
+    assert x.dtype == torch.float32 and torch.equal(y, labels)
+    torch.testing.assert_close(x, expected, rtol=0, atol=1e-6)
+    # shifted by up to 2 pixels: some border pixel of some image came from the padding
+    cropped, _ = ImagePrep(mean, std, augment=("crop",), padding=2, seed=0)((images, labels), 3)
+    black = (-channel(mean) / channel(std)).expand_as(cropped)
+    padded = torch.isclose(cropped, black, atol=1e-6).all(1)  # (B, H, W): all channels black
+    assert padded[:, [0, -1], :].any() or padded[:, :, [0, -1]].any()
+    assert not padded[:, 2, 2].any()  # the centre is always an image pixel (random, not black)
+
+
 # ----------------------------------------------------------------------------- clipping
 
 

@@ -37,7 +37,7 @@ from stopping import (
 
 import karpathy_runner.checkpoint
 from karpathy_runner import runs as runs_module
-from karpathy_runner.checkpoint import InBackground, captured, load_checkpoint
+from karpathy_runner.checkpoint import AT_ONCE_BYTES, InBackground, captured, load_checkpoint
 from karpathy_runner.tasks.classify import Classify
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # as the kdl processes run
@@ -318,30 +318,43 @@ def test_without_hard_links_best_pt_is_a_copy(runs_dir, monkeypatch):
 
 def test_checkpoints_are_written_while_training_goes_on_with_the_state_of_their_step(
         runs_dir, monkeypatch):
-    """Each checkpoint write is held until the training thread has done a step more: it runs on
-    the checkpoint thread, and still writes the state of its own step, bit for bit as a run
-    whose writes are not held writes it."""
-    def saves(runs: Path, hold: bool) -> list[tuple[str, bool, int, dict]]:
+    """Each checkpoint is held on the checkpoint thread until the training thread has done a
+    step more, and still holds the state of its own step, bit for bit as a run that holds
+    nothing writes it: a small state serialised at once (held before its write), and a state
+    taken as a copy (here: any over 0 bytes), held before the thread serialises it."""
+    def saves(runs: Path, hold: bool, at_once_bytes: int = AT_ONCE_BYTES
+              ) -> list[tuple[str, bool, int, dict]]:
         progress, saved = {"step": 0}, []
-        original, real = Classify.train_step, karpathy_runner.checkpoint.atomic_write
+        original, module = Classify.train_step, karpathy_runner.checkpoint
+        real_write, real_serialise = module.atomic_write, module.serialise
+
+        def until_training_moves_on(step: int) -> None:
+            deadline = time.monotonic() + 3
+            while hold and progress["step"] <= step and time.monotonic() < deadline:
+                time.sleep(0.005)
 
         def train_step(self, batch, step, updater):
             result = original(self, batch, step, updater)
             progress["step"] = step + 1
             return result
 
+        def serialise(state):
+            if threading.current_thread().name == "kdl-checkpoint":  # a copy, serialised late
+                until_training_moves_on(state["loop"]["step"])
+            return real_serialise(state)
+
         def atomic_write(path, write, also=()):
-            deadline = time.monotonic() + 3
-            while hold and progress["step"] <= at_step(write) and time.monotonic() < deadline:
-                time.sleep(0.005)
-            real(path, write, also)
+            until_training_moves_on(at_step(write))
+            real_write(path, write, also)
             state = load_checkpoint(path)
             saved.append((threading.current_thread().name, progress["step"] > state["loop"]["step"],
                            state["loop"]["step"], state["models"]))
 
         with monkeypatch.context() as patch:
             patch.setattr(Classify, "train_step", train_step)
-            patch.setattr(karpathy_runner.checkpoint, "atomic_write", atomic_write)
+            patch.setattr(module, "atomic_write", atomic_write)
+            patch.setattr(module, "serialise", serialise)
+            patch.setattr(module, "AT_ONCE_BYTES", at_once_bytes)
             result = train(runs)
         assert result.exit_code == 0, result.stderr
         return saved
@@ -353,13 +366,15 @@ def test_checkpoints_are_written_while_training_goes_on_with_the_state_of_their_
         buffer.seek(0)
         return torch.load(buffer, weights_only=True)["loop"]["step"]
 
-    held, free = saves(runs_dir / "held", hold=True), saves(runs_dir / "free", hold=False)
-    assert {thread for thread, *_ in held} == {"kdl-checkpoint"}
-    assert [moved_on for _, moved_on, *_ in held] == [True] * (len(held) - 1) + [False]  # the end
-    assert [step for *_, step, _ in held] == [step for *_, step, _ in free] == [
-        4, 8, 12, 16, 20, 21, 24, 28, 32, 36, 40, 42]
-    for (*_, step, models), (*_, _, expected) in zip(held, free, strict=True):
-        assert_same_tensors(models, expected, f"step {step}")
+    free = saves(runs_dir / "free", hold=False)
+    assert [step for *_, step, _ in free] == [4, 8, 12, 16, 20, 21, 24, 28, 32, 36, 40, 42]
+    for at_once_bytes in (AT_ONCE_BYTES, 0):
+        held = saves(runs_dir / f"held-{at_once_bytes}", hold=True, at_once_bytes=at_once_bytes)
+        assert {thread for thread, *_ in held} == {"kdl-checkpoint"}
+        assert [moved_on for _, moved_on, *_ in held] == [True] * (len(held) - 1) + [False]  # the end
+        assert [step for *_, step, _ in held] == [step for *_, step, _ in free]
+        for (*_, step, models), (*_, _, expected) in zip(held, free, strict=True):
+            assert_same_tensors(models, expected, f"step {step}, at once up to {at_once_bytes} bytes")
 
 
 def test_a_kill_while_a_checkpoint_is_written_in_the_background_keeps_the_one_before(runs_dir):
