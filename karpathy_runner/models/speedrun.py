@@ -70,7 +70,10 @@ class SpeedrunNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.features(x)  # (B, C, h, w)
-        pooled = features.amax(dim=(2, 3))  # (B, C): global max pool
+        # (B, C): global max pool. Not amax: its gradient goes to the elements equal to the
+        # max, divided by their count, and torch 2.14's compiled bf16 backward on the CPU finds
+        # none (count 0: NaN gradients); max's gradient goes to the index it picked
+        pooled = features.flatten(2).max(dim=2).values
         return self.head(pooled) * self.logit_scale  # (B, num_classes)
 
     def lr_groups(self) -> list[tuple[list[nn.Parameter], float]]:
