@@ -261,7 +261,7 @@ class RunWriter:
         checkpoint = snapshot(state)  # this step's state, whatever training does next
         if meta is not None:
             self.meta.update(meta)
-            snapshot = copy.deepcopy(self.meta)  # as it is now: the thread writes it later
+            meta_now = copy.deepcopy(self.meta)  # as it is now: the thread writes it later
         metrics = None if self._metrics is None else os.dup(self._metrics.fileno())
 
         def write() -> None:
@@ -274,7 +274,7 @@ class RunWriter:
                 save_checkpoint(paths, checkpoint())
             if meta is not None:
                 with self._failing(self.folder / runs.META, "The checkpoint is written"):
-                    runs.write_json(self.folder / runs.META, snapshot)
+                    runs.write_json(self.folder / runs.META, meta_now)
 
         self._saving.start(write)
         self._covering = True
