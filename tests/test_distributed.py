@@ -28,9 +28,11 @@ from karpathy_runner.distributed import Ranks, shard
 from karpathy_runner.plan import plan_train
 
 # no dropout and no batch norm: what makes two processes on half batches do exactly the
-# single-process arithmetic (up to the order of float additions in the gradient all-reduce)
+# single-process arithmetic (up to the order of float additions in the gradient all-reduce);
+# an odd batch size, so that the ranks' shards differ (32 and 31 items) and each rank's loss
+# must be weighted by its share of the batch (Ranks.loss_scale)
 PLAIN = ["model.channels=[8,16]", "model.batch_norm=false", "model.dropout=0",
-         "data.batch_size=64", "train.device=cpu", "train.log_every_steps=3",
+         "data.batch_size=63", "train.device=cpu", "train.log_every_steps=3",
          "train.checkpoint_every_steps=4", "train.epochs=6"]
 
 
