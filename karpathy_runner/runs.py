@@ -75,25 +75,32 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], also: Sequence[P
 
 def _written_temp(path: Path, write: Callable[[IO[bytes]], Any], locks: contextlib.ExitStack,
                   made: list[Path]) -> Path:
-    """A new temp file beside `path`, locked (held open in `locks`), written and fsynced."""
+    """A new temp file beside `path`, locked (held open in `locks`), written and fsynced. It is
+    made with the mode open() gives a new file (0o666 less the umask, as the run's other files):
+    the umask applied by the kernel, never read by setting it, which would give any file another
+    thread makes meanwhile a umask of 0."""
     import fcntl
-    import tempfile  # here, not at the top: `kdl --help` and `kdl runs` never write
 
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-    made.append(Path(name))
-    os.fchmod(fd, _new_file_mode())  # mkstemp makes 0600: teammates could not read the run
+    while True:
+        name = _temp_name(path)
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            break
+        except FileExistsError:  # (48 random bits: next to never)
+            continue
+    made.append(name)
     handle = locks.enter_context(os.fdopen(fd, "wb"))
     fcntl.flock(fd, fcntl.LOCK_EX)
     write(handle)
     handle.flush()
     os.fsync(fd)
-    return Path(name)
+    return name
 
 
 def _linked_temp(temp: Path, path: Path, made: list[Path]) -> Path | None:
     """A hard link of `temp` under a temp name for `path` (locked with it: one file), or None
     where the file system makes none."""
-    link = path.parent / f".{path.name}.{os.urandom(6).hex()}{TEMP_SUFFIX}"
+    link = _temp_name(path)
     try:
         os.link(temp, link)
     except OSError:  # no hard links here (EPERM, ENOTSUP...), or the name is taken: a copy then
@@ -102,11 +109,9 @@ def _linked_temp(temp: Path, path: Path, made: list[Path]) -> Path | None:
     return link
 
 
-def _new_file_mode() -> int:
-    """The mode open() gives a new file under the process's umask (0644 under the usual 022)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+def _temp_name(path: Path) -> Path:
+    """A new name for a temp file beside `path`: hidden, and found by `remove_stale_temps`."""
+    return path.parent / f".{path.name}.{os.urandom(6).hex()}{TEMP_SUFFIX}"
 
 
 def remove_stale_temps(folder: Path) -> list[Path]:

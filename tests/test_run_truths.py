@@ -35,6 +35,21 @@ def test_run_files_get_the_umask_mode_not_mkstemp_0600(tmp_path, umask, mode):
     assert modes == dict.fromkeys(replaced, mode)
 
 
+def test_atomic_writes_never_set_the_umask(tmp_path, monkeypatch):
+    """Reading the umask means setting it (os.umask): a file another thread made meanwhile (the
+    training thread's, while the checkpoint thread writes) would get a umask of 0, writable by
+    all. The kernel applies it to the mode asked for instead."""
+    previous = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", None)
+        runs.atomic_write(tmp_path / "a.json", lambda handle: handle.write(b"{}"),
+                          also=[tmp_path / "b.json"])
+    finally:
+        monkeypatch.undo()
+        os.umask(previous)
+    assert {stat.S_IMODE((tmp_path / name).stat().st_mode) for name in ("a.json", "b.json")} == {0o640}
+
+
 def _eval_result(run_id: str, step: int, accuracy: float, split: str = "val") -> dict:
     return {"run": run_id, "checkpoint": "best", "split": split, "epoch": step // 10, "step": step,
             "samples": 100, "precision": "fp32", "evaluated_at": runs.utc_now(),
