@@ -4,6 +4,7 @@ channels-last and compiled models, fused optimizers."""
 from __future__ import annotations
 
 import copy
+import io
 import pickle
 import types
 
@@ -15,6 +16,7 @@ from datafiles import write_cifar10, write_folder
 from kdl import CONFIGS, train_tiny
 from stopping import assert_same_tensors, final_state, read_json
 
+from karpathy_runner import checkpoint
 from karpathy_runner.config import ImageDataConfig, OptimizerConfig, load_config
 from karpathy_runner.data import build_data, choose_placement
 from karpathy_runner.engine import _streaming, build_experiment, build_trainer
@@ -96,6 +98,48 @@ def test_streamed_run_trains_exactly_like_a_resident_one(tmp_path):
     a, b = tmp_path / "a" / resident.last_line, tmp_path / "b" / streamed.last_line
     assert_same_tensors(final_state(a)["models"], final_state(b)["models"])
     assert read_json(a / "summary.json")["final"] == read_json(b / "summary.json")["final"]
+
+
+def torch_save_bytes(state: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def test_a_checkpoint_is_the_file_torch_save_writes_byte_for_byte(tmp_path):
+    """kdl pickles checkpoints itself (checkpoint._Pickler: the training thread pays for it),
+    and the file must still be torch.save's own: saving what it loads gives the same bytes."""
+    result = train_tiny(tmp_path, "--set", "train.max_steps=8")
+    assert result.exit_code == 0, result.stderr
+    written = (tmp_path / result.last_line / "checkpoints" / "last.pt").read_bytes()
+    assert written == torch_save_bytes(torch.load(io.BytesIO(written), weights_only=True))
+
+
+def test_the_checkpoint_pickler_writes_what_torch_save_does_and_leaves_it_other_tensors(
+        monkeypatch):
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    base = torch.arange(12.0).view(3, 4)
+    state = {
+        "models": {"model": model.state_dict()},  # an OrderedDict with its _metadata
+        "views": [base, base[1:], base.t(), base[2, 1]],  # one storage: offsets, strides, 0-d
+        "dtypes": [torch.ones(2, dtype=dtype) for dtype in (
+            torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.int16,
+            torch.int8, torch.uint8, torch.bool)],
+        "hidden": (torch.zeros(1, 2, 3), torch.ones(1, 2, 3)), "empty": torch.zeros(0, 4),
+        "values": {"n": 3, "x": 2.5, "none": None, "s": "text", "t": (True, [1, 2])},
+    }
+    expected = torch_save_bytes({"format": checkpoint.FORMAT_VERSION, **state})
+    with monkeypatch.context() as patch:  # written by kdl's pickler alone
+        patch.setattr(torch, "save", None)
+        assert bytes(checkpoint.serialise(state)) == expected
+    # what it does not write itself, torch.save does (the same file as ever)
+    for other in (torch.nn.Parameter(torch.ones(2)), torch.ones(2, dtype=torch.complex64),
+                  torch.ones(3).to_sparse(), torch.ones(2)._neg_view()):
+        state = {"plain": base, "other": other}
+        assert bytes(checkpoint.serialise(state)) == torch_save_bytes(
+            {"format": checkpoint.FORMAT_VERSION, **state})
+    with pytest.raises(RuntimeError, match="different types"):  # as torch.save refuses it
+        checkpoint.serialise({"one storage as two dtypes": [base, base.view(torch.int32)]})
 
 
 def test_channels_last_flag_trains_a_conv_net(tmp_path):
