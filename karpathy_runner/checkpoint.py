@@ -178,7 +178,7 @@ def save_checkpoint(paths: list[Path], data: memoryview) -> None:
     A kill at any moment leaves every path holding either its old or its new complete file.
     """
     *first, last = paths
-    atomic_write(last, lambda handle: handle.write(data), also=first)
+    atomic_write(last, data, also=first)
 
 
 class InBackground:

@@ -35,6 +35,9 @@ TENSORBOARD = "tb"
 LOCK = ".lock"
 TEMP_SUFFIX = ".tmp"
 
+# what atomic_write writes: the bytes, or a function that writes them into a file handle
+Content = bytes | bytearray | memoryview | Callable[[IO[bytes]], Any]
+
 
 def runs_dir(option: str | Path | None = None) -> Path:
     """--runs-dir, else $KDL_RUNS_DIR, else ./runs."""
@@ -48,8 +51,9 @@ def utc_now() -> str:
 # ----------------------------------------------------------------------------- atomic files
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], also: Sequence[Path] = ()) -> None:
-    """Write through `write(handle)` into a temp file beside `path`, fsync, rename over it.
+def atomic_write(path: Path, data: Content, also: Sequence[Path] = ()) -> None:
+    """Write `data` (bytes, or a function that writes into a handle) into a temp file beside
+    `path`, fsync, rename over it.
 
     `also`: more names in the same folder for the same bytes, renamed into place first, in
     order. Each is a hard link of the one temp file, so the bytes are written and fsynced once
@@ -61,8 +65,8 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], also: Sequence[P
     made: list[Path] = []  # temp files, to remove if anything fails before they are renamed
     with contextlib.ExitStack() as locks:  # each temp file's handle (and lock) until the renames
         try:
-            first = _written_temp(path, write, locks, made)
-            temps = [_linked_temp(first, other, made) or _written_temp(other, write, locks, made)
+            first = _written_temp(path, data, locks, made)
+            temps = [_linked_temp(first, other, made) or _written_temp(other, data, locks, made)
                      for other in also]
             for temp, target in zip([*temps, first], [*also, path], strict=True):
                 os.replace(temp, target)
@@ -73,12 +77,14 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], also: Sequence[P
     _fsync_dir(path.parent)
 
 
-def _written_temp(path: Path, write: Callable[[IO[bytes]], Any], locks: contextlib.ExitStack,
-                  made: list[Path]) -> Path:
-    """A new temp file beside `path`, locked (held open in `locks`), written and fsynced. It is
-    made with the mode open() gives a new file (0o666 less the umask, as the run's other files):
-    the umask applied by the kernel, never read by setting it, which would give any file another
-    thread makes meanwhile a umask of 0."""
+def _written_temp(path: Path, data: Content, locks: contextlib.ExitStack, made: list[Path]) -> Path:
+    """A new temp file beside `path`, locked (held open in `locks`), written and fsynced.
+
+    It is made with the mode open() gives a new file (0o666 less the umask, as the run's other
+    files): the umask applied by the kernel, never read by setting it, which would give any
+    file another thread makes meanwhile a umask of 0. Bytes go straight to the file, in as few
+    system calls as the kernel takes (on the checkpoint thread each call hands the GIL over
+    and back)."""
     import fcntl
 
     while True:
@@ -88,11 +94,16 @@ def _written_temp(path: Path, write: Callable[[IO[bytes]], Any], locks: contextl
             break
         except FileExistsError:  # (48 random bits: next to never)
             continue
+    locks.callback(os.close, fd)
     made.append(name)
-    handle = locks.enter_context(os.fdopen(fd, "wb"))
     fcntl.flock(fd, fcntl.LOCK_EX)
-    write(handle)
-    handle.flush()
+    if callable(data):
+        with os.fdopen(fd, "wb", closefd=False) as handle:
+            data(handle)
+    else:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
     os.fsync(fd)
     return name
 
@@ -206,12 +217,11 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    data = (json.dumps(obj, indent=2, default=str) + "\n").encode()
-    atomic_write(path, lambda handle: handle.write(data))
+    atomic_write(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
 
 
 def write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda handle: handle.write(text.encode()))
+    atomic_write(path, text.encode())
 
 
 def read_json(path: Path) -> dict[str, Any]:

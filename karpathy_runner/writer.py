@@ -124,7 +124,7 @@ class RunWriter:
             current = False
         if not current:
             data = self.checkpoint("last").read_bytes()
-            runs.atomic_write(best, lambda handle: handle.write(data))
+            runs.atomic_write(best, data)
             self.log(f"best.pt repaired from last.pt (epoch {epoch})")
 
     @_rank_zero
@@ -312,7 +312,7 @@ class RunWriter:
             path = self.folder / runs.SAMPLES / f"{name}{suffix}"
         if sample.images is not None:
             data = png_grid(sample.images)
-            runs.atomic_write(path, lambda handle: handle.write(data))
+            runs.atomic_write(path, data)
         else:
             runs.write_text(path, sample.text)
         if step is not None:

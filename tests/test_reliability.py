@@ -343,9 +343,9 @@ def test_checkpoints_are_written_while_training_goes_on_with_the_state_of_their_
                 until_training_moves_on(state["loop"]["step"])
             return real_serialise(state)
 
-        def atomic_write(path, write, also=()):
-            until_training_moves_on(at_step(write))
-            real_write(path, write, also)
+        def atomic_write(path, data, also=()):
+            until_training_moves_on(at_step(data))
+            real_write(path, data, also)
             state = load_checkpoint(path)
             saved.append((threading.current_thread().name, progress["step"] > state["loop"]["step"],
                            state["loop"]["step"], state["models"]))
@@ -359,12 +359,9 @@ def test_checkpoints_are_written_while_training_goes_on_with_the_state_of_their_
         assert result.exit_code == 0, result.stderr
         return saved
 
-    def at_step(write) -> int:
-        """The step of the checkpoint that `write` writes."""
-        buffer = io.BytesIO()
-        write(buffer)
-        buffer.seek(0)
-        return torch.load(buffer, weights_only=True)["loop"]["step"]
+    def at_step(data) -> int:
+        """The step of the checkpoint whose bytes are `data`."""
+        return torch.load(io.BytesIO(data), weights_only=True)["loop"]["step"]
 
     free = saves(runs_dir / "free", hold=False)
     assert [step for *_, step, _ in free] == [4, 8, 12, 16, 20, 21, 24, 28, 32, 36, 40, 42]
