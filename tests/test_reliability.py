@@ -2,8 +2,9 @@
 window, changes applied by a resume, one process per run, temp files a kill left behind, and
 checkpoint files (best.pt a hard link of last.pt, written in the background).
 
-The kills use real `kdl train` processes that signal themselves just before the n-th os.replace
-onto a named file (tests/kill_at.py); resumes run in-process.
+The kills use real `kdl train` processes (forked from the test's, stopping.fork) that signal
+themselves just before the n-th os.replace onto a named file (tests/kill_at.py); resumes run
+in-process.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from stopping import (
     assert_same_tensors,
     assert_same_training,
     final_state,
-    launch,
+    fork,
     only_run,
     output,
     read_json,
@@ -66,7 +67,7 @@ def nth(names: list[str], index: int) -> tuple[str, int]:
 
 
 def run_killed(runs: Path, kill_at: tuple[str, int, str], *args: str) -> tuple[int, Path]:
-    process = launch(runs, *args, kill_at=kill_at)
+    process = fork(runs, *args, kill_at=kill_at)
     code = process.wait(timeout=240)
     return code, only_run(runs)
 
@@ -82,8 +83,8 @@ def test_a_kill_before_any_of_the_final_writes_resumes_to_the_same_files(runs_di
     tail = [nth(names, i) for i in range(len(names) - 5, len(names))]
     assert [name for name, _ in tail] == ["best.pt", "last.pt", "meta.json", "summary.json",
                                           "meta.json"]
-    processes = [launch(runs_dir / f"kill{i}", *train_command(*RANDOM),
-                        kill_at=(name, n, "SIGKILL")) for i, (name, n) in enumerate(tail)]
+    processes = [fork(runs_dir / f"kill{i}", *train_command(*RANDOM), kill_at=(name, n, "SIGKILL"))
+                 for i, (name, n) in enumerate(tail)]
     for i, process in enumerate(processes):
         assert process.wait(timeout=240) == -signal.SIGKILL, output(process)
         folder = only_run(runs_dir / f"kill{i}")
@@ -222,7 +223,7 @@ def test_two_resumes_at_once_one_trains_the_other_exits_2_naming_it(runs_dir):
     meta = read_json(folder / "meta.json")
     (folder / "meta.json").write_text(json.dumps({**meta, "status": "interrupted"}))
     command = ["--resume", folder.name, *sets(["train.epochs=4"]), "--allow-changes"]
-    processes = [launch(runs, *command) for _ in range(2)]
+    processes = [fork(runs, *command) for _ in range(2)]
     codes = sorted(((p.wait(timeout=240), p) for p in processes), key=lambda item: item[0])
     (won, winner), (lost, loser) = codes
     assert (won, lost) == (0, 2), [output(p) for p in processes]
@@ -382,7 +383,7 @@ def test_a_kill_while_a_checkpoint_is_written_in_the_background_keeps_the_one_be
     one, as training goes on: last.pt is the complete step-8 file and the run resumes to the
     uninterrupted run's end."""
     baseline = train(runs_dir / "straight")
-    process = launch(runs_dir / "runs", *train_command(*RANDOM), kill_at=("last.pt", 3, "SIGKILL"))
+    process = fork(runs_dir / "runs", *train_command(*RANDOM), kill_at=("last.pt", 3, "SIGKILL"))
     assert process.wait(timeout=240) == -signal.SIGKILL, output(process)
     assert "kill_at: last.pt 3 in thread kdl-checkpoint" in output(process)
     folder = only_run(runs_dir / "runs")

@@ -24,6 +24,7 @@ from stopping import (
     STEPS_PER_EPOCH,
     assert_same_training,
     final_state,
+    fork,
     launch,
     metrics,
     only_run,
@@ -170,7 +171,7 @@ def test_sigkill_at_random_moments_then_resume_ends_like_an_uninterrupted_run(tm
     assert baseline.exit_code == 0, baseline.stderr
     runs = tmp_path / "runs"
     draw = random.Random(20240601)
-    process = launch(runs, *train_command(*overrides))
+    process = fork(runs, *train_command(*overrides))
     step, kills, evals = 0, 0, 0
     while kills < 3:
         target = step + draw.randint(4, 16)
@@ -193,7 +194,7 @@ def test_sigkill_at_random_moments_then_resume_ends_like_an_uninterrupted_run(tm
         assert json.loads(kdl("runs", "--runs-dir", runs, "--json").stdout)[0]["status"] == "crashed"
         step = load_checkpoint(folder / "checkpoints" / "last.pt")["loop"]["step"]
         assert 0 < step < total
-        process = launch(runs, "--resume", folder.name)
+        process = fork(runs, "--resume", folder.name)
     assert process.wait(timeout=120) == 0, output(process)
     assert evals == 2
     meta = read_json(folder / "meta.json")
