@@ -323,15 +323,17 @@ def test_checkpoints_are_written_while_training_goes_on_with_the_state_of_their_
     step more, and still holds the state of its own step, bit for bit as a run that holds
     nothing writes it: a small state serialised at once (held before its write), and a state
     taken as a copy (here: any over 0 bytes), held before the thread serialises it."""
-    def saves(runs: Path, hold: bool, at_once_bytes: int = AT_ONCE_BYTES
+    def saves(runs: Path, hold_below: int = 0, at_once_bytes: int = AT_ONCE_BYTES
               ) -> list[tuple[str, bool, int, dict]]:
+        """The checkpoints a run writes, each held until training moves on if its step is below
+        `hold_below` (the last step: no step follows it to wait for)."""
         progress, saved = {"step": 0}, []
         original, module = Classify.train_step, karpathy_runner.checkpoint
         real_write, real_serialise = module.atomic_write, module.serialise
 
         def until_training_moves_on(step: int) -> None:
             deadline = time.monotonic() + 3
-            while hold and progress["step"] <= step and time.monotonic() < deadline:
+            while step < hold_below and progress["step"] <= step and time.monotonic() < deadline:
                 time.sleep(0.005)
 
         def train_step(self, batch, step, updater):
@@ -367,10 +369,10 @@ def test_checkpoints_are_written_while_training_goes_on_with_the_state_of_their_
         buffer.seek(0)
         return torch.load(buffer, weights_only=True)["loop"]["step"]
 
-    free = saves(runs_dir / "free", hold=False)
+    free = saves(runs_dir / "free")
     assert [step for *_, step, _ in free] == [4, 8, 12, 16, 20, 21, 24, 28, 32, 36, 40, 42]
     for at_once_bytes in (AT_ONCE_BYTES, 0):
-        held = saves(runs_dir / f"held-{at_once_bytes}", hold=True, at_once_bytes=at_once_bytes)
+        held = saves(runs_dir / f"held-{at_once_bytes}", hold_below=42, at_once_bytes=at_once_bytes)
         assert {thread for thread, *_ in held} == {"kdl-checkpoint"}
         assert [moved_on for _, moved_on, *_ in held] == [True] * (len(held) - 1) + [False]  # the end
         assert [step for *_, step, _ in held] == [step for *_, step, _ in free]
