@@ -164,8 +164,10 @@ def test_sigkill_at_random_moments_then_resume_ends_like_an_uninterrupted_run(tm
     keeps loading last.pt and runs `kdl eval` on the training run: every read finds a complete
     checkpoint. After each kill `kdl runs` says crashed; the run ends with the uninterrupted
     run's weights and metrics."""
-    overrides = [*RANDOM, "train.epochs=5"]
-    total = 5 * STEPS_PER_EPOCH  # 3 kills use at most 3 * (16 + a few) steps of them
+    overrides = [*RANDOM, "train.epochs=8"]
+    # 3 kills use at most 3 * (16 + a few) steps of them, and the second process trains on while
+    # the test evaluates it: room enough that it is never done before its kill
+    total = 8 * STEPS_PER_EPOCH
     baseline = kdl("train", CONFIGS / "digits_cnn.yaml", *sets(overrides),
                    "--runs-dir", tmp_path / "straight", "--quiet")
     assert baseline.exit_code == 0, baseline.stderr
