@@ -113,10 +113,10 @@ def test_ctrl_c_to_the_process_group_with_dataloader_workers(tmp_path):
     """A terminal's Ctrl-C reaches the workers too: they leave it to the main process, which
     finishes its step, saves, says so once and exits 130."""
     runs = tmp_path / "runs"
-    process = launch(runs, *train_command("model.channels=[8,16]", "train.device=cpu",
-                                          "train.epochs=50", "data.num_workers=2",
-                                          "data.placement=stream"),
-                     start_new_session=True)
+    process = fork(runs, *train_command("model.channels=[8,16]", "train.device=cpu",
+                                        "train.epochs=50", "data.num_workers=2",
+                                        "data.placement=stream"),
+                   start_new_session=True)
     try:
         wait_for(lambda: any(runs.glob("*/checkpoints/last.pt")) or process.poll() is not None)
         os.killpg(process.pid, signal.SIGINT)
