@@ -1,16 +1,10 @@
-"""`kdl` as a real process that signals itself just before the n-th os.replace onto a file of a
-given name (counted in this process), so a test can stop it between two exact file writes:
-
-    python tests/kill_at.py NAME N SIGNAL kdl-arguments...   e.g. meta.json 3 SIGKILL train ...
-
-(stopping.fork installs the same hook in a forked `kdl train`.)
-"""
+"""A hook that makes a `kdl train` process signal itself just before its n-th os.replace onto a
+file of a given name, so a test can stop it between two exact file writes (stopping.fork
+installs it in the forked process, e.g. ("meta.json", 3, "SIGKILL"))."""
 
 from __future__ import annotations
 
 import os
-import signal
-import sys
 import threading
 
 
@@ -29,11 +23,3 @@ def signal_before(name: str, nth: int, signum: int) -> None:
         return real_replace(src, dst)
 
     os.replace = replace
-
-
-if __name__ == "__main__":
-    from karpathy_runner.cli import main
-
-    signal_before(sys.argv[1], int(sys.argv[2]), getattr(signal, sys.argv[3]))
-    sys.argv = ["kdl", *sys.argv[4:]]
-    main()

@@ -146,18 +146,16 @@ def only_run(runs: Path) -> Path:
 # ----------------------------------------------------------------------------- real processes
 
 
-def launch(runs: Path, *args: str, kill_at: tuple[str, int, str] | None = None,
-           env: dict[str, str] | None = None, **popen: Any) -> subprocess.Popen:
-    """`kdl train ...` as a real process (`python -m karpathy_runner`), output to a log file;
-    with `kill_at` (file name, n, signal name) it signals itself before the n-th replace of that
-    file (tests/kill_at.py)."""
+def launch(runs: Path, *args: str, env: dict[str, str] | None = None, **popen: Any
+           ) -> subprocess.Popen:
+    """`kdl train ...` as a fresh process (`python -m karpathy_runner`), output to a log file:
+    for what needs a start of its own (torchrun's processes, launches racing each other);
+    `fork` starts the others sooner."""
     runs.mkdir(parents=True, exist_ok=True)
     log = open(runs.parent / f"kdl-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115
     env = {**os.environ, "KDL_RUNS_DIR": str(runs), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
            **(env or {})}
-    entry = [str(Path(__file__).parent / "kill_at.py"), *map(str, kill_at)] if kill_at else [
-        "-m", "karpathy_runner"]
-    command = [sys.executable, *entry, "train", *args, "--quiet"]
+    command = [sys.executable, "-m", "karpathy_runner", "train", *args, "--quiet"]
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, **popen)
     process.log_path = Path(log.name)  # type: ignore[attr-defined]
     log.close()
@@ -192,8 +190,10 @@ class Forked:
 def fork(runs: Path, *args: str, kill_at: tuple[str, int, str] | None = None,
          env: dict[str, str] | None = None, start_new_session: bool = False) -> Forked:
     """`kdl train ...` in a forked copy of this process, output to a log file, as `launch` runs
-    it (a process of its own, one thread, `kill_at` alike) without the seconds that a fresh
-    interpreter spends importing torch: for tests of what a kill or a signal leaves behind.
+    it (a process of its own, one thread) without the seconds that a fresh interpreter spends
+    importing torch: for tests of what a kill or a signal leaves behind. With `kill_at` (file
+    name, n, signal name) it signals itself just before its n-th replace of that file
+    (tests/kill_at.py).
     The copy never returns into the test: it leaves by os._exit with kdl's exit code."""
     runs.mkdir(parents=True, exist_ok=True)
     log_path = runs.parent / f"kdl-{time.monotonic_ns()}.log"
