@@ -9,14 +9,17 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from kdl import CONFIGS, TINY, Result, kdl
+from kill_at import signal_before
 
 from karpathy_runner.checkpoint import load_checkpoint
+from karpathy_runner.cli import main
 from karpathy_runner.tasks.classify import Classify
 
 # everything that draws random numbers, on the deterministic CPU path: shuffling, dropout,
@@ -143,22 +146,86 @@ def only_run(runs: Path) -> Path:
 # ----------------------------------------------------------------------------- real processes
 
 
-def launch(runs: Path, *args: str, kill_at: tuple[str, int, str] | None = None,
-           env: dict[str, str] | None = None, **popen: Any) -> subprocess.Popen:
-    """`kdl train ...` as a real process (`python -m karpathy_runner`), output to a log file;
-    with `kill_at` (file name, n, signal name) it signals itself before the n-th replace of that
-    file (tests/kill_at.py)."""
+def launch(runs: Path, *args: str, env: dict[str, str] | None = None, **popen: Any
+           ) -> subprocess.Popen:
+    """`kdl train ...` as a fresh process (`python -m karpathy_runner`), output to a log file:
+    for what needs a start of its own (torchrun's processes, launches racing each other);
+    `fork` starts the others sooner."""
     runs.mkdir(parents=True, exist_ok=True)
     log = open(runs.parent / f"kdl-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115
     env = {**os.environ, "KDL_RUNS_DIR": str(runs), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
            **(env or {})}
-    entry = [str(Path(__file__).parent / "kill_at.py"), *map(str, kill_at)] if kill_at else [
-        "-m", "karpathy_runner"]
-    command = [sys.executable, *entry, "train", *args, "--quiet"]
+    command = [sys.executable, "-m", "karpathy_runner", "train", *args, "--quiet"]
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, **popen)
     process.log_path = Path(log.name)  # type: ignore[attr-defined]
     log.close()
     return process
+
+
+class Forked:
+    """A `kdl train` started by `fork`, waited on as a subprocess.Popen is."""
+
+    def __init__(self, pid: int, log_path: Path):
+        self.pid, self.log_path, self.returncode = pid, log_path, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)  # -N: killed by signal N
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(["kdl", "train"], timeout)
+            time.sleep(0.01)
+        return self.returncode
+
+    def kill(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
+
+
+def fork(runs: Path, *args: str, kill_at: tuple[str, int, str] | None = None,
+         env: dict[str, str] | None = None, start_new_session: bool = False) -> Forked:
+    """`kdl train ...` in a forked copy of this process, output to a log file, as `launch` runs
+    it (a process of its own, one thread) without the seconds that a fresh interpreter spends
+    importing torch: for tests of what a kill or a signal leaves behind. With `kill_at` (file
+    name, n, signal name) it signals itself just before its n-th replace of that file
+    (tests/kill_at.py).
+    The copy never returns into the test: it leaves by os._exit with kdl's exit code."""
+    runs.mkdir(parents=True, exist_ok=True)
+    log_path = runs.parent / f"kdl-{time.monotonic_ns()}.log"
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        os.close(log)
+        return Forked(pid, log_path)
+    code = 1
+    try:
+        if start_new_session:
+            os.setsid()
+        for fd in (1, 2):
+            os.dup2(log, fd)
+        sys.stdout, sys.stderr = (open(fd, "w", buffering=1, closefd=False) for fd in (1, 2))  # noqa: SIM115
+        os.environ.update({"KDL_RUNS_DIR": str(runs), **(env or {})})
+        torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 does for a launched process
+        if kill_at:
+            signal_before(kill_at[0], int(kill_at[1]), getattr(signal, kill_at[2]))
+        sys.argv = ["kdl", "train", *map(str, args), "--quiet"]
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    except BaseException:  # the copy must reach os._exit whatever happens
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def train_command(*overrides: str) -> list[str]:

@@ -183,6 +183,8 @@ def _skip_step_rank(rank: int, init_file: str, results: multiprocessing.Queue) -
     from karpathy_runner.distributed import Ranks
     from karpathy_runner.trainer import Updater
 
+    torch.set_num_threads(1)  # forked: no OpenMP thread team of the test process to lean on
+
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                                          world_size=2)
     try:
@@ -204,7 +206,7 @@ def _skip_step_rank(rank: int, init_file: str, results: multiprocessing.Queue) -
 def test_skip_step_is_decided_by_all_ranks_together(tmp_path):
     """on_nonfinite: skip_step with a non-finite loss on one rank only: every rank skips the
     step (none waits alone in the gradient all-reduce) and no weight moves anywhere."""
-    context = multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("fork")  # no torch import per rank: a second or two
     results = context.Queue()
     workers = [context.Process(target=_skip_step_rank, args=(rank, str(tmp_path / "init"), results))
                for rank in range(2)]

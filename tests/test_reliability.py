@@ -2,8 +2,9 @@
 window, changes applied by a resume, one process per run, temp files a kill left behind, and
 checkpoint files (best.pt a hard link of last.pt, written in the background).
 
-The kills use real `kdl train` processes that signal themselves just before the n-th os.replace
-onto a named file (tests/kill_at.py); resumes run in-process.
+The kills use real `kdl train` processes (forked from the test's, stopping.fork) that signal
+themselves just before the n-th os.replace onto a named file (tests/kill_at.py); resumes run
+in-process.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from stopping import (
     assert_same_tensors,
     assert_same_training,
     final_state,
-    launch,
+    fork,
     only_run,
     output,
     read_json,
@@ -66,7 +67,7 @@ def nth(names: list[str], index: int) -> tuple[str, int]:
 
 
 def run_killed(runs: Path, kill_at: tuple[str, int, str], *args: str) -> tuple[int, Path]:
-    process = launch(runs, *args, kill_at=kill_at)
+    process = fork(runs, *args, kill_at=kill_at)
     code = process.wait(timeout=240)
     return code, only_run(runs)
 
@@ -82,8 +83,8 @@ def test_a_kill_before_any_of_the_final_writes_resumes_to_the_same_files(runs_di
     tail = [nth(names, i) for i in range(len(names) - 5, len(names))]
     assert [name for name, _ in tail] == ["best.pt", "last.pt", "meta.json", "summary.json",
                                           "meta.json"]
-    processes = [launch(runs_dir / f"kill{i}", *train_command(*RANDOM),
-                        kill_at=(name, n, "SIGKILL")) for i, (name, n) in enumerate(tail)]
+    processes = [fork(runs_dir / f"kill{i}", *train_command(*RANDOM), kill_at=(name, n, "SIGKILL"))
+                 for i, (name, n) in enumerate(tail)]
     for i, process in enumerate(processes):
         assert process.wait(timeout=240) == -signal.SIGKILL, output(process)
         folder = only_run(runs_dir / f"kill{i}")
@@ -222,7 +223,7 @@ def test_two_resumes_at_once_one_trains_the_other_exits_2_naming_it(runs_dir):
     meta = read_json(folder / "meta.json")
     (folder / "meta.json").write_text(json.dumps({**meta, "status": "interrupted"}))
     command = ["--resume", folder.name, *sets(["train.epochs=4"]), "--allow-changes"]
-    processes = [launch(runs, *command) for _ in range(2)]
+    processes = [fork(runs, *command) for _ in range(2)]
     codes = sorted(((p.wait(timeout=240), p) for p in processes), key=lambda item: item[0])
     (won, winner), (lost, loser) = codes
     assert (won, lost) == (0, 2), [output(p) for p in processes]
@@ -322,15 +323,17 @@ def test_checkpoints_are_written_while_training_goes_on_with_the_state_of_their_
     step more, and still holds the state of its own step, bit for bit as a run that holds
     nothing writes it: a small state serialised at once (held before its write), and a state
     taken as a copy (here: any over 0 bytes), held before the thread serialises it."""
-    def saves(runs: Path, hold: bool, at_once_bytes: int = AT_ONCE_BYTES
+    def saves(runs: Path, hold_below: int = 0, at_once_bytes: int = AT_ONCE_BYTES
               ) -> list[tuple[str, bool, int, dict]]:
+        """The checkpoints a run writes, each held until training moves on if its step is below
+        `hold_below` (the last step: no step follows it to wait for)."""
         progress, saved = {"step": 0}, []
         original, module = Classify.train_step, karpathy_runner.checkpoint
         real_write, real_serialise = module.atomic_write, module.serialise
 
         def until_training_moves_on(step: int) -> None:
             deadline = time.monotonic() + 3
-            while hold and progress["step"] <= step and time.monotonic() < deadline:
+            while step < hold_below and progress["step"] <= step and time.monotonic() < deadline:
                 time.sleep(0.005)
 
         def train_step(self, batch, step, updater):
@@ -363,10 +366,10 @@ def test_checkpoints_are_written_while_training_goes_on_with_the_state_of_their_
         """The step of the checkpoint whose bytes are `data`."""
         return torch.load(io.BytesIO(data), weights_only=True)["loop"]["step"]
 
-    free = saves(runs_dir / "free", hold=False)
+    free = saves(runs_dir / "free")
     assert [step for *_, step, _ in free] == [4, 8, 12, 16, 20, 21, 24, 28, 32, 36, 40, 42]
     for at_once_bytes in (AT_ONCE_BYTES, 0):
-        held = saves(runs_dir / f"held-{at_once_bytes}", hold=True, at_once_bytes=at_once_bytes)
+        held = saves(runs_dir / f"held-{at_once_bytes}", hold_below=42, at_once_bytes=at_once_bytes)
         assert {thread for thread, *_ in held} == {"kdl-checkpoint"}
         assert [moved_on for _, moved_on, *_ in held] == [True] * (len(held) - 1) + [False]  # the end
         assert [step for *_, step, _ in held] == [step for *_, step, _ in free]
@@ -379,7 +382,7 @@ def test_a_kill_while_a_checkpoint_is_written_in_the_background_keeps_the_one_be
     one, as training goes on: last.pt is the complete step-8 file and the run resumes to the
     uninterrupted run's end."""
     baseline = train(runs_dir / "straight")
-    process = launch(runs_dir / "runs", *train_command(*RANDOM), kill_at=("last.pt", 3, "SIGKILL"))
+    process = fork(runs_dir / "runs", *train_command(*RANDOM), kill_at=("last.pt", 3, "SIGKILL"))
     assert process.wait(timeout=240) == -signal.SIGKILL, output(process)
     assert "kill_at: last.pt 3 in thread kdl-checkpoint" in output(process)
     folder = only_run(runs_dir / "runs")

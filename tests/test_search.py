@@ -116,9 +116,10 @@ def test_until_epoch_pauses_a_run_that_resume_takes_to_the_end(tmp_path):
 # ----------------------------------------------------------------------------- studies
 
 
-def test_a_tpe_study_stopped_by_ctrl_c_is_continued_by_the_same_command(tmp_path):
+def test_a_tpe_study_stopped_by_ctrl_c_is_continued_by_the_same_command(tmp_path, monkeypatch):
     runs = tmp_path / "runs"
-    args = ["--search", "tpe", "--trials", "6", "--jobs", "2",
+    # three trials: the two running at the Ctrl-C are resumed, the third is started afresh
+    args = ["--search", "tpe", "--trials", "3", "--jobs", "2",
             "--space", "optimizer.lr=loguniform(1e-3,1e-2)", "--space", "model.dropout=choice(0.0,0.2)",
             *sets([*TINY, "train.epochs=3"])]
     # the first trial to finish its second epoch sends the sweep's process group a SIGINT, as a
@@ -134,14 +135,16 @@ def test_a_tpe_study_stopped_by_ctrl_c_is_continued_by_the_same_command(tmp_path
     assert stopped and all(run.status == "interrupted" for run in stopped.values())
     assert [t.state.name for t in study_trials(runs, study)] == ["RUNNING"] * len(stopped)
 
-    again = sweep_process(runs, *args)
-    assert again.returncode == 0, again.stderr
-    assert again.stdout.strip().splitlines()[-1] == study
+    # the same command again (in-process: its trials are processes all the same)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    again = kdl("sweep", DIGITS, *args, "--runs-dir", runs)
+    assert again.exit_code == 0, again.stderr
+    assert again.last_line == study
     assert f"resuming {len(stopped)} unfinished trial(s)" in again.stderr
     trials = study_trials(runs, study)
-    assert [(t.number, t.state.name) for t in trials] == [(n, "COMPLETE") for n in range(6)]
+    assert [(t.number, t.state.name) for t in trials] == [(n, "COMPLETE") for n in range(3)]
     done = trial_runs(runs, study)
-    assert sorted(done) == list(range(6))  # one run per trial: none lost, none run twice
+    assert sorted(done) == list(range(3))  # one run per trial: none lost, none run twice
     assert all(run.status == "completed" for run in done.values())
     for number, run in stopped.items():  # the stopped trials went on in their own folders
         assert done[number].id == run.id and len(Run(run.path).meta["resumes"]) == 1
@@ -153,44 +156,46 @@ def test_a_tpe_study_stopped_by_ctrl_c_is_continued_by_the_same_command(tmp_path
     assert f"best: trial {best.number}, val.loss {best.value:.4g}" in again.stderr
 
 
-def test_halving_keeps_a_third_at_each_rung_and_the_survivor_equals_a_straight_run(
+def test_halving_keeps_the_best_1_over_eta_at_each_rung_and_the_survivor_equals_a_straight_run(
         tmp_path, monkeypatch):
+    """Five trials, ETA 2, rungs of 1, 2 and 4 epochs: 5, then 2 (5 // 2: neither 5 - 5 // 2
+    nor a rounded-up half), then 1 trial; the survivor paused twice and resumed twice."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the trials' processes, as the run made here
     runs = tmp_path / "runs"
-    result = kdl("sweep", DIGITS, "--search", "random", "--trials", "9", "--halving", "3",
+    result = kdl("sweep", DIGITS, "--search", "random", "--trials", "5", "--halving", "2",
                  "--min-epochs", "1", "--jobs", "2", "--space", "optimizer.lr=loguniform(1e-3,3e-2)",
-                 *sets([*TINY, "train.epochs=9", "data.batch_size=256", "model.channels=[4,8]",
+                 *sets([*TINY, "train.epochs=4", "data.batch_size=256", "model.channels=[4,8]",
                         "train.deterministic=true"]), "--runs-dir", runs)
     assert result.exit_code == 0, result.stderr
     study = result.last_line
     trials = study_trials(runs, study)
-    assert sorted(t.state.name for t in trials) == ["COMPLETE"] + ["PRUNED"] * 8
+    assert sorted(t.state.name for t in trials) == ["COMPLETE"] + ["PRUNED"] * 4
     done = trial_runs(runs, study)
     epochs = {n: Run(run.path).meta["epochs_done"] for n, run in done.items()}
-    assert sorted(epochs.values()) == [1] * 6 + [3] * 2 + [9]  # 9, then 3, then 1 trial
+    assert sorted(epochs.values()) == [1] * 3 + [2] + [4]  # 5, then 2, then 1 trial
 
     def value_at(number: int, epoch: int) -> float:
         return min(r["loss"] for r in (json.loads(line) for line in
                                        (done[number].path / "metrics.jsonl").read_text().splitlines())
                    if r["split"] == "val" and r["epoch"] <= epoch)
 
-    # the best third by val.loss went on at each rung
-    second = sorted(done, key=lambda n: value_at(n, 1))[:3]
-    assert sorted(n for n, e in epochs.items() if e >= 3) == sorted(second)
-    survivor = min(second, key=lambda n: value_at(n, 3))
-    assert epochs[survivor] == 9 and Run(done[survivor].path).status == "completed"
+    # the best 1/ETA by val.loss went on at each rung
+    second = sorted(done, key=lambda n: value_at(n, 1))[:2]
+    assert sorted(n for n, e in epochs.items() if e >= 2) == sorted(second)
+    survivor = min(second, key=lambda n: value_at(n, 2))
+    assert epochs[survivor] == 4 and Run(done[survivor].path).status == "completed"
     assert all(Run(run.path).status == "paused" for n, run in done.items() if n != survivor)
 
     # kdl compare --sweep shows each trial's rung and where it stopped
     shown = kdl("compare", "--sweep", study, "--runs-dir", runs).stdout
     header = next(line for line in shown.splitlines() if "trial" in line)
     assert header.replace("┃", " ").split()[:5] == ["id", "status", "trial", "rung", "epochs"]
-    assert sum(" 9/9 " in line for line in shown.splitlines()) == 1
-    assert sum(" 1/9 " in line for line in shown.splitlines()) == 6
+    assert sum(" 4/4 " in line for line in shown.splitlines()) == 1
+    assert sum(" 1/4 " in line for line in shown.splitlines()) == 3
     table = kdl("compare", "--sweep", study, "--csv", "--runs-dir", runs)
     rows = {int(r["trial"]): r for r in csv.DictReader(io.StringIO(table.stdout))}
     assert {n: (int(r["rung"]), r["epochs"]) for n, r in rows.items()} == {
-        n: ({1: 1, 3: 2, 9: 3}[e], f"{e}/9") for n, e in epochs.items()}
+        n: ({1: 1, 2: 2, 4: 3}[e], f"{e}/4") for n, e in epochs.items()}
 
     # paused twice and resumed twice, the survivor ends bit for bit as its config trained straight
     straight = kdl("train", done[survivor].path / "config.yaml", "--runs-dir", tmp_path / "straight",

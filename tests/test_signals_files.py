@@ -24,6 +24,7 @@ from stopping import (
     STEPS_PER_EPOCH,
     assert_same_training,
     final_state,
+    fork,
     launch,
     metrics,
     only_run,
@@ -112,10 +113,10 @@ def test_ctrl_c_to_the_process_group_with_dataloader_workers(tmp_path):
     """A terminal's Ctrl-C reaches the workers too: they leave it to the main process, which
     finishes its step, saves, says so once and exits 130."""
     runs = tmp_path / "runs"
-    process = launch(runs, *train_command("model.channels=[8,16]", "train.device=cpu",
-                                          "train.epochs=50", "data.num_workers=2",
-                                          "data.placement=stream"),
-                     start_new_session=True)
+    process = fork(runs, *train_command("model.channels=[8,16]", "train.device=cpu",
+                                        "train.epochs=50", "data.num_workers=2",
+                                        "data.placement=stream"),
+                   start_new_session=True)
     try:
         wait_for(lambda: any(runs.glob("*/checkpoints/last.pt")) or process.poll() is not None)
         os.killpg(process.pid, signal.SIGINT)
@@ -163,14 +164,16 @@ def test_sigkill_at_random_moments_then_resume_ends_like_an_uninterrupted_run(tm
     keeps loading last.pt and runs `kdl eval` on the training run: every read finds a complete
     checkpoint. After each kill `kdl runs` says crashed; the run ends with the uninterrupted
     run's weights and metrics."""
-    overrides = [*RANDOM, "train.epochs=5"]
-    total = 5 * STEPS_PER_EPOCH  # 3 kills use at most 3 * (16 + a few) steps of them
+    overrides = [*RANDOM, "train.epochs=8"]
+    # 3 kills use at most 3 * (16 + a few) steps of them, and the second process trains on while
+    # the test evaluates it: room enough that it is never done before its kill
+    total = 8 * STEPS_PER_EPOCH
     baseline = kdl("train", CONFIGS / "digits_cnn.yaml", *sets(overrides),
                    "--runs-dir", tmp_path / "straight", "--quiet")
     assert baseline.exit_code == 0, baseline.stderr
     runs = tmp_path / "runs"
     draw = random.Random(20240601)
-    process = launch(runs, *train_command(*overrides))
+    process = fork(runs, *train_command(*overrides))
     step, kills, evals = 0, 0, 0
     while kills < 3:
         target = step + draw.randint(4, 16)
@@ -193,7 +196,7 @@ def test_sigkill_at_random_moments_then_resume_ends_like_an_uninterrupted_run(tm
         assert json.loads(kdl("runs", "--runs-dir", runs, "--json").stdout)[0]["status"] == "crashed"
         step = load_checkpoint(folder / "checkpoints" / "last.pt")["loop"]["step"]
         assert 0 < step < total
-        process = launch(runs, "--resume", folder.name)
+        process = fork(runs, "--resume", folder.name)
     assert process.wait(timeout=120) == 0, output(process)
     assert evals == 2
     meta = read_json(folder / "meta.json")

@@ -13,7 +13,7 @@ import mlflow  # once for the module: a second or two
 import pytest
 import yaml
 from kdl import CONFIGS, TINY, kdl, train_tiny
-from stopping import RANDOM, launch, output, signal_at, train_command
+from stopping import RANDOM, fork, output, signal_at, train_command
 from stopping import train as train_random
 
 from karpathy_runner.config import resolve
@@ -155,8 +155,8 @@ def test_a_failed_stopped_and_resumed_run_is_one_mlflow_run_equal_to_metrics_jso
 def test_a_run_killed_writing_a_checkpoint_resumes_into_the_same_mlflow_run(runs):
     """SIGKILL just before the third last.pt lands (step 12): metrics.jsonl already holds steps 9
     and 12, which MLflow never got and the resume (from step 8) drops and trains again."""
-    process = launch(runs, *train_command(*RANDOM, "train.loggers=[mlflow]"),
-                     kill_at=("last.pt", 3, "SIGKILL"))
+    process = fork(runs, *train_command(*RANDOM, "train.loggers=[mlflow]"),
+                   kill_at=("last.pt", 3, "SIGKILL"))
     assert process.wait(timeout=300) == -signal.SIGKILL, output(process)
     folder = the_run(runs)
     assert [r["step"] for r in records(folder) if r["split"] == "train"] == [3, 6, 9, 12]
@@ -175,7 +175,7 @@ def test_parallel_runs_share_a_new_sqlite_store(tmp_path, monkeypatch):
     tables while the other waits, and both land in the one experiment."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     runs = tmp_path / "runs"
-    processes = [launch(runs, *train_command(*TINY, "train.epochs=1", "train.loggers=[mlflow]"))
+    processes = [fork(runs, *train_command(*TINY, "train.epochs=1", "train.loggers=[mlflow]"))
                  for _ in range(2)]
     assert [p.wait(timeout=300) for p in processes] == [0, 0], [output(p) for p in processes]
     client = client_for(runs)
