@@ -170,14 +170,15 @@ def _storage_kinds() -> dict[Any, str]:
             torch.int8: "CharStorage", torch.uint8: "ByteStorage", torch.bool: "BoolStorage"}
 
 
-def save_checkpoint(paths: list[Path], data: memoryview) -> None:
+def save_checkpoint(paths: list[Path], data: memoryview, folder_fd: int | None = None) -> None:
     """Serialised bytes as one file (temp file beside it, fsync, rename) under every path, in
     order; the last path's temp file is written and the others are hard links of it.
+    `folder_fd`: their folder's, kept open by the caller (runs.atomic_write).
 
     A kill at any moment leaves every path holding either its old or its new complete file.
     """
     *first, last = paths
-    atomic_write(last, data, also=first)
+    atomic_write(last, data, also=first, folder_fd=folder_fd)
 
 
 class InBackground:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import itertools
 import json
 import os
 import socket
@@ -51,7 +52,8 @@ def utc_now() -> str:
 # ----------------------------------------------------------------------------- atomic files
 
 
-def atomic_write(path: Path, data: Content, also: Sequence[Path] = ()) -> None:
+def atomic_write(path: Path, data: Content, also: Sequence[Path] = (),
+                 folder_fd: int | None = None) -> None:
     """Write `data` (bytes, or a function that writes into a handle) into a temp file beside
     `path`, fsync, rename over it.
 
@@ -60,7 +62,10 @@ def atomic_write(path: Path, data: Content, also: Sequence[Path] = ()) -> None:
     (a second copy is written where the file system has no hard links), and the folder is
     fsynced once, after the last rename. The next atomic write of any one name makes a new
     file, so the others keep their bytes. The temp files are locked until they are renamed,
-    so `remove_stale_temps` knows a live writer's from one a kill left behind."""
+    so `remove_stale_temps` knows a live writer's from one a kill left behind.
+
+    `folder_fd`: a descriptor of the folder, kept open by a caller that writes there often
+    (the checkpoint thread): fsynced instead of opening the folder each time."""
     path = Path(path)
     made: list[Path] = []  # temp files, to remove if anything fails before they are renamed
     with contextlib.ExitStack() as locks:  # each temp file's handle (and lock) until the renames
@@ -74,7 +79,10 @@ def atomic_write(path: Path, data: Content, also: Sequence[Path] = ()) -> None:
             for temp in made:
                 temp.unlink(missing_ok=True)
             raise
-    _fsync_dir(path.parent)
+    if folder_fd is None:
+        _fsync_dir(path.parent)
+    else:
+        _fsync_folder(folder_fd)
 
 
 def _written_temp(path: Path, data: Content, locks: contextlib.ExitStack, made: list[Path]) -> Path:
@@ -92,7 +100,7 @@ def _written_temp(path: Path, data: Content, locks: contextlib.ExitStack, made: 
         try:
             fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
             break
-        except FileExistsError:  # (48 random bits: next to never)
+        except FileExistsError:  # a temp file a killed process of the same id left
             continue
     locks.callback(os.close, fd)
     made.append(name)
@@ -120,9 +128,14 @@ def _linked_temp(temp: Path, path: Path, made: list[Path]) -> Path | None:
     return link
 
 
+_TEMPS = itertools.count()  # (next() is atomic: threads never draw the same number)
+
+
 def _temp_name(path: Path) -> Path:
-    """A new name for a temp file beside `path`: hidden, and found by `remove_stale_temps`."""
-    return path.parent / f".{path.name}.{os.urandom(6).hex()}{TEMP_SUFFIX}"
+    """A new name for a temp file beside `path`: hidden, and found by `remove_stale_temps`;
+    this process's id and a count make it new (without a system call: on the checkpoint
+    thread each one hands the GIL over and back), and O_EXCL makes sure of it."""
+    return path.parent / f".{path.name}.{os.getpid()}-{next(_TEMPS)}{TEMP_SUFFIX}"
 
 
 def remove_stale_temps(folder: Path) -> list[Path]:
@@ -209,15 +222,30 @@ def _fsync_dir(folder: Path) -> None:
     except OSError:
         return
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
+        _fsync_folder(fd)
     finally:
         os.close(fd)
 
 
+def _fsync_folder(fd: int) -> None:
+    """The folder's entries (a rename) on disk; where the file system cannot fsync a folder,
+    nothing."""
+    with contextlib.suppress(OSError):
+        os.fsync(fd)
+
+
+def open_folder(folder: Path) -> int:
+    """A descriptor of `folder` for `atomic_write(folder_fd=...)`; the caller closes it."""
+    return os.open(folder, os.O_RDONLY | os.O_CLOEXEC)
+
+
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+    atomic_write(path, json_bytes(obj))
+
+
+def json_bytes(obj: Any) -> bytes:
+    """A JSON file's bytes, as every JSON file of a run is written."""
+    return (json.dumps(obj, indent=2, default=str) + "\n").encode()
 
 
 def write_text(path: Path, text: str) -> None:

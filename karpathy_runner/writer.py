@@ -12,7 +12,6 @@ ranks' writers know the folder (to resume from its checkpoint) and write nothing
 from __future__ import annotations
 
 import contextlib
-import copy
 import datetime as dt
 import functools
 import io
@@ -53,6 +52,7 @@ class RunWriter:
         self.lock: runs.RunLock | None = None  # a new run's, taken with its folder
         self._saving = InBackground()  # the checkpoint being written while training goes on
         self._covering = False  # has it trackers' records to hand over once it is on disk?
+        self._folders: dict[Path, int] = {}  # descriptors the checkpoint thread fsyncs
 
     @classmethod
     def create(cls, root: Path, name: str, config_yaml: str) -> RunWriter:
@@ -188,10 +188,13 @@ class RunWriter:
                 tracker.text(tag, sample.text, step)
 
     def close(self) -> None:
-        self._saving.close()
+        self._saving.close()  # (its thread is done with metrics.jsonl and the folders)
         for handle in (self._metrics, self._log):
             if handle is not None and not handle.closed:
                 handle.close()
+        for fd in self._folders.values():
+            os.close(fd)
+        self._folders = {}
         for tracker in self.trackers:
             tracker.close()
         self.trackers = []
@@ -227,6 +230,7 @@ class RunWriter:
     def _keep_metrics_up_to(self, step: int) -> list[dict[str, Any]]:
         """Drop records written after the checkpoint being resumed from; the records kept."""
         if self._metrics is not None:
+            self._saving.wait()  # (a checkpoint's thread fsyncs this file's descriptor)
             self._metrics.close()
             self._metrics = None
         kept = [r for r in runs.read_jsonl(self.folder / runs.METRICS) if r.get("step", 0) <= step]
@@ -251,41 +255,51 @@ class RunWriter:
 
         self.wait_for_checkpoint()
         paths = [self.checkpoint(name) for name in which]
-        # what a resume would start from: the previous last.pt, or (none yet) step 0
-        kept = ("The previous checkpoint is intact" if self.checkpoint("last").is_file() else
-                "No checkpoint was written yet, so the run will start again from step 0")
-        with self._failing(paths[-1], kept):
+        with self._failing(paths[-1], self._kept):
             self.flush(sync=False)  # to the OS now (a kill loses none); to the disk in the thread
+            folders = self._folder(paths[-1].parent), self._folder(self.folder)
         # the trackers' records so far are this checkpoint's: handed over once it is on disk
         self._tell_trackers(lambda tracker: tracker.checkpointing())
         checkpoint = snapshot(state)  # this step's state, whatever training does next
         if meta is not None:
             self.meta.update(meta)
-            meta_now = copy.deepcopy(self.meta)  # as it is now: the thread writes it later
-        metrics = None if self._metrics is None else os.dup(self._metrics.fileno())
+            meta_now = runs.json_bytes(self.meta)  # as it is now: the thread writes it later
+        # (every close of metrics.jsonl waits for this job first)
+        metrics = None if self._metrics is None else self._metrics.fileno()
 
         def write() -> None:
-            with self._failing(paths[-1], kept):
+            with self._failing(paths[-1], self._kept):
                 if metrics is not None:  # the records up to the checkpoint, on disk before it
-                    try:
-                        os.fsync(metrics)
-                    finally:
-                        os.close(metrics)
-                save_checkpoint(paths, checkpoint())
+                    os.fsync(metrics)
+                save_checkpoint(paths, checkpoint(), folders[0])
             if meta is not None:
                 with self._failing(self.folder / runs.META, "The checkpoint is written"):
-                    runs.write_json(self.folder / runs.META, meta_now)
+                    runs.atomic_write(self.folder / runs.META, meta_now, folder_fd=folders[1])
 
         self._saving.start(write)
         self._covering = True
 
+    def _kept(self) -> str:
+        """What a resume would start from, were this checkpoint not written: the previous
+        last.pt (replaced atomically, so still whole), or (none yet) step 0."""
+        return ("The previous checkpoint is intact" if self.checkpoint("last").is_file() else
+                "No checkpoint was written yet, so the run will start again from step 0")
+
+    def _folder(self, folder: Path) -> int:
+        """A descriptor of `folder`, kept open until `close`: the checkpoint thread fsyncs it
+        after each rename there without opening the folder each time."""
+        if folder not in self._folders:
+            self._folders[folder] = runs.open_folder(folder)
+        return self._folders[folder]
+
     @contextlib.contextmanager
-    def _failing(self, path: Path, kept: str) -> Iterator[None]:
+    def _failing(self, path: Path, kept: str | Callable[[], str]) -> Iterator[None]:
         """An OSError (a full disk) as the run's failure, naming the file and what a resume
         starts from."""
         try:
             yield
         except OSError as exc:
+            kept = kept() if callable(kept) else kept  # (what is on disk now, once it failed)
             raise RunFailed(
                 f"could not write {path}: {exc.strerror or exc}. {kept}; free some space (or "
                 f"fix the folder's permissions) and continue with `kdl train --resume {self.id}`."

@@ -174,7 +174,7 @@ def test_a_kill_before_the_first_checkpoint_resumes_from_step_0(runs_dir):
 def test_full_disk_before_the_first_checkpoint_promises_no_checkpoint(runs_dir, monkeypatch):
     real = karpathy_runner.checkpoint.atomic_write
 
-    def full(path, write, also=()):
+    def full(path, write, also=(), folder_fd=None):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(karpathy_runner.checkpoint, "atomic_write", full)
@@ -346,9 +346,9 @@ def test_checkpoints_are_written_while_training_goes_on_with_the_state_of_their_
                 until_training_moves_on(state["loop"]["step"])
             return real_serialise(state)
 
-        def atomic_write(path, data, also=()):
+        def atomic_write(path, data, also=(), folder_fd=None):
             until_training_moves_on(at_step(data))
-            real_write(path, data, also)
+            real_write(path, data, also, folder_fd)
             state = load_checkpoint(path)
             saved.append((threading.current_thread().name, progress["step"] > state["loop"]["step"],
                            state["loop"]["step"], state["models"]))

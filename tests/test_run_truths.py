@@ -5,6 +5,7 @@ elapsed time of a running run, a comparison readable at 80 columns, confusion ta
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import os
 import stat
@@ -48,6 +49,18 @@ def test_atomic_writes_never_set_the_umask(tmp_path, monkeypatch):
         monkeypatch.undo()
         os.umask(previous)
     assert {stat.S_IMODE((tmp_path / name).stat().st_mode) for name in ("a.json", "b.json")} == {0o640}
+
+
+def test_atomic_writes_step_over_a_temp_file_of_the_same_name(tmp_path, monkeypatch):
+    """Temp names are this process's id and a count (no system call on the checkpoint
+    thread); one a killed process with the same id left behind is stepped over, not written."""
+    monkeypatch.setattr(runs, "_TEMPS", itertools.count(7))
+    left = tmp_path / f".a.json.{os.getpid()}-7.tmp"
+    left.write_bytes(b"a killed writer's")
+    runs.atomic_write(tmp_path / "a.json", b"{}", also=[tmp_path / "b.json"])
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes() == b"{}"
+    assert left.read_bytes() == b"a killed writer's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [left.name, "a.json", "b.json"]
 
 
 def _eval_result(run_id: str, step: int, accuracy: float, split: str = "val") -> dict:

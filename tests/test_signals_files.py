@@ -216,11 +216,12 @@ def test_every_replaced_file_is_written_beside_fsynced_and_renamed(tmp_path, mon
     real_replace, real_fsync = os.replace, os.fsync
 
     def fsync(fd):
-        events.append(("fsync", os.fstat(fd).st_ino, os.readlink(f"/proc/self/fd/{fd}")))
+        events.append(("fsync", os.fstat(fd).st_ino, os.readlink(f"/proc/self/fd/{fd}"),
+                       threading.current_thread().name))
         return real_fsync(fd)
 
     def replace(src, dst):
-        events.append(("replace", os.stat(src).st_ino, src, dst))
+        events.append(("replace", os.stat(src).st_ino, src, dst, threading.current_thread().name))
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "fsync", fsync)
@@ -238,7 +239,10 @@ def test_every_replaced_file_is_written_beside_fsynced_and_renamed(tmp_path, mon
             temp, inode, at = Path(rename[2]), rename[1], events.index(rename)
             assert temp.parent == path.parent and temp.name.startswith(f".{path.name}.")
             assert any(e[:2] == ("fsync", inode) for e in events[:at]), f"{temp} not fsynced"
-            assert ("fsync", str(path.parent)) in [(e[0], e[2]) for e in events[at:] if e[0] == "fsync"]
+            # the next folder that thread fsyncs is this file's (after any more renames there)
+            folders = [e[2] for e in events[at:] if e[0] == "fsync" and e[3] == rename[4]
+                       and Path(e[2]).is_dir()]
+            assert folders[:1] == [str(path.parent)], f"{target}: its folder not fsynced next"
     # the metrics a checkpoint carries on from are on disk before it
     renames = [i for i, e in enumerate(events) if e[0] == "replace" and e[3].name == "last.pt"]
     for before, at in zip([0, *renames], renames, strict=False):
@@ -250,17 +254,17 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch)
     real = karpathy_runner.checkpoint.atomic_write
     seen = {"calls": 0}
 
-    def atomic_write(path, write, also=()):
+    def atomic_write(path, write, also=(), folder_fd=None):
         seen["calls"] += 1
         if seen["calls"] < 3:  # steps 4 and 8 are written; step 12 meets a full disk
-            return real(path, write, also)
+            return real(path, write, also, folder_fd)
         seen["previous"], seen["thread"] = digest(path), threading.current_thread().name
 
         def half_then_full(handle):
             handle.write(b"\x80\x02partial checkpoint")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        return real(path, half_then_full, also)
+        return real(path, half_then_full, also, folder_fd)
 
     monkeypatch.setattr(karpathy_runner.checkpoint, "atomic_write", atomic_write)
     result = train(tmp_path)
@@ -286,10 +290,10 @@ def test_full_disk_at_the_last_checkpoint_fails_the_run_at_its_end(tmp_path, mon
     error: epoch 2's write meets a full disk, epoch 1's checkpoint stays."""
     real = karpathy_runner.checkpoint.atomic_write
 
-    def full_at_epoch_2(path, write, also=()):
+    def full_at_epoch_2(path, write, also=(), folder_fd=None):
         if path.exists():  # epoch 1's last.pt is there: this is epoch 2's
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(path, write, also)
+        return real(path, write, also, folder_fd)
 
     monkeypatch.setattr(karpathy_runner.checkpoint, "atomic_write", full_at_epoch_2)
     result = train(tmp_path, "train.checkpoint_every_steps=null")
@@ -302,14 +306,14 @@ def test_full_disk_at_the_last_checkpoint_fails_the_run_at_its_end(tmp_path, mon
 
 
 def test_full_disk_when_updating_meta_is_a_clear_failure(tmp_path, monkeypatch):
-    real = runs_module.write_json
+    real = runs_module.atomic_write
 
-    def write_json(path, obj):
-        if Path(path).name == "meta.json" and obj.get("epochs_done"):
+    def atomic_write(path, data, also=(), folder_fd=None):
+        if Path(path).name == "meta.json" and json.loads(bytes(data)).get("epochs_done"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(path, obj)
+        return real(path, data, also, folder_fd)
 
-    monkeypatch.setattr(runs_module, "write_json", write_json)
+    monkeypatch.setattr(runs_module, "atomic_write", atomic_write)
     result = train(tmp_path)
     assert result.exit_code == 1
     assert "No space left on device" in result.stderr and "Traceback" not in result.stderr
