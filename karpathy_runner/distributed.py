@@ -37,7 +37,7 @@ TIMEOUT = dt.timedelta(minutes=10)
 
 def shard(chunk: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     """Rank `rank`'s items of one global batch (indices into the dataset): every world-th."""
-    return chunk[rank::world]
+    return chunk if world == 1 else chunk[rank::world]
 
 
 @dataclass

@@ -56,7 +56,8 @@ class TensorImages:
     def get_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # index_select: the same rows as images[indices] at half its cost per call on the CPU
         # (but only with the indices where the images are)
-        indices = indices.to(self.images.device)
+        if indices.device != self.images.device:
+            indices = indices.to(self.images.device)
         return self.images.index_select(0, indices), self.labels.index_select(0, indices)
 
     def subset(self, indices: torch.Tensor) -> TensorImages:
