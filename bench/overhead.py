@@ -26,6 +26,7 @@ checkpoint written at the end.
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import tempfile
 import time
@@ -170,10 +171,21 @@ def run_case(name: str, steps: int, rounds: int, args: argparse.Namespace) -> No
           f"{per_step} {case.unit.split('/')[0]}, {rounds} rounds (median)")
     print(f"  plain PyTorch loop: {p:9.0f} {case.unit}   (rounds: {', '.join(f'{v:.0f}' for v in plain)})")
     print(f"  kdl trainer:        {k:9.0f} {case.unit}   (rounds: {', '.join(f'{v:.0f}' for v in ours)})")
+    low, high = median_interval(ratios)
     print(f"  ratio kdl/plain:    {k / p:9.3f}   (median of per-round ratios: "
-          f"{statistics.median(ratios):.3f}; spread {min(ratios):.3f}-{max(ratios):.3f})")
+          f"{statistics.median(ratios):.3f}, 95 % interval {low:.3f}-{high:.3f}; "
+          f"spread {min(ratios):.3f}-{max(ratios):.3f})")
     print(f"  per step:           plain {per_step / p * 1e6:.0f} us, kdl {per_step / k * 1e6:.0f} us "
           f"(+{(per_step / k - per_step / p) * 1e6:.0f} us)")
+
+
+def median_interval(values: list[float], draws: int = 4000) -> tuple[float, float]:
+    """A 95 % bootstrap interval of the median of `values`: how far the median of per-round
+    ratios could move were the bench run again on an equally noisy machine (more rounds
+    narrow it)."""
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(draws))
+    return medians[int(0.025 * draws)], medians[int(0.975 * draws) - 1]
 
 
 def main() -> None:
