@@ -35,10 +35,13 @@ def write_cifar10(root: Path, per_batch: int = PER_BATCH, seed: int = 0) -> Path
 
 
 def use_synthetic_cifar(root: Path, per_batch: int = PER_BATCH) -> Path:
-    """Write the files under `root` unless they are there; accept them in torchvision."""
+    """Write the files under `root` unless they are there with `per_batch` images per file
+    (the benches share one root: another bench's size is written over); accept them in
+    torchvision."""
     import torchvision.datasets.cifar as cifar
 
-    if not (root / "cifar-10-batches-py" / "batches.meta").is_file():
+    meta = root / "cifar-10-batches-py" / "batches.meta"
+    if not meta.is_file() or pickle.loads(meta.read_bytes())["num_cases_per_batch"] != per_batch:
         write_cifar10(root, per_batch)
     cifar.CIFAR10._check_integrity = lambda self: True
     cifar.check_integrity = lambda *args, **kwargs: True
