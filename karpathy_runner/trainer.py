@@ -391,11 +391,12 @@ class Trainer:
         if not all(finite):
             self._nonfinite(self.state.step - len(self.window) + finite.index(False))
 
-    def _nonfinite(self, step: int) -> None:
-        epoch = self.state.epoch + 1
+    def _nonfinite(self, step: int, what: str = "the loss") -> None:
+        # the step's own epoch: at an epoch's end the loop has already counted the next one
+        epoch = step // max(len(self.train_batches), 1) + 1
         self.run.flush()
         raise RunFailed(
-            f"the loss became non-finite (NaN or inf) at step {step + 1}, epoch {epoch}. "
+            f"{what} became non-finite (NaN or inf) at step {step + 1}, epoch {epoch}. "
             "The checkpoints keep the last finite weights. Lower optimizer.lr, set train.grad_clip, "
             "or set train.on_nonfinite: skip_step to skip such steps."
         )
@@ -484,9 +485,10 @@ class Trainer:
         background while training goes on; never with non-finite weights."""
         if self.window:
             self._check_finite(_reduce(self.window, self.ranks.sum)[1])
-        if not all(bool(torch.isfinite(p).all()) for m in self.task.models.values()
-                   for p in m.parameters()):
-            self._nonfinite(self.state.step - 1)
+        # every parameter looked at on its device, then one answer read: one sync on a GPU
+        params = [p for m in self.task.models.values() for p in m.parameters()]
+        if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            self._nonfinite(self.state.step - 1, "the weights")
         self.run.save_checkpoint(which, self.state_dict(), meta)
 
 

@@ -351,6 +351,28 @@ def nan_loss_at(monkeypatch, step: int) -> None:
     monkeypatch.setattr(Classify, "train_step", train_step)
 
 
+def test_weights_made_nonfinite_by_an_epochs_last_update_are_never_checkpointed(tmp_path, monkeypatch):
+    """The last update of epoch 1 puts an inf into the model's last parameter while every loss
+    stayed finite: the epoch's checkpoint is refused, and last.pt stays step 20's."""
+    original = Classify.train_step
+
+    def train_step(self, batch, at, updater):
+        result = original(self, batch, at, updater)
+        if at + 1 == STEPS_PER_EPOCH:
+            with torch.no_grad():
+                list(self.models["model"].parameters())[-1].view(-1)[0] = float("inf")
+        return result
+
+    monkeypatch.setattr(Classify, "train_step", train_step)
+    result = train(tmp_path)
+    assert result.exit_code == 1
+    assert f"the weights became non-finite (NaN or inf) at step {STEPS_PER_EPOCH}, epoch 1" in result.stderr
+    assert "Traceback" not in result.stderr
+    state = final_state(tmp_path / result.last_line)
+    assert state["loop"]["step"] == 20
+    assert all(torch.isfinite(t).all() for t in state["models"]["model"].values())
+
+
 def test_nan_loss_stops_the_run_and_keeps_finite_checkpoints(tmp_path, monkeypatch):
     nan_loss_at(monkeypatch, STEPS_PER_EPOCH + 5)
     original, digests = Classify.train_step, {}
