@@ -19,7 +19,7 @@ from stopping import assert_same_tensors, final_state, read_json
 from karpathy_runner import checkpoint
 from karpathy_runner.config import ImageDataConfig, OptimizerConfig, load_config
 from karpathy_runner.data import build_data, choose_placement
-from karpathy_runner.engine import _streaming, build_experiment, build_trainer
+from karpathy_runner.engine import _streaming, build_experiment, build_trainer, speed_up
 from karpathy_runner.models.speedrun import SpeedrunNet
 from karpathy_runner.optim import build_optimizer
 from karpathy_runner.progress import Reporter
@@ -152,6 +152,26 @@ def test_channels_last_flag_trains_a_conv_net(tmp_path):
                 if isinstance(m, torch.nn.Conv2d))  # 8 -> 16 channels: the layouts differ
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert not conv.weight.is_contiguous()
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_on_cuda_conv_nets_go_channels_last_and_cudnn_tunes_unless_deterministic(
+        deterministic, monkeypatch):
+    """The CUDA kernel settings, checked without a GPU (they read the device's type only):
+    cuDNN's autotuner on unless the run is deterministic, conv nets channels-last by default."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", deterministic)  # the other way round
+    conv = build_experiment(load_config(CONFIGS / "digits_cnn.yaml", [
+        "train.device=cpu", f"train.deterministic={str(deterministic).lower()}"]))
+    speed_up(conv.task, conv.cfg.train, torch.device("cuda"), compile_models=False)
+    assert torch.backends.cudnn.benchmark is (not deterministic)
+    *_, layer = (m for m in conv.task.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert layer.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not layer.weight.is_contiguous()
+    kept = build_experiment(load_config(CONFIGS / "digits_cnn.yaml", [
+        "train.device=cpu", "train.channels_last=false"]))
+    speed_up(kept.task, kept.cfg.train, torch.device("cuda"), compile_models=False)
+    *_, layer = (m for m in kept.task.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert layer.weight.is_contiguous()
 
 
 def test_compile_flag_trains_in_place_and_times_the_compile_apart(tmp_path):
