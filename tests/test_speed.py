@@ -4,6 +4,7 @@ channels-last and compiled models, fused optimizers."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import pickle
 import types
@@ -18,7 +19,7 @@ from stopping import assert_same_tensors, final_state, read_json
 
 from karpathy_runner import checkpoint
 from karpathy_runner.config import ImageDataConfig, OptimizerConfig, load_config
-from karpathy_runner.data import build_data, choose_placement
+from karpathy_runner.data import Batches, build_data, choose_placement
 from karpathy_runner.engine import _streaming, build_experiment, build_trainer, speed_up
 from karpathy_runner.models.speedrun import SpeedrunNet
 from karpathy_runner.optim import build_optimizer
@@ -61,6 +62,28 @@ def test_placement_auto_keeps_small_data_resident_and_streams_folders():
     streamed = build_experiment(load_config(CONFIGS / "digits_cnn.yaml", [
         "train.device=cpu", "data.placement=stream", "data.num_workers=3"]))
     assert _streaming(streamed) == {"stream": True, "num_workers": 3, "pin_memory": False}
+    towards_a_gpu = dataclasses.replace(streamed, device=torch.device("cuda"))
+    assert _streaming(towards_a_gpu) == {"stream": True, "num_workers": 3, "pin_memory": True}
+
+
+def test_streamed_batches_keep_their_workers_from_epoch_to_epoch():
+    """One DataLoader, its workers started once, serves every epoch (each epoch's keys set on
+    its sampler): no worker start-up at each epoch."""
+    exp = build_experiment(load_config(CONFIGS / "digits_cnn.yaml", [
+        "train.device=cpu", "data.placement=stream", "data.num_workers=2"]))
+    batches = Batches(exp.data.train, 256, seed=0, shuffle=True, **_streaming(exp))
+    try:
+        epochs = [[y for _, y in batches.epoch(epoch)] for epoch in range(2)]
+        loader = batches._loader
+        assert loader.persistent_workers and loader.num_workers == 2
+        assert [len(e) for e in epochs] == [len(batches)] * 2
+        assert not torch.equal(epochs[0][0], epochs[1][0])
+        workers = loader._iterator._workers
+        list(batches.epoch(2))
+        assert loader._iterator._workers == workers and all(w.is_alive() for w in workers)
+    finally:  # (workers still held at the interpreter's exit would keep it waiting)
+        if batches._loader is not None and batches._loader._iterator is not None:
+            batches._loader._iterator._shutdown_workers()
 
 
 def test_placement_auto_streams_what_would_crowd_the_gpu(monkeypatch):
