@@ -7,6 +7,8 @@ import copy
 import dataclasses
 import io
 import pickle
+import subprocess
+import sys
 import types
 
 import pytest
@@ -81,9 +83,27 @@ def test_streamed_batches_keep_their_workers_from_epoch_to_epoch():
         workers = loader._iterator._workers
         list(batches.epoch(2))
         assert loader._iterator._workers == workers and all(w.is_alive() for w in workers)
-    finally:  # (workers still held at the interpreter's exit would keep it waiting)
-        if batches._loader is not None and batches._loader._iterator is not None:
-            batches._loader._iterator._shutdown_workers()
+    finally:
+        batches.close()
+    assert not any(w.is_alive() for w in workers)
+
+
+def test_a_process_holding_streamed_batches_at_exit_still_exits(tmp_path):
+    """The workers ignore SIGTERM (a terminal's signal to the process group must not kill them
+    mid-step), which multiprocessing's exit handler sends them before waiting for them: kdl
+    closes every loader still held first, or the process would wait forever."""
+    script = tmp_path / "holds.py"
+    script.write_text(
+        "from karpathy_runner.config import load_config\n"
+        "from karpathy_runner.data import Batches\n"
+        "from karpathy_runner.engine import _streaming, build_experiment\n"
+        f"exp = build_experiment(load_config({str(CONFIGS / 'digits_cnn.yaml')!r}, [\n"
+        "    'train.device=cpu', 'data.placement=stream', 'data.num_workers=2']))\n"
+        "HELD = Batches(exp.data.train, 256, seed=0, shuffle=True, **_streaming(exp))\n"
+        "print(sum(1 for _ in HELD.epoch(0)), flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "6", done.stderr
 
 
 def test_placement_auto_streams_what_would_crowd_the_gpu(monkeypatch):

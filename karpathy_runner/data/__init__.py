@@ -11,8 +11,10 @@ DataLoader workers.
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import signal
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -247,8 +249,19 @@ class Batches:
                                   self.rank, self.world, device)[start:]:
             yield self.dataset.get_batch(chunk)
 
+    def close(self) -> None:
+        """The DataLoader's worker processes asked to stop, and joined (a later epoch starts
+        new ones). torch stops them when it collects the loader; a loader still held as the
+        interpreter exits is closed by `_close_streams`."""
+        loader, self._loader = self._loader, None
+        # (torch has no public close for persistent workers: its iterator's own shutdown)
+        stop = getattr(getattr(loader, "_iterator", None), "_shutdown_workers", None)
+        if stop is not None:
+            stop()
+
     def _streamed(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, ...]]:
         if self._loader is None:
+            _open_stream(self)
             self._sampler = _EpochBatches()
             # an own generator: by default DataLoader draws worker seeds from the global RNG,
             # which would shift dropout masks depending on where an epoch was resumed
@@ -264,6 +277,31 @@ class Batches:
             )
         self._sampler.keys = [(epoch, i) for i in range(start, len(self))]
         yield from self._loader
+
+
+_STREAMS: weakref.WeakSet[Batches] = weakref.WeakSet()  # those with a DataLoader, maybe workers
+_closing_at_exit = False
+
+
+def _open_stream(batches: Batches) -> None:
+    """`batches` is about to start its DataLoader; the first one registers `_close_streams`
+    at exit, after multiprocessing's own exit handler (imported first), so that it runs
+    before it."""
+    global _closing_at_exit
+    if not _closing_at_exit:
+        import multiprocessing.util  # noqa: F401  (registers its exit handler on import)
+
+        atexit.register(_close_streams)
+        _closing_at_exit = True
+    _STREAMS.add(batches)
+
+
+def _close_streams() -> None:
+    """At the interpreter's exit, the workers of every loader still held are asked to stop.
+    multiprocessing's exit handler would send them SIGTERM, which they ignore (below), and
+    wait for them forever."""
+    for batches in list(_STREAMS):
+        batches.close()
 
 
 def _leave_signals_to_the_main_process(worker_id: int) -> None:
