@@ -218,7 +218,7 @@ def _lock_holder(fd: int) -> str:
 
 def _fsync_dir(folder: Path) -> None:
     try:
-        fd = os.open(folder, os.O_RDONLY)
+        fd = open_folder(folder)
     except OSError:
         return
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import importlib
+import multiprocessing.util  # noqa: F401  (its exit handler registered before ours)
 import signal
 import weakref
 from collections.abc import Iterator
@@ -261,7 +262,7 @@ class Batches:
 
     def _streamed(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, ...]]:
         if self._loader is None:
-            _open_stream(self)
+            _STREAMS.add(self)
             self._sampler = _EpochBatches()
             # an own generator: by default DataLoader draws worker seeds from the global RNG,
             # which would shift dropout masks depending on where an epoch was resumed
@@ -280,22 +281,9 @@ class Batches:
 
 
 _STREAMS: weakref.WeakSet[Batches] = weakref.WeakSet()  # those with a DataLoader, maybe workers
-_closing_at_exit = False
 
 
-def _open_stream(batches: Batches) -> None:
-    """`batches` is about to start its DataLoader; the first one registers `_close_streams`
-    at exit, after multiprocessing's own exit handler (imported first), so that it runs
-    before it."""
-    global _closing_at_exit
-    if not _closing_at_exit:
-        import multiprocessing.util  # noqa: F401  (registers its exit handler on import)
-
-        atexit.register(_close_streams)
-        _closing_at_exit = True
-    _STREAMS.add(batches)
-
-
+@atexit.register  # after multiprocessing's own exit handler (imported above), so run before it
 def _close_streams() -> None:
     """At the interpreter's exit, the workers of every loader still held are asked to stop.
     multiprocessing's exit handler would send them SIGTERM, which they ignore (below), and
