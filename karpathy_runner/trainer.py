@@ -392,8 +392,10 @@ class Trainer:
             self._nonfinite(self.state.step - len(self.window) + finite.index(False))
 
     def _nonfinite(self, step: int, what: str = "the loss") -> None:
-        # the step's own epoch: at an epoch's end the loop has already counted the next one
-        epoch = step // max(len(self.train_batches), 1) + 1
+        # the epoch of the steps checked, all in the latest one done: the current one, or at an
+        # epoch's end (position 0 of the next) the one just counted (not steps / batches per
+        # epoch, which a resume with another batch size changes)
+        epoch = self.state.epoch + (1 if self.state.batch else 0)
         self.run.flush()
         raise RunFailed(
             f"{what} became non-finite (NaN or inf) at step {step + 1}, epoch {epoch}. "

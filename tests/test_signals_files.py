@@ -373,6 +373,30 @@ def test_weights_made_nonfinite_by_an_epochs_last_update_are_never_checkpointed(
     assert all(torch.isfinite(t).all() for t in state["models"]["model"].values())
 
 
+def test_a_nonfinite_step_is_named_with_its_epoch_after_a_resume_with_another_batch_size(
+        tmp_path, monkeypatch):
+    """Epoch 1 in batches of 64 (21 steps), epoch 2 resumed in batches of 128 (11 steps): the
+    inf the last update of epoch 2 makes is at step 32, epoch 2, as the loop counts it (steps
+    over batches per epoch would say epoch 3)."""
+    first = train(tmp_path, "train.epochs=1")
+    assert first.exit_code == 0, first.stderr
+    original = Classify.train_step
+
+    def train_step(self, batch, at, updater):
+        result = original(self, batch, at, updater)
+        if at + 1 == STEPS_PER_EPOCH + 11:
+            with torch.no_grad():
+                list(self.models["model"].parameters())[-1].view(-1)[0] = float("inf")
+        return result
+
+    monkeypatch.setattr(Classify, "train_step", train_step)
+    resumed = kdl("train", "--resume", first.last_line, "--runs-dir", tmp_path, "--quiet",
+                  "--set", "train.epochs=2", "--set", "data.batch_size=128", "--allow-changes")
+    assert resumed.exit_code == 1
+    assert f"the weights became non-finite (NaN or inf) at step {STEPS_PER_EPOCH + 11}, epoch 2" \
+        in resumed.stderr, resumed.stderr
+
+
 def test_nan_loss_stops_the_run_and_keeps_finite_checkpoints(tmp_path, monkeypatch):
     nan_loss_at(monkeypatch, STEPS_PER_EPOCH + 5)
     original, digests = Classify.train_step, {}
