@@ -230,7 +230,6 @@ class RunWriter:
     def _keep_metrics_up_to(self, step: int) -> list[dict[str, Any]]:
         """Drop records written after the checkpoint being resumed from; the records kept."""
         if self._metrics is not None:
-            self._saving.wait()  # (a checkpoint's thread fsyncs this file's descriptor)
             self._metrics.close()
             self._metrics = None
         kept = [r for r in runs.read_jsonl(self.folder / runs.METRICS) if r.get("step", 0) <= step]
@@ -264,7 +263,8 @@ class RunWriter:
         if meta is not None:
             self.meta.update(meta)
             meta_now = runs.json_bytes(self.meta)  # as it is now: the thread writes it later
-        # (every close of metrics.jsonl waits for this job first)
+        # (its descriptor stays open while the thread works: metrics.jsonl is closed by `close`,
+        # after the thread, and by a resume's _keep_metrics_up_to, before any checkpoint)
         metrics = None if self._metrics is None else self._metrics.fileno()
 
         def write() -> None:
