@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from synthetic_cifar import use_synthetic_cifar
 
-from karpathy_runner.config import load_config
+from karpathy_runner.build import build_experiment, streaming
+from karpathy_runner.config.loading import load_config
 from karpathy_runner.data import Batches
-from karpathy_runner.engine import _streaming, build_experiment
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 CIFAR_ROOT = Path(tempfile.gettempdir()) / "kdl-bench-cifar"
@@ -39,7 +39,7 @@ def batches_per_s(placement: str, workers: int, args: argparse.Namespace) -> flo
         f"train.device={args.device}"])
     exp = build_experiment(cfg)
     batches = Batches(exp.data.train, cfg.data.batch_size, seed=cfg.seed, shuffle=True,
-                      **_streaming(exp))
+                      **streaming(exp))
     checksum = torch.zeros((), device=exp.device)
     samples, step, started = 0, 0, time.perf_counter()
     for epoch in range(args.epochs):

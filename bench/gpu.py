@@ -26,11 +26,11 @@ from typing import Any
 import torch
 from synthetic_cifar import use_synthetic_cifar
 
-from karpathy_runner.config import load_config
-from karpathy_runner.engine import build_experiment, build_trainer, versions
+from karpathy_runner.build import build_experiment, build_trainer, versions
+from karpathy_runner.config.loading import load_config
 from karpathy_runner.errors import RunFailed
-from karpathy_runner.progress import Reporter
-from karpathy_runner.writer import RunWriter
+from karpathy_runner.runfolder.writer import RunWriter
+from karpathy_runner.ui.progress import Reporter
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 VARIANTS = {

@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from test_hostile_configs import block_nesting, laughs  # noqa: E402
 
-from karpathy_runner.config import load_config  # noqa: E402
+from karpathy_runner.config.loading import load_config  # noqa: E402
 from karpathy_runner.errors import ConfigError  # noqa: E402
 
 CASES = {

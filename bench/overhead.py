@@ -38,13 +38,14 @@ import torch
 import torch.nn.functional as F
 from synthetic_cifar import use_synthetic_cifar
 
-from karpathy_runner.config import Config, load_config
-from karpathy_runner.engine import Experiment, build_experiment, build_trainer
+from karpathy_runner.build import Experiment, build_experiment, build_trainer
+from karpathy_runner.config.loading import load_config
+from karpathy_runner.config.root import Config
 from karpathy_runner.models import build_model
 from karpathy_runner.optim import build_optimizer
-from karpathy_runner.progress import Reporter
-from karpathy_runner.trainer import PRECISIONS
-from karpathy_runner.writer import RunWriter
+from karpathy_runner.runfolder.writer import RunWriter
+from karpathy_runner.ui.progress import Reporter
+from karpathy_runner.updater import PRECISIONS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 CIFAR_ROOT = Path(tempfile.gettempdir()) / "kdl-bench-cifar"

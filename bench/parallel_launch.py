@@ -39,8 +39,8 @@ def check(runs: Path, ids: list[str], pids: list[int]) -> list[str]:
     import torch
     import yaml
 
-    from karpathy_runner.checkpoint import load_checkpoint
     from karpathy_runner.errors import KdlError
+    from karpathy_runner.runfolder.checkpoint import load_checkpoint
 
     problems = []
     folders = sorted(p.name for p in runs.iterdir())

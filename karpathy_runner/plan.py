@@ -8,18 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import runs
-from .config import (
-    Config,
-    apply_overrides,
-    load_config,
-    load_yaml,
-    parse_override,
-    parse_yaml,
-    resolve,
-)
+from .config.loading import apply_overrides, load_config, load_yaml, parse_override, parse_yaml, resolve
+from .config.root import Config
 from .errors import KdlError
-from .trackers import check_installed
+from .runfolder import layout
+from .runfolder.fsio import RunLock
+from .runfolder.reader import Run, iter_runs, refuse_damaged, resolve_run
+from .trackers.base import check_installed
 
 
 @dataclass
@@ -27,11 +22,11 @@ class Plan:
     """What a `kdl train` command line asks for, checked before anything is built or written."""
 
     cfg: Config
-    run: runs.Run | None = None  # continue this run; None: start a fresh one
+    run: Run | None = None  # continue this run; None: start a fresh one
     changes: dict[str, Any] = field(default_factory=dict)  # --set changes to a resumed run
-    done: runs.Run | None = None  # --skip-existing found this run completed or running
+    done: Run | None = None  # --skip-existing found this run completed or running
     sweep: dict[str, Any] | None = None  # the sweep tag of a fresh run
-    lock: runs.RunLock | None = None  # held on `run` from planning to the end of the process's work
+    lock: RunLock | None = None  # held on `run` from planning to the end of the process's work
     until_epoch: int | None = None  # --until-epoch: pause after this epoch (status paused)
 
 
@@ -67,9 +62,9 @@ def _plan(config_path: str | None, overrides: list[str], runs_root: Path, resume
         if existing is not None:
             resume, overrides = existing.id, []
     if resume:
-        run = runs.resolve_run(runs_root, resume)
+        run = resolve_run(runs_root, resume)
         # before reading its state: one writer per run
-        held = runs.RunLock(run.path).acquire() if lock else None
+        held = RunLock(run.path).acquire() if lock else None
         try:
             cfg, changes = _resume_config(run, overrides, allow_changes)
         except BaseException:
@@ -85,39 +80,27 @@ def _plan(config_path: str | None, overrides: list[str], runs_root: Path, resume
     return Plan(load_config(config_path, overrides), sweep=tag)
 
 
-def _existing_run(runs_root: Path, cfg: Config) -> runs.Run | None:
+def _existing_run(runs_root: Path, cfg: Config) -> Run | None:
     """The newest run of the same experiment (config hash) that is not failed or damaged."""
     wanted = cfg.hash()
-    for run in sorted(runs.iter_runs(runs_root), key=lambda r: r.id, reverse=True):
-        if run.status not in ("failed", "damaged") and _config_hash(run) == wanted:
+    for run in sorted(iter_runs(runs_root), key=lambda r: r.id, reverse=True):
+        if run.status not in ("failed", "damaged") and run.meta.get("config_hash") == wanted:
             return run
     return None
 
 
-def _config_hash(run: runs.Run) -> str | None:
-    """The hash in meta.json; for a run made before hashes covered only the values that differ
-    from the defaults (no config_schema in its meta.json), recomputed from its config.yaml."""
-    if "config_schema" in run.meta:
-        return run.meta.get("config_hash")
-    raw = run.config_dict()
-    try:
-        return resolve(raw).hash() if raw else None
-    except KdlError:
-        return None
-
-
-def _resume_config(run: runs.Run, overrides: list[str], allow_changes: bool
+def _resume_config(run: Run, overrides: list[str], allow_changes: bool
                    ) -> tuple[Config, dict[str, Any]]:
     """The config a resume continues with, and its changes; refuses what cannot be resumed."""
-    runs.refuse_damaged(run)
+    refuse_damaged(run)
     if run.status == "running":
         raise KdlError(f"run {run.id} is still running (pid {run.meta.get('pid')}); stop it first")
     pending = run.meta.get("pending_config")
     if isinstance(pending, str):  # a change recorded, then a kill before it was applied: apply it
-        raw = parse_yaml(pending, f"{run.path / runs.META} (pending_config)")
+        raw = parse_yaml(pending, f"{run.path / layout.META} (pending_config)")
     else:  # strict: a damaged config.yaml is not the defaults
-        raw = load_yaml(run.path / runs.CONFIG)
-    saved = resolve(raw, str(run.path / runs.CONFIG))
+        raw = load_yaml(run.path / layout.CONFIG)
+    saved = resolve(raw, str(run.path / layout.CONFIG))
     cfg = resolve(apply_overrides(raw, overrides), "--set") if overrides else saved
     changes = _diff(saved.to_dict(), cfg.to_dict())
     if changes and not allow_changes:
@@ -126,8 +109,7 @@ def _resume_config(run: runs.Run, overrides: list[str], allow_changes: bool
             f"resuming {run.id} with changes ({shown}) would not continue the same experiment; "
             "add --allow-changes to resume anyway (the changes are recorded in meta.json)"
         )
-    # a completed run without its summary (an older kdl wrote meta.json first) is finished again
-    if run.status == "completed" and not changes and (run.path / runs.SUMMARY).is_file():
+    if run.status == "completed" and not changes:
         raise KdlError(
             f"run {run.id} already completed; to train longer resume with "
             "--set train.epochs=N --allow-changes"

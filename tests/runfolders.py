@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from karpathy_runner import runs
+from karpathy_runner.runfolder import layout
 
 BASE_CONFIG: dict[str, Any] = {
     "name": "digits_cnn",
@@ -46,11 +46,11 @@ def make_run(
     index = len(list(root.iterdir()))
     run_id = f"20260101-{index:06d}-{name}-{index:06x}"
     folder = root / run_id
-    (folder / runs.CHECKPOINTS).mkdir(parents=True)
+    (folder / layout.CHECKPOINTS).mkdir(parents=True)
     cfg = _config(name, config or {})
     epochs = [_epoch_metrics(loss) for loss in val_loss]
-    (folder / runs.CONFIG).write_text(yaml.safe_dump(cfg, sort_keys=False))
-    (folder / runs.METRICS).write_text("".join(json.dumps(r) + "\n" for r in _records(epochs)))
+    (folder / layout.CONFIG).write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (folder / layout.METRICS).write_text("".join(json.dumps(r) + "\n" for r in _records(epochs)))
     best_epoch = min(range(len(val_loss)), key=val_loss.__getitem__) + 1 if val_loss else None
     best = {"metric": "val.loss", "value": val_loss[best_epoch - 1] if best_epoch else None,
             "epoch": best_epoch}
@@ -58,11 +58,11 @@ def make_run(
     meta["metric_modes"] = metric_modes or {"loss": "min", "accuracy": "max"}
     if sweep:
         meta["sweep"] = {"id": sweep, "point": {"optimizer.lr": cfg["optimizer"]["lr"]}}
-    (folder / runs.META).write_text(json.dumps(meta, indent=2))
+    (folder / layout.META).write_text(json.dumps(meta, indent=2))
     if status != "running":
         summary = {"status": status, "epochs_done": len(val_loss), "final": epochs[-1] if epochs else {},
                    "best": {**best, "mode": "min"}, "duration_s": meta["duration_s"]}
-        (folder / runs.SUMMARY).write_text(json.dumps(summary, indent=2))
+        (folder / layout.SUMMARY).write_text(json.dumps(summary, indent=2))
     return folder
 
 
@@ -111,6 +111,6 @@ def _meta(run_id: str, cfg: dict[str, Any], status: str, index: int, epochs_done
         "epochs_done": epochs_done, "step": epochs_done * STEPS_PER_EPOCH,
         "command": ["kdl", "train", "configs/digits_cnn.yaml"], "host": socket.gethostname(),
         "pid": os.getpid() if pid is None else pid,
-        "pid_started": runs.process_start_time(os.getpid()) if pid is None else None,
+        "pid_started": layout.process_start_time(os.getpid()) if pid is None else None,
         "python": "3.11.7", "best": best, "error": None,
     }

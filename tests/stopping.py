@@ -18,8 +18,8 @@ import torch
 from kdl import CONFIGS, TINY, Result, kdl
 from kill_at import signal_before
 
-from karpathy_runner.checkpoint import load_checkpoint
 from karpathy_runner.cli import main
+from karpathy_runner.runfolder.checkpoint import load_checkpoint
 from karpathy_runner.tasks.classify import Classify
 
 # everything that draws random numbers, on the deterministic CPU path: shuffling, dropout,

@@ -205,7 +205,7 @@ def test_messages_say_each_thing_once_and_point_at_the_right_option(tmp_path):
 
 
 def test_a_cuda_build_without_a_gpu_is_not_told_to_install_one(monkeypatch):
-    from karpathy_runner.engine import resolve_device
+    from karpathy_runner.build import resolve_device
     from karpathy_runner.errors import KdlError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -221,17 +221,16 @@ def test_a_cuda_build_without_a_gpu_is_not_told_to_install_one(monkeypatch):
 
 
 def test_a_missing_split_names_where_it_was_looked_for(tmp_path):
-    from karpathy_runner.config import resolve
-    from karpathy_runner.engine import _missing_split
+    from karpathy_runner.config.loading import resolve
 
-    folder = resolve({"data": {"name": "image_folder", "root": str(tmp_path)}})
-    assert f"there is no {tmp_path / 'test'} (<class>/<image> inside)" in _missing_split(folder, "test")
-    digits = resolve({"data": {"name": "digits", "val_fraction": 0}})
-    assert "data.val_fraction is 0" in _missing_split(digits, "val")
+    folder = resolve({"data": {"name": "image_folder", "root": str(tmp_path)}}).data
+    assert f"there is no {tmp_path / 'test'} (<class>/<image> inside)" in folder.missing_split("test")
+    digits = resolve({"data": {"name": "digits", "val_fraction": 0}}).data
+    assert "data.val_fraction is 0" in digits.missing_split("val")
 
 
 def test_a_channel_that_never_varies_is_not_divided_by_zero():
-    from karpathy_runner.data.images import TensorImages, channel_stats
+    from karpathy_runner.data.image_sets import TensorImages, channel_stats
 
     images = torch.zeros(8, 3, 4, 4, dtype=torch.uint8)
     images[:, 0] = torch.arange(8, dtype=torch.uint8).view(8, 1, 1) * 30  # only red varies

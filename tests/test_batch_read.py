@@ -16,7 +16,7 @@ from kdl import kdl
 from runfolders import make_run
 from typer.testing import CliRunner
 
-from karpathy_runner import compare
+from karpathy_runner.batch import query
 from karpathy_runner.cli import app
 
 
@@ -120,14 +120,14 @@ def test_compare_pure_function_on_records():
                                                               "value": 1 - loss, "mode": "max"}}
 
     records = [record("a", 0.1, 0, 0.1), record("b", 0.1, 1, 0.3), record("c", 0.2, 0, 0.15)]
-    grouped = compare.compare(records, ["optimizer.lr"])
+    grouped = query.compare(records, ["optimizer.lr"])
     assert [row["n"] for row in grouped.rows] == [2, 1]
     assert grouped.rows[0]["metrics"]["val.accuracy"]["mean"] == pytest.approx(0.8)
     assert grouped.rows[0]["metrics"]["val.accuracy"]["std"] == pytest.approx(0.1414213562)
     assert grouped.best_row == 1  # accuracy: the highest mean wins
-    assert compare.compare(records).keys == ["optimizer.lr", "seed"]
-    with pytest.raises(compare.KdlError, match="did you mean optimizer.lr"):
-        compare.compare(records, ["optimizer.lrr"])
+    assert query.compare(records).keys == ["optimizer.lr", "seed"]
+    with pytest.raises(query.KdlError, match="did you mean optimizer.lr"):
+        query.compare(records, ["optimizer.lrr"])
 
 
 # ----------------------------------------------------------------------------- plot, show, rm
@@ -153,14 +153,14 @@ def test_plot_a_sweep_in_colour_families_with_the_differing_keys_in_the_legend(r
                                                                                tmp_path):
     import colorsys
 
-    from karpathy_runner.plot import draw
+    from karpathy_runner.ui.plot import draw
 
     out = tmp_path / "sweep.png"
     result = kdl("plot", "--sweep", "s1", "--metric", "val.loss", "--log-y", "--out", out)
     assert result.exit_code == 0, result.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    found = compare.sweep_runs(runs_dir, "s1")
+    found = query.sweep_runs(runs_dir, "s1")
     figure = draw(found, "val.loss", log_y=True)
     axes = figure.axes[0]
     assert axes.get_yscale() == "log"
@@ -228,7 +228,7 @@ def test_read_commands_never_import_torch(runs_dir, lr_sweep):
                      ["show", "latest"], ["compare", "--sweep", "s1", "--group-by", "optimizer.lr"]):
             result = CliRunner().invoke(app, args)
             assert result.exit_code == 0, (args, result.output)
-        heavy = [m for m in ("torch", "pydantic", "karpathy_runner.config", "matplotlib")
+        heavy = [m for m in ("torch", "pydantic", "karpathy_runner.config.root", "matplotlib")
                  if m in sys.modules]
         assert not heavy, heavy
     """)

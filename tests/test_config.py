@@ -6,7 +6,8 @@ import pytest
 import yaml
 from kdl import CONFIGS, kdl
 
-from karpathy_runner.config import Config, apply_overrides, load_config, parse_override, resolve
+from karpathy_runner.config.loading import apply_overrides, load_config, parse_override, resolve
+from karpathy_runner.config.root import Config
 from karpathy_runner.errors import ConfigError
 
 ALL_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torchvision.datasets.utils
 
-from karpathy_runner.config import CharDataConfig
+from karpathy_runner.config.data import CharDataConfig
 from karpathy_runner.data import Batches, build_data
 from karpathy_runner.data.chars import (
     SHAKESPEARE_MD5,

@@ -23,7 +23,7 @@ from datafiles import (  # noqa: F401
     write_png,
 )
 
-from karpathy_runner.config import ImageDataConfig
+from karpathy_runner.config.data import ImageDataConfig
 from karpathy_runner.data import build_data
 from karpathy_runner.errors import KdlError
 

@@ -14,7 +14,8 @@ import torch
 import torchvision.datasets.utils
 from kdl import kdl
 
-from karpathy_runner.config import TextDataConfig, resolve
+from karpathy_runner.config.data import TextDataConfig
+from karpathy_runner.config.loading import resolve
 from karpathy_runner.data import Batches, build_data
 from karpathy_runner.errors import KdlError
 

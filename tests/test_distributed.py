@@ -23,7 +23,7 @@ from stopping import (
     wait_for,
 )
 
-from karpathy_runner.data import Batches
+from karpathy_runner.data import BatchDataset, Batches
 from karpathy_runner.distributed import Ranks, shard
 from karpathy_runner.plan import plan_train
 
@@ -41,7 +41,7 @@ def test_each_rank_takes_every_nth_item_of_each_global_batch():
     assert shard(order, 0, 2).tolist() == [0, 2, 4, 6, 8]
     assert shard(order, 1, 3).tolist() == [1, 4, 7]
 
-    class Items:
+    class Items(BatchDataset):
         def __len__(self):
             return 11
 
@@ -181,7 +181,7 @@ def test_a_checkpoint_resumes_only_with_as_many_processes(two_processes, tmp_pat
 def _skip_step_rank(rank: int, init_file: str, results: multiprocessing.Queue) -> None:
     """One of two gloo processes: rank 1's loss is NaN, rank 0's finite; both run one step."""
     from karpathy_runner.distributed import Ranks
-    from karpathy_runner.trainer import Updater
+    from karpathy_runner.updater import Updater
 
     torch.set_num_threads(1)  # forked: no OpenMP thread team of the test process to lean on
 
@@ -228,7 +228,8 @@ def test_a_signal_that_lands_while_the_ranks_compare_is_not_lost():
     answer ('no stop yet') and be compared at the next step, or that rank never stops."""
     from types import SimpleNamespace
 
-    from karpathy_runner.trainer import Stop, Trainer
+    from karpathy_runner.loop import Trainer
+    from karpathy_runner.signals import Stop
 
     stop = Stop()
 
@@ -238,7 +239,7 @@ def test_a_signal_that_lands_while_the_ranks_compare_is_not_lost():
                 stop.signum = signal.SIGTERM
             return value
 
-    trainer = SimpleNamespace(ranks=Comparing(0, 2), stop=stop)
+    trainer = SimpleNamespace(ranks=Comparing(0, 2), stop=stop, tell_signal=lambda: None)
     assert Trainer._stopping(trainer) is False  # this step's answer: nobody had stopped
     assert stop.signum == signal.SIGTERM  # kept
     assert Trainer._stopping(trainer) is True  # and agreed at the next step

@@ -14,14 +14,15 @@ from kdl import CONFIGS, kdl
 from PIL import Image
 from stopping import assert_same_training, final_state, one_thread, read_json, sets, signal_at
 
-from karpathy_runner.config import GANModelConfig, load_config
-from karpathy_runner.engine import Experiment, _eval_batches, build_experiment, build_trainer, load_run
+from karpathy_runner.build import Experiment, build_experiment, build_trainer, eval_batches
+from karpathy_runner.config.loading import load_config
+from karpathy_runner.config.models import GANModelConfig
+from karpathy_runner.evaluate import InceptionFeatures, RunFeatures, image_quality, load_run
 from karpathy_runner.models import build_model
 from karpathy_runner.models.gan import start_size
-from karpathy_runner.progress import Reporter
-from karpathy_runner.quality import InceptionFeatures, RunFeatures, image_quality
+from karpathy_runner.runfolder.writer import RunWriter
 from karpathy_runner.tasks.gan import GAN
-from karpathy_runner.writer import RunWriter
+from karpathy_runner.ui.progress import Reporter
 
 GAN_YAML = """# kdl train gan.yaml
 name: tiny_gan
@@ -169,13 +170,13 @@ def test_quality_of_real_images_and_of_noise(classifier_run):
     trained = classifier_run
     classifier = load_run(trained.parent, trained.name, "best", "cpu")
     features = RunFeatures(trained.name, classifier.exp.task.model, classifier.exp.prepare, 10)
-    batches = _eval_batches(classifier.exp, classifier.exp.data.val)
+    batches = eval_batches(classifier.exp, classifier.exp.data.val)
     real = [batch[0] for batch in batches.epoch()]
     queue = list(real)
     same = image_quality(real, lambda n: queue.pop(0), features, per_class=True)
     noise = image_quality(real, lambda n: torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8),
                           features, per_class=True)
-    test = [batch[0] for batch in _eval_batches(classifier.exp, classifier.exp.data.test).epoch()]
+    test = [batch[0] for batch in eval_batches(classifier.exp, classifier.exp.data.test).epoch()]
     others = torch.cat(test)[:sum(map(len, real))].split([len(b) for b in real])
     queue = list(others)
     other = image_quality(real, lambda n: queue.pop(0), features, per_class=True)

@@ -14,10 +14,12 @@ import torch
 from kdl import kdl, train_tiny
 from stopping import final_state, metrics, only_run, signal_at, train
 
-from karpathy_runner.checkpoint import load_checkpoint
-from karpathy_runner.data.images import ImagePrep, augment_batch
-from karpathy_runner.engine import _eval_batches, load_run
-from karpathy_runner.trainer import Updater, autocast_for, evaluate
+from karpathy_runner.build import eval_batches
+from karpathy_runner.data.image_sets import ImagePrep, augment_batch
+from karpathy_runner.evaluate import load_run
+from karpathy_runner.runfolder.checkpoint import load_checkpoint
+from karpathy_runner.tasks.base import evaluate
+from karpathy_runner.updater import Updater, autocast_for
 
 CPU = torch.device("cpu")
 
@@ -76,7 +78,7 @@ def test_eval_repeats_the_runs_bf16_numbers(tmp_path):
 
     loaded = load_run(tmp_path, result.last_line, "last", "cpu")
     exp = loaded.exp
-    fp32 = evaluate(exp.task, _eval_batches(exp, exp.data.val), exp.prepare)["loss"]
+    fp32 = evaluate(exp.task, eval_batches(exp, exp.data.val), exp.prepare)["loss"]
     assert abs(fp32 - logged) > 20 * 1e-6 * abs(logged), (fp32, logged)
 
 

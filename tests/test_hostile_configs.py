@@ -9,7 +9,7 @@ import pytest
 from kdl import CONFIGS, TINY, kdl
 from stopping import sets
 
-from karpathy_runner.config import load_config
+from karpathy_runner.config.loading import load_config
 from karpathy_runner.errors import ConfigError
 
 

@@ -12,11 +12,11 @@ import pytest
 from kdl import kdl
 from stopping import assert_same_training, final_state, metrics, read_json, sets, signal_at
 
-from karpathy_runner.config import load_config
-from karpathy_runner.engine import build_experiment, build_trainer
-from karpathy_runner.progress import Reporter
+from karpathy_runner.build import build_experiment, build_trainer
+from karpathy_runner.config.loading import load_config
+from karpathy_runner.runfolder.writer import RunWriter
 from karpathy_runner.tasks.language_model import LanguageModel
-from karpathy_runner.writer import RunWriter
+from karpathy_runner.ui.progress import Reporter
 
 CORPUS = "".join(f"def add_{i}(a, b):\n    return a + b * {i}\n\n" for i in range(120))  # ~4 KB
 
@@ -152,8 +152,8 @@ def test_carrying_the_state_reads_batches_in_corpus_order(tmp_path, corpus, carr
     cfg = load_config(lm_config(tmp_path, corpus)[0], [f"task.carry_hidden={str(carry).lower()}"])
     writer = RunWriter.create(tmp_path, cfg.name, cfg.to_yaml())
     trainer = build_trainer(build_experiment(cfg), writer, Reporter(quiet=True))
-    assert trainer.train_batches.shuffle is not ordered
-    assert trainer.val_batches.batch_size == cfg.data.batch_size  # val streams as in training
+    assert trainer.feed.train.shuffle is not ordered
+    assert trainer.feed.val.batch_size == cfg.data.batch_size  # val streams as in training
     writer.close()
 
 

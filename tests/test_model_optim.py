@@ -10,8 +10,9 @@ import pytest
 import torch
 from kdl import train_tiny
 
-from karpathy_runner.config import CNNConfig, OptimizerConfig, SchedulerConfig
-from karpathy_runner.data.images import augment_batch
+from karpathy_runner.config.models import CNNConfig
+from karpathy_runner.config.training import OptimizerConfig, SchedulerConfig
+from karpathy_runner.data.image_sets import augment_batch
 from karpathy_runner.models import build_model
 from karpathy_runner.optim import LRSchedule, build_optimizer
 

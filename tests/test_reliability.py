@@ -10,7 +10,6 @@ in-process.
 from __future__ import annotations
 
 import errno
-import io
 import json
 import os
 import signal
@@ -36,9 +35,9 @@ from stopping import (
     train_command,
 )
 
-import karpathy_runner.checkpoint
-from karpathy_runner import runs as runs_module
-from karpathy_runner.checkpoint import AT_ONCE_BYTES, InBackground, captured, load_checkpoint
+import karpathy_runner.runfolder.checkpoint
+from karpathy_runner.runfolder import fsio
+from karpathy_runner.runfolder.checkpoint import InBackground, captured, load_checkpoint
 from karpathy_runner.tasks.classify import Classify
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # as the kdl processes run
@@ -114,35 +113,6 @@ def test_sigint_during_the_final_writes_still_completes(runs_dir, monkeypatch):
     assert read_json(folder / "summary.json")["final"] == read_json(baseline / "summary.json")["final"]
 
 
-def test_a_completed_run_without_its_summary_is_finished_by_resume(runs_dir, monkeypatch):
-    """As an older kdl could leave it (meta.json completed, killed before summary.json)."""
-    baseline, _ = replaced_files(monkeypatch)
-    expected = read_json(baseline / "summary.json")
-    (baseline / "summary.json").unlink()
-    assert read_json(baseline / "meta.json")["status"] == "completed"
-    resumed = train(baseline.parent, resume=baseline.name)
-    assert resumed.exit_code == 0, resumed.stderr
-    summary = read_json(baseline / "summary.json")
-    assert summary["final"] == expected["final"] and summary["best"] == expected["best"]
-
-
-def test_resume_repairs_a_best_pt_left_behind(runs_dir, monkeypatch):
-    """An older kdl wrote last.pt before best.pt; a kill between them left best.pt an epoch
-    behind the best epoch that last.pt names. The resume writes it again from last.pt."""
-    stopped = train(runs_dir / "runs", *RANDOM, "train.epochs=1")
-    folder = runs_dir / "runs" / stopped.last_line
-    state = final_state(folder)
-    assert state["loop"]["best_epoch"] == 1
-    meta = read_json(folder / "meta.json")
-    (folder / "meta.json").write_text(json.dumps({**meta, "status": "running", "pid": 2**22 + 7}))
-    (folder / "checkpoints" / "best.pt").unlink()  # the best.pt of no epoch: behind last.pt
-    resumed = kdl("train", "--resume", folder.name, "--runs-dir", runs_dir / "runs", "--quiet",
-                  *sets(["train.epochs=2"]), "--allow-changes")
-    assert resumed.exit_code == 0, resumed.stderr
-    assert "best.pt repaired" in (folder / "train.log").read_text()
-    assert final_state(folder, "best")["loop"]["epoch"] in (1, 2)
-
-
 # ----------------------------------------------------------------------------- 2: start-up
 
 
@@ -172,16 +142,16 @@ def test_a_kill_before_the_first_checkpoint_resumes_from_step_0(runs_dir):
 
 
 def test_full_disk_before_the_first_checkpoint_promises_no_checkpoint(runs_dir, monkeypatch):
-    real = karpathy_runner.checkpoint.atomic_write
+    real = karpathy_runner.runfolder.checkpoint.atomic_write
 
     def full(path, write, also=(), folder_fd=None):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(karpathy_runner.checkpoint, "atomic_write", full)
+    monkeypatch.setattr(karpathy_runner.runfolder.checkpoint, "atomic_write", full)
     result = train(runs_dir, *RANDOM)
     assert result.exit_code == 1
     assert "No checkpoint was written yet" in result.stderr and "intact" not in result.stderr
-    monkeypatch.setattr(karpathy_runner.checkpoint, "atomic_write", real)
+    monkeypatch.setattr(karpathy_runner.runfolder.checkpoint, "atomic_write", real)
     resumed = train(runs_dir, resume=result.last_line)
     assert resumed.exit_code == 0, resumed.stderr
     assert read_json(runs_dir / result.last_line / "meta.json")["status"] == "completed"
@@ -235,7 +205,7 @@ def test_two_resumes_at_once_one_trains_the_other_exits_2_naming_it(runs_dir):
 def test_rm_waits_for_no_one_and_removes_nothing_of_a_locked_run(runs_dir):
     runs = runs_dir / "runs"
     folder = runs / train(runs, *TINY, "train.epochs=1").last_line
-    with runs_module.RunLock(folder).acquire():  # as a training process holds it
+    with fsio.RunLock(folder).acquire():  # as a training process holds it
         result = kdl("rm", "--yes", folder.name, "--runs-dir", runs)
         assert result.exit_code == 2 and f"(pid {os.getpid()})" in result.stderr
         assert folder.is_dir()
@@ -261,12 +231,12 @@ def test_stale_temp_files_are_removed_but_not_a_live_writers(tmp_path):
         finish.wait(30)
         handle.write(b"true}")
 
-    writer = threading.Thread(target=runs_module.atomic_write,
+    writer = threading.Thread(target=fsio.atomic_write,
                               args=(folder / "eval.json", slow_write))
     writer.start()
     assert writing.wait(30)
     live = list(folder.glob(".eval.json.*.tmp"))
-    runs_module.RunLock(folder).acquire().release()
+    fsio.RunLock(folder).acquire().release()
     assert not stale.exists() and len(live) == 1 and live[0].exists()
     finish.set()
     writer.join()
@@ -319,16 +289,14 @@ def test_without_hard_links_best_pt_is_a_copy(runs_dir, monkeypatch):
 
 def test_checkpoints_are_written_while_training_goes_on_with_the_state_of_their_step(
         runs_dir, monkeypatch):
-    """Each checkpoint is held on the checkpoint thread until the training thread has done a
-    step more, and still holds the state of its own step, bit for bit as a run that holds
-    nothing writes it: a small state serialised at once (held before its write), and a state
-    taken as a copy (here: any over 0 bytes), held before the thread serialises it."""
-    def saves(runs: Path, hold_below: int = 0, at_once_bytes: int = AT_ONCE_BYTES
-              ) -> list[tuple[str, bool, int, dict]]:
+    """Each checkpoint is serialised by torch.save on the checkpoint thread, held there until the
+    training thread has done a step more, and still holds the state of its own step, bit for bit
+    as a run that holds nothing writes it."""
+    def saves(runs: Path, hold_below: int = 0) -> list[tuple[str, bool, int, dict]]:
         """The checkpoints a run writes, each held until training moves on if its step is below
         `hold_below` (the last step: no step follows it to wait for)."""
         progress, saved = {"step": 0}, []
-        original, module = Classify.train_step, karpathy_runner.checkpoint
+        original, module = Classify.train_step, karpathy_runner.runfolder.checkpoint
         real_write, real_serialise = module.atomic_write, module.serialise
 
         def until_training_moves_on(step: int) -> None:
@@ -342,12 +310,10 @@ def test_checkpoints_are_written_while_training_goes_on_with_the_state_of_their_
             return result
 
         def serialise(state):
-            if threading.current_thread().name == "kdl-checkpoint":  # a copy, serialised late
-                until_training_moves_on(state["loop"]["step"])
+            until_training_moves_on(state["loop"]["step"])
             return real_serialise(state)
 
         def atomic_write(path, data, also=(), folder_fd=None):
-            until_training_moves_on(at_step(data))
             real_write(path, data, also, folder_fd)
             state = load_checkpoint(path)
             saved.append((threading.current_thread().name, progress["step"] > state["loop"]["step"],
@@ -357,24 +323,18 @@ def test_checkpoints_are_written_while_training_goes_on_with_the_state_of_their_
             patch.setattr(Classify, "train_step", train_step)
             patch.setattr(module, "atomic_write", atomic_write)
             patch.setattr(module, "serialise", serialise)
-            patch.setattr(module, "AT_ONCE_BYTES", at_once_bytes)
             result = train(runs)
         assert result.exit_code == 0, result.stderr
         return saved
 
-    def at_step(data) -> int:
-        """The step of the checkpoint whose bytes are `data`."""
-        return torch.load(io.BytesIO(data), weights_only=True)["loop"]["step"]
-
     free = saves(runs_dir / "free")
     assert [step for *_, step, _ in free] == [4, 8, 12, 16, 20, 21, 24, 28, 32, 36, 40, 42]
-    for at_once_bytes in (AT_ONCE_BYTES, 0):
-        held = saves(runs_dir / f"held-{at_once_bytes}", hold_below=42, at_once_bytes=at_once_bytes)
-        assert {thread for thread, *_ in held} == {"kdl-checkpoint"}
-        assert [moved_on for _, moved_on, *_ in held] == [True] * (len(held) - 1) + [False]  # the end
-        assert [step for *_, step, _ in held] == [step for *_, step, _ in free]
-        for (*_, step, models), (*_, _, expected) in zip(held, free, strict=True):
-            assert_same_tensors(models, expected, f"step {step}, at once up to {at_once_bytes} bytes")
+    held = saves(runs_dir / "held", hold_below=42)
+    assert {thread for thread, *_ in held} == {"kdl-checkpoint"}
+    assert [moved_on for _, moved_on, *_ in held] == [True] * (len(held) - 1) + [False]  # the end
+    assert [step for *_, step, _ in held] == [step for *_, step, _ in free]
+    for (*_, step, models), (*_, _, expected) in zip(held, free, strict=True):
+        assert_same_tensors(models, expected, f"step {step}")
 
 
 def test_a_kill_while_a_checkpoint_is_written_in_the_background_keeps_the_one_before(runs_dir):

@@ -159,42 +159,11 @@ def test_a_signal_during_validation_stops_at_the_epoch_end(tmp_path, monkeypatch
     assert_same_training(folder, baseline)
 
 
-def as_format_1(state):
-    """A checkpoint as kdl wrote it before step results had kinds (format 1, classify only): the
-    window's and the epoch's sums flat ({loss x count, correct, count}), a never-read scheduler entry."""
-    old = {**state, "format": 1, "scheduler": {"model": {"step": state["loop"]["step"]}}}
-    sums = state["loop"]["epoch_sums"]
-    old["loop"] = {**state["loop"], "epoch_sums": {"loss": sums["losses"]["loss"],
-                                                   "correct": sums["sums"]["correct"],
-                                                   "count": sums["count"]}}
-    old["window"] = [{"loss": r["losses"]["loss"] * r["count"], "correct": r["sums"]["correct"],
-                      "count": r["count"]} for r in state["window"]]
-    return old
-
-
-def test_a_run_stopped_by_the_previous_kdl_resumes(tmp_path, monkeypatch):
-    """Its format-1 last.pt is read and upgraded: the run ends exactly as if never stopped."""
-    import torch
-
-    baseline = uninterrupted(tmp_path / "straight", [])
-    signal_at(monkeypatch, [5])
-    stopped = train(tmp_path / "stopped")
-    assert stopped.exit_code == 130
-    folder = tmp_path / "stopped" / stopped.last_line
-    state = final_state(folder)
-    assert state["window"] and state["loop"]["epoch_sums"]  # both parts that changed are in use
-    torch.save(as_format_1(state), folder / "checkpoints" / "last.pt")
-    assert torch.load(folder / "checkpoints" / "last.pt", weights_only=True)["format"] == 1
-    resumed = train(tmp_path / "stopped", resume=folder.name)
-    assert resumed.exit_code == 0, resumed.stderr
-    assert_same_training(folder, baseline)
-
-
 def test_training_longer_updates_the_config_hash_and_skip_existing_matches_the_current_config(
         tmp_path):
     """A completed run trained longer has the hash of its new config (the old one kept in the
     resume record): --skip-existing with the original config no longer takes it for its own."""
-    from karpathy_runner.config import load_config
+    from karpathy_runner.config.loading import load_config
 
     def train_config(epochs: int):
         return kdl("train", CONFIGS / "digits_cnn.yaml", *sets([*RANDOM, f"train.epochs={epochs}"]),

@@ -10,7 +10,7 @@ import torch
 from kdl import CONFIGS, kdl
 from stopping import metrics
 
-from karpathy_runner.config import RNNConfig
+from karpathy_runner.config.models import RNNConfig
 from karpathy_runner.models import build_model
 from karpathy_runner.models.rnn import RNNClassifier, RNNLanguageModel
 

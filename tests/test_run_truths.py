@@ -15,9 +15,9 @@ from kdl import kdl, train_tiny
 from runfolders import make_run
 from screen import run_in_terminal
 
-from karpathy_runner import runs
-from karpathy_runner.report import print_eval
-from karpathy_runner.writer import RunWriter
+from karpathy_runner.runfolder import fsio, layout
+from karpathy_runner.runfolder.writer import RunWriter
+from karpathy_runner.ui.tables import print_eval, short_id
 
 
 @pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600)])
@@ -43,7 +43,7 @@ def test_atomic_writes_never_set_the_umask(tmp_path, monkeypatch):
     previous = os.umask(0o027)
     try:
         monkeypatch.setattr(os, "umask", None)
-        runs.atomic_write(tmp_path / "a.json", lambda handle: handle.write(b"{}"),
+        fsio.atomic_write(tmp_path / "a.json", lambda handle: handle.write(b"{}"),
                           also=[tmp_path / "b.json"])
     finally:
         monkeypatch.undo()
@@ -54,10 +54,10 @@ def test_atomic_writes_never_set_the_umask(tmp_path, monkeypatch):
 def test_atomic_writes_step_over_a_temp_file_of_the_same_name(tmp_path, monkeypatch):
     """Temp names are this process's id and a count (no system call on the checkpoint
     thread); one a killed process with the same id left behind is stepped over, not written."""
-    monkeypatch.setattr(runs, "_TEMPS", itertools.count(7))
+    monkeypatch.setattr(fsio, "_TEMPS", itertools.count(7))
     left = tmp_path / f".a.json.{os.getpid()}-7.tmp"
     left.write_bytes(b"a killed writer's")
-    runs.atomic_write(tmp_path / "a.json", b"{}", also=[tmp_path / "b.json"])
+    fsio.atomic_write(tmp_path / "a.json", b"{}", also=[tmp_path / "b.json"])
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes() == b"{}"
     assert left.read_bytes() == b"a killed writer's"
     assert sorted(p.name for p in tmp_path.iterdir()) == [left.name, "a.json", "b.json"]
@@ -65,7 +65,7 @@ def test_atomic_writes_step_over_a_temp_file_of_the_same_name(tmp_path, monkeypa
 
 def _eval_result(run_id: str, step: int, accuracy: float, split: str = "val") -> dict:
     return {"run": run_id, "checkpoint": "best", "split": split, "epoch": step // 10, "step": step,
-            "samples": 100, "precision": "fp32", "evaluated_at": runs.utc_now(),
+            "samples": 100, "precision": "fp32", "evaluated_at": layout.utc_now(),
             "metrics": {"loss": 1 - accuracy, "accuracy": accuracy, "per_class_accuracy": {"0": 1.0}}}
 
 
@@ -130,7 +130,7 @@ def test_compare_fits_80_columns_and_keeps_names_and_suffixes(runs_dir):
     assert all(len(line) <= 80 for line in narrow.lines)
     assert "…" not in narrow.text
     for folder in folders:  # name and random suffix, whole
-        assert runs.short_id(folder.name) in narrow.text
+        assert short_id(folder.name) in narrow.text
     assert "optimizer." in narrow.text and "dropout" in narrow.text
     wide = run_in_terminal(["compare", *(f.name for f in folders), "--runs-dir", str(runs_dir)],
                            columns=200)

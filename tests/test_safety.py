@@ -13,7 +13,7 @@ import pytest
 import torch
 from kdl import CONFIGS, ROOT, kdl
 
-from karpathy_runner import engine
+from karpathy_runner import build
 
 
 class Payload:
@@ -131,8 +131,8 @@ def test_a_real_run_folder_is_accepted_by_path(run, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("package, old", [("torch", "2.5.1"), ("torchvision", "0.20.1")])
 def test_library_versions_too_old_for_safe_loading_are_refused(run, tmp_path, monkeypatch, package, old):
-    real = engine.package_version
-    monkeypatch.setattr(engine, "package_version", lambda name: old if name == package else real(name))
+    real = build.package_version
+    monkeypatch.setattr(build, "package_version", lambda name: old if name == package else real(name))
     fresh = kdl("train", CONFIGS / "digits_cnn.yaml", "--runs-dir", tmp_path / "new")
     assert fresh.exit_code == 2 and f"{package} {old} is too old" in fresh.stderr
     assert not (tmp_path / "new").exists()

@@ -12,7 +12,6 @@ from typing import ClassVar, Literal
 import pytest
 import torch
 import toytask
-import yaml
 from kdl import CONFIGS, kdl, train_tiny
 from PIL import Image
 from runfolders import make_run
@@ -27,12 +26,15 @@ from stopping import (
     train,
 )
 
-from karpathy_runner import config
-from karpathy_runner.config import Branch, ClassifyConfig, load_config, resolve
-from karpathy_runner.engine import build_experiment, build_trainer
+from karpathy_runner.build import build_experiment, build_trainer
+from karpathy_runner.config import families, loading, root
+from karpathy_runner.config.families import TaskConfig
+from karpathy_runner.config.loading import load_config, resolve
+from karpathy_runner.config.tasks import ClassifyConfig
+from karpathy_runner.config.training import TrainConfig
 from karpathy_runner.errors import ConfigError
-from karpathy_runner.progress import Reporter
-from karpathy_runner.writer import RunWriter
+from karpathy_runner.runfolder.writer import RunWriter
+from karpathy_runner.ui.progress import Reporter
 
 TOY = ["task.name=toy_pair",
        "optimizer={encoder: {name: adam, lr: 0.003}, head: {name: sgd, lr: 0.05, momentum: 0.9}}",
@@ -43,8 +45,11 @@ pytestmark = pytest.mark.usefixtures("single_thread")  # as the kdl processes ru
 
 
 @pytest.fixture
-def toy(monkeypatch):
-    toytask.register(monkeypatch)
+def toy():
+    """The toy family, registered as an outside family registers (one call), for one test."""
+    families.register(toytask.ToyPairConfig)
+    yield
+    families.unregister(toytask.ToyPairConfig)
 
 
 def toy_train(runs, *overrides, resume=None):
@@ -140,15 +145,15 @@ def test_a_nonfinite_second_loss_stops_the_run_at_its_step(toy, tmp_path):
 def test_every_loss_of_every_step_is_checked_and_summed():
     """The window reduction that logging and checkpoints use: per step, all losses finite."""
     from karpathy_runner.tasks import StepResult
-    from karpathy_runner.trainer import _reduce
+    from karpathy_runner.tasks.steps import reduce_window
 
     def step(d_loss, g_loss, count=4):
         return StepResult(count, {"d_loss": torch.tensor(d_loss), "g_loss": torch.tensor(g_loss)},
                           {"correct": torch.tensor(1)})
 
-    totals, finite = _reduce([step(1.0, 2.0), step(0.5, float("nan")), step(float("inf"), 1.0)])
+    totals, finite = reduce_window([step(1.0, 2.0), step(0.5, float("nan")), step(float("inf"), 1.0)])
     assert finite == [True, False, False]
-    totals, finite = _reduce([step(1.0, 2.0), step(0.5, 1.0, count=2)])
+    totals, finite = reduce_window([step(1.0, 2.0), step(0.5, 1.0, count=2)])
     assert finite == [True, True]
     assert (totals.count, totals.losses, totals.sums) == (6.0, {"d_loss": 5.0, "g_loss": 10.0},
                                                           {"correct": 2.0})
@@ -203,17 +208,17 @@ def test_the_task_defaults_from_model_and_data_and_is_written_in_the_config(toy,
     assert "task: {name: classify, label_smoothing: 0.0, eval_flip: false}" in shown.stdout
 
 
-class GanSpec(Branch):  # the declarations of families to come, for the pure functions below
+class GanSpec(TaskConfig):  # the declarations of families to come, for the pure functions below
     TRAINS: ClassVar[dict] = {"image": ("gan",)}
     name: Literal["gan"] = "gan"
 
 
-class LanguageModelSpec(Branch):
+class LanguageModelSpec(TaskConfig):
     TRAINS: ClassVar[dict] = {"chars": ("rnn", "lstm", "gru")}
     name: Literal["language_model"] = "language_model"
 
 
-class ClassifySpec(Branch):
+class ClassifySpec(TaskConfig):
     TRAINS: ClassVar[dict] = {"image": ("cnn", "lstm"), "text": ("rnn", "lstm", "gru")}
     name: Literal["classify"] = "classify"
 
@@ -222,17 +227,17 @@ FAMILIES = (ClassifySpec, LanguageModelSpec, GanSpec)
 
 
 def test_default_task_and_impossible_pairs_name_both_keys():
-    assert config.default_task("gan", "image", FAMILIES) is GanSpec
-    assert config.default_task("lstm", "chars", FAMILIES) is LanguageModelSpec
-    assert config.default_task("cnn", "image", FAMILIES) is ClassifySpec
-    assert config.default_task("cnn", "text", FAMILIES) is None
-    assert config.task_problems(ClassifySpec, "cnn", "digits", "image", FAMILIES) == []
+    assert families.default_task("gan", "image", FAMILIES) is GanSpec
+    assert families.default_task("lstm", "chars", FAMILIES) is LanguageModelSpec
+    assert families.default_task("cnn", "image", FAMILIES) is ClassifySpec
+    assert families.default_task("cnn", "text", FAMILIES) is None
+    assert families.task_problems(ClassifySpec, "cnn", "digits", "image", FAMILIES) == []
     # a gan task on a text corpus
-    (problem,) = config.task_problems(GanSpec, "lstm", "imdb", "text", FAMILIES)
+    (problem,) = families.task_problems(GanSpec, "lstm", "imdb", "text", FAMILIES)
     assert problem.startswith("task.name: the gan task cannot train model.name 'lstm' on data.name "
                               "'imdb' (text data)") and "task.name: classify" in problem
     # a cnn on text: no task at all
-    (problem,) = config.task_problems(ClassifySpec, "cnn", "imdb", "text", FAMILIES)
+    (problem,) = families.task_problems(ClassifySpec, "cnn", "imdb", "text", FAMILIES)
     assert problem.startswith("model.name: no task trains model.name 'cnn' on data.name 'imdb'")
     assert "model.name: rnn or lstm or gru" in problem
 
@@ -355,13 +360,13 @@ def test_a_key_added_later_with_a_default_keeps_old_runs_for_skip_existing(tmp_p
     first = train_tiny(tmp_path, "--set", "train.epochs=1")
     assert first.exit_code == 0, first.stderr
 
-    class NewerTrain(config.TrainConfig):
+    class NewerTrain(TrainConfig):
         ema_decay: float | None = None  # a key a later kdl adds, defaulted
 
-    class NewerConfig(config.Config):
+    class NewerConfig(root.Config):
         train: NewerTrain = NewerTrain()
 
-    monkeypatch.setattr(config, "Config", NewerConfig)
+    monkeypatch.setattr(loading, "Config", NewerConfig)
     assert "ema_decay: null" in kdl("validate", CONFIGS / "digits_cnn.yaml").stdout
     again = train_tiny(tmp_path, "--set", "train.epochs=1", "--skip-existing", "--json")
     assert again.exit_code == 0, again.stderr
@@ -370,20 +375,3 @@ def test_a_key_added_later_with_a_default_keeps_old_runs_for_skip_existing(tmp_p
     changed = train_tiny(tmp_path, "--set", "train.epochs=1", "--set", "train.ema_decay=0.99",
                          "--skip-existing", "--json")
     assert not json.loads(changed.stdout)["skipped"]
-
-
-def test_skip_existing_finds_a_run_made_before_hashes_skipped_defaults(tmp_path):
-    """Its meta.json has an old-style hash and no config_schema, its config.yaml no task branch:
-    the hash is recomputed from its config.yaml, so upgrading kdl reruns nothing."""
-    first = train_tiny(tmp_path, "--set", "train.epochs=1")
-    assert first.exit_code == 0, first.stderr
-    folder = tmp_path / first.last_line
-    meta = read_json(folder / "meta.json")
-    del meta["config_schema"]
-    (folder / "meta.json").write_text(json.dumps({**meta, "config_hash": "0123456789abcdef"}))
-    old = yaml.safe_load((folder / "config.yaml").read_text())
-    del old["task"], old["train"]["early_stopping"]["mode"]  # keys that version did not have
-    (folder / "config.yaml").write_text(yaml.safe_dump(old))
-    again = train_tiny(tmp_path, "--set", "train.epochs=1", "--skip-existing", "--json")
-    assert again.exit_code == 0, again.stderr
-    assert json.loads(again.stdout)["id"] == first.last_line and json.loads(again.stdout)["skipped"]

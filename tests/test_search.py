@@ -16,9 +16,8 @@ import pytest
 from kdl import CONFIGS, TINY, kdl
 from stopping import assert_same_training, read_json, sets
 
-from karpathy_runner.compare import rung_of
-from karpathy_runner.runs import Run, iter_runs
-from karpathy_runner.search import SearchSpec
+from karpathy_runner.batch.study import SearchSpec
+from karpathy_runner.runfolder.reader import Run, iter_runs, rung_of
 
 DIGITS = CONFIGS / "digits_cnn.yaml"
 HOOK = Path(__file__).parent / "sitehook"  # signals the sweep at an exact point of a trial
@@ -205,8 +204,8 @@ def test_halving_keeps_the_best_1_over_eta_at_each_rung_and_the_survivor_equals_
 
 
 def test_the_metric_and_its_direction_come_from_the_task():
-    from karpathy_runner.config import load_config
-    from karpathy_runner.search import metric_direction
+    from karpathy_runner.batch.study import metric_direction
+    from karpathy_runner.config.loading import load_config
 
     assert metric_direction(load_config(DIGITS, [])) == ("val.loss", "minimize")
     assert metric_direction(load_config(DIGITS, ["train.best_metric=val.accuracy"])) == (
@@ -246,7 +245,9 @@ def test_a_grid_search_runs_each_point_once_and_a_rerun_runs_nothing(tmp_path, m
 
 
 def test_a_grid_study_asks_every_point_once_in_order(tmp_path):
-    from karpathy_runner.search import Search, open_study, parse_space
+    from karpathy_runner.batch.search import Search
+    from karpathy_runner.batch.space import parse_space
+    from karpathy_runner.batch.study import open_study
 
     space = parse_space(["seed=int(0,1)", "model.channels=choice([4,8],[8,8])"])
     spec = SearchSpec(DIGITS, [], space, "grid", 4, "val.loss", "minimize", "hash", "digits", None)

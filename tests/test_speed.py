@@ -19,14 +19,15 @@ from datafiles import write_cifar10, write_folder
 from kdl import CONFIGS, train_tiny
 from stopping import assert_same_tensors, final_state, read_json
 
-from karpathy_runner import checkpoint
-from karpathy_runner.config import ImageDataConfig, OptimizerConfig, load_config
+from karpathy_runner.build import build_experiment, build_trainer, speed_up, streaming
+from karpathy_runner.config.data import ImageDataConfig
+from karpathy_runner.config.loading import load_config
+from karpathy_runner.config.training import OptimizerConfig
 from karpathy_runner.data import Batches, build_data, choose_placement
-from karpathy_runner.engine import _streaming, build_experiment, build_trainer, speed_up
 from karpathy_runner.models.speedrun import SpeedrunNet
 from karpathy_runner.optim import build_optimizer
-from karpathy_runner.progress import Reporter
-from karpathy_runner.writer import RunWriter
+from karpathy_runner.runfolder.writer import RunWriter
+from karpathy_runner.ui.progress import Reporter
 
 AUGMENTED = ["data.augment=[crop, flip]", "data.crop_padding=2", "train.device=cpu",
              "data.batch_size=64"]
@@ -40,7 +41,7 @@ def batches_of(tmp_path, placement: str, workers: int, epoch: int, start: int) -
     assert exp.data.placement == placement
     trainer = build_trainer(exp, RunWriter.create(tmp_path, placement, cfg.to_yaml()),
                             Reporter(quiet=True))
-    batches = trainer.train_batches
+    batches = trainer.feed.train
     first_step = epoch * len(batches) + start
     return [exp.prepare(batch, first_step + i)
             for i, batch in enumerate(batches.epoch(epoch, start=start))]
@@ -60,12 +61,12 @@ def test_resident_and_streamed_batches_are_identical(tmp_path, workers):
 
 def test_placement_auto_keeps_small_data_resident_and_streams_folders():
     digits = build_experiment(load_config(CONFIGS / "digits_cnn.yaml", ["train.device=cpu"]))
-    assert digits.data.placement == "device" and _streaming(digits) == {}
+    assert digits.data.placement == "device" and streaming(digits) == {}
     streamed = build_experiment(load_config(CONFIGS / "digits_cnn.yaml", [
         "train.device=cpu", "data.placement=stream", "data.num_workers=3"]))
-    assert _streaming(streamed) == {"stream": True, "num_workers": 3, "pin_memory": False}
+    assert streaming(streamed) == {"stream": True, "num_workers": 3, "pin_memory": False}
     towards_a_gpu = dataclasses.replace(streamed, device=torch.device("cuda"))
-    assert _streaming(towards_a_gpu) == {"stream": True, "num_workers": 3, "pin_memory": True}
+    assert streaming(towards_a_gpu) == {"stream": True, "num_workers": 3, "pin_memory": True}
 
 
 def test_streamed_batches_keep_their_workers_from_epoch_to_epoch():
@@ -73,7 +74,7 @@ def test_streamed_batches_keep_their_workers_from_epoch_to_epoch():
     its sampler): no worker start-up at each epoch."""
     exp = build_experiment(load_config(CONFIGS / "digits_cnn.yaml", [
         "train.device=cpu", "data.placement=stream", "data.num_workers=2"]))
-    batches = Batches(exp.data.train, 256, seed=0, shuffle=True, **_streaming(exp))
+    batches = Batches(exp.data.train, 256, seed=0, shuffle=True, **streaming(exp))
     try:
         epochs = [[y for _, y in batches.epoch(epoch)] for epoch in range(2)]
         loader = batches._loader
@@ -94,12 +95,12 @@ def test_a_process_holding_streamed_batches_at_exit_still_exits(tmp_path):
     closes every loader still held first, or the process would wait forever."""
     script = tmp_path / "holds.py"
     script.write_text(
-        "from karpathy_runner.config import load_config\n"
+        "from karpathy_runner.config.loading import load_config\n"
         "from karpathy_runner.data import Batches\n"
-        "from karpathy_runner.engine import _streaming, build_experiment\n"
+        "from karpathy_runner.build import streaming, build_experiment\n"
         f"exp = build_experiment(load_config({str(CONFIGS / 'digits_cnn.yaml')!r}, [\n"
         "    'train.device=cpu', 'data.placement=stream', 'data.num_workers=2']))\n"
-        "HELD = Batches(exp.data.train, 256, seed=0, shuffle=True, **_streaming(exp))\n"
+        "HELD = Batches(exp.data.train, 256, seed=0, shuffle=True, **streaming(exp))\n"
         "print(sum(1 for _ in HELD.epoch(0)), flush=True)\n"
     )
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
@@ -150,39 +151,11 @@ def torch_save_bytes(state: dict) -> bytes:
 
 
 def test_a_checkpoint_is_the_file_torch_save_writes_byte_for_byte(tmp_path):
-    """kdl pickles checkpoints itself (checkpoint._Pickler: the training thread pays for it),
-    and the file must still be torch.save's own: saving what it loads gives the same bytes."""
+    """A checkpoint is torch.save's own file: saving what it loads gives the same bytes."""
     result = train_tiny(tmp_path, "--set", "train.max_steps=8")
     assert result.exit_code == 0, result.stderr
     written = (tmp_path / result.last_line / "checkpoints" / "last.pt").read_bytes()
     assert written == torch_save_bytes(torch.load(io.BytesIO(written), weights_only=True))
-
-
-def test_the_checkpoint_pickler_writes_what_torch_save_does_and_leaves_it_other_tensors(
-        monkeypatch):
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
-    base = torch.arange(12.0).view(3, 4)
-    state = {
-        "models": {"model": model.state_dict()},  # an OrderedDict with its _metadata
-        "views": [base, base[1:], base.t(), base[2, 1]],  # one storage: offsets, strides, 0-d
-        "dtypes": [torch.ones(2, dtype=dtype) for dtype in (
-            torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.int16,
-            torch.int8, torch.uint8, torch.bool)],
-        "hidden": (torch.zeros(1, 2, 3), torch.ones(1, 2, 3)), "empty": torch.zeros(0, 4),
-        "values": {"n": 3, "x": 2.5, "none": None, "s": "text", "t": (True, [1, 2])},
-    }
-    expected = torch_save_bytes({"format": checkpoint.FORMAT_VERSION, **state})
-    with monkeypatch.context() as patch:  # written by kdl's pickler alone
-        patch.setattr(torch, "save", None)
-        assert bytes(checkpoint.serialise(state)) == expected
-    # what it does not write itself, torch.save does (the same file as ever)
-    for other in (torch.nn.Parameter(torch.ones(2)), torch.ones(2, dtype=torch.complex64),
-                  torch.ones(3).to_sparse(), torch.ones(2)._neg_view()):
-        state = {"plain": base, "other": other}
-        assert bytes(checkpoint.serialise(state)) == torch_save_bytes(
-            {"format": checkpoint.FORMAT_VERSION, **state})
-    with pytest.raises(RuntimeError, match="different types"):  # as torch.save refuses it
-        checkpoint.serialise({"one storage as two dtypes": [base, base.view(torch.int32)]})
 
 
 def test_channels_last_flag_trains_a_conv_net(tmp_path):

@@ -10,7 +10,8 @@ from datafiles import write_cifar10
 from kdl import CONFIGS, kdl
 from stopping import final_state, read_json
 
-from karpathy_runner.config import ClassifyConfig, SpeedrunConfig
+from karpathy_runner.config.models import SpeedrunConfig
+from karpathy_runner.config.tasks import ClassifyConfig
 from karpathy_runner.models import build_model
 from karpathy_runner.tasks.classify import Classify
 
@@ -54,8 +55,8 @@ def test_speedrun_network_shapes_and_initialisation():
 def test_eval_flip_averages_the_logits_of_each_image_and_its_mirror():
     torch.manual_seed(0)
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
-    plain = Classify(ClassifyConfig(), SpeedrunConfig(), CIFAR)
-    flipped = Classify(ClassifyConfig(eval_flip=True), SpeedrunConfig(), CIFAR)
+    plain = Classify(ClassifyConfig(), SpeedrunConfig(), CIFAR, torch.device("cpu"))
+    flipped = Classify(ClassifyConfig(eval_flip=True), SpeedrunConfig(), CIFAR, torch.device("cpu"))
     flipped.model.load_state_dict(plain.model.state_dict())
     plain.train(False), flipped.train(False)
     with torch.no_grad():

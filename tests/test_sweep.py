@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from kdl import CONFIGS, TINY, kdl, train_tiny
 
+from karpathy_runner.batch.sweep import grid_points, parse_grid, point_sets, split_values
 from karpathy_runner.errors import KdlError
-from karpathy_runner.runs import iter_runs
-from karpathy_runner.sweep import grid_points, parse_grid, point_sets, split_values
+from karpathy_runner.runfolder.reader import iter_runs
 
 TINY_SETS = [item for s in TINY for item in ("--set", s)]
 

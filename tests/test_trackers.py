@@ -16,10 +16,12 @@ from kdl import CONFIGS, TINY, kdl, train_tiny
 from stopping import RANDOM, fork, output, signal_at, train_command
 from stopping import train as train_random
 
-from karpathy_runner.config import resolve
+from karpathy_runner.config.loading import resolve
 from karpathy_runner.dotted import flatten
 from karpathy_runner.tasks.classify import Classify
-from karpathy_runner.trackers import MlflowTracker, param_text, scalars, wandb_mode
+from karpathy_runner.trackers.base import param_text, scalars
+from karpathy_runner.trackers.mlflow import MlflowTracker
+from karpathy_runner.trackers.wandb import wandb_mode
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -10,8 +10,8 @@ import yaml
 from datafiles import write_cifar10, write_mnist
 from kdl import kdl, train_tiny
 
-from karpathy_runner.checkpoint import load_checkpoint
-from karpathy_runner.config import load_config
+from karpathy_runner.config.loading import load_config
+from karpathy_runner.runfolder.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")

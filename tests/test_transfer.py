@@ -14,8 +14,8 @@ from PIL import Image
 from stopping import final_state, sets
 from test_data_text import write_csv
 
-from karpathy_runner.config import load_config, resolve
-from karpathy_runner.engine import build_experiment
+from karpathy_runner.build import build_experiment
+from karpathy_runner.config.loading import load_config, resolve
 from karpathy_runner.optim import build_optimizer
 
 ARCH = "mobilenet_v3_small"  # the smallest torchvision classifier with batch norm: fast on a CPU
@@ -138,7 +138,8 @@ def test_freeze_until_a_layer_and_a_slower_backbone(tmp_path):
     assert all(v for n, v in names.items() if n.startswith(("features.3.", HEAD)))
     groups = build_optimizer(cfg.optimizer, task.param_groups("model")).param_groups
     assert [g["lr_scale"] for g in groups] == [0.1, 1.0]
-    assert [id(p) for p in groups[1]["params"]] == [id(p) for p in task.model.head_parameters()]
+    head = task.model.net.get_submodule(task.model.head_name)
+    assert [id(p) for p in groups[1]["params"]] == [id(p) for p in head.parameters()]
     task.train(True)  # frozen batch norm stays in eval mode; the rest trains
     modes = {n: m.training for n, m in task.model.net.named_modules()
              if isinstance(m, torch.nn.BatchNorm2d)}

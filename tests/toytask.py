@@ -1,6 +1,7 @@
-"""A toy task family with two models and two optimizers, added the way a real family is: a config
-branch class (its options and declarations) and a module with `build`, plus a registry entry
-(`register` below does in a test what a line in config.TASK_FAMILIES does in the package).
+"""A toy task family with two models and two optimizers, added from outside the package the way
+any family is: its config class (options and declarations, BUILD naming its task class) and its
+task class, registered with one call (the `toy` fixture of the tests calls `register`, and takes
+it out again after each test).
 
 Like a GAN it updates its models in two labelled phases per step: the head on the encoder's
 features held fixed, then the encoder through the updated head. Its encoder's conv layers train
@@ -11,21 +12,21 @@ its first conv filters after each epoch, and random images for `kdl sample`. `po
 
 from __future__ import annotations
 
-import sys
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from karpathy_runner import config
+from karpathy_runner.config.families import ModelConfig, TaskConfig
+from karpathy_runner.data import DataInfo
 from karpathy_runner.models import build_model
 from karpathy_runner.tasks import Sample, SampleRequest, StepResult, Task, Totals, Updater
 
 
-class ToyPairConfig(config.Branch):
-    MODULE: ClassVar[str] = "toy_pair"
+class ToyPairConfig(TaskConfig):
+    BUILD: ClassVar[str] = f"{__name__}:ToyPair"
     MODELS: ClassVar[tuple[str, ...]] = ("encoder", "head")
     METRICS: ClassVar[dict[str, str]] = {"loss": "min", "head_loss": "min", "accuracy": "max"}
     DEFAULT_METRIC: ClassVar[str] = "val.loss"
@@ -38,8 +39,8 @@ class ToyPairConfig(config.Branch):
 
 
 class ToyPair(Task):
-    def __init__(self, cfg: ToyPairConfig, model_cfg: Any, info: Any):
-        super().__init__(cfg)
+    def __init__(self, cfg: ToyPairConfig, model_cfg: ModelConfig, info: DataInfo, device: torch.device):
+        super().__init__(cfg, model_cfg, info, device)
         self.models = {"encoder": build_model(model_cfg, info),  # (B, C, H, W) -> (B, classes)
                        "head": nn.Linear(info.num_classes, info.num_classes)}
         self.image_shape = (info.in_channels, *info.image_size)
@@ -101,20 +102,3 @@ class ToyPair(Task):
         return Sample(images=torch.randint(0, 256, (request.n, *self.image_shape),
                                            generator=generator, dtype=torch.uint8))
 
-
-def build(cfg: ToyPairConfig, model_cfg: Any, info: Any, device: torch.device) -> ToyPair:
-    return ToyPair(cfg, model_cfg, info)
-
-
-def register(monkeypatch) -> None:
-    """Add the toy_pair family to kdl's registries for the duration of a test."""
-    tasks = (*config.TASK_FAMILIES, ToyPairConfig)
-
-    class ConfigWithToy(config.Config):
-        task: Annotated[Union[tasks], Field(discriminator="name")] = Field(  # noqa: UP007
-            default_factory=config.ClassifyConfig)
-
-    monkeypatch.setattr(config, "TASK_FAMILIES", tasks)
-    monkeypatch.setitem(config._FAMILIES, "task", tasks)
-    monkeypatch.setattr(config, "Config", ConfigWithToy)
-    monkeypatch.setitem(sys.modules, "karpathy_runner.tasks.toy_pair", sys.modules[__name__])

@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import CharDataConfig
+from ..config.data import CharDataConfig
 from ..errors import KdlError
-from . import DataBundle, DataInfo, download, eval_batch_size
+from .base import BatchDataset, DataBundle, DataInfo, Preprocessing, download, eval_batch_size
 
 UNKNOWN = "\ufffd"  # vocabulary[0]: any character the training text lacks
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -43,7 +43,7 @@ SHAKESPEARE_FILE = "input.txt"
 _SKIPPED_FOLDERS = {"site-packages", "dist-packages"}
 
 
-class CharStreams:
+class CharStreams(BatchDataset):
     """A split's character ids as B parallel streams of seq_len windows (see the module doc)."""
 
     def __init__(self, ids: torch.Tensor, streams: int, seq_len: int):
@@ -85,7 +85,8 @@ class CharPrep:
         return tuple(t.to(self.device, non_blocking=True) for t in batch)
 
 
-def build(cfg: CharDataConfig, seed: int, vocabulary: list[str] | None = None) -> DataBundle:
+def build(cfg: CharDataConfig, seed: int, vocabulary: list[str] | None,
+          preprocessing: Preprocessing | None) -> DataBundle:
     """Train and val streams of the corpus named by `cfg.name`; `vocabulary` (a run's saved
     one) replaces the one built from the training text."""
     text, source = load_corpus(cfg)

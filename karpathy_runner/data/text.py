@@ -35,10 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import TextDataConfig
+from ..config.data import TextDataConfig
 from ..errors import KdlError
-from . import DataBundle, DataInfo, download
-from .images import split_off
+from .base import BatchDataset, DataBundle, DataInfo, Preprocessing, download, split_off
 
 PAD, UNK = "<pad>", "<unk>"
 TOKEN = re.compile(r"\w+|[^\w\s]")
@@ -56,7 +55,7 @@ Tokenized = tuple[list[list[str]], list[str]]  # (tokens of each text, labels)
 Files = tuple[Texts, Texts | None, Texts | None]  # train, val, test
 
 
-class TextDataset:
+class TextDataset(BatchDataset):
     """Token ids of all texts end to end, int64 (total,), text i at offsets[i]:offsets[i + 1],
     and int64 labels (N,). Plain tensors, so DataLoader workers can receive it pickled."""
 
@@ -104,7 +103,8 @@ class TextPrep:
                 labels.to(self.device, non_blocking=True))
 
 
-def build(cfg: TextDataConfig, seed: int, vocabulary: list[str] | None = None) -> DataBundle:
+def build(cfg: TextDataConfig, seed: int, vocabulary: list[str] | None,
+          preprocessing: Preprocessing | None) -> DataBundle:
     """Build train/val/test for `cfg.name`; `vocabulary` (a run's saved one) replaces the one
     built from the training split."""
     if cfg.name == "imdb":
@@ -123,7 +123,36 @@ def build(cfg: TextDataConfig, seed: int, vocabulary: list[str] | None = None) -
     train, val, test = (_encode(split, index, class_index) for split in (train, val, test))
     info = DataInfo(kind=TextDataConfig.KIND, num_classes=len(classes), class_names=list(classes),
                     vocabulary=list(vocabulary))
-    return DataBundle(train=train, val=val, test=test, info=info, prepare=TextPrep())
+    return DataBundle(train=train, val=val, test=test, info=info, prepare=TextPrep(),
+                      inputs=TextInputs(cfg, info.vocabulary))
+
+
+class TextInputs:
+    """`kdl predict`'s texts: each argument, or for an argument naming a file, each non-empty
+    line of it; encoded with the run's vocabulary, as its training texts were."""
+
+    def __init__(self, cfg: TextDataConfig, vocabulary: list[str]):
+        self.cfg, self.vocabulary = cfg, vocabulary
+
+    def items(self, given: list[str]) -> list[str]:
+        texts: list[str] = []
+        for item in given:
+            path = Path(item).expanduser()
+            if path.is_file():
+                try:
+                    texts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+                              if line.strip()]
+                except (OSError, UnicodeDecodeError) as exc:
+                    raise KdlError(f"{item}: cannot read it as UTF-8 text, one text per line "
+                                   f"({exc})") from None
+            else:
+                texts.append(item)
+        if not texts:
+            raise KdlError("no text to classify: the files given are empty")
+        return texts
+
+    def batch(self, items: list[str]) -> tuple[torch.Tensor, ...]:
+        return encode_texts(items, self.cfg, self.vocabulary).get_batch(torch.arange(len(items)))
 
 
 def tokenize(text: str, cfg: TextDataConfig) -> list[str]:

@@ -1,25 +1,25 @@
-"""Model registry: the `model` branch's class names its module (MODULE), whose
-`build(cfg, info) -> nn.Module` makes the network.
+"""Networks. A model family's config class (config/models.py) names its `build(cfg, info)`, which
+makes the network from the family's own branch and the shapes the data reports (`DataInfo`),
+never the whole config. A model file knows nothing about training.
 
-A model module knows nothing about training: it receives its own config branch and the shapes
-the data reports (`DataInfo`), never the whole config.
+`Model` is the base of kdl's networks: it declares the one hook the training side asks of a
+model, its parameter groups; any torch.nn.Module serves, as one group.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from torch import nn
 
-
-def build_model(cfg: Any, info: Any) -> nn.Module:
-    module = importlib.import_module(f"{__name__}.{type(cfg).MODULE}")
-    return module.build(cfg, info)
+from ..config.families import ModelConfig, builder
+from ..data import DataInfo
 
 
-def model_preprocessing(cfg: Any) -> Any:
-    """The data preparation a model's pretrained weights expect (data.Preprocessing), or None:
-    a model module may say, through its `preprocessing(cfg)`."""
-    module = importlib.import_module(f"{__name__}.{type(cfg).MODULE}")
-    return module.preprocessing(cfg) if hasattr(module, "preprocessing") else None
+class Model(nn.Module):
+    def lr_groups(self) -> list[tuple[list[nn.Parameter], float]]:
+        """(parameters, lr multiplier) pairs: by default every parameter at the optimizer's lr."""
+        return [(list(self.parameters()), 1.0)]
+
+
+def build_model(cfg: ModelConfig, info: DataInfo) -> nn.Module:
+    """The network the `model` branch names, built by its family (its config class's BUILD)."""
+    return builder(cfg)(cfg, info)

@@ -8,13 +8,15 @@ applied ReLU to the logits (which clips every negative score to zero).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
+from ..config.models import CNNConfig
+from ..data import DataInfo
+from . import Model
 
-class CNN(nn.Module):
+
+class CNN(Model):
     def __init__(
         self,
         in_channels: int,
@@ -58,7 +60,7 @@ class CNN(nn.Module):
         return self.classifier(self.features(x))  # (B, C, H, W) -> (B, num_classes)
 
 
-def build(cfg: Any, info: Any) -> CNN:
+def build(cfg: CNNConfig, info: DataInfo) -> CNN:
     return CNN(
         in_channels=info.in_channels,
         image_size=info.image_size,

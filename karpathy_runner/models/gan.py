@@ -9,13 +9,14 @@ the discriminator mirrors it. Weights start from N(0, 0.02), batch-norm scales f
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from ..config.models import GANModelConfig
+from ..data import DataInfo
 from ..errors import KdlError
+from . import Model
 
 
 def start_size(side: int) -> tuple[int, int]:
@@ -36,7 +37,7 @@ def _init(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-class Generator(nn.Module):
+class Generator(Model):
     def __init__(self, latent_size: int, channels: int, side: int, width: int, batch_norm: bool = True):
         super().__init__()
         s0, k = start_size(side)
@@ -57,7 +58,7 @@ class Generator(nn.Module):
         return self.net(z.view(z.shape[0], -1, 1, 1))  # (B, nz) -> (B, C, side, side) in [-1, 1]
 
 
-class Discriminator(nn.Module):
+class Discriminator(Model):
     def __init__(self, channels: int, side: int, width: int, batch_norm: bool = True,
                  spectral: bool = False):
         super().__init__()
@@ -81,14 +82,14 @@ class Discriminator(nn.Module):
         return self.net(images).flatten()  # (B, C, side, side) -> (B,) logits
 
 
-class DCGAN(nn.Module):
+class DCGAN(Model):
     def __init__(self, generator: Generator, discriminator: Discriminator):
         super().__init__()
         self.generator = generator
         self.discriminator = discriminator
 
 
-def build(cfg: Any, info: Any) -> DCGAN:
+def build(cfg: GANModelConfig, info: DataInfo) -> DCGAN:
     height, width = info.image_size
     try:
         if height != width:

@@ -11,11 +11,13 @@ nn.GRU, which run on cuDNN on a GPU), with two heads:
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from ..config.models import RNNConfig
+from ..data import DataInfo
+from . import Model
 
 CELLS: dict[str, type[nn.RNNBase]] = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 
@@ -29,7 +31,7 @@ def make_cell(name: str, input_size: int, hidden_size: int, layers: int, dropout
                        dropout=dropout if layers > 1 else 0.0, bidirectional=bidirectional)
 
 
-class RNNClassifier(nn.Module):
+class RNNClassifier(Model):
     def __init__(self, cell: str, num_classes: int, hidden_size: int, layers: int = 1,
                  dropout: float = 0.0, bidirectional: bool = False, pooling: str = "last",
                  vocab_size: int = 0, embedding_size: int = 0, input_size: int = 0):
@@ -62,7 +64,7 @@ class RNNClassifier(nn.Module):
         return self.head(self.dropout(features))  # (B, num_classes)
 
 
-class RNNLanguageModel(nn.Module):
+class RNNLanguageModel(Model):
     def __init__(self, cell: str, vocab_size: int, embedding_size: int, hidden_size: int,
                  layers: int = 1, dropout: float = 0.0, tie_weights: bool = False):
         super().__init__()
@@ -83,7 +85,7 @@ class RNNLanguageModel(nn.Module):
         return self.decoder(self.dropout(out)), hidden  # (B, T, V)
 
 
-def build(cfg: Any, info: Any) -> nn.Module:
+def build(cfg: RNNConfig, info: DataInfo) -> RNNClassifier | RNNLanguageModel:
     """A language model on character data, else a classifier (of texts, or of image rows)."""
     common = {"hidden_size": cfg.hidden_size, "layers": cfg.layers, "dropout": cfg.dropout}
     if info.kind == "chars":

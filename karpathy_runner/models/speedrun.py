@@ -16,10 +16,12 @@ On 32x32 inputs: stem (k=2, no padding) 31x31 -> 15 -> 7 -> 3 -> global max pool
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
+
+from ..config.models import SpeedrunConfig
+from ..data import DataInfo
+from . import Model
 
 
 def batch_norm(channels: int, momentum: float) -> nn.BatchNorm2d:
@@ -50,7 +52,7 @@ class ConvGroup(nn.Sequential):
         )
 
 
-class SpeedrunNet(nn.Module):
+class SpeedrunNet(Model):
     def __init__(self, in_channels: int, num_classes: int, stem_width: int, widths: list[int],
                  bn_momentum: float, logit_scale: float, bias_lr_scale: float):
         super().__init__()
@@ -84,7 +86,7 @@ class SpeedrunNet(nn.Module):
         return [(weights, 1.0), (shifts, self.bias_lr_scale)]
 
 
-def build(cfg: Any, info: Any) -> SpeedrunNet:
+def build(cfg: SpeedrunConfig, info: DataInfo) -> SpeedrunNet:
     return SpeedrunNet(
         in_channels=info.in_channels,
         num_classes=info.num_classes,

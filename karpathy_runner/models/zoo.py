@@ -12,33 +12,41 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from ..data import Preprocessing
+from ..config.models import TorchvisionConfig
+from ..data import DataInfo, Preprocessing
 from ..errors import KdlError
+from . import Model
 
 AUX_HEADS = ("inception_v3", "googlenet")  # their training-time side heads are left out
 
 
-class TorchvisionClassifier(nn.Module):
-    """A torchvision model (`net`) whose head (`head_name`) predicts the data's classes."""
+class TorchvisionClassifier(Model):
+    """A torchvision model (`net`) whose head (`head_name`) predicts the data's classes; the
+    rest of it, the backbone, may learn slower (`backbone_lr_scale`)."""
 
-    def __init__(self, net: nn.Module, head_name: str, in_channels: int):
+    def __init__(self, net: nn.Module, head_name: str, in_channels: int, backbone_lr_scale: float = 1.0):
         super().__init__()
         self.net = net
         self.head_name = head_name
         self.in_channels = in_channels
+        self.backbone_lr_scale = backbone_lr_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.in_channels == 1:  # gray images through an RGB network: the same plane thrice
             x = x.expand(-1, 3, -1, -1)
         return self.net(x)  # (B, C, H, W) -> (B, num_classes)
 
-    def head_parameters(self) -> list[nn.Parameter]:
-        return list(self.net.get_submodule(self.head_name).parameters())
+    def lr_groups(self) -> list[tuple[list[nn.Parameter], float]]:
+        """The backbone at backbone_lr_scale, the new head at the optimizer's lr."""
+        if self.backbone_lr_scale == 1.0:
+            return super().lr_groups()
+        head = {id(p) for p in self.net.get_submodule(self.head_name).parameters()}
+        return [([p for p in self.parameters() if id(p) not in head], self.backbone_lr_scale),
+                ([p for p in self.parameters() if id(p) in head], 1.0)]
 
     def train(self, mode: bool = True) -> TorchvisionClassifier:
         super().train(mode)
@@ -66,7 +74,7 @@ def _check_arch(arch: str) -> None:
         )
 
 
-def preprocessing(cfg: Any) -> Preprocessing | None:
+def preprocessing(cfg: TorchvisionConfig) -> Preprocessing | None:
     """The resize, crop and normalisation the pretrained weights were trained with (those of
     the arch's ImageNet weights, for a local state dict too); None without pretrained weights."""
     if cfg.pretrained == "none":
@@ -80,7 +88,7 @@ def preprocessing(cfg: Any) -> Preprocessing | None:
                          mean=tuple(transform.mean), std=tuple(transform.std))
 
 
-def build(cfg: Any, info: Any) -> TorchvisionClassifier:
+def build(cfg: TorchvisionConfig, info: DataInfo) -> TorchvisionClassifier:
     import torchvision
 
     _check_arch(cfg.arch)
@@ -103,7 +111,7 @@ def build(cfg: Any, info: Any) -> TorchvisionClassifier:
     old = net.get_submodule(head_name)
     net.set_submodule(head_name, nn.Linear(old.in_features, info.num_classes))
     _freeze(net, cfg.freeze, head_name)
-    return TorchvisionClassifier(net, head_name, info.in_channels)
+    return TorchvisionClassifier(net, head_name, info.in_channels, cfg.backbone_lr_scale)
 
 
 def _head(net: nn.Module, arch: str) -> str:

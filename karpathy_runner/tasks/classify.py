@@ -12,36 +12,31 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..config.families import ModelConfig
+from ..config.tasks import ClassifyConfig
+from ..data import DataInfo
 from ..models import build_model
-from . import Sample, StepResult, Task, Totals, Updater
+from .base import Sample, Task, Updater
+from .steps import StepResult, Totals
 
 
 class Classify(Task):
-    def __init__(self, cfg: Any, model_cfg: Any, info: Any):
-        super().__init__(cfg)
+    def __init__(self, cfg: ClassifyConfig, model_cfg: ModelConfig, info: DataInfo,
+                 device: torch.device):
+        super().__init__(cfg, model_cfg, info, device)
         self.models = {"model": build_model(model_cfg, info)}
         self.num_classes = info.num_classes
         self.class_names = info.class_names
         self.vocabulary = info.vocabulary
         self.label_smoothing = cfg.label_smoothing
         self.eval_flip = cfg.eval_flip
-        # a pretrained backbone may learn slower than its new head (torchvision models)
-        self.backbone_lr_scale = getattr(model_cfg, "backbone_lr_scale", 1.0)
 
     @property
     def model(self) -> torch.nn.Module:
         return self.models["model"]
 
-    def param_groups(self, model: str) -> list[dict[str, Any]]:
-        """With a head (a torchvision model): the backbone at backbone_lr_scale, the head at 1."""
-        groups = super().param_groups(model)
-        if self.backbone_lr_scale == 1.0 or not hasattr(self.model, "head_parameters"):
-            return groups
-        head = {id(p) for p in self.model.head_parameters()}
-        trainable = groups[0]["params"]
-        split = [{"params": [p for p in trainable if id(p) not in head], "lr_scale": self.backbone_lr_scale},
-                 {"params": [p for p in trainable if id(p) in head], "lr_scale": 1.0}]
-        return [group for group in split if group["params"]]
+    def classifier(self) -> torch.nn.Module:
+        return self.model
 
     def train_step(self, batch: tuple[torch.Tensor, ...], step: int, updater: Updater) -> StepResult:
         *inputs, y = batch
@@ -92,6 +87,3 @@ class Classify(Task):
             return Sample(text="\n\n".join(texts))
         return None
 
-
-def build(cfg: Any, model_cfg: Any, info: Any, device: torch.device) -> Classify:
-    return Classify(cfg, model_cfg, info)

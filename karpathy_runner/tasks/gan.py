@@ -18,23 +18,27 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..config.models import GANModelConfig
+from ..config.tasks import GANTaskConfig
+from ..data import DataInfo
 from ..models import build_model
-from . import Sample, SampleRequest, StepResult, Task, Totals, Updater
+from .base import Sample, SampleRequest, Task, Updater
+from .steps import StepResult, Totals
 
 GRID_SEED = 0  # the fixed noise of the epoch grids
 
 
 class GAN(Task):
-    draws_images = True  # `kdl eval` scores its samples against real images
+    draws_images = True
 
-    def __init__(self, cfg: Any, model_cfg: Any, info: Any, device: torch.device):
-        super().__init__(cfg)
+    def __init__(self, cfg: GANTaskConfig, model_cfg: GANModelConfig, info: DataInfo,
+                 device: torch.device):
+        super().__init__(cfg, model_cfg, info, device)
         networks = build_model(model_cfg, info)
         self.models = {"generator": networks.generator, "discriminator": networks.discriminator}
         if cfg.ema_decay is not None:
             self.models["generator_ema"] = copy.deepcopy(networks.generator).requires_grad_(False)
         self.latent_size = model_cfg.latent_size
-        self.device = device
         shape = (1, len(info.mean), 1, 1)
         self.mean = torch.tensor(info.mean, dtype=torch.float32).view(shape)
         self.std = torch.tensor(info.std, dtype=torch.float32).view(shape)
@@ -156,6 +160,3 @@ class GAN(Task):
         generator = torch.Generator(device=self.device).manual_seed(request.seed)
         return Sample(images=self.generate(self._noise(request.n, generator)))
 
-
-def build(cfg: Any, model_cfg: Any, info: Any, device: torch.device) -> GAN:
-    return GAN(cfg, model_cfg, info, device)

@@ -17,8 +17,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..config.families import ModelConfig
+from ..config.tasks import LanguageModelConfig
+from ..data import DataInfo
 from ..models import build_model
-from . import Sample, SampleRequest, StepResult, Task, Totals, Updater
+from .base import Sample, SampleRequest, Task, Updater
+from .steps import StepResult, Totals
 
 
 def _detached(hidden: Any) -> Any:
@@ -28,12 +32,12 @@ def _detached(hidden: Any) -> Any:
 
 
 class LanguageModel(Task):
-    def __init__(self, cfg: Any, model_cfg: Any, info: Any, device: torch.device):
-        super().__init__(cfg)
+    def __init__(self, cfg: LanguageModelConfig, model_cfg: ModelConfig, info: DataInfo,
+                 device: torch.device):
+        super().__init__(cfg, model_cfg, info, device)
         self.models = {"model": build_model(model_cfg, info)}
         self.vocabulary = list(info.vocabulary)
         self.index = {char: i for i, char in enumerate(self.vocabulary)}
-        self.device = device
         self.ordered_batches = cfg.carry_hidden
         self.hidden: Any = None  # carried through the training streams
         self.eval_hidden: Any = None  # carried through the val streams
@@ -127,6 +131,3 @@ class LanguageModel(Task):
     def decode(self, ids: torch.Tensor) -> str:
         return "".join(self.vocabulary[i] for i in ids.tolist())
 
-
-def build(cfg: Any, model_cfg: Any, info: Any, device: torch.device) -> LanguageModel:
-    return LanguageModel(cfg, model_cfg, info, device)

@@ -8,7 +8,6 @@ and time left, and it is cleared when training ends: the epoch lines and the sum
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import Any
@@ -59,18 +58,13 @@ class Reporter:
             print(line, file=self.stream, flush=True)
 
     def notice(self, line: str) -> None:
-        """A line that must reach the screen even with --quiet, safe to call from a signal handler:
-        the main thread may be inside a write to the same stream (a buffered stream refuses a
-        reentrant write), so it falls back to the file descriptor."""
+        """A line that must reach the screen even with --quiet."""
         if self.rank != 0:  # of several training processes, rank 0 speaks
             return
-        try:
-            if self._progress is not None:
-                self._progress.console.print(line, highlight=False, markup=False)
-            else:
-                print(line, file=self.stream, flush=True)
-        except RuntimeError:
-            os.write(self.stream.fileno(), f"\n{line}\n".encode())
+        if self._progress is not None:
+            self._progress.console.print(line, highlight=False, markup=False)
+        else:
+            print(line, file=self.stream, flush=True)
 
     def start_epoch(self, epoch: int, epochs: int, total_batches: int, done: int,
                     total_steps: int = 0) -> None:

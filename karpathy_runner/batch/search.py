@@ -21,232 +21,82 @@ each time, so an interrupted halving study continues where it was.
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import json
 import math
-import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import runs
-from .compare import rung_of
-from .errors import KdlError
-from .sweep import Point, Sweep, check_point, shown, split_values, yaml_value
+from ..errors import KdlError
+from ..runfolder import fsio, layout
+from ..runfolder.reader import Run, iter_runs, rung_of
+from ..ui.tables import epoch_rows
+from .space import check_space, parse_space
+from .study import SearchSpec, default_storage, metric_direction, open_study, study_lock
+from .sweep import Point, Sweep, shown, yaml_value
 
 SEARCHES = ("tpe", "random", "grid")
-SPACE_FORM = ("write --space KEY=DIST with DIST one of uniform(a,b), loguniform(a,b), int(a,b), "
-              "choice(v1,v2,...), e.g. --space 'optimizer.lr=loguniform(1e-4,1e-1)'")
-DIST_PATTERN = re.compile(r"^\s*([a-z]+)\s*\((.*)\)\s*$", re.DOTALL)
-STUDIES = ".studies"  # in the runs folder: the default storage and each study's lock
 
 
-# ----------------------------------------------------------------------------- the space
+def plan_search(config: Path, base: list[str], search: str, space_items: list[str],
+                trials: int | None, metric: str | None, halving: int | None,
+                min_epochs: int) -> SearchSpec:
+    """What `kdl sweep --search` asks for, everything checked before Optuna loads or any trial
+    runs."""
+    from ..config.loading import load_config
 
-
-@dataclass(frozen=True)
-class Dimension:
-    """One --space KEY=DIST: a config key and the distribution its values are drawn from."""
-
-    key: str
-    kind: str  # uniform, loguniform, int or choice
-    values: tuple[Any, ...]  # (low, high), or the choices as YAML values
-    text: str  # as given on the command line
-
-    def distribution(self) -> Any:
-        from optuna.distributions import (
-            CategoricalDistribution,
-            FloatDistribution,
-            IntDistribution,
-        )
-
-        if self.kind == "choice":  # Optuna's choices are scalars; ours may be lists: their text
-            return CategoricalDistribution([yaml_value(v) for v in self.values])
-        if self.kind == "int":
-            return IntDistribution(*self.values)
-        return FloatDistribution(*self.values, log=self.kind == "loguniform")
-
-    def value(self, sampled: Any) -> Any:
-        """The config value of what Optuna sampled (a choice goes back from its text)."""
-        if self.kind == "choice":
-            return self.values[[yaml_value(v) for v in self.values].index(sampled)]
-        return sampled
-
-    def grid(self) -> list[Any]:
-        """The values a grid search walks: the choices, or every integer of an int range."""
-        if self.kind == "choice":
-            return [yaml_value(v) for v in self.values]
-        if self.kind == "int" and self.values[1] - self.values[0] < 10_000:
-            return list(range(self.values[0], self.values[1] + 1))
-        raise KdlError(f"--search grid walks listed values: --space {self.text} is continuous; "
-                       "give it as choice(v1,v2,...) (or int(a,b)), or use --search tpe or random")
-
-
-def parse_space(items: list[str]) -> list[Dimension]:
-    """`--space KEY=DIST` items as dimensions; every mistake names the item and the fix."""
-    if not items:
-        raise KdlError(f"an adaptive search needs at least one --space item: {SPACE_FORM}")
-    space: list[Dimension] = []
-    for item in items:
-        dimension = _dimension(item)
-        if any(d.key == dimension.key for d in space):
-            raise KdlError(f"--space {dimension.key!r} is given twice; keep one distribution per key")
-        space.append(dimension)
-    return space
-
-
-def _dimension(item: str) -> Dimension:
-    key, sep, dist = item.partition("=")
-    key = key.strip()
-    found = DIST_PATTERN.match(dist) if sep and key else None
-    if found is None:
-        raise KdlError(f"--space {item!r} is malformed: {SPACE_FORM}")
-    kind, args = found.group(1), found.group(2)
-    texts = [] if not args.strip() else split_values(args)
-    if kind == "choice":
-        if not texts or any(not t for t in texts):
-            raise KdlError(f"--space {item}: choice() needs values, e.g. choice(16,32,64) or "
-                           "choice([16,32],[32,64])")
-        return Dimension(key, kind, tuple(_yaml(key, t, item) for t in texts), item)
-    if kind not in ("uniform", "loguniform", "int"):
-        raise KdlError(f"--space {item}: unknown distribution {kind!r}; {SPACE_FORM}")
-    bounds = [_yaml(key, t, item) for t in texts]
-    number = int if kind == "int" else (int, float)
-    if len(bounds) != 2 or not all(isinstance(b, number) and not isinstance(b, bool) for b in bounds):
-        what = "two integers" if kind == "int" else "two numbers"
-        raise KdlError(f"--space {item}: {kind}() takes {what}, low and high, e.g. {kind}(1,8)")
-    low, high = bounds
-    if not low < high:
-        raise KdlError(f"--space {item}: the low bound must be below the high one")
-    if kind == "loguniform" and low <= 0:
-        raise KdlError(f"--space {item}: loguniform's bounds must be above 0 (a log scale has no "
-                       f"0 or negatives), e.g. loguniform({high / 1000:g},{high:g})")
-    return Dimension(key, kind, (float(low), float(high)) if kind != "int" else (low, high), item)
-
-
-def _yaml(key: str, text: str, item: str) -> Any:
-    from .config import ConfigError, parse_override
-
-    try:
-        return parse_override(f"{key}={text}")[1]
-    except ConfigError:
-        raise KdlError(f"--space {item}: {text!r} is not a YAML value") from None
-
-
-def check_space(config: Path, base: list[str], space: list[Dimension]) -> None:
-    """Every bound and every choice must make a valid config, before any trial runs."""
-    for dimension in space:
-        for value in dimension.values:
-            check_point(config, base, {dimension.key: value}, option="--space")
-
-
-# ----------------------------------------------------------------------------- the study
+    if search not in SEARCHES:
+        raise KdlError(f"--search must be one of {', '.join(SEARCHES)}; got {search!r}")
+    space = parse_space(space_items)
+    if metric is not None:
+        base = [*base, f"train.best_metric={metric}"]
+    cfg = load_config(config, base)
+    check_space(config, base, space)
+    metric_name, direction = metric_direction(cfg)
+    if search == "grid":
+        size = math.prod(len(dimension.grid()) for dimension in space)
+        if trials is not None and trials > size:
+            raise KdlError(f"--trials {trials}: the grid has only {size} points")
+        trials = trials or size
+    if trials is None:
+        raise KdlError(f"--search {search} needs --trials N: how many trials the study runs")
+    if halving is not None and min_epochs >= cfg.train.epochs:
+        raise KdlError(f"--min-epochs {min_epochs}: the first rung must train fewer epochs than "
+                       f"train.epochs ({cfg.train.epochs}), or there is nothing to halve")
+    return SearchSpec(config, base, space, search, trials, metric_name, direction, cfg.hash(),
+                      cfg.name, halving, min_epochs, cfg.train.epochs, cfg.seed)
 
 
 @dataclass
-class SearchSpec:
-    """What a `kdl sweep --search` command asks for; the same spec is the same study."""
+class Outcome:
+    """A search command's end: the study, its trials as rows, the best, the exit code."""
 
-    config: Path
-    base: list[str]  # --set items, --metric's train.best_metric included
-    space: list[Dimension]
-    search: str
-    trials: int
-    metric: str
-    direction: str  # minimize or maximize
-    config_hash: str  # of the config with its --set items
-    name: str  # the config's name
-    halving: int | None = None  # ETA
-    min_epochs: int = 1
-    epochs: int = 1  # train.epochs: the last rung
-
-    def identity(self) -> dict[str, Any]:
-        return {"config": self.config_hash, "space": [d.text for d in self.space],
-                "search": self.search, "metric": self.metric,
-                "halving": [self.halving, self.min_epochs] if self.halving else None}
-
-    def study_name(self) -> str:
-        digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()
-        return f"study-{self.name}-{digest[:8]}"
-
-    def rungs(self) -> list[int]:
-        """The epochs of each rung: R, R*ETA, R*ETA^2, ... below train.epochs, then train.epochs."""
-        if not self.halving:
-            return [self.epochs]
-        rungs, epochs = [], self.min_epochs
-        while epochs < self.epochs:
-            rungs.append(epochs)
-            epochs *= self.halving
-        return [*rungs, self.epochs]
+    search: Search
+    storage: str
+    rows: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    code: int
 
 
-def metric_direction(cfg: Any) -> tuple[str, str]:
-    """The metric a search optimises (train.best_metric) and Optuna's direction for it."""
-    from .config import task_class
-
-    metric = cfg.train.best_metric
-    if metric is None:
-        raise KdlError("this config has no train.best_metric (null), so a search has nothing to "
-                       "optimise: give --metric, e.g. --metric val.loss")
-    mode = cfg.train.best_mode
-    if mode == "auto":
-        mode = task_class(cfg.task.name).METRICS[metric.split(".", 1)[1]]
-    return metric, "minimize" if mode == "min" else "maximize"
-
-
-def default_storage(root: Path) -> str:
-    folder = root / STUDIES
-    folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{(folder / 'studies.db').resolve()}"
-
-
-def open_study(spec: SearchSpec, storage: str, study_name: str, seed: int) -> Any:
-    """The study `study_name` in `storage`, made if new; refused if it was made for another search.
-    Its sampler is seeded with `seed` and the number of trials so far, so a command that
-    continues a study does not draw the first trials' values again."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        study = optuna.create_study(storage=storage, study_name=study_name, load_if_exists=True,
-                                    direction=spec.direction, sampler=_sampler(spec, seed))
-    except (ImportError, ValueError, optuna.exceptions.OptunaError) as exc:
-        raise KdlError(f"--storage {storage}: Optuna cannot open it ({exc}). Give a database URL "
-                       "such as sqlite:///studies.db or postgresql://user@host/db") from None
-    made = study.user_attrs.get("kdl")
-    if made is None:
-        study.set_user_attr("kdl", {**spec.identity(), "config_path": str(spec.config)})
-        if spec.search == "grid":  # every point queued once, in order; asked trials take them
-            for values in itertools.product(*(d.grid() for d in spec.space)):
-                study.enqueue_trial(dict(zip([d.key for d in spec.space], values, strict=True)))
-    elif {k: made.get(k) for k in spec.identity()} != spec.identity():
-        raise KdlError(
-            f"study {study_name} in {storage} was made by another search (config "
-            f"{made.get('config_path')}, space {' '.join(made.get('space') or [])}, search "
-            f"{made.get('search')}); give another --study name, or the same options to continue it"
-        )
-    study.sampler = _sampler(spec, (seed * 1_000_003 + len(study.get_trials(deepcopy=False))) % 2**32)
-    return study
-
-
-def _sampler(spec: SearchSpec, seed: int) -> Any:
-    """TPE or random; a grid's points are queued in the study (Optuna's GridSampler stops a
-    study from inside `optimize`, which kdl does not use)."""
-    import optuna
-
-    if spec.search in ("random", "grid"):
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
-
-
-def study_lock(root: Path, study_name: str) -> runs.RunLock:
-    """One command per study on this machine: it owns the study's unfinished trials here."""
-    folder = root / STUDIES / study_name
-    folder.mkdir(parents=True, exist_ok=True)
-    return runs.RunLock(folder, what=f"study {study_name}").acquire()
+def run_search(spec: SearchSpec, root: Path, storage: str | None, study_name: str | None,
+               jobs: int, fail_fast: bool, log: Callable[[str], None]) -> Outcome:
+    """Open (or continue) the study and run its trials until it has `spec.trials`, `jobs` at a
+    time; one command per study on this machine."""
+    name = study_name or spec.study_name()
+    url = storage or default_storage(root)
+    with study_lock(root, name):
+        study = open_study(spec, url, name, spec.seed)
+        done = len(study.get_trials(deepcopy=False))
+        rungs = f", halving by {spec.halving} over epochs {spec.rungs()}" if spec.halving else ""
+        log(f"study {name}: {spec.search} search, {done} of {spec.trials} trials so far, {jobs} at "
+            f"a time{rungs}; {spec.direction} {spec.metric}; storage {url}")
+        runner = Search(spec, study, name, root, jobs, log, fail_fast)
+        code = runner.halve() if spec.halving else runner.run()
+        rows = runner.results()
+        best = runner.best(rows)
+    return Outcome(runner, url, rows, best, 1 if code == 0 and best is None else code)
 
 
 # ----------------------------------------------------------------------------- trials
@@ -258,7 +108,7 @@ class TrialRun:
 
     number: int
     params: dict[str, Any]  # config values by key
-    run: runs.Run | None
+    run: Run | None
 
 
 class Search:
@@ -272,10 +122,10 @@ class Search:
 
     # --- trials and their runs
 
-    def trial_runs(self) -> dict[int, runs.Run]:
+    def trial_runs(self) -> dict[int, Run]:
         """The study's run folders here, by trial number (the newest, should there be two)."""
-        found: dict[int, runs.Run] = {}
-        for run in runs.iter_runs(self.root):
+        found: dict[int, Run] = {}
+        for run in iter_runs(self.root):
             tag = run.meta.get("sweep")
             if isinstance(tag, dict) and tag.get("id") == self.study_name and "trial" in tag:
                 found[int(tag["trial"])] = run
@@ -316,7 +166,7 @@ class Search:
             argv += ["--until-epoch", str(until)]
         return Point(trial.number, trial.params, argv, name=f"trial {trial.number}")
 
-    def tell(self, number: int, run: runs.Run | None, state: str | None = None) -> None:
+    def tell(self, number: int, run: Run | None, state: str | None = None) -> None:
         """The trial's end: PRUNED if `state` says so, else COMPLETE with its run's best value
         of the metric, or FAIL (no completed run, or no finite value)."""
         from optuna.trial import TrialState
@@ -439,12 +289,10 @@ class Search:
     def rung_value(self, trial: TrialRun, epochs: int) -> float | None:
         """The best value of the metric in the trial's first `epochs` epochs (from metrics.jsonl,
         so it does not change when the trial goes on); None if it failed or has none."""
-        from .report import epoch_rows
-
         if trial.run is None or trial.run.status == "failed":
             return None
         values = [row[self.spec.metric] for row in
-                  epoch_rows(runs.read_jsonl(trial.run.path / runs.METRICS))
+                  epoch_rows(fsio.read_jsonl(trial.run.path / layout.METRICS))
                   if row["epoch"] <= epochs and _finite(row.get(self.spec.metric))]
         if not values:
             return None

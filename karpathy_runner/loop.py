@@ -1,5 +1,5 @@
-"""The one training loop: epochs, precision, checkpoints and exact resume, signals, logging,
-best checkpoint and early stopping. Tasks plug in their step; the loop never changes per task.
+"""The one training loop: epochs, checkpoints and exact resume, signals, logging, best checkpoint
+and early stopping. Tasks plug in their step; the loop never changes per task.
 
 Per step the loop does no host-device sync, no file write and no progress redraw: step results
 stay on the device in a small window that is reduced every `log_every_steps`.
@@ -7,122 +7,26 @@ stay on the device in a small window that is reduced every `log_every_steps`.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
-import os
-import random
-import signal
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
-from .config import TrainConfig
+from .config.training import TrainConfig
 from .data import Batches, Prepare
 from .distributed import SINGLE, Ranks
 from .errors import KdlError, RunFailed
 from .optim import LRSchedule
-from .progress import Reporter, format_metrics
-from .tasks import StepResult, Task, Totals
-from .writer import RunWriter
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast_for(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    """A factory of the autocast context for a precision (fp32: none), for training and eval."""
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=dtype)
-
-
-class Updater:
-    """Backward and optimizer step under the run's precision, scaling, clipping and non-finite
-    policy. With `skip_nonfinite`, a non-finite loss skips the whole step: no later update in it
-    runs, and updates already made in it (a GAN's discriminator) are undone, weights, optimizer
-    state and buffers (batch-norm statistics the bad forward pass touched) alike."""
-
-    def __init__(
-        self,
-        optimizers: dict[str, torch.optim.Optimizer],
-        models: list[torch.nn.Module],
-        precision: str,
-        device: torch.device,
-        grad_clip: float | None,
-        skip_nonfinite: bool,
-        ranks: Ranks = SINGLE,
-    ):
-        self.optimizers = optimizers
-        self.models = models
-        self.autocast = autocast_for(precision, device)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        self.grad_clip = grad_clip
-        self.skip_nonfinite = skip_nonfinite
-        self.ranks = ranks
-        self.loss_scale = 1.0  # this rank's share of the global batch (distributed.loss_scale)
-        self.skipped = False  # the step in flight met a non-finite loss
-        self._stepped = False  # some optimizer stepped in the step in flight
-        self._undo: list[Callable[[], None]] = []
-
-    def begin_step(self) -> None:
-        self.skipped, self._stepped, self._undo = False, False, []
-        if self.skip_nonfinite:
-            self._undo.append(_restorer([b for m in self.models for b in m.buffers()]))
-
-    def step(self, name: str, loss: torch.Tensor) -> None:
-        optimizer = self.optimizers[name]
-        optimizer.zero_grad(set_to_none=True)
-        if self.skipped:
-            return
-        # skip_step must look at the loss before updating: the one policy that syncs every step;
-        # every rank skips if one must, so that none waits alone in the gradient all-reduce
-        if self.skip_nonfinite and not self.ranks.all_true(bool(torch.isfinite(loss.detach()))):
-            self.skipped = True  # undone at end_step, after whatever the task still runs
-            return
-        # backward (then the gradients averaged over the ranks, if several)
-        self.scaler.scale(loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward()
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.ranks.average_gradients(params)
-        # clip
-        if self.grad_clip is not None:
-            self.scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-        # step (remembering what it changes, if a later loss of this step could undo it)
-        if self.skip_nonfinite and len(self.optimizers) > 1:
-            self._undo.append(_restorer(params, optimizer))
-        self.scaler.step(optimizer)
-        self._stepped = True
-
-    def end_step(self) -> None:
-        """Undo a skipped step; the scaler adapts once per step, after all its optimizers (and
-        only if one stepped: it has nothing to adapt to otherwise)."""
-        if self.skipped:
-            for undo in reversed(self._undo):
-                undo()
-        self.ranks.average_buffers(self.models)
-        if self._stepped:
-            self.scaler.update()
-
-
-def _restorer(tensors: list[torch.Tensor], optimizer: torch.optim.Optimizer | None = None
-              ) -> Callable[[], None]:
-    """A function that puts `tensors` (and the optimizer's state) back as they are now."""
-    saved = [t.detach().clone() for t in tensors]
-    state = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
-
-    def restore() -> None:
-        with torch.no_grad():
-            for tensor, value in zip(tensors, saved, strict=True):
-                tensor.copy_(value)
-        if optimizer is not None:
-            optimizer.load_state_dict(state)
-
-    return restore
+from .rng import rng_state, set_rng_state
+from .runfolder.writer import RunWriter
+from .signals import Stop
+from .tasks import StepResult, Task
+from .tasks.base import evaluate
+from .tasks.steps import add_totals, moved, reduce_window, totals_of
+from .ui.progress import Reporter, format_metrics
+from .updater import Updater
 
 
 @dataclass
@@ -141,35 +45,40 @@ class LoopState:
     stop_reason: str | None = None
 
 
+@dataclass
+class Optimization:
+    """One optimizer and one lr schedule per trainable model, by the model's name."""
+
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedules: dict[str, LRSchedule]
+
+
+@dataclass
+class Feed:
+    """What the loop trains and validates on: batches as the data gives them, and `prepare`,
+    which turns each into the tensors a task steps on, on `device`."""
+
+    train: Batches
+    val: Batches | None
+    prepare: Prepare
+    device: torch.device
+
+
 class Trainer:
-    def __init__(
-        self,
-        cfg: TrainConfig,
-        task: Task,
-        optimizers: dict[str, torch.optim.Optimizer],
-        schedules: dict[str, LRSchedule],
-        prepare: Prepare,
-        train_batches: Batches,
-        val_batches: Batches | None,
-        run: RunWriter,
-        reporter: Reporter,
-        device: torch.device,
-        stop: Stop | None = None,
-        ranks: Ranks = SINGLE,
-    ):
+    """Drives a task through its epochs (`fit`); `state_dict` and `load_state_dict` are what a
+    checkpoint holds of it, and what a resume restores."""
+
+    def __init__(self, cfg: TrainConfig, task: Task, optimization: Optimization, feed: Feed,
+                 run: RunWriter, reporter: Reporter, ranks: Ranks = SINGLE):
         self.cfg = cfg
         self.task = task
-        self.optimizers = optimizers
-        self.schedules = schedules
-        self.prepare = prepare
-        self.train_batches = train_batches
-        self.val_batches = val_batches
+        self.optimizers, self.schedules = optimization.optimizers, optimization.schedules
+        self.feed = feed
         self.run = run
         self.reporter = reporter
-        self.device = device
         self.ranks = ranks
-        self.updater = Updater(optimizers, list(task.models.values()), cfg.precision, device,
-                               cfg.grad_clip, cfg.on_nonfinite == "skip_step", ranks)
+        self.updater = Updater(self.optimizers, list(task.models.values()), cfg.precision,
+                               feed.device, cfg.grad_clip, cfg.on_nonfinite == "skip_step", ranks)
         self.state = LoopState()
         self.resumed = False
         self.window: list[StepResult] = []  # per-step results since the last log line
@@ -177,8 +86,7 @@ class Trainer:
         self.best_mode = self.mode(cfg.best_metric, cfg.best_mode) if cfg.best_metric else None
         self.stop_metric = cfg.early_stopping.metric or cfg.best_metric
         self.stop_mode = self.mode(self.stop_metric, cfg.early_stopping.mode) if self.stop_metric else None
-        self.stop = stop or Stop()
-        self.stop.world = ranks.world
+        self.stop = Stop()
         self.started = time.time()
         self._window_started = time.perf_counter()
         self._window_samples = 0
@@ -187,18 +95,17 @@ class Trainer:
         # pause (stop_reason "paused") once this many epochs are done: a search's rung budget
         self.until_epoch: int | None = None
 
-    @property
-    def stop_signal(self) -> int | None:
-        return self.stop.signum
-
     def mode(self, metric: str, configured: str) -> str:
         """min or max: as configured, or (auto) the direction the task declares for the metric."""
         return configured if configured != "auto" else self.task.metrics[metric.split(".", 1)[1]]
 
     # ------------------------------------------------------------------ the loop
 
-    def fit(self) -> LoopState:
-        state = self.state
+    def fit(self, stop: Stop | None = None, until_epoch: int | None = None) -> LoopState:
+        """Train to train.epochs (or max_steps, early stopping, a stop signal, or the pause after
+        epoch `until_epoch`), under `stop`'s signal handlers."""
+        self.stop, self.until_epoch = stop or Stop(), until_epoch
+        self.stop.world = self.ranks.world
         with self.stop.installed():
             if not self.resumed:
                 self._log_examples()
@@ -209,7 +116,7 @@ class Trainer:
                 self.stop.in_loop = False
                 self.run.wait_for_checkpoint()  # on disk before the run's end is written
         self.reporter.close()
-        return state
+        return self.state
 
     def _epochs(self) -> None:
         cfg, state = self.cfg, self.state
@@ -230,20 +137,20 @@ class Trainer:
 
     def _train_epoch(self) -> None:
         cfg, state = self.cfg, self.state
-        total = len(self.train_batches)
+        total = len(self.feed.train)
         self.task.train(True)
         self.reporter.start_epoch(state.epoch, cfg.epochs, total, state.batch,
                                   min(total * cfg.epochs, cfg.max_steps or total * cfg.epochs))
         if state.batch == 0:  # (a run resumed mid-epoch keeps the task's state from its checkpoint)
             self.task.on_epoch_start(state.epoch)
-        for batch in self.train_batches.epoch(state.epoch, start=state.batch):
+        for batch in self.feed.train.epoch(state.epoch, start=state.batch):
             # learning rate for this step: the schedule's value times each group's multiplier
             self._set_lr(state.step)
             # forward, backward, update: the task's own step, through the updater
             self.updater.begin_step()
             if self.ranks.world > 1:  # (one process: always 1)
                 self.updater.loss_scale = self.ranks.loss_scale(self._batch_items(state.batch))
-            prepared = self.prepare(batch, self.ranks.draw(state.step))
+            prepared = self.feed.prepare(batch, self.ranks.draw(state.step))
             result = self.task.train_step(prepared, state.step, self.updater)
             self.updater.end_step()
             if self.updater.skipped:  # changed nothing: no metrics either
@@ -274,8 +181,8 @@ class Trainer:
     def _log_compile_time(self) -> None:
         """torch.compile works at the first forward and backward: that step's time goes into
         train.log and meta.json (compile_s), and the samples/s of the first window leave it out."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        if self.feed.device.type == "cuda":
+            torch.cuda.synchronize(self.feed.device)
         seconds = time.perf_counter() - self._window_started
         self.run.log(f"torch.compile: the first step (compiling) took {seconds:.1f} s")
         self.run.update_meta(compile_s=round(seconds, 3))
@@ -284,20 +191,32 @@ class Trainer:
 
     def _stopping(self) -> bool:
         """Whether a stop signal came, to this rank or (agreed every step) to any other: all
-        ranks stop after the same step."""
+        ranks stop after the same step. A signal is logged and said here, once (its handler
+        only records it)."""
         if self.ranks.world == 1:
-            return self.stop.signum is not None
-        # a signal that lands while the ranks compare is kept for the next step's comparison
-        # (never overwritten by this one's answer): every rank stops after the same step
-        agreed = self.ranks.largest(self.stop.signum or 0)
-        if agreed and self.stop.signum is None:
-            self.stop.signum = agreed
-        return bool(agreed)
+            stopping = self.stop.signum is not None
+        else:
+            # a signal that lands while the ranks compare is kept for the next step's comparison
+            # (never overwritten by this one's answer): every rank stops after the same step
+            agreed = self.ranks.largest(self.stop.signum or 0)
+            if agreed and self.stop.signum is None:
+                self.stop.signum = agreed
+            stopping = bool(agreed)
+        if stopping:
+            self.tell_signal()
+        return stopping
+
+    def tell_signal(self) -> None:
+        """Log and show a signal that came, if not done yet."""
+        name = self.stop.heard()
+        if name is not None:
+            self.run.log(f"received {name}: stopping after this step")
+            self.reporter.notice(Stop.notice(name))
 
     def _batch_items(self, index: int) -> int:
         """How many items global batch `index` of an epoch holds (the last may be short)."""
-        size = self.train_batches.batch_size
-        return min(size, len(self.train_batches.dataset) - index * size)
+        size = self.feed.train.batch_size
+        return min(size, len(self.feed.train.dataset) - index * size)
 
     def _set_lr(self, step: int) -> None:
         for name, optimizer in self.optimizers.items():
@@ -308,14 +227,14 @@ class Trainer:
     def _end_epoch(self) -> None:
         cfg, state = self.cfg, self.state
         self._flush_window()
-        train = self.task.summarize(_totals(state.epoch_sums)) if state.epoch_sums else {}
+        train = self.task.summarize(totals_of(state.epoch_sums)) if state.epoch_sums else {}
         self.run.log_metrics(
             {"step": state.step, "epoch": state.epoch + 1, "split": "train_epoch", **train,
              "time": round(time.time() - self.started, 3)}
         )
         metrics = {f"train.{k}": v for k, v in train.items()}
-        if self.val_batches is not None:
-            val = evaluate(self.task, self.val_batches, self.prepare, self.updater.autocast)
+        if self.feed.val is not None:
+            val = evaluate(self.task, self.feed.val, self.feed.prepare, self.updater.autocast)
             metrics.update({f"val.{k}": v for k, v in val.items()})
             self.run.log_metrics(
                 {"step": state.step, "epoch": state.epoch + 1, "split": "val", **val,
@@ -353,7 +272,7 @@ class Trainer:
 
     def _log_examples(self) -> None:
         """The task's view of the first training items, into TensorBoard."""
-        dataset = self.train_batches.dataset
+        dataset = self.feed.train.dataset
         sample = self.task.example_inputs(dataset.get_batch(torch.arange(min(32, len(dataset)))))
         if sample is not None:
             self.run.tensorboard("train/examples", sample)
@@ -365,10 +284,10 @@ class Trainer:
         if not self.window:
             return
         state = self.state
-        totals, finite = _reduce(self.window, self.ranks.sum)
+        totals, finite = reduce_window(self.window, self.ranks.sum)
         self._check_finite(finite)
         self.window = []
-        state.epoch_sums = _add(state.epoch_sums, totals)
+        state.epoch_sums = add_totals(state.epoch_sums, totals)
         metrics = self.task.summarize(totals)
         elapsed = time.perf_counter() - self._window_started
         samples_per_s = totals.count / elapsed if elapsed > 0 else 0.0
@@ -436,8 +355,8 @@ class Trainer:
         """Everything a resume needs. What differs between ranks (random states, unreduced step
         results, a task's carried state) is kept for each rank under `ranks`."""
         own = {
-            "task": _moved(self.task.state_dict(), torch.device("cpu")),
-            "window": [_moved(asdict(r), torch.device("cpu")) for r in self.window],
+            "task": moved(self.task.state_dict(), torch.device("cpu")),
+            "window": [moved(asdict(r), torch.device("cpu")) for r in self.window],
             "rng": rng_state(),
         }
         state = {
@@ -467,7 +386,7 @@ class Trainer:
         self.state.stop_reason = None
         own = self._own_state(state)
         self.task.load_state_dict(own.get("task", {}))
-        self.window = [StepResult(**_moved(r, self.device)) for r in own["window"]]
+        self.window = [StepResult(**moved(r, self.feed.device)) for r in own["window"]]
         set_rng_state(own["rng"])
         self.resumed = True
 
@@ -486,7 +405,7 @@ class Trainer:
         """Flush metrics, then write the checkpoint(s) (and then `meta` into meta.json), in the
         background while training goes on; never with non-finite weights."""
         if self.window:
-            self._check_finite(_reduce(self.window, self.ranks.sum)[1])
+            self._check_finite(reduce_window(self.window, self.ranks.sum)[1])
         # every parameter looked at on its device, then one answer read: one sync on a GPU
         params = [p for m in self.task.models.values() for p in m.parameters()]
         if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
@@ -494,191 +413,5 @@ class Trainer:
         self.run.save_checkpoint(which, self.state_dict(), meta)
 
 
-class Stop:
-    """SIGINT and SIGTERM for a run's whole life: from before its folder exists to its last file.
-
-    The first signal asks the loop to stop after its step, with a checkpoint (a run stopped
-    before its first step saves step 0: it is `interrupted` and resumable). A second SIGINT
-    stops the loop at once; outside the loop (start-up, the final writes) signals are only
-    recorded, so no write of the run's files is ever cut short.
-    """
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.in_loop = False
-        self.world = 1  # training processes: with several, a second SIGINT is torchrun's echo
-        self._log: Callable[[str], None] | None = None
-        self._notice: Callable[[str], None] | None = None
-        self._installed = False
-
-    def attach(self, log: Callable[[str], None], notice: Callable[[str], None]) -> None:
-        """Log signals into the run's train.log and say them on the screen (`notice`, safe in a
-        signal handler) from now on, and one that came before."""
-        self._log, self._notice = log, notice
-        if self.signum is not None:
-            self._say(self.signum)
-
-    def _say(self, signum: int) -> None:
-        if self._log is not None:
-            self._log(f"received {signal.Signals(signum).name}: stopping after this step")
-        if self._notice is not None:
-            self._notice(
-                "Ctrl-C: stopping after this step with a checkpoint; Ctrl-C again to stop now"
-                if signum == signal.SIGINT else
-                f"{signal.Signals(signum).name}: stopping after this step with a checkpoint"
-            )
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        """Handlers in place for the block (nested uses keep the outer ones)."""
-        if self._installed:
-            yield
-            return
-        owner = os.getpid()
-
-        def handler(signum: int, frame: Any) -> None:
-            # a DataLoader worker forked with this handler, before it sets its own (data/__init__)
-            if os.getpid() != owner:
-                return
-            # (torchrun forwards a terminal's Ctrl-C that every process already got: a second
-            # SIGINT is the same one there, not a request to abandon the step)
-            if self.signum is not None and signum == signal.SIGINT and self.in_loop and self.world == 1:
-                raise KeyboardInterrupt
-            first = self.signum is None
-            self.signum = self.signum or signum
-            if first:
-                self._say(signum)
-
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            for s in previous:
-                signal.signal(s, handler)
-        except ValueError:  # not the main thread: leave signals alone
-            previous = {}
-        self._installed = True
-        try:
-            yield
-        finally:
-            self._installed = False
-            for s, old in previous.items():
-                signal.signal(s, old)
-
-
 def _better(value: float, best: float, mode: str, min_delta: float) -> bool:
     return value < best - min_delta if mode == "min" else value > best + min_delta
-
-
-# ----------------------------------------------------------------------------- step results
-
-
-def _reduce(window: list[StepResult], total: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
-            ) -> tuple[Totals, list[bool]]:
-    """The window's totals and, per step, whether all its losses were finite: one host sync.
-    `total` adds the values up over the ranks (one all-reduce), so every rank gets the same."""
-    loss_names, sum_names = list(window[0].losses), list(window[0].sums)
-    losses = torch.stack([torch.stack([r.losses[n] for r in window]).float() for n in loss_names],
-                         dim=1)  # (steps, losses)
-    counts = torch.tensor([r.count for r in window], dtype=torch.float32, device=losses.device)
-    nonfinite = (~torch.isfinite(losses).all(dim=1)).float()  # (steps,)
-    loss_sums = (losses * counts[:, None]).sum(dim=0)  # (losses,)
-    metric_sums = [torch.stack([torch.as_tensor(r.sums[n]) for r in window]).float().sum().to(
-        losses.device) for n in sum_names]
-    host = total(torch.cat([nonfinite, counts.sum()[None], loss_sums, torch.stack(metric_sums)
-                            if metric_sums else loss_sums.new_zeros(0)])).tolist()
-    steps = len(window)
-    totals = Totals(
-        count=host[steps],
-        losses=dict(zip(loss_names, host[steps + 1:steps + 1 + len(loss_names)], strict=True)),
-        sums=dict(zip(sum_names, host[steps + 1 + len(loss_names):], strict=True)),
-    )
-    return totals, [f == 0 for f in host[:steps]]
-
-
-def _add(epoch: dict[str, Any], totals: Totals) -> dict[str, Any]:
-    """Running epoch totals (plain floats, saved in checkpoints) plus a window's."""
-    if not epoch:
-        return asdict(totals)
-    return {"count": epoch["count"] + totals.count,
-            "losses": {k: epoch["losses"][k] + v for k, v in totals.losses.items()},
-            "sums": {k: epoch["sums"][k] + v for k, v in totals.sums.items()}}
-
-
-def _totals(epoch: dict[str, Any]) -> Totals:
-    return Totals(count=epoch["count"], losses=dict(epoch["losses"]), sums=dict(epoch["sums"]))
-
-
-def _moved(tree: Any, device: torch.device) -> Any:
-    """A step result's tensors moved to `device` (a checkpoint keeps them on the CPU)."""
-    if isinstance(tree, torch.Tensor):
-        return tree.detach().to(device)
-    if isinstance(tree, dict):
-        return {k: _moved(v, device) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_moved(v, device) for v in tree)
-    return tree
-
-
-@torch.no_grad()
-def evaluate(
-    task: Task,
-    batches: Batches,
-    prepare: Prepare,
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-    detailed: bool = False,
-) -> dict[str, Any]:
-    """Run the task's eval step over every batch, add up on the device, summarise on the host."""
-    task.train(False)
-    task.on_eval_start()
-    count, losses, sums = 0, {}, {}
-    for batch in batches.epoch():
-        with autocast():
-            result = task.eval_step(prepare(batch, None), detailed)
-        count += result.count
-        for name, loss in result.losses.items():
-            weighted = loss.float() * result.count
-            losses[name] = losses[name] + weighted if name in losses else weighted
-        for name, value in result.sums.items():
-            sums[name] = sums[name] + value if name in sums else value
-    task.train(True)
-    totals = Totals(
-        count=float(count),
-        losses={k: float(v) for k, v in losses.items()},
-        sums={k: (v.cpu() if isinstance(v, torch.Tensor) and v.dim() else float(v))
-              for k, v in sums.items()},
-    )
-    return task.summarize(totals, detailed)
-
-
-# ----------------------------------------------------------------------------- RNG states
-
-
-def rng_state() -> dict[str, Any]:
-    """Every random state a run touches, as plain values that load with weights_only=True."""
-    version, keys, gauss = random.getstate()
-    name, np_keys, pos, has_gauss, cached = np.random.get_state()
-    # (np.array of the 625 Python ints: a third of the time torch.tensor takes)
-    return {
-        "python": [version, torch.from_numpy(np.array(keys, dtype=np.int64)), gauss],
-        "numpy": [name, torch.from_numpy(np_keys.astype(np.int64)), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    version, keys, gauss = state["python"]
-    random.setstate((version, tuple(keys.tolist()), gauss))
-    name, np_keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np_keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False

@@ -10,14 +10,21 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from . import runs
-from .compare import is_number, varying_keys
-from .dotted import flatten
-from .errors import KdlError
+from ..dotted import flatten, is_number, varying_keys
+from ..errors import KdlError
+from .tables import SERIES_SKIP, metric_series, short_id
 
-SERIES_SKIP = {"step", "epoch", "split", "time"}  # bookkeeping fields of a record, not metrics
+
+class Curves(Protocol):
+    """What a plot reads of a run (a runfolder.reader.Run): its id, config and metrics records."""
+
+    id: str
+
+    def config_dict(self) -> dict[str, Any]: ...
+
+    def metrics(self) -> list[dict[str, Any]]: ...
 
 
 def series_names(records: list[dict[str, Any]]) -> list[str]:
@@ -30,15 +37,6 @@ def series_names(records: list[dict[str, Any]]) -> list[str]:
     return list(names)
 
 
-def metric_series(records: list[dict[str, Any]], name: str) -> tuple[str, list[float], list[float]]:
-    """(x label, xs, ys) of one split.key metric: per step for the `train` split, else per epoch."""
-    split, _, key = name.partition(".")
-    axis = "step" if split == "train" else "epoch"
-    points = [(r[axis], r[key]) for r in records
-              if r.get("split") == split and r.get(axis) is not None and is_number(r.get(key))]
-    return axis, [float(x) for x, _ in points], [float(y) for _, y in points]
-
-
 # a colour family per value of the compared key; runs within one get its shades
 FAMILIES = ("Blues", "Oranges", "Greens", "Reds", "Purples", "Greys", "YlOrBr", "PuRd")
 
@@ -49,7 +47,7 @@ class LineStyle:
     color: tuple[float, float, float, float] | str | None  # None: matplotlib's next colour
 
 
-def line_styles(found: list[runs.Run], color_by: str | None = None) -> list[LineStyle]:
+def line_styles(found: list[Curves], color_by: str | None = None) -> list[LineStyle]:
     """Legend labels name the config keys that differ between the runs (short ids when none do).
     Runs that share a value of the compared key (`color_by`, else the first differing key other
     than the seed) share a colour family, one shade each."""
@@ -60,10 +58,10 @@ def line_styles(found: list[runs.Run], color_by: str | None = None) -> list[Line
                        f"those are: {', '.join(keys) or 'none'}")
     grouping = color_by or next((k for k in keys if k != "seed"), None)
     keys = sorted(keys, key=lambda k: k != grouping)  # the compared key first in each label
-    labels = [", ".join(f"{k}={_shown(c.get(k))}" for k in keys) or runs.short_id(run.id)
+    labels = [", ".join(f"{k}={_shown(c.get(k))}" for k in keys) or short_id(run.id)
               for run, c in zip(found, configs, strict=True)]
     if len(set(labels)) < len(labels) or len(keys) > 4:  # too many keys to read, or runs alike
-        labels = [runs.short_id(run.id) + (f" ({label})" if keys and len(keys) <= 4 else "")
+        labels = [short_id(run.id) + (f" ({label})" if keys and len(keys) <= 4 else "")
                   for run, label in zip(found, labels, strict=True)]
     if grouping is None:
         return [LineStyle(label, None) for label in labels]
@@ -84,7 +82,7 @@ def _shown(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (list, dict, bool)) or value is None else str(value)
 
 
-def draw(found: list[runs.Run], metric: str, log_y: bool = False, color_by: str | None = None) -> Any:
+def draw(found: list[Curves], metric: str, log_y: bool = False, color_by: str | None = None) -> Any:
     """The matplotlib Figure of `metric` (split.key), one line per run; x is the step for the
     per-step `train` split, the epoch for `train_epoch` and `val`. Runs without it are left out."""
     records = [run.metrics() for run in found]
@@ -119,7 +117,7 @@ def draw(found: list[runs.Run], metric: str, log_y: bool = False, color_by: str 
     return figure
 
 
-def plot_runs(found: list[runs.Run], metric: str, out: Path, log_y: bool = False,
+def plot_runs(found: list[Curves], metric: str, out: Path, log_y: bool = False,
               color_by: str | None = None) -> Path:
     """Draw the runs' `metric` into the PNG file `out`."""
     figure = draw(found, metric, log_y, color_by)

@@ -24,7 +24,7 @@ from typing import IO, Any
 
 import yaml
 
-from .errors import KdlError
+from ..errors import KdlError
 
 # exit codes of `kdl train`; killed by a signal (a second Ctrl-C) Popen says -SIGNAL
 STATUS_BY_EXIT = {0: "completed", 1: "failed", 2: "bad config", 130: "interrupted", 143: "interrupted",
@@ -54,7 +54,7 @@ def split_values(text: str) -> list[str]:
 
 def parse_grid(items: list[str]) -> list[tuple[str, list[Any]]]:
     """`--grid optimizer.lr=0.1,0.01` -> [('optimizer.lr', [0.1, 0.01])]; values read as YAML."""
-    from .config import parse_override
+    from ..config.loading import parse_override
 
     grid = []
     for item in items:
@@ -77,7 +77,9 @@ def grid_points(grid: list[tuple[str, list[Any]]]) -> list[dict[str, Any]]:
 
 def check_point(config: Path, base: list[str], point: dict[str, Any], option: str = "--grid") -> None:
     """The config of one point must validate; if not, the message points at `option`."""
-    from .config import FIX_HINT, ConfigError, load_config
+    from ..config.loading import load_config
+    from ..config.messages import FIX_HINT
+    from ..errors import ConfigError
 
     try:
         load_config(config, base + point_sets(point))
@@ -88,6 +90,23 @@ def check_point(config: Path, base: list[str], point: dict[str, Any], option: st
             f"{option}: the point {shown} is not a valid config: {problems}. Fix {option} "
             f"{f', {option} '.join(point)}"
         ) from None
+
+
+def plan_grid(config: Path, base: list[str], grid: list[str], runs_dir: Path | None,
+              skip_existing: bool) -> tuple[str, list[Point]]:
+    """A grid sweep's id and points, every point's config checked before anything runs."""
+    from ..config.loading import load_config
+
+    values = grid_points(parse_grid(grid))
+    load_config(config, base)  # the config and its --set values first: their errors are theirs
+    for point in values:  # then every point's, before anything runs: its errors are the grid's
+        check_point(config, base, point)
+    sweep_id = new_sweep_id()
+    return sweep_id, [
+        Point(i, point, train_argv(str(config), base + point_sets(point), sweep_id,
+                                   str(runs_dir) if runs_dir else None, skip_existing))
+        for i, point in enumerate(values)
+    ]
 
 
 def point_sets(point: dict[str, Any]) -> list[str]:
@@ -262,7 +281,7 @@ class Sweep:
 
 def results(points: list[Point], runs_dir: Path) -> list[dict[str, Any]]:
     """One record per point, with the best metric read from its run folder."""
-    from .runs import Run
+    from ..runfolder.reader import Run
 
     rows = []
     for point in points:

@@ -1,4 +1,5 @@
-"""Tables for people: `kdl runs`, `kdl show`, `kdl compare`, `kdl eval`. Never imports torch.
+"""Tables and charts for people: `kdl runs`, `kdl show`, `kdl compare`, `kdl eval`, drawn from
+plain records. Never imports torch.
 
 rich is imported inside the functions that draw with it, so that `kdl runs` (a plain text table)
 starts without it.
@@ -9,22 +10,18 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import runs
-from .compare import best_metric_name, sweep_id
-from .dotted import MISSING
-from .plot import metric_series
+from ..dotted import is_number
 from .progress import format_duration, format_metrics
 
 if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
 
-    from .compare import Comparison, Ordering
 
-
-def _console() -> Console:
+def rich_console() -> Console:
     """Wide when piped, so a script reading the output gets whole ids, never folded cells."""
     from rich.console import Console
 
@@ -38,56 +35,40 @@ def _reader_left() -> None:
     raise BrokenPipeError
 
 
-def _table(**options: Any) -> Table:
+def rich_table(**options: Any) -> Table:
     from rich.table import Table
 
     return Table(show_edge=False, header_style="bold", **options)
 
 
-def _number(value: Any) -> str:
+def number(value: Any) -> str:
     return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _value(value: Any) -> str:
+def value_cell(value: Any) -> str:
     """A config value as a cell: numbers short, lists and booleans as in YAML/JSON."""
     if isinstance(value, (bool, list, dict)):
         return json.dumps(value)
-    return _number(value)
+    return number(value)
 
 
-def run_row(run: runs.Run) -> dict[str, Any]:
-    """One run as a flat record (the `kdl runs --json` schema)."""
-    meta = run.meta
-    best = meta.get("best") or {}
-    return {
-        "id": run.id,
-        "status": run.status,
-        "name": meta.get("name"),
-        "model": meta.get("model"),
-        "dataset": meta.get("dataset"),
-        "epochs_done": meta.get("epochs_done", 0),
-        "epochs": meta.get("epochs"),
-        "best_metric": best.get("metric"),
-        "best_value": best.get("value"),
-        "duration_s": run.duration(),
-        "created_at": meta.get("created_at"),
-        "sweep": sweep_id(run),
-        "path": str(run.path),
-        "damage": run.damage,
-    }
+SERIES_SKIP = {"step", "epoch", "split", "time"}  # bookkeeping fields of a record, not metrics
 
 
-def ordering_rows(ordering: Ordering) -> tuple[list[dict[str, Any]], str | None]:
-    """`kdl runs` rows, plus the sort key as an extra column when it is not one already."""
-    from .compare import COLUMNS
+def metric_series(records: list[dict[str, Any]], name: str) -> tuple[str, list[float], list[float]]:
+    """(x label, xs, ys) of one split.key metric: per step for the `train` split, else per epoch."""
+    split, _, key = name.partition(".")
+    axis = "step" if split == "train" else "epoch"
+    points = [(r[axis], r[key]) for r in records
+              if r.get("split") == split and r.get(axis) is not None and is_number(r.get(key))]
+    return axis, [float(x) for x, _ in points], [float(y) for _, y in points]
 
-    extra = ordering.key if ordering.key and ordering.key not in COLUMNS else None
-    rows = [run_row(run) for run in ordering.runs]
-    if extra:
-        for row in rows:
-            value = ordering.values.get(row["id"])
-            row[extra] = None if value is MISSING else value
-    return rows, extra
+
+def short_id(run_id: str) -> str:
+    """`digits_cnn-a0b645` for `20261130-021835-digits_cnn-a0b645`: what tells runs apart."""
+    parts = run_id.split("-", 2)
+    stamped = len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit()
+    return parts[2] if stamped else run_id
 
 
 def print_runs(rows: list[dict[str, Any]], extra: str | None = None) -> None:
@@ -97,11 +78,11 @@ def print_runs(rows: list[dict[str, Any]], extra: str | None = None) -> None:
     headers = ["id", "status", "name", "model", "dataset", "epochs", "best", "duration"]
     cells = []
     for row in rows:
-        best = f"{row['best_metric']} {_number(row['best_value'])}" if row["best_metric"] else "-"
+        best = f"{row['best_metric']} {number(row['best_value'])}" if row["best_metric"] else "-"
         cells.append([
             row["id"], row["status"], row["name"] or "-", row["model"] or "-",
             row["dataset"] or "-", f"{row['epochs_done']}/{row['epochs'] or '?'}", best,
-            format_duration(row["duration_s"]), *([_value(row[extra])] if extra else []),
+            format_duration(row["duration_s"]), *([value_cell(row[extra])] if extra else []),
         ])
     print(text_table([*headers, *([extra] if extra else [])], cells), flush=True)
     for row in rows:
@@ -131,46 +112,6 @@ def print_csv(rows: list[dict[str, Any]]) -> None:
         writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()})
 
 
-ENV_KEYS = ("status", "created_at", "ended_at", "duration_s", "command", "host", "device",
-            "config_hash", "git_commit", "python")
-
-
-def print_show(run: runs.Run) -> None:
-    console = _console()
-    meta = run.meta
-    console.print(f"[bold]{run.id}[/bold]  {run.path}")
-    console.print("\n[bold]config[/bold]")
-    config = run.path / runs.CONFIG
-    text = config.read_bytes().decode("utf-8", errors="replace") if config.is_file() else ""
-    console.print(text.rstrip(), markup=False)
-    console.print("\n[bold]environment[/bold]")
-    env = {k: meta.get(k) for k in ENV_KEYS} | dict(meta.get("versions") or {})
-    env["status"] = run.status
-    for key, value in env.items():
-        shown = " ".join(map(str, value)) if isinstance(value, list) else value
-        console.print(f"  {key}: {shown}", markup=False)
-    records = run.metrics()
-    console.print("\n[bold]metrics per epoch[/bold]")
-    console.print(epoch_table(records))
-    metric = best_metric_name(run)
-    console.print(f"\n[bold]{metric}[/bold]")
-    console.print("\n".join(metric_chart(records, metric)), markup=False)
-    summary = run.summary()
-    if summary:
-        best = summary.get("best") or {}
-        if best.get("metric"):
-            console.print(f"\nbest {best['metric']} = {_number(best.get('value'))} "
-                          f"at epoch {best.get('epoch')}", markup=False)
-        else:  # a GAN's: no metric of training tells which epoch was best
-            console.print(f"\nno best metric: best.pt is the latest epoch's ({best.get('epoch')})",
-                          markup=False)
-        for split, result in (summary.get("eval") or {}).items():
-            console.print(f"eval {split} ({result.get('checkpoint')}.pt, epoch {result.get('epoch')}): "
-                          f"{format_metrics(result.get('metrics') or {})}", markup=False)
-    run.config_dict()  # its problems too
-    if run.damage:
-        console.print(f"\ndamaged: {run.damage}", markup=False)
-
 
 def epoch_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per epoch: train_epoch and val records merged as train.* and val.*."""
@@ -190,19 +131,19 @@ def epoch_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def epoch_table(records: list[dict[str, Any]]) -> Table:
     rows = epoch_rows(records)
-    table = _table()
+    table = rich_table()
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
     for column in columns:
         table.add_column(column, justify="right")
     for row in rows:
-        table.add_row(*(_number(row.get(c)) for c in columns))
+        table.add_row(*(number(row.get(c)) for c in columns))
     return table
 
 
 def print_eval(result: dict[str, Any]) -> None:
-    console = _console()
+    console = rich_console()
     metrics = result["metrics"]
     headline = {k: v for k, v in metrics.items() if isinstance(v, float)}
     console.print(
@@ -214,15 +155,15 @@ def print_eval(result: dict[str, Any]) -> None:
         console.print(f"samples scored in the feature space of {metrics['features']}", markup=False)
     per_class = metrics.get("per_class_accuracy")
     if per_class:
-        table = _table(title="per-class accuracy")
+        table = rich_table(title="per-class accuracy")
         table.add_column("class")
         table.add_column("accuracy", justify="right")
         for name, value in per_class.items():
-            table.add_row(str(name), _number(value))
+            table.add_row(str(name), number(value))
         console.print(table)
     confusion = metrics.get("confusion_matrix")
     if confusion:
-        table = _table(title="confusion (rows: true)")
+        table = rich_table(title="confusion (rows: true)")
         table.add_column("")
         for index in range(len(confusion)):
             table.add_column(str(index), justify="right")
@@ -262,7 +203,7 @@ def metric_chart(records: list[dict[str, Any]], metric: str, height: int = 6, wi
     if not any(math.isfinite(y) for y in ys):
         return [f"no {metric} values yet"]
     bars, low, high = chart_rows(ys, height, width)
-    top, bottom = ("", _number(low)) if low == high else (_number(high), _number(low))
+    top, bottom = ("", number(low)) if low == high else (number(high), number(low))
     pad = max(len(top), len(bottom))
     labels = [top, *[""] * (height - 2), bottom]
     lines = [f"{label:>{pad}} {'┤' if label else '│'}{bar}" for label, bar in zip(labels, bars, strict=True)]
@@ -275,11 +216,25 @@ def metric_chart(records: list[dict[str, Any]], metric: str, height: int = 6, wi
 # ----------------------------------------------------------------------------- compare
 
 
+@dataclass
+class Comparison:
+    """The table `kdl compare` prints: one row per run, or per group with --group-by."""
+
+    keys: list[str]  # config columns: the keys that differ, or the --group-by keys
+    metrics: list[str]  # final metrics, then "best" (each run's value of best_metric)
+    best_metric: str | None
+    best_mode: str | None  # None: no run declares which way its best metric is better
+    rows: list[dict[str, Any]]
+    best_row: int | None  # the row with the best "best" (or best mean of it)
+    group_by: list[str] = field(default_factory=list)
+    averaged_over: list[str] = field(default_factory=list)  # the other differing keys (seeds)
+
+
 def print_comparison(comparison: Comparison) -> None:
     """Config keys that differ and the metrics; the best row (by the best metric's mode) in green.
     On a terminal too narrow for the table, ids lose their date-time start (the name and the
     random suffix stay) and headers break at their dots, so nothing is cut to an ellipsis."""
-    console = _console()
+    console = rich_console()
     table = _comparison_table(comparison, narrow=False)
     narrow = console.measure(table, options=console.options.update_width(10_000)).maximum > console.width
     if narrow:
@@ -295,8 +250,8 @@ def _comparison_table(comparison: Comparison, narrow: bool) -> Table:
     from rich import box
 
     grouped = bool(comparison.group_by)
-    table = (_table(box=None, padding=(0, 1), collapse_padding=True, pad_edge=False) if narrow
-             else _table(box=box.HEAVY_HEAD))
+    table = (rich_table(box=None, padding=(0, 1), collapse_padding=True, pad_edge=False) if narrow
+             else rich_table(box=box.HEAVY_HEAD))
     show_status = not grouped and any(row["status"] != "completed" for row in comparison.rows)
     # a search's trials: their numbers, and with halving the rung and epochs where each stopped
     places = [] if grouped else [key for key in ("trial", "rung", "epochs")
@@ -312,14 +267,14 @@ def _comparison_table(comparison: Comparison, narrow: bool) -> Table:
     for index, row in enumerate(comparison.rows):
         marker = "*" if index == comparison.best_row else ""
         if grouped:
-            cells = [*(_value(row["values"][k]) for k in comparison.keys), str(row["n"]),
+            cells = [*(value_cell(row["values"][k]) for k in comparison.keys), str(row["n"]),
                      *(_stat_cell(row["metrics"][m], row["n"]) for m in comparison.metrics)]
         else:
-            shown_id = runs.short_id(row["id"]) if narrow else row["id"]
+            shown_id = short_id(row["id"]) if narrow else row["id"]
             cells = [shown_id, *([row["status"]] if show_status else []),
                      *(str(row["trial"].get(k, "-")) for k in places),
-                     *(_value(row["config"][k]) for k in comparison.keys),
-                     *(_number(row["metrics"][m]) for m in comparison.metrics)]
+                     *(value_cell(row["config"][k]) for k in comparison.keys),
+                     *(number(row["metrics"][m]) for m in comparison.metrics)]
         table.add_row(marker, *cells, style="bold green" if marker else None)
     return table
 
@@ -327,7 +282,7 @@ def _comparison_table(comparison: Comparison, narrow: bool) -> Table:
 def _stat_cell(stats: dict[str, Any], group_size: int) -> str:
     if stats["n"] == 0:
         return "-"
-    cell = f"{_number(stats['mean'])} ± {_number(stats['std'])}"
+    cell = f"{number(stats['mean'])} ± {number(stats['std'])}"
     return cell if stats["n"] == group_size else f"{cell} (n={stats['n']})"
 
 

@@ -1,5 +1,5 @@
 """TensorBoard event files under a run's tb/ folder, so `tensorboard --logdir runs` works: the
-default tracker (trackers.py).
+default tracker.
 
 Every metrics record becomes scalars named split/metric (train/loss, val/accuracy, ...) at its
 step; image tasks add a grid of example inputs, and every run its config as text and as
@@ -14,8 +14,7 @@ from typing import Any
 
 import torch
 
-from . import runs
-from .trackers import NOT_SCALARS, Opening, Tracker
+from .base import NOT_SCALARS, Opening, Tracker
 
 
 class EventLog(Tracker):
@@ -31,11 +30,10 @@ class EventLog(Tracker):
     def open(cls, opening: Opening) -> EventLog:
         """A fresh run's log starts with its config (text and HParams); a resumed run's drops
         the events after its checkpoint's step, which it is about to write again."""
-        folder = opening.folder / runs.TENSORBOARD
         if opening.resumed_at is not None:
-            return cls(folder, purge_step=opening.resumed_at + 1)
-        log = cls(folder)
-        log.text("config", (opening.folder / runs.CONFIG).read_text())
+            return cls(opening.tensorboard, purge_step=opening.resumed_at + 1)
+        log = cls(opening.tensorboard)
+        log.text("config", opening.config_text)
         log.hparams(opening.setup.params, opening.setup.metric_tags)
         return log
 
@@ -67,3 +65,6 @@ class EventLog(Tracker):
 
     def close(self) -> None:
         self.writer.close()
+
+
+TRACKER = EventLog

@@ -16,66 +16,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import runs
-from .dotted import MISSING, dotted_get, flatten
-from .errors import KdlError
-from .runs import Run
-
-# ----------------------------------------------------------------------------- what a run says
-
-
-def sweep_id(run: Run) -> str | None:
-    sweep = run.meta.get("sweep")
-    return sweep.get("id") if isinstance(sweep, dict) else None
-
-
-def trial_place(run: Run) -> dict[str, Any]:
-    """A search trial's number, and with successive halving the rung it stopped at and its
-    epochs so far; {} for a run that is no trial."""
-    tag = run.meta.get("sweep")
-    if not isinstance(tag, dict) or not isinstance(tag.get("trial"), int):
-        return {}
-    place = {"trial": tag["trial"]}
-    rungs = tag.get("rungs")
-    if isinstance(rungs, list) and all(isinstance(r, int) for r in rungs):
-        epochs = run.meta.get("epochs_done") if isinstance(run.meta.get("epochs_done"), int) else 0
-        place.update(rung=rung_of(rungs, epochs), epochs=f"{epochs}/{rungs[-1]}")
-    return place
-
-
-def rung_of(rungs: list[int], epochs: int) -> int:
-    """The rung (from 1) a trial has reached: the last whose epochs it has trained; 0 if none."""
-    return max([i + 1 for i, r in enumerate(rungs) if r <= epochs], default=0)
-
-
-def metric_mode(run: Run, metric: str) -> str | None:
-    """Which way `metric` (split.name or name) is better, "min" or "max", as the run's task
-    declared it in meta.json; None when the run does not say (kdl never guesses from a name)."""
-    modes = run.meta.get("metric_modes")
-    mode = modes.get(metric.split(".", 1)[-1]) if isinstance(modes, dict) else None
-    return mode if mode in ("min", "max") else None
-
-
-def best_mode(run: Run) -> str | None:
-    """The direction the run judged its best metric by (recorded, else declared)."""
-    best = run.meta.get("best") or run.summary().get("best") or {}
-    if best.get("mode") in ("min", "max"):
-        return best["mode"]
-    return metric_mode(run, best_metric_name(run))
-
-
-def best_metric_name(run: Run) -> str:
-    """The metric a run is judged by (its train.best_metric, e.g. val.loss); for a run without
-    one (a GAN's), its task's first declared metric in training (train.d_loss)."""
-    best = run.meta.get("best") or run.summary().get("best") or {}
-    if best.get("metric"):
-        return best["metric"]
-    configured = dotted_get(run.config_dict(), "train.best_metric")
-    if isinstance(configured, str):
-        return configured
-    declared = list(run.meta.get("metric_modes") or {})
-    return f"train.{declared[0]}" if declared else "val.loss"
-
+from ..dotted import MISSING, dotted_get, flatten, hashable, is_number, varying_keys
+from ..errors import KdlError
+from ..runfolder import layout
+from ..runfolder.reader import (
+    Run,
+    best_mode,
+    final_metrics,
+    iter_runs,
+    metric_mode,
+    sweep_id,
+    trial_place,
+)
+from ..ui.tables import Comparison
 
 # `kdl runs` columns that --sort accepts, and where each one's value lives
 COLUMNS = {
@@ -105,7 +58,7 @@ class Fields:
     def final(self, run: Run) -> dict[str, Any]:
         if run.id not in self._summaries:
             self._summaries[run.id] = run.summary()
-        return runs.final_metrics(self._summaries[run.id])
+        return final_metrics(self._summaries[run.id])
 
     def field(self, run: Run, key: str) -> Any:
         """A meta key (status as `Run.status` reports it, so 'crashed' works), else a config key."""
@@ -166,9 +119,9 @@ def select_runs(
     where: list[str] | None = None,
 ) -> list[Run]:
     """The runs that pass every filter; cheap meta filters first, config.yaml only for --where."""
-    unknown = sorted(set(statuses or []) - set(runs.STATUSES))
+    unknown = sorted(set(statuses or []) - set(layout.STATUSES))
     if unknown:
-        raise KdlError(f"unknown status {', '.join(unknown)}; choose from {', '.join(runs.STATUSES)}")
+        raise KdlError(f"unknown status {', '.join(unknown)}; choose from {', '.join(layout.STATUSES)}")
     conditions = parse_where(where or [])
     chosen = []
     for run in candidates:
@@ -267,7 +220,7 @@ def query_runs(
 ) -> Ordering:
     """`kdl runs`: filter, sort, then keep the top `limit` (sorted) or the newest `limit` (unsorted)."""
     fields = Fields()
-    chosen = select_runs(list(runs.iter_runs(root)), fields, statuses, name, sweep, where)
+    chosen = select_runs(list(iter_runs(root)), fields, statuses, name, sweep, where)
     ordering = sort_runs(chosen, sort, fields) if sort else Ordering(chosen)
     if limit is not None:
         # unsorted runs are oldest first, so the ones worth keeping are at the end
@@ -276,15 +229,48 @@ def query_runs(
     return ordering
 
 
+def run_row(run: Run) -> dict[str, Any]:
+    """One run as a flat record (the `kdl runs --json` schema)."""
+    meta = run.meta
+    best = meta.get("best") or {}
+    return {
+        "id": run.id,
+        "status": run.status,
+        "name": meta.get("name"),
+        "model": meta.get("model"),
+        "dataset": meta.get("dataset"),
+        "epochs_done": meta.get("epochs_done", 0),
+        "epochs": meta.get("epochs"),
+        "best_metric": best.get("metric"),
+        "best_value": best.get("value"),
+        "duration_s": run.duration(),
+        "created_at": meta.get("created_at"),
+        "sweep": sweep_id(run),
+        "path": str(run.path),
+        "damage": run.damage,
+    }
+
+
+def ordering_rows(ordering: Ordering) -> tuple[list[dict[str, Any]], str | None]:
+    """`kdl runs` rows, plus the sort key as an extra column when it is not one already."""
+    extra = ordering.key if ordering.key and ordering.key not in COLUMNS else None
+    rows = [run_row(run) for run in ordering.runs]
+    if extra:
+        for row in rows:
+            value = ordering.values.get(row["id"])
+            row[extra] = None if value is MISSING else value
+    return rows, extra
+
+
 # ----------------------------------------------------------------------------- comparing
 
 
 def sweep_runs(root: Path, sweep: str) -> list[Run]:
     """The runs of a sweep, oldest first; a search's in the order of their trials."""
-    found = [run for run in runs.iter_runs(root) if sweep_id(run) == sweep]
+    found = [run for run in iter_runs(root) if sweep_id(run) == sweep]
     found.sort(key=lambda run: trial_place(run).get("trial", -1))
     if not found:
-        known = sorted({s for s in map(sweep_id, runs.iter_runs(root)) if s})
+        known = sorted({s for s in map(sweep_id, iter_runs(root)) if s})
         listed = f"; sweeps in {root}: {', '.join(known)}" if known else ""
         raise KdlError(f"no runs of sweep {sweep!r} in {root}{listed}")
     return found
@@ -300,22 +286,11 @@ def run_record(run: Run) -> dict[str, Any]:
         "name": run.meta.get("name"),
         "status": run.status,
         "config": flatten(run.config_dict()),
-        "final": runs.final_metrics(summary),
+        "final": final_metrics(summary),
         "best": summary.get("best") or run.meta.get("best") or {},
         "metric_modes": run.meta.get("metric_modes") or {},
         "trial": trial_place(run),
     }
-
-
-def varying_keys(configs: list[dict[str, Any]]) -> list[str]:
-    """Dotted keys whose value differs between the configs (a key only some have counts), in
-    config order."""
-    keys = dict.fromkeys(key for config in configs for key in config)
-    return [key for key in keys if len({_hashable(c.get(key, MISSING)) for c in configs}) > 1]
-
-
-def _hashable(value: Any) -> Any:
-    return json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value
 
 
 def mean_std(values: list[float]) -> dict[str, Any]:
@@ -325,20 +300,6 @@ def mean_std(values: list[float]) -> dict[str, Any]:
         return {"mean": None, "std": None, "n": 0}
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if n > 1 else None,
             "n": n}
-
-
-@dataclass
-class Comparison:
-    """The table `kdl compare` prints: one row per run, or per group with --group-by."""
-
-    keys: list[str]  # config columns: the keys that differ, or the --group-by keys
-    metrics: list[str]  # final metrics, then "best" (each run's value of best_metric)
-    best_metric: str | None
-    best_mode: str | None  # None: no run declares which way its best metric is better
-    rows: list[dict[str, Any]]
-    best_row: int | None  # the row with the best "best" (or best mean of it)
-    group_by: list[str] = field(default_factory=list)
-    averaged_over: list[str] = field(default_factory=list)  # the other differing keys (seeds)
 
 
 def compare(records: list[dict[str, Any]], group_by: list[str] | None = None) -> Comparison:
@@ -370,7 +331,7 @@ def group_stats(records: list[dict[str, Any]], values: list[dict[str, Any]], gro
     """One row per distinct value of the group_by keys: its runs and mean/std/n of every metric."""
     groups: dict[tuple[Any, ...], list[int]] = {}
     for index, record in enumerate(records):
-        group = tuple(_hashable(record["config"].get(key)) for key in group_by)
+        group = tuple(hashable(record["config"].get(key)) for key in group_by)
         groups.setdefault(group, []).append(index)
     rows = []
     for members in groups.values():
@@ -425,10 +386,6 @@ def _best_index(values: list[Any], mode: str | None) -> int | None:
     if not scored or mode is None:
         return None
     return (min(scored) if mode == "min" else max(scored, key=lambda pair: (pair[0], -pair[1])))[1]
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def flat_rows(comparison: Comparison) -> list[dict[str, Any]]:

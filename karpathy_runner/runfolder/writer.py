@@ -2,7 +2,7 @@
 
 config.yaml, meta.json (the first write, updates, resumes, the end), metrics.jsonl, train.log,
 summary.json, checkpoints, samples, the trackers (TensorBoard events, MLflow, W&B) and eval
-JSON. Files that are replaced are written atomically (runs.atomic_write); metrics.jsonl and
+JSON. Files that are replaced are written atomically (fsio.atomic_write); metrics.jsonl and
 train.log are appended to.
 Nothing is opened until it is written, so `kdl eval` and `kdl sample` use the same writer
 without touching a run's logs. In a run of several processes only rank 0 writes: the other
@@ -14,19 +14,19 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import functools
-import io
 import json
-import math
 import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from . import runs
-from .checkpoint import InBackground
-from .errors import KdlError, RunFailed
-from .trackers import Opening, Setup, Tracker, open_trackers
+from ..errors import KdlError, RunFailed
+from ..trackers.base import Opening, Setup, Tracker, open_trackers
+from ..ui.pictures import png_grid
+from . import fsio, layout
+from .checkpoint import InBackground, captured, save_checkpoint
+from .layout import utc_now
 
 Method = TypeVar("Method", bound=Callable[..., Any])
 
@@ -45,11 +45,11 @@ class RunWriter:
     def __init__(self, folder: Path, rank: int = 0):
         self.folder = Path(folder)
         self.rank = rank  # of this process among the training processes
-        self.meta: dict[str, Any] = runs.read_json(self.folder / runs.META)
+        self.meta: dict[str, Any] = fsio.read_json(self.folder / layout.META)
         self._metrics: IO[str] | None = None
         self._log: IO[str] | None = None
         self.trackers: list[Tracker] = []  # opened when training starts or resumes
-        self.lock: runs.RunLock | None = None  # a new run's, taken with its folder
+        self.lock: fsio.RunLock | None = None  # a new run's, taken with its folder
         self._saving = InBackground()  # the checkpoint being written while training goes on
         self._covering = False  # has it trackers' records to hand over once it is on disk?
         self._folders: dict[Path, int] = {}  # descriptors the checkpoint thread fsyncs
@@ -58,9 +58,9 @@ class RunWriter:
     def create(cls, root: Path, name: str, config_yaml: str) -> RunWriter:
         """A new run folder (atomic mkdir: parallel launches never share one), locked by this
         process, with its config."""
-        folder = runs.create_run_folder(root, name)
+        folder = layout.create_run_folder(root, name)
         writer = cls(folder)
-        writer.lock = runs.RunLock(folder).acquire()
+        writer.lock = fsio.RunLock(folder).acquire()
         writer.write_config(config_yaml)
         return writer
 
@@ -73,18 +73,18 @@ class RunWriter:
     @_rank_zero
     def write_config(self, config_yaml: str) -> None:
         """The resolved config, headed like every config by the command that runs it again."""
-        path = self.folder / runs.CONFIG
-        runs.write_text(path, f"# kdl train {path}\n" + config_yaml)
+        path = self.folder / layout.CONFIG
+        fsio.write_text(path, f"# kdl train {path}\n" + config_yaml)
 
     @_rank_zero
     def start(self, fields: dict[str, Any], command: list[str], tracking: Setup) -> None:
         """The first meta.json of a fresh run, then its trackers (`train.loggers`)."""
-        now = runs.utc_now()
+        now = utc_now()
         self.update_meta(id=self.id, status="running", created_at=now, started_at=now,
                          ended_at=None, duration_s=0.0, epochs_done=0, step=0, **fields,
-                         **runs.run_environment(command))
-        (self.folder / runs.METRICS).touch()  # present from the start, even with no record yet
-        self._open_trackers(Opening(self.folder, tracking, self.meta))
+                         **layout.run_environment(command))
+        (self.folder / layout.METRICS).touch()  # present from the start, even with no record yet
+        self._open_trackers(tracking)
 
     @_rank_zero
     def resume(self, step: int, command: list[str], changes: dict[str, Any],
@@ -94,10 +94,10 @@ class RunWriter:
         recorded in meta.json (with `fields`: the epochs and config hash it now trains with; the
         hash before, when the config changes) and train.log, the trackers reopened."""
         kept = self._keep_metrics_up_to(step)
-        environment = runs.run_environment(command)
+        environment = layout.run_environment(command)
         live = {"status": "running",
                 **{k: environment[k] for k in ("command", "host", "pid", "pid_started")}}
-        record = {"at": runs.utc_now(), "step": step, "command": command, "changes": changes}
+        record = {"at": utc_now(), "step": step, "command": command, "changes": changes}
         self.meta["resumes"] = [*self.meta.get("resumes", []), record]
         if config_yaml is not None:
             # recorded (pending), then applied, then marked done: a kill in between leaves a
@@ -107,47 +107,29 @@ class RunWriter:
             self.write_config(config_yaml)
             self.meta.pop("pending_config")
         self.update_meta(**live, **fields)
-        self._open_trackers(Opening(self.folder, tracking, self.meta, resumed_at=step, history=kept))
-
-    @_rank_zero
-    def repair_best(self, epoch: int, best_epoch: int | None, batch: int) -> None:
-        """best.pt again from last.pt when last.pt is the end of the best epoch but best.pt is
-        not (an older kdl wrote last.pt first, and a kill came between the two)."""
-        from .checkpoint import load_checkpoint
-
-        if batch or epoch == 0 or best_epoch != epoch:
-            return
-        best = self.checkpoint("best")
-        try:
-            current = best.is_file() and load_checkpoint(best)["loop"]["epoch"] == epoch
-        except KdlError:
-            current = False
-        if not current:
-            data = self.checkpoint("last").read_bytes()
-            runs.atomic_write(best, data)
-            self.log(f"best.pt repaired from last.pt (epoch {epoch})")
+        self._open_trackers(tracking, resumed_at=step, history=kept)
 
     @_rank_zero
     def finish(self, status: str, error: str | None, duration: float, summary: dict[str, Any]) -> None:
         """summary.json, then meta.json: the status written last commits the run's end, so a
         kill in between leaves a run that is still `running` (crashed) and resumes to the end."""
-        evals = runs.read_json(self.folder / runs.SUMMARY).get("eval")  # from `kdl eval` meanwhile
-        runs.write_json(self.folder / runs.SUMMARY, {**summary, **({"eval": evals} if evals else {})})
-        self.update_meta(status=status, ended_at=runs.utc_now(), duration_s=round(duration, 3),
+        evals = fsio.read_json(self.folder / layout.SUMMARY).get("eval")  # from `kdl eval` meanwhile
+        fsio.write_json(self.folder / layout.SUMMARY, {**summary, **({"eval": evals} if evals else {})})
+        self.update_meta(status=status, ended_at=utc_now(), duration_s=round(duration, 3),
                          error=error, epochs_done=summary["epochs_done"], step=summary["steps"])
         self.log(f"run {status}" + (f": {error}" if error else ""))
-        files = [self.folder / runs.CONFIG, self.folder / runs.SUMMARY]
+        files = [self.folder / layout.CONFIG, self.folder / layout.SUMMARY]
         self._tell_trackers(lambda tracker: tracker.finish(status, files))
 
     @_rank_zero
     def write_vocabulary(self, vocabulary: list[str]) -> None:
         """vocab.json: the token list the run's data was encoded with, for every later command."""
-        runs.write_json(self.folder / runs.VOCAB, vocabulary)
+        fsio.write_json(self.folder / layout.VOCAB, vocabulary)
 
     @_rank_zero
     def update_meta(self, **fields: Any) -> None:
         self.meta.update(fields)
-        runs.write_json(self.folder / runs.META, self.meta)
+        fsio.write_json(self.folder / layout.META, self.meta)
 
     # ------------------------------------------------------------------ logs
 
@@ -155,7 +137,7 @@ class RunWriter:
     def log_metrics(self, record: dict[str, Any]) -> None:
         """Buffered: reaches the disk at `flush()` (every epoch and every checkpoint)."""
         if self._metrics is None:
-            self._metrics = open(self.folder / runs.METRICS, "a", encoding="utf-8")  # noqa: SIM115
+            self._metrics = open(self.folder / layout.METRICS, "a", encoding="utf-8")  # noqa: SIM115
         self._metrics.write(json.dumps(record) + "\n")
         for tracker in self.trackers:
             tracker.record(record)
@@ -163,7 +145,7 @@ class RunWriter:
     @_rank_zero
     def log(self, line: str) -> None:
         if self._log is None:
-            self._log = open(self.folder / runs.LOG, "a", encoding="utf-8")  # noqa: SIM115
+            self._log = open(self.folder / layout.LOG, "a", encoding="utf-8")  # noqa: SIM115
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
         self._log.write(f"{stamp} {line}\n")
         self._log.flush()
@@ -199,15 +181,19 @@ class RunWriter:
             tracker.close()
         self.trackers = []
 
-    def _open_trackers(self, opening: Opening) -> None:
+    def _open_trackers(self, tracking: Setup, resumed_at: int | None = None,
+                       history: list[dict[str, Any]] | None = None) -> None:
         """The trackers, each on the same tracked run as before on a resume (meta.json keeps
         their ids). One that cannot open fails the run (status and reason in meta.json) before
         its first step."""
-        opening.tags = {"kdl.run_id": self.id, **_sweep_tags(self.meta.get("sweep"))}
+        opening = Opening(self.folder, tracking, self.meta,
+                          (self.folder / layout.CONFIG).read_text(encoding="utf-8"),
+                          self.folder / layout.TENSORBOARD, resumed_at, history or [],
+                          {"kdl.run_id": self.id, **_sweep_tags(self.meta.get("sweep"))})
         try:
             self.trackers = open_trackers(opening)
         except KdlError as exc:
-            self.update_meta(status="failed", ended_at=runs.utc_now(), error=str(exc))
+            self.update_meta(status="failed", ended_at=utc_now(), error=str(exc))
             self.log(f"run failed: {exc}")
             raise
         states = {tracker.name: tracker.state() for tracker in self.trackers if tracker.state()}
@@ -232,26 +218,24 @@ class RunWriter:
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
-        kept = [r for r in runs.read_jsonl(self.folder / runs.METRICS) if r.get("step", 0) <= step]
-        runs.write_text(self.folder / runs.METRICS, "".join(json.dumps(r) + "\n" for r in kept))
+        kept = [r for r in fsio.read_jsonl(self.folder / layout.METRICS) if r.get("step", 0) <= step]
+        fsio.write_text(self.folder / layout.METRICS, "".join(json.dumps(r) + "\n" for r in kept))
         return kept
 
     # ------------------------------------------------------------------ checkpoints
 
     def checkpoint(self, which: str) -> Path:
-        return self.folder / runs.CHECKPOINTS / f"{which}.pt"
+        return self.folder / layout.CHECKPOINTS / f"{which}.pt"
 
     @_rank_zero
     def save_checkpoint(self, which: tuple[str, ...], state: dict[str, Any],
                         meta: dict[str, Any] | None = None) -> None:
-        """Metrics flushed and the state taken now (serialised, or copied: checkpoint.snapshot);
-        then, on a thread of its own while training goes on, the metrics fsynced, the state
-        serialised if it was copied and written atomically once under each name, then meta.json
-        updated with `meta` (what the checkpoint commits, never claimed before it is on disk).
-        The next save and the end of training (Trainer.fit) wait for it, before any other write
-        of meta.json: a full disk fails the run there."""
-        from .checkpoint import save_checkpoint, snapshot
-
+        """Metrics flushed and the state copied now (checkpoint.captured); then, on a thread of
+        its own while training goes on, the metrics fsynced, the state written by torch.save
+        atomically once under each name, then meta.json updated with `meta` (what the
+        checkpoint commits, never claimed before it is on disk). The next save and the end of
+        training (Trainer.fit) wait for it, before any other write of meta.json: a full disk
+        fails the run there."""
         self.wait_for_checkpoint()
         paths = [self.checkpoint(name) for name in which]
         with self._failing(paths[-1], self._kept):
@@ -259,10 +243,10 @@ class RunWriter:
             folders = self._folder(paths[-1].parent), self._folder(self.folder)
         # the trackers' records so far are this checkpoint's: handed over once it is on disk
         self._tell_trackers(lambda tracker: tracker.checkpointing())
-        checkpoint = snapshot(state)  # this step's state, whatever training does next
+        checkpoint = captured(state)  # this step's state, whatever training does next
         if meta is not None:
             self.meta.update(meta)
-            meta_now = runs.json_bytes(self.meta)  # as it is now: the thread writes it later
+            meta_now = fsio.json_bytes(self.meta)  # as it is now: the thread writes it later
         # (its descriptor stays open while the thread works: metrics.jsonl is closed by `close`,
         # after the thread, and by a resume's _keep_metrics_up_to, before any checkpoint)
         metrics = None if self._metrics is None else self._metrics.fileno()
@@ -271,10 +255,10 @@ class RunWriter:
             with self._failing(paths[-1], self._kept):
                 if metrics is not None:  # the records up to the checkpoint, on disk before it
                     os.fsync(metrics)
-                save_checkpoint(paths, checkpoint(), folders[0])
+                save_checkpoint(paths, checkpoint, folders[0])
             if meta is not None:
-                with self._failing(self.folder / runs.META, "The checkpoint is written"):
-                    runs.atomic_write(self.folder / runs.META, meta_now, folder_fd=folders[1])
+                with self._failing(self.folder / layout.META, "The checkpoint is written"):
+                    fsio.atomic_write(self.folder / layout.META, meta_now, folder_fd=folders[1])
 
         self._saving.start(write)
         self._covering = True
@@ -289,7 +273,7 @@ class RunWriter:
         """A descriptor of `folder`, kept open until `close`: the checkpoint thread fsyncs it
         after each rename there without opening the folder each time."""
         if folder not in self._folders:
-            self._folders[folder] = runs.open_folder(folder)
+            self._folders[folder] = fsio.open_folder(folder)
         return self._folders[folder]
 
     @contextlib.contextmanager
@@ -322,13 +306,13 @@ class RunWriter:
         TensorBoard at `step` while training."""
         suffix = ".png" if sample.images is not None else ".txt"
         if path is None:
-            (self.folder / runs.SAMPLES).mkdir(exist_ok=True)
-            path = self.folder / runs.SAMPLES / f"{name}{suffix}"
+            (self.folder / layout.SAMPLES).mkdir(exist_ok=True)
+            path = self.folder / layout.SAMPLES / f"{name}{suffix}"
         if sample.images is not None:
             data = png_grid(sample.images)
-            runs.atomic_write(path, data)
+            fsio.atomic_write(path, data)
         else:
-            runs.write_text(path, sample.text)
+            fsio.write_text(path, sample.text)
         if step is not None:
             self.tensorboard(f"samples/{name.split('-')[0]}", sample, step)
         return path
@@ -339,17 +323,17 @@ class RunWriter:
         run in progress is not replaced by a later one), eval/<checkpoint>-<split>.json, the
         latest, and the latest per split in summary.json (where `kdl runs`, `show` and `compare`
         read test.accuracy and the like)."""
-        (self.folder / runs.EVAL).mkdir(exist_ok=True)
+        (self.folder / layout.EVAL).mkdir(exist_ok=True)
         stem = f"{result['checkpoint']}-{result['split']}"
-        runs.write_json(self.folder / runs.EVAL / f"{stem}-step{result['step']:07d}.json", result)
-        path = self.folder / runs.EVAL / f"{stem}.json"
-        runs.write_json(path, result)
-        summary = runs.read_json(self.folder / runs.SUMMARY)
+        fsio.write_json(self.folder / layout.EVAL / f"{stem}-step{result['step']:07d}.json", result)
+        path = self.folder / layout.EVAL / f"{stem}.json"
+        fsio.write_json(path, result)
+        summary = fsio.read_json(self.folder / layout.SUMMARY)
         scalars = {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))}
         summary["eval"] = {**(summary.get("eval") or {}), result["split"]: {
             **{k: result[k] for k in ("checkpoint", "epoch", "step", "evaluated_at")},
             "metrics": scalars}}
-        runs.write_json(self.folder / runs.SUMMARY, summary)
+        fsio.write_json(self.folder / layout.SUMMARY, summary)
         return path
 
 
@@ -360,15 +344,3 @@ def _sweep_tags(sweep: dict[str, Any] | None) -> dict[str, str]:
     return {"kdl.sweep": str(sweep["id"]),
             **({"kdl.trial": str(sweep["trial"])} if "trial" in sweep else {})}
 
-
-def png_grid(images: Any) -> bytes:
-    """uint8 (N, C, H, W) images tiled in a near-square grid with 2-pixel gaps, as PNG bytes."""
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    columns = max(1, math.ceil(math.sqrt(len(images))))
-    grid = make_grid(images.cpu(), nrow=columns, padding=2)  # (3, H, W): gray becomes RGB
-    picture = Image.fromarray(grid.permute(1, 2, 0).numpy())
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return buffer.getvalue()

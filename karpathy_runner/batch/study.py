@@ -1,0 +1,122 @@
+"""A search's study: what a `kdl sweep --search` command asks for (`SearchSpec`: the same spec is
+the same study), its Optuna storage (an SQLite file in the runs folder, or any database several
+machines share), its sampler, and the lock that lets one command drive it on this machine."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config.root import Config
+from ..config.root import metric_direction as direction_of
+from ..errors import KdlError
+from ..runfolder import fsio
+from .space import Dimension
+
+STUDIES = ".studies"  # in the runs folder: the default storage and each study's lock
+
+
+@dataclass
+class SearchSpec:
+    """What a `kdl sweep --search` command asks for; the same spec is the same study."""
+
+    config: Path
+    base: list[str]  # --set items, --metric's train.best_metric included
+    space: list[Dimension]
+    search: str
+    trials: int
+    metric: str
+    direction: str  # minimize or maximize
+    config_hash: str  # of the config with its --set items
+    name: str  # the config's name
+    halving: int | None = None  # ETA
+    min_epochs: int = 1
+    epochs: int = 1  # train.epochs: the last rung
+    seed: int = 0  # the config's: the sampler's seed
+
+    def identity(self) -> dict[str, Any]:
+        return {"config": self.config_hash, "space": [d.text for d in self.space],
+                "search": self.search, "metric": self.metric,
+                "halving": [self.halving, self.min_epochs] if self.halving else None}
+
+    def study_name(self) -> str:
+        digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()
+        return f"study-{self.name}-{digest[:8]}"
+
+    def rungs(self) -> list[int]:
+        """The epochs of each rung: R, R*ETA, R*ETA^2, ... below train.epochs, then train.epochs."""
+        if not self.halving:
+            return [self.epochs]
+        rungs, epochs = [], self.min_epochs
+        while epochs < self.epochs:
+            rungs.append(epochs)
+            epochs *= self.halving
+        return [*rungs, self.epochs]
+
+
+def metric_direction(cfg: Config) -> tuple[str, str]:
+    """The metric a search optimises (train.best_metric) and Optuna's direction for it."""
+    metric = cfg.train.best_metric
+    if metric is None:
+        raise KdlError("this config has no train.best_metric (null), so a search has nothing to "
+                       "optimise: give --metric, e.g. --metric val.loss")
+    mode = direction_of(cfg, metric, cfg.train.best_mode)
+    return metric, "minimize" if mode == "min" else "maximize"
+
+
+def default_storage(root: Path) -> str:
+    folder = root / STUDIES
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(folder / 'studies.db').resolve()}"
+
+
+def open_study(spec: SearchSpec, storage: str, study_name: str, seed: int) -> Any:
+    """The study `study_name` in `storage`, made if new; refused if it was made for another search.
+    Its sampler is seeded with `seed` and the number of trials so far, so a command that
+    continues a study does not draw the first trials' values again."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.create_study(storage=storage, study_name=study_name, load_if_exists=True,
+                                    direction=spec.direction, sampler=_sampler(spec, seed))
+    except (ImportError, ValueError, optuna.exceptions.OptunaError) as exc:
+        raise KdlError(f"--storage {storage}: Optuna cannot open it ({exc}). Give a database URL "
+                       "such as sqlite:///studies.db or postgresql://user@host/db") from None
+    made = study.user_attrs.get("kdl")
+    if made is None:
+        study.set_user_attr("kdl", {**spec.identity(), "config_path": str(spec.config)})
+        if spec.search == "grid":  # every point queued once, in order; asked trials take them
+            for values in itertools.product(*(d.grid() for d in spec.space)):
+                study.enqueue_trial(dict(zip([d.key for d in spec.space], values, strict=True)))
+    elif {k: made.get(k) for k in spec.identity()} != spec.identity():
+        raise KdlError(
+            f"study {study_name} in {storage} was made by another search (config "
+            f"{made.get('config_path')}, space {' '.join(made.get('space') or [])}, search "
+            f"{made.get('search')}); give another --study name, or the same options to continue it"
+        )
+    study.sampler = _sampler(spec, (seed * 1_000_003 + len(study.get_trials(deepcopy=False))) % 2**32)
+    return study
+
+
+def _sampler(spec: SearchSpec, seed: int) -> Any:
+    """TPE or random; a grid's points are queued in the study (Optuna's GridSampler stops a
+    study from inside `optimize`, which kdl does not use)."""
+    import optuna
+
+    if spec.search in ("random", "grid"):
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def study_lock(root: Path, study_name: str) -> fsio.RunLock:
+    """One command per study on this machine: it owns the study's unfinished trials here."""
+    folder = root / STUDIES / study_name
+    folder.mkdir(parents=True, exist_ok=True)
+    return fsio.RunLock(folder, what=f"study {study_name}").acquire()
+
+

@@ -1,0 +1,108 @@
+"""The `kdl` app: the command group, its error handling (a KdlError is one paragraph and its exit
+code, never a traceback), and the options the commands share."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from typer.core import TyperCommand, TyperGroup
+
+from .. import __version__
+from ..errors import KdlError
+
+
+class Command(TyperCommand):
+    """Usage lines as people write them: `kdl eval [OPTIONS] RUN`, `kdl rm [OPTIONS] RUN...`
+    (typer's own wraps required arguments in braces)."""
+
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+        return [piece.removeprefix("{").removesuffix("}") for piece in super().collect_usage_pieces(ctx)]
+
+
+class _Commands(TyperGroup):
+    """Turns a KdlError from any command into one paragraph on stderr and its exit code,
+    and a Ctrl-C outside the training loop into exit 130 (not click's 'Aborted!' and 1)."""
+
+    def invoke(self, ctx: typer.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except KdlError as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:  # Ctrl-C before a loop started (a running loop has its own)
+            print("interrupted", file=sys.stderr, flush=True)
+            raise typer.Exit(130) from None
+        except BrokenPipeError:  # `kdl eval RUN | head -2`: the reader left early
+            raise typer.Exit(_reader_left()) from None
+
+
+def _reader_left() -> int:
+    """Stop quietly, as Unix tools do when their reader closes the pipe: the exit status a shell
+    shows for them (141 = 128 + SIGPIPE), and no "Exception ignored ... BrokenPipeError" from
+    Python flushing stdout at exit."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141
+
+
+app = typer.Typer(
+    cls=_Commands,
+    name="kdl",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    add_completion=True,
+)
+
+RunsDir = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option("--runs-dir", help="Folder of run folders (default: $KDL_RUNS_DIR or ./runs)."),
+]
+SetOption = Annotated[
+    Optional[list[str]],  # noqa: UP045
+    typer.Option("--set", "-s", help="Override a config key: --set optimizer.lr=0.1 (repeatable)."),
+]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+CsvFlag = Annotated[bool, typer.Option("--csv", help="Print the table as CSV.")]
+RunArgument = Annotated[
+    str, typer.Argument(metavar="RUN", help="Run id, unique prefix, run folder or 'latest'.")
+]
+RunsArgument = Annotated[
+    Optional[list[str]],  # noqa: UP045
+    typer.Argument(metavar="RUN...", help="Run ids, unique prefixes, run folders or 'latest'."),
+]
+CheckpointOption = Annotated[str, typer.Option(help="best or last.")]
+
+
+def _version(show: bool) -> None:
+    if show:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            torch = f"torch {version('torch')}"
+        except PackageNotFoundError:
+            torch = "torch not installed"
+        echo(f"kdl {__version__} (python {sys.version.split()[0]}, {torch})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print kdl's version and exit.")] = False,
+) -> None:
+    """Run classic deep-learning experiments from YAML configs: CNNs on images, RNN/LSTM/GRU on
+    sequences and text (classifiers and character language models), GANs."""
+
+
+def check_checkpoint(checkpoint: str) -> None:
+    if checkpoint not in ("best", "last"):
+        raise KdlError(f"--checkpoint must be best or last, got {checkpoint!r}")
+
+
+def echo(text: str) -> None:
+    """Results go to stdout; everything else (logs, progress) goes to stderr."""
+    print(text, flush=True)

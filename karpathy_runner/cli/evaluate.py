@@ -1,0 +1,137 @@
+"""`kdl eval`, `kdl sample`, `kdl predict`, `kdl validate`: what one run or one config gives."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import KdlError
+from ..runfolder.layout import runs_dir as runs_folder
+from ..runfolder.reader import resolve_run
+from .app import (
+    CheckpointOption,
+    Command,
+    JsonFlag,
+    RunArgument,
+    RunsDir,
+    SetOption,
+    app,
+    check_checkpoint,
+    echo,
+)
+
+
+@app.command("eval", cls=Command)
+def eval_(
+    run: RunArgument,
+    checkpoint: CheckpointOption = "best",
+    split: Annotated[str, typer.Option(help="val or test.")] = "val",
+    device: Annotated[str, typer.Option(help="Device to evaluate on.")] = "auto",
+    features: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(metavar="RUN", help="GAN runs: score samples in this classification run's "
+                                         "feature space (default: Inception-v3, if cached)."),
+    ] = None,
+    runs_dir: RunsDir = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Evaluate a run's checkpoint with its task's metrics: accuracy, per-class accuracy and the
+    confusion matrix; bits per char; a GAN's Frechet distance, classifier score and coverage."""
+    check_checkpoint(checkpoint)
+    if split not in ("val", "test"):
+        raise KdlError(f"--split must be val or test, got {split!r}")
+    root = runs_folder(runs_dir)
+    folder = str(resolve_run(root, run).path)  # a wrong RUN answers before torch loads
+    from ..evaluate import evaluate_run
+    from ..ui.tables import print_eval
+
+    _, result = evaluate_run(root, folder, checkpoint, split, device, features)
+    if as_json:
+        echo(json.dumps(result))
+    else:
+        print_eval(result)
+
+
+@app.command(cls=Command)
+def sample(
+    run: RunArgument,
+    n: Annotated[int, typer.Option("-n", min=1, help="Images: how many to draw.")] = 64,
+    length: Annotated[int, typer.Option(min=0, help="Text: characters to generate.")] = 500,
+    temperature: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(min=0.01,
+                     help="Text: below 1 safer, above 1 wilder (default: task.sample_temperature)."),
+    ] = None,
+    top_k: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(min=1, help="Text: draw only from the k likeliest characters."),
+    ] = None,
+    prime: Annotated[
+        Optional[str], typer.Option(help="Text: start from this text.")  # noqa: UP045
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the draw: the same seed, the same sample.")] = 0,
+    out: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="File to write (images default to the run's samples/ folder)."),
+    ] = None,
+    checkpoint: CheckpointOption = "best",
+    device: Annotated[str, typer.Option(help="Device to sample on.")] = "auto",
+    runs_dir: RunsDir = None,
+) -> None:
+    """Draw from a generative run: text is printed; an image grid is written and its path printed."""
+    check_checkpoint(checkpoint)
+    root = runs_folder(runs_dir)
+    folder = str(resolve_run(root, run).path)  # a wrong RUN answers before torch loads
+    from ..evaluate import sample_run
+    from ..tasks import SampleRequest
+
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    request = SampleRequest(seed=seed, n=n, length=length, temperature=temperature, top_k=top_k,
+                            prime=prime)
+    drawn, path = sample_run(root, folder, request, checkpoint, out, device)
+    echo(drawn.text if drawn.images is None else str(path))
+
+
+@app.command(cls=Command)
+def predict(
+    run: RunArgument,
+    inputs: Annotated[
+        list[str],
+        typer.Argument(metavar="INPUT...", help="Image files or folders (image classifiers); texts, "
+                                                "or files of one text per line (text classifiers)."),
+    ],
+    top_k: Annotated[int, typer.Option(min=1, help="Show the K likeliest classes.")] = 1,
+    checkpoint: CheckpointOption = "best",
+    device: Annotated[str, typer.Option(help="Device to predict on.")] = "auto",
+    runs_dir: RunsDir = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Classify new images or texts with a classification run, through its own preprocessing
+    and vocabulary: one line per input with its likeliest classes and their probabilities."""
+    check_checkpoint(checkpoint)
+    from ..predict import predict_run
+
+    found, predictions = predict_run(runs_folder(runs_dir), run, inputs, top_k, checkpoint, device)
+    if as_json:
+        echo(json.dumps({"run": found.id, "checkpoint": checkpoint, "predictions": [
+            {"input": p.input, "classes": [{"class": name, "probability": round(prob, 6)}
+                                           for name, prob in p.classes]} for p in predictions]}))
+        return
+    for p in predictions:
+        echo("\t".join([p.input, *(f"{name} {prob:.3f}" for name, prob in p.classes)]))
+
+
+@app.command(cls=Command)
+def validate(
+    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML config file.")],
+    set_: SetOption = None,
+) -> None:
+    """Print the fully resolved config, or every problem in it."""
+    from ..config.loading import load_config
+
+    cfg = load_config(config, list(set_ or []))
+    echo(cfg.to_yaml().rstrip())

@@ -1,0 +1,153 @@
+"""`kdl sweep`: a grid of points, or an adaptive search over a space, each point a `kdl train`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import KdlError
+from ..runfolder.layout import runs_dir as runs_folder
+from .app import Command, JsonFlag, RunsDir, SetOption, app, echo
+
+
+@app.command(cls=Command)
+def sweep(
+    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML config file.")],
+    grid: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(help="key=v1,v2: values of one key (repeatable; the product is run)."),
+    ] = None,
+    search: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(metavar="tpe|random|grid",
+                     help="Adaptive search through Optuna over --space (default tpe)."),
+    ] = None,
+    space: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(metavar="KEY=DIST",
+                     help="A searched key: uniform(a,b), loguniform(a,b), int(a,b) or "
+                          "choice(v1,v2,...) (repeatable)."),
+    ] = None,
+    trials: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(min=1, help="--search: trials in the study (grid: default all its points)."),
+    ] = None,
+    metric: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="--search: the metric to optimise (default train.best_metric, in the "
+                          "direction the task declares)."),
+    ] = None,
+    halving: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(min=2, metavar="ETA",
+                     help="--search: successive halving; the best 1/ETA of the trials go on at "
+                          "each rung."),
+    ] = None,
+    min_epochs: Annotated[
+        int, typer.Option(min=1, help="--halving: epochs of the first rung.")
+    ] = 1,
+    storage: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(metavar="URL", help="--search: Optuna storage (default: an SQLite file in the "
+                                         "runs folder); a shared database lets machines share a study."),
+    ] = None,
+    study: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(metavar="NAME", help="--search: the study's name (default: one made from the "
+                                          "config and the search, so the same command continues it)."),
+    ] = None,
+    set_: SetOption = None,
+    jobs: Annotated[int, typer.Option(min=1, help="Points run at the same time.")] = 1,
+    fail_fast: Annotated[bool, typer.Option(help="Stop the sweep at the first failed point.")] = False,
+    skip_existing: Annotated[
+        bool, typer.Option(help="Skip points already completed; resume interrupted ones.")
+    ] = False,
+    emit: Annotated[
+        bool, typer.Option(help="Print one `kdl train` command per point instead of running them.")
+    ] = False,
+    runs_dir: RunsDir = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Run the Cartesian product of --grid values, or an adaptive search over --space; prints
+    the sweep (or study) id as the last stdout line.
+
+    Each point or trial is a normal run tagged with the id (see `kdl runs --sweep`, `kdl compare
+    --sweep`). A search's study lives on in its storage: the same command run again continues it.
+    Exit code 0 when every point completed (a search: no trial failed and one completed), 1
+    otherwise, 130 if interrupted.
+    """
+    base = list(set_ or [])
+    if search is not None or space or halving is not None:
+        _refuse_grid_options(grid, skip_existing, emit)
+        raise typer.Exit(_search(config, base, search or "tpe", space or [], trials, metric, halving,
+                                 min_epochs, storage, study, jobs, fail_fast, runs_dir, as_json))
+    if not grid:
+        raise KdlError("kdl sweep needs --grid key=v1,v2 (a grid), or --space KEY=DIST (a search)")
+    for option, given in (("--trials", trials), ("--metric", metric), ("--storage", storage),
+                          ("--study", study)):
+        if given is not None:
+            raise KdlError(f"{option} belongs to a search (--space, --search); a --grid sweep "
+                           "runs every point once")
+    from ..batch import sweep as sweeps
+
+    sweep_id, points = sweeps.plan_grid(config, base, grid, runs_dir, skip_existing)
+    if emit:
+        echo(sweeps.emit(points))
+        return
+    root = runs_folder(runs_dir)
+    log = _sweep_log(as_json)
+    log(f"sweep {sweep_id}: {len(points)} points, {jobs} at a time, runs in {root}")
+    code = sweeps.Sweep(points, jobs, fail_fast, log).run()
+    rows = sweeps.results(points, root)
+    if as_json:
+        echo(sweeps.to_json(sweep_id, rows))
+    else:
+        sweeps.print_summary(rows)
+        echo(sweep_id)
+    raise typer.Exit(code)
+
+
+def _refuse_grid_options(grid: list[str] | None, skip_existing: bool, emit: bool) -> None:
+    if grid:
+        raise KdlError("give --grid for a grid sweep, or --space with --search for a search; "
+                       "not both (a grid search is --search grid --space 'KEY=choice(...)')")
+    if skip_existing:
+        raise KdlError("--skip-existing belongs to --grid sweeps: a search's study already "
+                       "knows its trials, and the same command continues it")
+    if emit:
+        raise KdlError(
+            "--emit prints a grid's commands in advance, but an adaptive search chooses each "
+            "trial's values from the results of the trials before it, so there is no list to "
+            "print. Run the search itself (Ctrl-C stops it; the same command continues it), "
+            "or give --grid to --emit a grid's commands."
+        )
+
+
+def _sweep_log(as_json: bool) -> Callable[[str], None]:
+    return (lambda line: None) if as_json else (lambda line: print(line, file=sys.stderr, flush=True))
+
+
+def _search(config: Path, base: list[str], search: str, space: list[str], trials: int | None,
+            metric: str | None, halving: int | None, min_epochs: int, storage: str | None,
+            study: str | None, jobs: int, fail_fast: bool, runs_dir: Path | None,
+            as_json: bool) -> int:
+    """`kdl sweep --search`: everything is checked before Optuna loads or any trial runs."""
+    from ..batch import search as searches
+
+    spec = searches.plan_search(config, base, search, space, trials, metric, halving, min_epochs)
+    outcome = searches.run_search(spec, runs_folder(runs_dir), storage, study, jobs, fail_fast,
+                                  _sweep_log(as_json))
+    name = outcome.search.study_name
+    if as_json:
+        echo(json.dumps({"sweep": name, "study": name, "storage": outcome.storage,
+                         "direction": spec.direction, "metric": spec.metric, "trials": outcome.rows,
+                         "best": outcome.best}))
+    else:
+        searches.print_results(outcome.search, outcome.rows, outcome.best)
+        echo(name)
+    return outcome.code

@@ -1,0 +1,111 @@
+"""`kdl train`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .. import workers
+from ..errors import KdlError
+from ..runfolder.layout import runs_dir as runs_folder
+from .app import Command, JsonFlag, RunsDir, SetOption, app, echo
+
+
+@app.command(cls=Command)
+def train(
+    config: Annotated[Optional[Path], typer.Argument(metavar="CONFIG", help="YAML config file.")] = None,  # noqa: UP045
+    set_: SetOption = None,
+    name: Annotated[Optional[str], typer.Option(help="Run name (config key `name`).")] = None,  # noqa: UP045
+    device: Annotated[
+        Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps (train.device).")  # noqa: UP045
+    ] = None,
+    runs_dir: RunsDir = None,
+    resume: Annotated[
+        Optional[str], typer.Option(help="Continue RUN from its own config and last checkpoint.")  # noqa: UP045
+    ] = None,
+    allow_changes: Annotated[
+        bool, typer.Option(help="With --resume: accept --set changes (recorded in meta.json).")
+    ] = False,
+    skip_existing: Annotated[
+        bool, typer.Option(help="Reuse a run of the same resolved config: print a completed one's "
+                           "id, resume an interrupted or crashed one.")
+    ] = False,
+    sweep: Annotated[
+        Optional[str], typer.Option(help="Tag the run as a point of sweep ID (its --set values).")  # noqa: UP045
+    ] = None,
+    until_epoch: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(min=1, help="Pause after epoch N with a checkpoint (status paused), the run "
+                                 "as it would be there trained straight through; --resume goes on."),
+    ] = None,
+    trial: Annotated[
+        Optional[str], typer.Option(hidden=True, help="kdl sweep --search: the trial tag, as JSON.")  # noqa: UP045
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    as_json: JsonFlag = False,
+    nproc_per_node: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(min=1, help="Train data-parallel in N processes on this machine (one per GPU; "
+                                 "gloo on the CPU), launched by torch.distributed.run."),
+    ] = None,
+    nnodes: Annotated[int, typer.Option(min=1, help="With --nproc-per-node: machines in all.")] = 1,
+    node_rank: Annotated[int, typer.Option(min=0, help="With --nnodes: this machine's index.")] = 0,
+    master_addr: Annotated[
+        str, typer.Option(help="With --nnodes: address of the machine with --node-rank 0.")
+    ] = "127.0.0.1",
+    master_port: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="With --nnodes: a free port on it (default 29500; one machine: any free)."),
+    ] = None,
+) -> None:
+    """Train a model; prints the run id as the last line of stdout.
+
+    Exit codes: 0 done (or skipped, or paused by --until-epoch), 1 the run failed, 2 bad usage/config/data,
+    130 interrupted by SIGINT, 143 by SIGTERM (checkpoint saved; resume with --resume).
+    """
+    from ..plan import plan_train
+
+    if config is None and resume is None:
+        raise KdlError("give a CONFIG file to train, or --resume RUN to continue a run")
+    if config is not None and resume is not None:
+        raise KdlError("give either a CONFIG file or --resume RUN, not both")
+    overrides = [*(set_ or []), *([f"name={name}"] if name is not None else []),
+                 *([f"train.device={device}"] if device is not None else [])]
+    root, tag = runs_folder(runs_dir), json.loads(trial) if trial else None
+    # config and run references are checked before torch loads (seconds): mistakes answer at once;
+    # a launcher of several processes checks them before any starts, and locks nothing: of the
+    # training processes, rank 0 locks the run it resumes
+    launching = nproc_per_node is not None and not workers.in_worker()
+    plan = plan_train(str(config) if config else None, overrides, root, resume, allow_changes,
+                      skip_existing, sweep, lock=not launching and workers.worker_rank() == 0,
+                      until_epoch=until_epoch, trial=tag)
+    if launching:  # the same command for each process torchrun starts, less the launcher's options
+        from .. import distributed
+
+        worker = ["train", *([str(config)] if config else []),
+                  *[item for s in overrides for item in ("--set", s)], "--runs-dir", str(root),
+                  *(["--resume", resume] if resume else []), *(["--sweep", sweep] if sweep else []),
+                  *(["--until-epoch", str(until_epoch)] if until_epoch else []),
+                  *(["--trial", trial] if trial else []),
+                  *[flag for flag, on in (("--allow-changes", allow_changes),
+                                          ("--skip-existing", skip_existing), ("--quiet", quiet),
+                                          ("--json", as_json)) if on]]
+        raise typer.Exit(distributed.launch(worker, nproc_per_node, nnodes, node_rank, master_addr,
+                                            master_port))
+    from .. import session
+
+    result = session.train(plan, root, command=["kdl", *sys.argv[1:]], quiet=quiet)
+    if result.rank == 0 and as_json:  # of several training processes, rank 0 reports
+        echo(json.dumps({"id": result.run_id, "status": result.status, "skipped": result.skipped,
+                        "folder": str(result.folder), "summary": result.summary}))
+    elif result.rank == 0:
+        echo(result.run_id)
+    if workers.in_worker():
+        from .. import distributed
+
+        distributed.exit_worker(result.exit_code)
+    raise typer.Exit(result.exit_code)

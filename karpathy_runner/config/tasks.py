@@ -1,0 +1,81 @@
+"""The task families' config branches: classification, character language modelling, GANs."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from .families import KIND_WORDS, DataConfig, ModelConfig, TaskConfig, register
+
+RECURRENT = ("lstm", "gru", "rnn")
+
+
+@register
+class ClassifyConfig(TaskConfig):
+    """Classification: cross-entropy, accuracy; per-class accuracy and a confusion matrix in eval."""
+
+    BUILD: ClassVar[str] = "karpathy_runner.tasks.classify:Classify"
+    MODELS: ClassVar[tuple[str, ...]] = ("model",)
+    METRICS: ClassVar[dict[str, str]] = {"loss": "min", "accuracy": "max"}
+    DEFAULT_METRIC: ClassVar[str] = "val.loss"
+    # data kind -> model families
+    TRAINS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "image": ("cnn", "speedrun", "torchvision"), "image_rows": RECURRENT, "text": RECURRENT,
+    }
+
+    name: Literal["classify"] = "classify"
+    # training targets (1 - s) on the true class and s spread over all classes; eval reports the
+    # plain cross-entropy, so val.loss stays comparable across settings
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    # evaluation averages the logits of each image and of its mirror image (test-time
+    # augmentation); images only
+    eval_flip: bool = False
+
+    def problems(self, model: ModelConfig, data: DataConfig) -> list[str]:
+        kind = data.kind()
+        if self.eval_flip and kind != "image":
+            return [f"task.eval_flip: mirroring applies to whole images; data.name {data.name!r} "
+                    f"gives {KIND_WORDS.get(kind, kind)} data. Set task.eval_flip: false"]
+        return []
+
+
+@register
+class LanguageModelConfig(TaskConfig):
+    """Next-character prediction: loss in nats per character, bits per character, perplexity."""
+
+    BUILD: ClassVar[str] = "karpathy_runner.tasks.language_model:LanguageModel"
+    MODELS: ClassVar[tuple[str, ...]] = ("model",)
+    METRICS: ClassVar[dict[str, str]] = {"loss": "min", "bpc": "min", "perplexity": "min"}
+    DEFAULT_METRIC: ClassVar[str] = "val.loss"
+    TRAINS: ClassVar[dict[str, tuple[str, ...]]] = {"chars": RECURRENT}
+
+    name: Literal["language_model"] = "language_model"
+    # truncated backprop through time: batches walk through the corpus in order, each row a
+    # stream, and the hidden state carries from one batch to the next (detached); false:
+    # windows in random order, each from a zero state
+    carry_hidden: bool = True
+    sample_length: int = Field(300, ge=0)  # characters sampled after each epoch (0: none)
+    sample_temperature: float = Field(0.8, gt=0.0)
+
+
+@register
+class GANTaskConfig(TaskConfig):
+    """Adversarial training in two labelled phases per step: the discriminator, then (every
+    d_steps steps) the generator. No metric of training measures sample quality, so there is no
+    best checkpoint by default (best.pt follows last.pt); `kdl eval --features RUN` measures it."""
+
+    BUILD: ClassVar[str] = "karpathy_runner.tasks.gan:GAN"
+    MODELS: ClassVar[tuple[str, ...]] = ("generator", "discriminator")
+    # d_real / d_fake: the discriminator's mean belief that real / generated images are real
+    METRICS: ClassVar[dict[str, str]] = {"d_loss": "min", "g_loss": "min", "d_real": "max",
+                                         "d_fake": "min"}
+    DEFAULT_METRIC: ClassVar[str | None] = None
+    TRAINS: ClassVar[dict[str, tuple[str, ...]]] = {"image": ("gan",)}
+
+    name: Literal["gan"] = "gan"
+    loss: Literal["bce", "hinge"] = "bce"  # bce: the non-saturating loss of the DCGAN paper
+    d_steps: int = Field(1, ge=1)  # discriminator updates per generator update
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)  # bce: real images labelled 1 - s
+    ema_decay: float | None = Field(0.999, gt=0.0, lt=1.0)  # null: samples from the raw generator
+    grid_size: int = Field(64, ge=1)  # images in each epoch's sample grid (fixed noise)

@@ -1,0 +1,281 @@
+"""File operations every writer of a run folder uses: atomic replacement (temp file beside the
+target, fsync, rename, folder fsync), the run lock, stale temp files, and reading JSON and
+JSONL files that may be damaged without ever raising."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from ..errors import KdlError
+from .layout import LOCK, TEMP_SUFFIX
+
+# what atomic_write writes: the bytes, or a function that writes them into a file handle
+Content = bytes | bytearray | memoryview | Callable[[IO[bytes]], Any]
+
+
+# ----------------------------------------------------------------------------- atomic files
+
+
+def atomic_write(path: Path, data: Content, also: Sequence[Path] = (),
+                 folder_fd: int | None = None) -> None:
+    """Write `data` (bytes, or a function that writes into a handle) into a temp file beside
+    `path`, fsync, rename over it.
+
+    `also`: more names in the same folder for the same bytes, renamed into place first, in
+    order. Each is a hard link of the one temp file, so the bytes are written and fsynced once
+    (a second copy is written where the file system has no hard links), and the folder is
+    fsynced once, after the last rename. The next atomic write of any one name makes a new
+    file, so the others keep their bytes. The temp files are locked until they are renamed,
+    so `remove_stale_temps` knows a live writer's from one a kill left behind.
+
+    `folder_fd`: a descriptor of the folder, kept open by a caller that writes there often
+    (the checkpoint thread): fsynced instead of opening the folder each time."""
+    path = Path(path)
+    made: list[Path] = []  # temp files, to remove if anything fails before they are renamed
+    with contextlib.ExitStack() as locks:  # each temp file's handle (and lock) until the renames
+        try:
+            first = _written_temp(path, data, locks, made)
+            temps = [_linked_temp(first, other, made) or _written_temp(other, data, locks, made)
+                     for other in also]
+            for temp, target in zip([*temps, first], [*also, path], strict=True):
+                os.replace(temp, target)
+        except BaseException:
+            for temp in made:
+                temp.unlink(missing_ok=True)
+            raise
+    if folder_fd is None:
+        _fsync_dir(path.parent)
+    else:
+        _fsync_folder(folder_fd)
+
+
+def _written_temp(path: Path, data: Content, locks: contextlib.ExitStack, made: list[Path]) -> Path:
+    """A new temp file beside `path`, locked (held open in `locks`), written and fsynced.
+
+    It is made with the mode open() gives a new file (0o666 less the umask, as the run's other
+    files): the umask applied by the kernel, never read by setting it, which would give any
+    file another thread makes meanwhile a umask of 0. Bytes go straight to the file, in as few
+    system calls as the kernel takes (on the checkpoint thread each call hands the GIL over
+    and back)."""
+    import fcntl
+
+    while True:
+        name = _temp_name(path)
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            break
+        except FileExistsError:  # a temp file a killed process of the same id left
+            continue
+    locks.callback(os.close, fd)
+    made.append(name)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    if callable(data):
+        with os.fdopen(fd, "wb", closefd=False) as handle:
+            data(handle)
+    else:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    os.fsync(fd)
+    return name
+
+
+def _linked_temp(temp: Path, path: Path, made: list[Path]) -> Path | None:
+    """A hard link of `temp` under a temp name for `path` (locked with it: one file), or None
+    where the file system makes none."""
+    link = _temp_name(path)
+    try:
+        os.link(temp, link)
+    except OSError:  # no hard links here (EPERM, ENOTSUP...), or the name is taken: a copy then
+        return None
+    made.append(link)
+    return link
+
+
+_TEMPS = itertools.count()  # (next() is atomic: threads never draw the same number)
+
+
+def _temp_name(path: Path) -> Path:
+    """A new name for a temp file beside `path`: hidden, and found by `remove_stale_temps`;
+    this process's id and a count make it new (without a system call: on the checkpoint
+    thread each one hands the GIL over and back), and O_EXCL makes sure of it."""
+    return path.parent / f".{path.name}.{os.getpid()}-{next(_TEMPS)}{TEMP_SUFFIX}"
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete the temp files of writers that died mid-write (no live writer holds their lock)."""
+    import fcntl
+
+    removed = []
+    for temp in Path(folder).rglob(f".*{TEMP_SUFFIX}"):
+        try:
+            fd = os.open(temp, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            temp.unlink(missing_ok=True)
+            removed.append(temp)
+        except OSError:  # locked: its writer is alive
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
+class RunLock:
+    """An exclusive lock on a run folder (flock on its .lock file), held while one process
+    trains, resumes or removes the run; the kernel releases it when the process dies, however."""
+
+    def __init__(self, folder: Path, what: str | None = None):
+        self.folder = Path(folder)
+        self.what = what or f"run {self.folder.name}"  # what the lock guards, for its message
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        """Lock the run, or fail naming the process that holds it; then clear stale temp files."""
+        import fcntl
+
+        try:
+            fd = os.open(self.folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise KdlError(f"cannot lock {self.what} ({self.folder}): {exc.strerror}. Check that "
+                           "the folder is writable.") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise KdlError(
+                f"{self.what} is in use by another kdl process (pid {holder}); only one process "
+                f"may work on a {self.what.split()[0]} at a time. Wait for it to end, or stop it "
+                f"(kill {holder}) and try again."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        remove_stale_temps(self.folder)
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _lock_holder(fd: int) -> str:
+    """The pid in a locked run's .lock file. Its holder writes it just after taking the lock,
+    so a process that lost the race by a moment waits for it (half a second at most)."""
+    for _ in range(50):
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if pid:
+            return pid
+        time.sleep(0.01)
+    return "unknown"
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = open_folder(folder)
+    except OSError:
+        return
+    try:
+        _fsync_folder(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(fd: int) -> None:
+    """The folder's entries (a rename) on disk; where the file system cannot fsync a folder,
+    nothing."""
+    with contextlib.suppress(OSError):
+        os.fsync(fd)
+
+
+def open_folder(folder: Path) -> int:
+    """A descriptor of `folder` for `atomic_write(folder_fd=...)`; the caller closes it."""
+    return os.open(folder, os.O_RDONLY | os.O_CLOEXEC)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, json_bytes(obj))
+
+
+def json_bytes(obj: Any) -> bytes:
+    """A JSON file's bytes, as every JSON file of a run is written."""
+    return (json.dumps(obj, indent=2, default=str) + "\n").encode()
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, text.encode())
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file; {} if it is missing or damaged (read_object says why)."""
+    return read_object(path)[0]
+
+
+def read_object(path: Path) -> tuple[dict[str, Any], str | None]:
+    """A JSON object file and, if it is there but unusable, why: never an exception."""
+    try:
+        value = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        return {}, None
+    except OSError as exc:
+        return {}, f"cannot be read ({exc.strerror})"
+    except UnicodeDecodeError:
+        return {}, "is not UTF-8 text"
+    except RecursionError:
+        return {}, "is nested too deeply to read"
+    except ValueError as exc:
+        return {}, f"is not valid JSON ({exc})"
+    if not isinstance(value, dict):
+        return {}, f"holds a JSON {type(value).__name__}, not an object"
+    return value, None
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """All complete records; a truncated last line (a kill mid-write) is skipped."""
+    return read_records(path)[0]
+
+
+def read_records(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """metrics.jsonl's records (each with an int step and epoch and a str split), and how many
+    other lines it holds (binary, not JSON, not such a record), a truncated last line aside."""
+    try:
+        lines = Path(path).read_bytes().split(b"\n")
+    except OSError:
+        return [], 0
+    records, bad = [], 0
+    for number, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+            bad += number < len(lines) - 1  # the last line without its newline: cut short by a kill
+            continue
+        if (isinstance(record, dict) and _is_int(record.get("step"))
+                and _is_int(record.get("epoch")) and isinstance(record.get("split"), str)):
+            records.append(record)
+        else:
+            bad += 1
+    return records, bad
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+

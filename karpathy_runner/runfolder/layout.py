@@ -1,0 +1,123 @@
+"""The run folder's layout: the names of its files, where run folders live, new run ids and the
+atomic creation of a folder, and what a run records about where it was launched.
+
+Imports nothing heavy (no torch, no pydantic), like the rest of runfolder/ but the writer and
+the checkpoint thread, so that `kdl runs` and `kdl show` start fast.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from ..errors import KdlError
+
+DEFAULT_RUNS_DIR = "runs"
+STATUSES = ("running", "completed", "paused", "failed", "interrupted", "crashed", "damaged")
+
+CONFIG = "config.yaml"
+META = "meta.json"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+VOCAB = "vocab.json"
+LOG = "train.log"
+CHECKPOINTS = "checkpoints"
+EVAL = "eval"
+SAMPLES = "samples"
+TENSORBOARD = "tb"
+LOCK = ".lock"
+TEMP_SUFFIX = ".tmp"
+
+
+def runs_dir(option: str | Path | None = None) -> Path:
+    """--runs-dir, else $KDL_RUNS_DIR, else ./runs."""
+    return Path(option or os.environ.get("KDL_RUNS_DIR") or DEFAULT_RUNS_DIR)
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def new_run_id(name: str) -> str:
+    import secrets
+
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{name}-{secrets.token_hex(3)}"
+
+
+def create_run_folder(root: Path, name: str) -> Path:
+    """A fresh run folder; mkdir is atomic, so parallel launches never share one."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KdlError(
+            f"cannot create the runs folder {root}: {exc.strerror}. "
+            "Choose another with --runs-dir or KDL_RUNS_DIR."
+        ) from None
+    for _ in range(100):
+        folder = root / new_run_id(name)
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise KdlError(
+                f"cannot create a run folder in {root}: {exc.strerror}. "
+                "Check that it is writable and has space, or choose another with --runs-dir."
+            ) from None
+        (folder / CHECKPOINTS).mkdir()
+        return folder
+    raise KdlError(f"could not find a free run id in {root} after 100 tries")
+
+
+
+def short_id(run_id: str) -> str:
+    """`digits_cnn-a0b645` for `20261130-021835-digits_cnn-a0b645`: what tells runs apart."""
+    parts = run_id.split("-", 2)
+    stamped = len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit()
+    return parts[2] if stamped else run_id
+
+
+
+def process_start_time(pid: int) -> int | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+
+def run_environment(command: list[str]) -> dict[str, Any]:
+    """Where and how a run was launched (torch versions are added by session.py)."""
+    import platform
+    import sys
+
+    pid = os.getpid()
+    return {
+        "command": command,
+        "cwd": os.getcwd(),
+        "host": socket.gethostname(),
+        "pid": pid,
+        "pid_started": process_start_time(pid),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "executable": sys.executable,
+        "git_commit": _git_commit(),
+    }
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+

@@ -1,0 +1,296 @@
+"""Reading run folders: one run (`Run`, read lazily, damage noted instead of raised), finding
+runs by id, prefix, path or `latest`, and what a run's files say about its status."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ..dotted import dotted_get
+from ..errors import KdlError
+from .fsio import read_object, read_records
+from .layout import CHECKPOINTS, CONFIG, META, METRICS, SUMMARY, VOCAB, process_start_time
+
+# the types of the meta.json and summary.json keys that readers use; a key of another type is
+# damage, dropped so that no reader meets it
+META_TYPES: dict[str, type | tuple[type, ...]] = {
+    "id": str, "name": str, "status": str, "model": str, "dataset": str, "task": str,
+    "created_at": str, "host": str, "pid": int, "epochs": int, "epochs_done": int, "step": int,
+    "duration_s": (int, float), "best": dict, "sweep": dict, "versions": dict,
+    "metric_modes": dict, "resumes": list, "command": list,
+}
+SUMMARY_TYPES: dict[str, type | tuple[type, ...]] = {"final": dict, "best": dict}
+
+
+class Run:
+    """A run folder, read lazily. A damaged file (not JSON, not an object, binary, keys of the
+    wrong type) reads as empty and is noted in `damage`: no reader ever raises on a run."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.id = self.path.name
+        self._meta: dict[str, Any] | None = None
+        self._summary: dict[str, Any] | None = None
+        self.problems: dict[str, str] = {}  # file name -> what is wrong with it
+
+    def _object(self, name: str, types: dict[str, type | tuple[type, ...]]) -> dict[str, Any]:
+        value, problem = read_object(self.path / name)
+        wrong = [key for key, kind in types.items()
+                 if value.get(key) is not None and (not isinstance(value[key], kind)
+                                                   or isinstance(value[key], bool))]
+        if wrong:
+            problem = f"{wrong[0]!r} is {value[wrong[0]]!r}, not {_type_name(types[wrong[0]])}"
+            value = {k: v for k, v in value.items() if k not in wrong}
+        if problem:
+            self.problems[name] = problem
+        return value
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        if self._meta is None:
+            self._meta = self._object(META, META_TYPES)
+        return self._meta
+
+    @property
+    def damage(self) -> str | None:
+        """What is wrong with the files read so far (meta.json always), or None."""
+        _ = self.meta
+        return "; ".join(f"{name} {problem}" for name, problem in self.problems.items()) or None
+
+    @property
+    def status(self) -> str:
+        """meta's status, except that a 'running' run whose process is gone is 'crashed', and
+        a run whose files are damaged is 'damaged'."""
+        status = self.meta.get("status", "unknown")
+        if self.damage:
+            return "damaged"
+        if status == "running" and not _process_alive(self.meta):
+            return "crashed"
+        return status
+
+    def config_dict(self) -> dict[str, Any]:
+        """config.yaml as a dict ({} if damaged, noted in `damage`)."""
+        from ..config.safe_yaml import UnsafeYaml, parse
+
+        try:
+            raw = parse((self.path / CONFIG).read_bytes().decode("utf-8"))
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            self.problems[CONFIG] = f"cannot be read ({exc.strerror})"
+            return {}
+        except UnicodeDecodeError:
+            self.problems[CONFIG] = "is not UTF-8 text"
+            return {}
+        except UnsafeYaml as exc:
+            self.problems[CONFIG] = str(exc)
+            return {}
+        if not isinstance(raw, dict):
+            self.problems[CONFIG] = f"holds a {type(raw).__name__}, not a mapping"
+            return {}
+        return raw
+
+    def metrics(self) -> list[dict[str, Any]]:
+        records, bad = read_records(self.path / METRICS)
+        if bad:
+            self.problems[METRICS] = (f"has {bad} line(s) that are not metric records "
+                                      "(binary, not JSON, or without step, epoch and split)")
+        return records
+
+    def summary(self) -> dict[str, Any]:
+        if self._summary is None:
+            self._summary = self._object(SUMMARY, SUMMARY_TYPES)
+        return self._summary
+
+    def duration(self) -> float | None:
+        """Seconds trained: meta's total, plus, for a run still going, the time since it last
+        started or resumed."""
+        meta = self.meta
+        done = meta.get("duration_s")
+        if self.status != "running":
+            return done
+        resumes = meta.get("resumes") or [{}]
+        since = _parse_utc(resumes[-1].get("at") or meta.get("started_at"))
+        if since is None:
+            return done
+        return (done or 0.0) + max(0.0, (dt.datetime.now(dt.timezone.utc) - since).total_seconds())
+
+
+    def vocabulary(self) -> list[str] | None:
+        """The run's saved vocabulary (text and character data), or None."""
+        try:
+            tokens = json.loads((self.path / VOCAB).read_text())
+        except (OSError, ValueError, RecursionError):
+            return None
+        return tokens if isinstance(tokens, list) and all(isinstance(t, str) for t in tokens) else None
+
+    def checkpoint(self, which: str) -> Path:
+        return self.path / CHECKPOINTS / f"{which}.pt"
+
+
+def _type_name(kind: type | tuple[type, ...]) -> str:
+    if isinstance(kind, tuple):
+        return "a number"
+    return {"int": "an integer", "str": "a string", "dict": "a mapping"}.get(kind.__name__, "a list")
+
+
+def refuse_damaged(run: Run) -> None:
+    """`kdl eval`, `sample` and `train --resume` work only on a run whose files all read (its
+    config.yaml is read strictly by the config loader, which says what is wrong with it)."""
+    run.summary()
+    run.metrics()
+    if run.damage:
+        raise KdlError(
+            f"run {run.id} is damaged: {run.damage}. kdl will not evaluate or resume it; inspect "
+            f"or restore the file in {run.path}, or remove the run with `kdl rm {run.id}`."
+        )
+
+
+
+def final_metrics(summary: dict[str, Any]) -> dict[str, Any]:
+    """A summary's final metrics (train.*, val.*) and its latest test-split eval's (test.*)."""
+    test = ((summary.get("eval") or {}).get("test") or {}).get("metrics") or {}
+    return {**(summary.get("final") or {}), **{f"test.{k}": v for k, v in test.items()}}
+
+
+def _parse_utc(stamp: Any) -> dt.datetime | None:
+    try:
+        parsed = dt.datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+
+
+def _process_alive(meta: dict[str, Any]) -> bool:
+    pid = meta.get("pid")
+    if not pid or meta.get("host") != socket.gethostname():
+        return True  # another machine's process: we cannot tell, trust the file
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return _same_process(int(pid), meta.get("pid_started"))
+
+
+def _same_process(pid: int, started: Any) -> bool:
+    """Guard against pid reuse: compare the process start time recorded at launch."""
+    if started is None:
+        return True
+    now = process_start_time(pid)
+    return now is None or now == started
+
+
+
+def iter_runs(root: Path) -> Iterator[Run]:
+    if not root.is_dir():
+        return
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        # a symlink is not a run of this folder (it points elsewhere; `kdl rm` would follow it)
+        if (not entry.is_symlink() and entry.is_dir()
+                and os.path.exists(os.path.join(entry.path, META))):
+            yield Run(Path(entry.path))
+
+
+def resolve_run(root: Path, ref: str) -> Run:
+    """A run id, a unique prefix of one, `latest`, or the path of a real run folder."""
+    if not ref:
+        raise KdlError("no run given; pass a run id, a unique prefix, a run folder or 'latest'")
+    if ref == "latest":
+        runs = list(iter_runs(root))
+        if not runs:
+            raise KdlError(f"no runs in {root}; train one with `kdl train CONFIG`")
+        return max(runs, key=lambda r: (r.meta.get("created_at", ""), r.id))
+    if "/" in ref or os.sep in ref or ref in (".", ".."):
+        folder = Path(ref)
+        if (folder / META).is_file() and (folder / CONFIG).is_file():
+            return Run(folder.resolve())
+        raise KdlError(
+            f"{ref!r} is not a run folder (no {META} and {CONFIG} there). Pass a run id from "
+            f"`kdl runs` or the path of a run folder."
+        )
+    exact = root / ref
+    if (exact / META).is_file() and not exact.is_symlink():
+        return Run(exact)
+    matches = [run for run in iter_runs(root) if run.id.startswith(ref)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise KdlError(
+            f"no run {ref!r} in {root}. List runs with `kdl runs` (or choose the folder with "
+            "--runs-dir / KDL_RUNS_DIR)."
+        )
+    shown = ", ".join(run.id for run in matches[:5])
+    raise KdlError(f"run prefix {ref!r} is ambiguous in {root}: it matches {shown}; give more of the id")
+
+
+def resolve_runs(root: Path, refs: list[str]) -> list[Run]:
+    """Several run references, each resolved like `resolve_run`; a run named twice counts once."""
+    found: dict[Path, Run] = {}
+    for ref in refs:
+        run = resolve_run(root, ref)
+        found.setdefault(run.path.resolve(), run)
+    return list(found.values())
+
+
+# ----------------------------------------------------------------------------- what a run says
+
+
+def sweep_id(run: Run) -> str | None:
+    sweep = run.meta.get("sweep")
+    return sweep.get("id") if isinstance(sweep, dict) else None
+
+
+def trial_place(run: Run) -> dict[str, Any]:
+    """A search trial's number, and with successive halving the rung it stopped at and its
+    epochs so far; {} for a run that is no trial."""
+    tag = run.meta.get("sweep")
+    if not isinstance(tag, dict) or not isinstance(tag.get("trial"), int):
+        return {}
+    place = {"trial": tag["trial"]}
+    rungs = tag.get("rungs")
+    if isinstance(rungs, list) and all(isinstance(r, int) for r in rungs):
+        epochs = run.meta.get("epochs_done") if isinstance(run.meta.get("epochs_done"), int) else 0
+        place.update(rung=rung_of(rungs, epochs), epochs=f"{epochs}/{rungs[-1]}")
+    return place
+
+
+def rung_of(rungs: list[int], epochs: int) -> int:
+    """The rung (from 1) a trial has reached: the last whose epochs it has trained; 0 if none."""
+    return max([i + 1 for i, r in enumerate(rungs) if r <= epochs], default=0)
+
+
+def metric_mode(run: Run, metric: str) -> str | None:
+    """Which way `metric` (split.name or name) is better, "min" or "max", as the run's task
+    declared it in meta.json; None when the run does not say (kdl never guesses from a name)."""
+    modes = run.meta.get("metric_modes")
+    mode = modes.get(metric.split(".", 1)[-1]) if isinstance(modes, dict) else None
+    return mode if mode in ("min", "max") else None
+
+
+def best_mode(run: Run) -> str | None:
+    """The direction the run judged its best metric by (recorded, else declared)."""
+    best = run.meta.get("best") or run.summary().get("best") or {}
+    if best.get("mode") in ("min", "max"):
+        return best["mode"]
+    return metric_mode(run, best_metric_name(run))
+
+
+def best_metric_name(run: Run) -> str:
+    """The metric a run is judged by (its train.best_metric, e.g. val.loss); for a run without
+    one (a GAN's), its task's first declared metric in training (train.d_loss)."""
+    best = run.meta.get("best") or run.summary().get("best") or {}
+    if best.get("metric"):
+        return best["metric"]
+    configured = dotted_get(run.config_dict(), "train.best_metric")
+    if isinstance(configured, str):
+        return configured
+    declared = list(run.meta.get("metric_modes") or {})
+    return f"train.{declared[0]}" if declared else "val.loss"
+

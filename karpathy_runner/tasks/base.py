@@ -1,0 +1,166 @@
+"""The base of every task family: `Task`, with every hook the loop and the commands call and its
+default; what tasks draw (`Sample`) when asked (`SampleRequest`); an evaluation pass over a
+split (`evaluate`)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ..config.families import ModelConfig, TaskConfig
+from ..data import Batches, DataInfo, Prepare
+from ..errors import KdlError
+from ..models import Model
+from .steps import StepResult, Totals
+
+
+@dataclass
+class Sample:
+    """What a task draws: a batch of images (uint8 (N, C, H, W)) or text."""
+
+    images: torch.Tensor | None = None
+    text: str | None = None
+
+
+@dataclass
+class SampleRequest:
+    """What `kdl sample` asks for; each task uses the fields that apply to it (None: its own
+    default). Images: `n`; text: `length`, `temperature`, `top_k`, `prime`. Always `seed`."""
+
+    seed: int = 0
+    n: int = 64
+    length: int = 500
+    temperature: float | None = None
+    top_k: int | None = None
+    prime: str | None = None
+
+
+class Updater(Protocol):
+    """What the trainer offers a task's step (see trainer.Updater)."""
+
+    skipped: bool  # the step met a non-finite loss and is being skipped
+
+    def autocast(self) -> Any: ...
+
+    def step(self, optimizer: str, loss: torch.Tensor) -> None: ...
+
+
+class Task:
+    """Base class: subclasses set `models` and implement the steps; every other hook is declared
+    here with its default. A family's task class is made as `Task(cfg, model_cfg, info, device)`
+    from its own branch, the model branch, the data's DataInfo and the training device."""
+
+    models: dict[str, nn.Module]
+    ordered_batches: bool = False  # the training batches in the data's own order, not shuffled
+    draws_images: bool = False  # `kdl eval` scores its samples against the split's images
+
+    def __init__(self, cfg: TaskConfig, model_cfg: ModelConfig, info: DataInfo, device: torch.device):
+        self.cfg = cfg
+        self.name: str = cfg.name
+        self.trainable: tuple[str, ...] = type(cfg).MODELS
+        # metric -> "min" | "max": which way is better (stored in meta.json)
+        self.metrics: dict[str, str] = dict(type(cfg).METRICS)
+        self.device = device
+
+    def param_groups(self, model: str) -> list[dict[str, Any]]:
+        """The parameter groups of one trainable model, each with its lr multiplier: one group,
+        or a `Model`'s own (`lr_groups()`: (parameters, multiplier) pairs); frozen parameters
+        and groups left empty are left out."""
+        module = self.models[model]
+        groups = module.lr_groups() if isinstance(module, Model) else [(list(module.parameters()), 1.0)]
+        trainable = [([p for p in params if p.requires_grad], scale) for params, scale in groups]
+        return [{"params": params, "lr_scale": scale} for params, scale in trainable if params]
+
+    def to(self, device: torch.device) -> None:
+        for model in self.models.values():
+            model.to(device)
+
+    def train(self, mode: bool = True) -> None:
+        for model in self.models.values():
+            model.train(mode)
+
+    def train_step(self, batch: tuple[torch.Tensor, ...], step: int, updater: Updater) -> StepResult:
+        """Forward, backward and update on one batch."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def eval_step(self, batch: tuple[torch.Tensor, ...], detailed: bool = False) -> StepResult:
+        """Losses and sums for one evaluation batch (no updates)."""
+        raise NotImplementedError
+
+    def summarize(self, totals: Totals, detailed: bool = False) -> dict[str, Any]:
+        """Metrics from totals: by default each loss averaged over the items."""
+        count = max(totals.count, 1.0)
+        return {name: value / count for name, value in totals.losses.items()}
+
+    # ------------------------------------------------------------------ hooks
+
+    def example_inputs(self, batch: tuple[torch.Tensor, ...]) -> Sample | None:
+        """Training inputs as the data gives them (before preparation), for TensorBoard."""
+        return None
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """A new epoch's first batch is next (not called when resuming mid-epoch)."""
+
+    def on_eval_start(self) -> None:
+        """An evaluation pass is about to begin."""
+
+    def on_epoch_end(self, epoch: int) -> Sample | None:
+        """Something to keep after each epoch (an image grid, text), or None."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """State outside the models that a resumed run needs (checkpointed)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` gave."""
+
+    def classifier(self) -> nn.Module | None:
+        """The model that classifies the data's inputs (logits per class), for `kdl predict` and
+        as the feature space of `kdl eval --features`; None: the task has none."""
+        return None
+
+    def sample(self, request: SampleRequest) -> Sample:
+        """New samples as `kdl sample` asks for them."""
+        raise KdlError(
+            f"a {self.name} run has nothing to sample: `kdl sample` draws from generative runs "
+            "(gan, language_model)"
+        )
+
+
+@torch.no_grad()
+def evaluate(
+    task: Task,
+    batches: Batches,
+    prepare: Prepare,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    detailed: bool = False,
+) -> dict[str, Any]:
+    """Run the task's eval step over every batch, add up on the device, summarise on the host."""
+    task.train(False)
+    task.on_eval_start()
+    count, losses, sums = 0, {}, {}
+    for batch in batches.epoch():
+        with autocast():
+            result = task.eval_step(prepare(batch, None), detailed)
+        count += result.count
+        for name, loss in result.losses.items():
+            weighted = loss.float() * result.count
+            losses[name] = losses[name] + weighted if name in losses else weighted
+        for name, value in result.sums.items():
+            sums[name] = sums[name] + value if name in sums else value
+    task.train(True)
+    totals = Totals(
+        count=float(count),
+        losses={k: float(v) for k, v in losses.items()},
+        sums={k: (v.cpu() if isinstance(v, torch.Tensor) and v.dim() else float(v))
+              for k, v in sums.items()},
+    )
+    return task.summarize(totals, detailed)
+
