@@ -18,13 +18,23 @@ class CNNConfig(ModelConfig):
 
     BUILD: ClassVar[str] = "karpathy_runner.models.cnn:build"
 
-    name: Literal["cnn"] = "cnn"
-    channels: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [32, 64])
-    kernel_size: int = Field(3, ge=1)
-    batch_norm: bool = False
-    pool: Literal["max", "avg", "none"] = "max"
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list)
+    name: Literal["cnn"] = Field("cnn", description="The conv net for image classification.")
+    channels: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [32, 64],
+        description="Output channels of each conv stage, one stage per entry (at least one).",
+    )
+    kernel_size: int = Field(3, ge=1, description="The convolutions' kernel side; odd, so that 'same' "
+                             "padding keeps the image size and only pooling halves it.")
+    batch_norm: bool = Field(False, description="Batch norm after each conv (which then has no bias).")
+    pool: Literal["max", "avg", "none"] = Field("max", description="The 2x2 pooling after each stage "
+                                                "(while the feature map is at least 2x2); none: no pooling.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability before each linear layer "
+                           "of the classifier.")
+    hidden: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=list,
+        description="Widths of the classifier's hidden linear layers (each with a ReLU) before the "
+        "output layer; []: one linear layer from the features to the logits.",
+    )
 
     @field_validator("kernel_size")
     @classmethod
@@ -49,14 +59,22 @@ class RNNConfig(ModelConfig):
 
     BUILD: ClassVar[str] = "karpathy_runner.models.rnn:build"
 
-    name: Literal["lstm", "gru", "rnn"] = "lstm"
-    embedding_size: int = Field(128, ge=1)
-    hidden_size: int = Field(256, ge=1)
-    layers: int = Field(2, ge=1)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # between layers and before the head
-    bidirectional: bool = False  # classification only
-    pooling: Literal["last", "mean"] = "last"  # classification: final state or mean over steps
-    tie_weights: bool = False  # language model: output layer shares the embedding's weights
+    name: Literal["lstm", "gru", "rnn"] = Field("lstm", description="The recurrent cell: torch's nn.LSTM, "
+                                                 "nn.GRU or nn.RNN (tanh).")
+    embedding_size: int = Field(128, ge=1, description="Size of the token (word or character) embedding; "
+                                "image rows go in as they are.")
+    hidden_size: int = Field(256, ge=1, description="Size of the hidden state of each layer (and "
+                             "direction).")
+    layers: int = Field(2, ge=1, description="Stacked recurrent layers.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability between layers and "
+                           "before the head.")
+    bidirectional: bool = Field(False, description="Classification only: also read each sequence "
+                                "backwards, the head seeing both directions.")
+    pooling: Literal["last", "mean"] = Field("last", description="Classification: the head reads the "
+                                             "final state (last) or the mean over each sequence's true "
+                                             "length (mean).")
+    tie_weights: bool = Field(False, description="Language model: the output layer shares the "
+                              "embedding's weights (needs embedding_size == hidden_size).")
 
     def problems(self, data: DataConfig) -> list[str]:
         kind = data.kind()
@@ -85,11 +103,14 @@ class GANModelConfig(ModelConfig):
 
     BUILD: ClassVar[str] = "karpathy_runner.models.gan:build"
 
-    name: Literal["gan"] = "gan"
-    latent_size: int = Field(100, ge=1)  # the noise vector z
-    width: int = Field(64, ge=1)  # feature maps of the layer next to the image (ngf, ndf)
-    batch_norm: bool = True  # in the generator, and in the discriminator unless spectral norm
-    spectral_norm: bool = False  # on the discriminator's layers (instead of batch norm there)
+    name: Literal["gan"] = Field("gan", description="DCGAN's generator and discriminator.")
+    latent_size: int = Field(100, ge=1, description="Size of the noise vector z.")
+    width: int = Field(64, ge=1, description="Feature maps of the layer next to the image (ngf, ndf); "
+                       "they double at each layer away from it.")
+    batch_norm: bool = Field(True, description="Batch norm in the generator, and in the discriminator "
+                             "unless spectral_norm.")
+    spectral_norm: bool = Field(False, description="Spectral norm on the discriminator's layers (instead "
+                                "of batch norm there).")
 
 
 @register
@@ -99,12 +120,18 @@ class SpeedrunConfig(ModelConfig):
 
     BUILD: ClassVar[str] = "karpathy_runner.models.speedrun:build"
 
-    name: Literal["speedrun"] = "speedrun"
-    stem_width: int = Field(24, ge=1)  # the 2x2 stem conv
-    widths: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [64, 256, 256])
-    bn_momentum: float = Field(0.4, gt=0.0, le=1.0)  # torch's convention: weight of the new batch
-    logit_scale: float = Field(1 / 9, gt=0.0)
-    bias_lr_scale: float = Field(64.0, gt=0.0)  # batch-norm shifts learn this much faster
+    name: Literal["speedrun"] = Field("speedrun", description="The airbench94-style CIFAR-10 network.")
+    stem_width: int = Field(24, ge=1, description="Output channels of the 2x2 stem conv.")
+    widths: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [64, 256, 256],
+        description="Output channels of each conv group (two 3x3 convs and a 2x2 max pool; at least one).",
+    )
+    bn_momentum: float = Field(0.4, gt=0.0, le=1.0, description="Batch norm's momentum in torch's "
+                               "convention: the weight of the new batch in the running statistics.")
+    logit_scale: float = Field(1 / 9, gt=0.0, description="The logits are multiplied by this, which keeps "
+                               "the early softmax soft at a high lr.")
+    bias_lr_scale: float = Field(64.0, gt=0.0, description="The batch-norm shifts learn this many times "
+                                 "faster than the weights (optimizer.lr times this).")
 
     @field_validator("widths")
     @classmethod
@@ -125,15 +152,23 @@ class TorchvisionConfig(ModelConfig):
 
     BUILD: ClassVar[str] = "karpathy_runner.models.zoo:build"
 
-    name: Literal["torchvision"] = "torchvision"
-    arch: str = "resnet18"  # any name of torchvision.models.list_models(torchvision.models)
-    # none: random init; imagenet: torchvision's published weights (downloaded once into the
-    # torch cache); else the path of a local state dict of this arch (torch.save(model.state_dict()))
-    pretrained: str = "none"
-    # none | backbone (all but the head) | until:<layer> (that module and all before it, e.g.
-    # until:layer2 for a resnet); frozen batch norm keeps its statistics (eval mode)
-    freeze: str = "none"
-    backbone_lr_scale: float = Field(1.0, gt=0.0)  # the backbone's lr is optimizer.lr times this
+    name: Literal["torchvision"] = Field("torchvision", description="A classifier from torchvision's "
+                                         "model zoo, chosen by arch.")
+    arch: str = Field("resnet18", description="Any name of "
+                      "torchvision.models.list_models(torchvision.models).")
+    pretrained: str = Field(
+        "none",
+        description="none: random init; imagenet: torchvision's published weights (downloaded once into "
+        "the torch cache); else the path of a local state dict of this arch "
+        "(torch.save(model.state_dict())).",
+    )
+    freeze: str = Field(
+        "none",
+        description="none; backbone (all but the head); or until:<layer> (that module and all before it, "
+        "e.g. until:layer2 for a resnet). Frozen batch norm keeps its statistics (eval mode).",
+    )
+    backbone_lr_scale: float = Field(1.0, gt=0.0, description="The backbone's lr is optimizer.lr times "
+                                     "this; the new head's is optimizer.lr.")
 
     def preprocessing(self) -> Any:
         """The resize, crop and normalisation the pretrained weights were trained with."""

@@ -53,14 +53,37 @@ def _default(branch: str) -> Any:
 
 
 class Config(Branch):
-    name: str = "run"
-    seed: Seed = 0
-    data: SerializeAsAny[DataConfig] = Field(default_factory=_default("data"))
-    model: SerializeAsAny[ModelConfig] = Field(default_factory=_default("model"))
-    task: SerializeAsAny[TaskConfig] = Field(default_factory=_default("task"))
-    optimizer: Optimizers = Field(default_factory=OptimizerConfig)
-    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    """The whole config: the run's name and seed, one branch per family registry (data, model,
+    task), and the training branches (optimizer, scheduler, train)."""
+
+    name: str = Field("run", description="The run's name, in its run id and folder name, and the "
+                      "trackers' default experiment or project: letters, digits, '_', '.', '-' (at "
+                      "most 64).")
+    seed: Seed = Field(0, description="The run's seed: initial weights, batch order, augmentation "
+                       "and dropout (the validation split has its own, data.split_seed).")
+    data: SerializeAsAny[DataConfig] = Field(
+        default_factory=_default("data"),
+        description="The dataset and its batches: the branch of the data family that data.name names "
+        "(left out: the first registered).",
+    )
+    model: SerializeAsAny[ModelConfig] = Field(
+        default_factory=_default("model"),
+        description="The network: the branch of the model family that model.name names (left out: the "
+        "first registered).",
+    )
+    task: SerializeAsAny[TaskConfig] = Field(
+        default_factory=_default("task"),
+        description="What is trained and measured: the branch of the task family that task.name names "
+        "(left out: the first registered task that trains model.name on the data's kind).",
+    )
+    optimizer: Optimizers = Field(
+        default_factory=OptimizerConfig,
+        description="One optimizer branch for every model the task trains, or a map of each of the "
+        "task's models (its MODELS) -> its branch.",
+    )
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig,
+                                       description="The learning-rate schedule.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="The training loop.")
 
     @model_validator(mode="before")
     @classmethod

@@ -24,13 +24,18 @@ class ClassifyConfig(TaskConfig):
         "image": ("cnn", "speedrun", "torchvision"), "image_rows": RECURRENT, "text": RECURRENT,
     }
 
-    name: Literal["classify"] = "classify"
-    # training targets (1 - s) on the true class and s spread over all classes; eval reports the
-    # plain cross-entropy, so val.loss stays comparable across settings
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    # evaluation averages the logits of each image and of its mirror image (test-time
-    # augmentation); images only
-    eval_flip: bool = False
+    name: Literal["classify"] = Field("classify", description="Classification of images, image rows or "
+                                      "texts into the data's classes.")
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="Training targets put 1 - s on the true class and spread s over all classes; eval "
+        "reports the plain cross-entropy, so val.loss stays comparable across settings.",
+    )
+    eval_flip: bool = Field(
+        False,
+        description="Evaluation averages the logits of each image and of its mirror image (test-time "
+        "augmentation); whole images only.",
+    )
 
     def problems(self, model: ModelConfig, data: DataConfig) -> list[str]:
         kind = data.kind()
@@ -50,13 +55,18 @@ class LanguageModelConfig(TaskConfig):
     DEFAULT_METRIC: ClassVar[str] = "val.loss"
     TRAINS: ClassVar[dict[str, tuple[str, ...]]] = {"chars": RECURRENT}
 
-    name: Literal["language_model"] = "language_model"
-    # truncated backprop through time: batches walk through the corpus in order, each row a
-    # stream, and the hidden state carries from one batch to the next (detached); false:
-    # windows in random order, each from a zero state
-    carry_hidden: bool = True
-    sample_length: int = Field(300, ge=0)  # characters sampled after each epoch (0: none)
-    sample_temperature: float = Field(0.8, gt=0.0)
+    name: Literal["language_model"] = Field("language_model", description="Next-character prediction "
+                                            "on a character corpus.")
+    carry_hidden: bool = Field(
+        True,
+        description="Truncated backprop through time: batches walk through the corpus in order, each "
+        "row a stream, and the hidden state carries from one batch to the next (detached); false: "
+        "windows in random order, each from a zero state.",
+    )
+    sample_length: int = Field(300, ge=0, description="Characters sampled after each epoch (0: none).")
+    sample_temperature: float = Field(0.8, gt=0.0, description="The logits are divided by this before "
+                                      "each character is drawn: below 1 safer, above 1 wilder; also "
+                                      "kdl sample's default.")
 
 
 @register
@@ -73,9 +83,13 @@ class GANTaskConfig(TaskConfig):
     DEFAULT_METRIC: ClassVar[str | None] = None
     TRAINS: ClassVar[dict[str, tuple[str, ...]]] = {"image": ("gan",)}
 
-    name: Literal["gan"] = "gan"
-    loss: Literal["bce", "hinge"] = "bce"  # bce: the non-saturating loss of the DCGAN paper
-    d_steps: int = Field(1, ge=1)  # discriminator updates per generator update
-    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)  # bce: real images labelled 1 - s
-    ema_decay: float | None = Field(0.999, gt=0.0, lt=1.0)  # null: samples from the raw generator
-    grid_size: int = Field(64, ge=1)  # images in each epoch's sample grid (fixed noise)
+    name: Literal["gan"] = Field("gan", description="Adversarial training of a generator and a "
+                                 "discriminator.")
+    loss: Literal["bce", "hinge"] = Field("bce", description="bce: the non-saturating loss of the DCGAN "
+                                          "paper; hinge: the hinge loss.")
+    d_steps: int = Field(1, ge=1, description="Discriminator updates per generator update.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="bce: real images labelled 1 - s.")
+    ema_decay: float | None = Field(0.999, gt=0.0, lt=1.0, description="Decay of the exponential moving "
+                                    "average of the generator's weights, which draws the samples; null: "
+                                    "samples from the raw generator.")
+    grid_size: int = Field(64, ge=1, description="Images in each epoch's sample grid (fixed noise).")

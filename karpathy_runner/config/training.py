@@ -14,17 +14,24 @@ from .families import Branch
 
 
 class OptimizerConfig(Branch):
-    name: Literal["sgd", "adam", "adamw", "rmsprop"] = "adam"
-    lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    momentum: float = Field(0.0, ge=0.0, lt=1.0)
-    nesterov: bool = False
-    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (
-        0.9,
-        0.999,
+    """A torch optimizer, from plain values; each key applies to the optimizers it names."""
+
+    name: Literal["sgd", "adam", "adamw", "rmsprop"] = Field(
+        "adam", description="torch.optim's SGD, Adam, AdamW (decoupled weight decay) or RMSprop.")
+    lr: float = Field(1e-3, gt=0.0, description="The learning rate; the scheduler's peak, and scaled per "
+                      "parameter group where a model or task asks (e.g. model.backbone_lr_scale).")
+    weight_decay: float = Field(0.0, ge=0.0, description="sgd, adam, rmsprop: an L2 penalty added to the "
+                                "gradient; adamw: the weights shrink by lr times this at each step.")
+    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="sgd, rmsprop: the momentum factor; 0: none.")
+    nesterov: bool = Field(False, description="sgd: Nesterov momentum (needs momentum > 0).")
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(
+        (0.9, 0.999),
+        description="adam, adamw: decay rates of the running means of the gradient and of its square.",
     )
-    eps: float = Field(1e-8, gt=0.0)
-    alpha: float = Field(0.99, gt=0.0, lt=1.0)
+    eps: float = Field(1e-8, gt=0.0, description="adam, adamw, rmsprop: added to the denominator, for "
+                       "numerical stability.")
+    alpha: float = Field(0.99, gt=0.0, lt=1.0, description="rmsprop: decay rate of the running mean of "
+                         "the squared gradient.")
 
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> OptimizerConfig:
@@ -58,24 +65,38 @@ UNION_TAGS = {"one", "per_model"}
 class SchedulerConfig(Branch):
     """Learning-rate schedule, applied per optimizer step, after an optional linear warm-up."""
 
-    name: Literal["none", "step", "cosine", "onecycle"] = "none"
-    warmup_epochs: float = Field(0.0, ge=0.0)
-    step_size: int = Field(30, ge=1)  # step: epochs between decays
-    gamma: float = Field(0.1, gt=0.0, le=1.0)  # step: decay factor
-    min_lr: float = Field(0.0, ge=0.0)  # cosine: floor
-    pct_start: float = Field(0.3, gt=0.0, lt=1.0)  # onecycle: rising fraction
-    div_factor: float = Field(25.0, ge=1.0)  # onecycle: start at lr / div_factor
-    final_div_factor: float = Field(1e4, ge=1.0)  # onecycle: end at start / final_div_factor
+    name: Literal["none", "step", "cosine", "onecycle"] = Field(
+        "none",
+        description="none: a constant lr; step: times gamma every step_size epochs; cosine: a cosine "
+        "from lr down to min_lr over the run; onecycle: a cosine up from lr / div_factor to lr, then "
+        "down to that start / final_div_factor.",
+    )
+    warmup_epochs: float = Field(0.0, ge=0.0, description="A linear warm-up to lr over this many epochs "
+                                 "(fractions allowed) before the schedule; onecycle has its own rise.")
+    step_size: int = Field(30, ge=1, description="step: epochs between decays.")
+    gamma: float = Field(0.1, gt=0.0, le=1.0, description="step: the decay factor.")
+    min_lr: float = Field(0.0, ge=0.0, description="cosine: the floor the lr ends at.")
+    pct_start: float = Field(0.3, gt=0.0, lt=1.0, description="onecycle: the fraction of the run's steps "
+                             "spent rising.")
+    div_factor: float = Field(25.0, ge=1.0, description="onecycle: start at lr / div_factor.")
+    final_div_factor: float = Field(1e4, ge=1.0, description="onecycle: end at the start lr / "
+                                    "final_div_factor.")
 
 
 Mode = Literal["auto", "min", "max"]  # auto: the direction the task declares for the metric
 
 
 class EarlyStoppingConfig(Branch):
-    patience: int | None = Field(None, ge=1)  # epochs without improvement; null disables
-    metric: str | None = None  # defaults to train.best_metric
-    mode: Mode = "auto"
-    min_delta: float = Field(0.0, ge=0.0)
+    """Stop training when a metric has not improved for `patience` epochs."""
+
+    patience: int | None = Field(None, ge=1, description="Epochs without improvement before training "
+                                 "stops; null: no early stopping.")
+    metric: str | None = Field(None, description="The metric watched (split.name, e.g. val.accuracy); "
+                               "null: train.best_metric.")
+    mode: Mode = Field("auto", description="min or max: which way the metric improves; auto: the "
+                       "direction the task declares for it.")
+    min_delta: float = Field(0.0, ge=0.0, description="An improvement must beat the best value so far by "
+                             "more than this.")
 
     @field_validator("metric")
     @classmethod
@@ -84,16 +105,23 @@ class EarlyStoppingConfig(Branch):
 
 
 class MlflowConfig(Branch):
-    # null: $MLFLOW_TRACKING_URI if set, else a SQLite store beside the runs (<runs dir>/mlflow.db)
-    tracking_uri: str | None = None
-    experiment: str | None = None  # null: the config's name
+    """Where MLflow records the run, when train.loggers names mlflow."""
+
+    tracking_uri: str | None = Field(None, description="null: $MLFLOW_TRACKING_URI if set, else a SQLite "
+                                     "store beside the runs (<runs dir>/mlflow.db).")
+    experiment: str | None = Field(None, description="The MLflow experiment; null: the config's name.")
 
 
 class WandbConfig(Branch):
-    project: str | None = None  # null: the config's name
-    entity: str | None = None  # null: the user's default entity
-    # auto: online when logged in (WANDB_API_KEY or `wandb login`), else offline; $WANDB_MODE wins
-    mode: Literal["auto", "online", "offline"] = "auto"
+    """Where Weights & Biases records the run, when train.loggers names wandb."""
+
+    project: str | None = Field(None, description="The W&B project; null: the config's name.")
+    entity: str | None = Field(None, description="The W&B user or team; null: the user's default entity.")
+    mode: Literal["auto", "online", "offline"] = Field(
+        "auto",
+        description="auto: online when logged in (WANDB_API_KEY or `wandb login`), else offline; "
+        "$WANDB_MODE wins.",
+    )
 
 
 Logger = Literal["tensorboard", "mlflow", "wandb"]
@@ -108,29 +136,57 @@ def _metric_shape(metric: str) -> str:
 
 
 class TrainConfig(Branch):
-    epochs: int = Field(10, ge=1)
-    max_steps: int | None = Field(None, ge=1)
-    device: str = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    grad_clip: float | None = Field(None, gt=0.0)
-    # the task's main metric unless set (see Config); null: none, best.pt is the latest epoch's
-    best_metric: str | None = "val.loss"
-    best_mode: Mode = "auto"
-    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
-    log_every_steps: int = Field(50, ge=1)
-    checkpoint_every_steps: int | None = Field(None, ge=1)
-    deterministic: bool = False
-    on_nonfinite: Literal["stop", "skip_step"] = "stop"
-    # torch.compile the models in place, so checkpoint keys stay the same; the first step
-    # (which compiles) is timed apart: train.log and meta.json's compile_s
-    compile: bool = False
-    # conv weights and activations in channels-last layout; null: on for conv nets on CUDA,
-    # where tensor cores want it, off elsewhere
-    channels_last: bool | None = None
-    # where the metrics also go: TensorBoard (tb/), MLflow, Weights & Biases; [] for none of them
-    loggers: list[Logger] = Field(default_factory=lambda: ["tensorboard"])
-    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
-    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    """The training loop: its length, device and precision, the best checkpoint, early stopping,
+    logging, checkpoints and the trackers the metrics also go to."""
+
+    epochs: int = Field(10, ge=1, description="Passes over the training split.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps in all, "
+                                  "mid-epoch if need be; null: epochs decides.")
+    device: str = Field("auto", description="auto (CUDA, else Apple's MPS, else the CPU), cpu, cuda, "
+                        "cuda:N or mps.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="fp32; bf16, fp16: mixed precision under autocast (fp16 with a gradient scaler).")
+    grad_clip: float | None = Field(None, gt=0.0, description="Clip each optimizer's gradients to this "
+                                    "total norm before its step; null: no clipping.")
+    best_metric: str | None = Field(
+        "val.loss",
+        description="The metric that picks best.pt (split.name, e.g. val.accuracy); left out: the "
+        "task's main metric (its DEFAULT_METRIC); null: none, best.pt is the latest epoch's.",
+    )
+    best_mode: Mode = Field("auto", description="min or max: which way best_metric improves; auto: the "
+                            "direction the task declares for it.")
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig,
+                                                description="Stop when a metric stops improving.")
+    log_every_steps: int = Field(50, ge=1, description="Training metrics are reduced, checked for "
+                                 "non-finite losses and logged every this many steps.")
+    checkpoint_every_steps: int | None = Field(None, ge=1, description="Also save last.pt every this "
+                                               "many steps within an epoch; null: at each epoch's end "
+                                               "only.")
+    deterministic: bool = Field(False, description="torch's deterministic algorithms (a warning where "
+                                "one has none) and no cuDNN autotuner: repeatable, slower.")
+    on_nonfinite: Literal["stop", "skip_step"] = Field(
+        "stop",
+        description="A non-finite (NaN, inf) loss: stop fails the run at the next log (the checkpoints "
+        "keep the last finite weights); skip_step skips that step's updates and goes on (checking "
+        "every step, a sync each).",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the models in place, so checkpoint keys stay the same; the first "
+        "step (which compiles) is timed apart: train.log and meta.json's compile_s.",
+    )
+    channels_last: bool | None = Field(
+        None,
+        description="Conv weights and activations in channels-last layout; null: on for conv nets on "
+        "CUDA, where tensor cores want it, off elsewhere.",
+    )
+    loggers: list[Logger] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Where the metrics also go: TensorBoard (tb/), MLflow, Weights & Biases; [] for "
+        "none of them.",
+    )
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig, description="MLflow's settings.")
+    wandb: WandbConfig = Field(default_factory=WandbConfig, description="Weights & Biases' settings.")
 
     @field_validator("loggers")
     @classmethod
