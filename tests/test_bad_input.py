@@ -130,6 +130,8 @@ CASES = [
     # the command line
     ("no config, no resume", ["train"], ["give a CONFIG file", "--resume RUN"]),
     ("config and resume", ["train", "{config}", "--resume", "{run}"], ["not both"]),
+    ("validate without a config", ["validate"], ["give a CONFIG file to validate", "--reference"]),
+    ("validate a config and --reference", ["validate", "{config}", "--reference"], ["not both"]),
     ("unknown option", ["train", "{config}", "--epochs", "3"], ["No such option: --epochs"]),
     ("unknown RUN", ["train", "--resume", "nope"], ["no run 'nope'", "kdl runs"]),
     ("ambiguous prefix", ["eval", "20990101-000000-twins-a"],

@@ -27,7 +27,7 @@ def test_version_names_kdl_python_and_torch():
     ("plot", "kdl plot [OPTIONS] [RUN...]"),  # or --sweep ID
     ("compare", "kdl compare [OPTIONS] [RUN...]"),
     ("sweep", "kdl sweep [OPTIONS] CONFIG"),
-    ("validate", "kdl validate [OPTIONS] CONFIG"),
+    ("validate", "kdl validate [OPTIONS] [CONFIG]"),  # or --reference
     ("train", "kdl train [OPTIONS] [CONFIG]"),
 ])
 def test_usage_lines_read_as_people_write_them(command, usage):

@@ -127,10 +127,26 @@ def predict(
 
 @app.command(cls=Command)
 def validate(
-    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML config file.")],
+    config: Annotated[Optional[Path], typer.Argument(metavar="CONFIG", help="YAML config file.")] = None,  # noqa: UP045
     set_: SetOption = None,
+    reference: Annotated[
+        bool, typer.Option("--reference", help="Print the config reference instead: every key of every "
+                                               "family, as Markdown (docs/config.md).")
+    ] = False,
 ) -> None:
-    """Print the fully resolved config, or every problem in it."""
+    """Print the fully resolved config, or every problem in it; with --reference, every key a
+    config can have."""
+    if reference:
+        if config is not None or set_:
+            raise KdlError("--reference prints every key of every family and takes no CONFIG or --set; "
+                           "give CONFIG (and --set) or --reference, not both")
+        from ..config.reference import markdown
+
+        echo(markdown().removesuffix("\n"))
+        return
+    if config is None:
+        raise KdlError("give a CONFIG file to validate, e.g. kdl validate configs/digits_cnn.yaml, or "
+                       "--reference for every key a config can have")
     from ..config.loading import load_config
 
     cfg = load_config(config, list(set_ or []))

@@ -14,7 +14,8 @@ from .families import Branch
 
 
 class OptimizerConfig(Branch):
-    """A torch optimizer, from plain values; each key applies to the optimizers it names."""
+    """A torch optimizer, built from plain values: `name` picks it, and each setting's
+    description names the optimizers it applies to."""
 
     name: Literal["sgd", "adam", "adamw", "rmsprop"] = Field(
         "adam", description="torch.optim's SGD, Adam, AdamW (decoupled weight decay) or RMSprop.")
