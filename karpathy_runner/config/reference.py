@@ -18,7 +18,8 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import annotated_types
 import yaml
 from pydantic import BaseModel, Discriminator, SerializeAsAny, Tag
-from pydantic_core import PydanticUndefined, to_jsonable_python
+from pydantic.fields import FieldInfo
+from pydantic_core import to_jsonable_python
 
 from .families import MODELS, REGISTRIES, DataConfig, Family, ModelConfig, Registry, TaskConfig
 from .root import Config
@@ -139,6 +140,7 @@ def _trains(task: type[TaskConfig]) -> dict[str, list[str]]:
 
 
 def _table(prefix: str, cls: type[BaseModel]) -> str:
+    """One row per key of `cls`, named `prefix` + key."""
     rows = ["| key | type | default | constraints | description |", "|---|---|---|---|---|"]
     for name, field in cls.model_fields.items():
         kind, rules = _type(field.annotation)
@@ -151,8 +153,10 @@ def _table(prefix: str, cls: type[BaseModel]) -> str:
             default = "required"
         else:
             default = _code(_yaml(field.get_default(call_default_factory=True)))
-        cells = [_code(prefix + name), kind, default, "; ".join(rules), _cell(field.description or "")]
-        rows.append("| " + " | ".join(cells) + " |")
+        cells = [_code(prefix + name), _cell(kind), default, _cell("; ".join(rules)),
+                 _cell(field.description or "")]
+        # a pipe in a cell is escaped, inside code spans too (as GFM wants)
+        rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(rows)
 
 
@@ -205,8 +209,8 @@ def _rules(metadata: Any) -> list[str]:
     in FieldInfo.metadata), lengths, and any other constraint as its settings."""
     rules = []
     for item in metadata:
-        if hasattr(item, "metadata") and not isinstance(item, annotated_types.BaseMetadata):
-            rules += _rules(item.metadata)  # a Field(ge=1) inside Annotated: a FieldInfo
+        if isinstance(item, FieldInfo):  # a Field(ge=1) inside Annotated
+            rules += _rules(item.metadata)
         elif type(item) in BOUNDS:
             sign, attribute = BOUNDS[type(item)]
             rules.append(f"{sign} {_yaml(getattr(item, attribute))}")
@@ -246,8 +250,6 @@ def _is_union(annotation: Any) -> bool:
 
 def _yaml(value: Any) -> str:
     """A value as a YAML file (config.yaml) writes it: 64, null, [32, 64], 1.0e-08."""
-    if value is PydanticUndefined:
-        return "required"
     text = yaml.safe_dump(to_jsonable_python(value), default_flow_style=True, width=10**6)
     return text.removesuffix("\n").removesuffix("\n...").strip()
 
@@ -259,22 +261,23 @@ def _doc(cls: type) -> str:
 
 
 def _code(text: str) -> str:
-    return f"`{text}`".replace("|", "\\|")
+    return f"`{text}`"
 
 
 def _code_list(items: Any) -> str:
     return ", ".join(f"`{item}`" for item in items)
 
 
-MARKUP = re.compile(r"([\\*<])")  # what Markdown would read as emphasis or an HTML tag
+# what Markdown would read as an escape, emphasis or an HTML tag (`<` before a letter: <class>)
+MARKUP = re.compile(r"([\\*]|<(?=[A-Za-z/!?]))")
 
 
 def _text(text: str) -> str:
-    """Prose as Markdown: backslash, '*' and '<' escaped outside `code spans`."""
+    """Prose as Markdown: its markup characters escaped outside `code spans`."""
     parts = text.split("`")
     return "`".join(part if i % 2 else MARKUP.sub(r"\\\1", part) for i, part in enumerate(parts))
 
 
 def _cell(text: str) -> str:
-    """Prose for a table cell: one line, its pipes escaped (inside code spans too, as GFM wants)."""
-    return _text(" ".join(text.split())).replace("|", "\\|")
+    """Prose for a table cell: one line."""
+    return _text(" ".join(text.split()))
