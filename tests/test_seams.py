@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import pytest
 import torch
 import toytask
+import yaml
 from kdl import CONFIGS, kdl, train_tiny
 from PIL import Image
 from runfolders import make_run
@@ -240,6 +245,69 @@ def test_default_task_and_impossible_pairs_name_both_keys():
     (problem,) = families.task_problems(ClassifySpec, "cnn", "imdb", "text", FAMILIES)
     assert problem.startswith("model.name: no task trains model.name 'cnn' on data.name 'imdb'")
     assert "model.name: rnn or lstm or gru" in problem
+
+
+def test_a_model_family_from_outside_is_trained_by_the_task_it_names(tmp_path):
+    """A new model for kdl's own classify task is its own files and one call: the task's
+    declarations name no such model, the model's name the task."""
+    families.register(toytask.ToyMLPConfig)
+    try:
+        assert resolve({"model": {"name": "toy_mlp"}}).task.name == "classify"
+        with pytest.raises(ConfigError, match="no task trains model.name 'toy_mlp' on data.name "
+                                              "'python_stdlib'"):
+            resolve({"data": {"name": "python_stdlib"}, "model": {"name": "toy_mlp"}})
+        config = tmp_path / "mlp.yaml"
+        config.write_text(yaml.safe_dump({
+            "name": "mlp", "data": {"name": "digits"}, "model": {"name": "toy_mlp", "hidden": 32},
+            "optimizer": {"lr": 0.01}, "train": {"epochs": 3, "device": "cpu"}}))
+        result = kdl("train", config, "--runs-dir", tmp_path, "--quiet")
+        assert result.exit_code == 0, result.stderr
+        summary = read_json(tmp_path / result.last_line / "summary.json")
+        assert summary["final"]["val.accuracy"] > 0.8
+    finally:
+        families.unregister(toytask.ToyMLPConfig)
+
+
+def _plugin(root: Path, module: str, code: str) -> dict[str, str]:
+    """An installed package that declares a `kdl.families` entry point (its dist-info, as pip
+    writes it) whose module is `code`; the environment that puts it on the path."""
+    (root / f"{module}.py").write_text(code)
+    info = root / f"{module}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[kdl.families]\n{module} = {module}\n")
+    tests = Path(toytask.__file__).parent
+    path = [str(root), str(tests), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+
+
+def test_an_installed_package_adds_a_family_to_every_kdl_process(tmp_path):
+    """A package that declares a `kdl.families` entry point gets its families registered in
+    every kdl process: a sweep's points are processes of their own."""
+    env = _plugin(tmp_path, "kdl_toy_mlp", "import toytask\n"
+                  "from karpathy_runner.config.families import register\n"
+                  "register(toytask.ToyMLPConfig)\n")
+    config = tmp_path / "mlp.yaml"
+    config.write_text(yaml.safe_dump({"name": "mlp", "data": {"name": "digits"},
+                                      "model": {"name": "toy_mlp"}, "train": {"epochs": 1, "device": "cpu"}}))
+    swept = subprocess.run([sys.executable, "-m", "karpathy_runner", "sweep", str(config), "--grid",
+                            "model.hidden=8,16", "--runs-dir", str(tmp_path / "runs")],
+                           env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                           timeout=300)
+    assert swept.returncode == 0, swept.stderr
+    runs = [json.loads((run / "meta.json").read_text()) for run in (tmp_path / "runs").iterdir()
+            if (run / "meta.json").is_file()]
+    assert sorted((r["model"], r["status"]) for r in runs) == [("toy_mlp", "completed")] * 2
+
+
+def test_a_plugin_that_fails_to_load_is_named(tmp_path):
+    env = _plugin(tmp_path, "kdl_broken", "raise RuntimeError('no such thing')\n")
+    result = subprocess.run([sys.executable, "-m", "karpathy_runner", "validate",
+                             str(CONFIGS / "digits_cnn.yaml")], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "the kdl family plugin 'kdl_broken' (kdl_broken" in result.stderr
+    assert "RuntimeError: no such thing" in result.stderr
 
 
 @pytest.mark.parametrize("override, fragments", [

@@ -1,7 +1,8 @@
 """A toy task family with two models and two optimizers, added from outside the package the way
 any family is: its config class (options and declarations, BUILD naming its task class) and its
 task class, registered with one call (the `toy` fixture of the tests calls `register`, and takes
-it out again after each test).
+it out again after each test). And a toy model family for a task of kdl's own (`ToyMLPConfig`),
+added the same way.
 
 Like a GAN it updates its models in two labelled phases per step: the head on the encoder's
 features held fixed, then the encoder through the updated head. Its encoder's conv layers train
@@ -102,3 +103,20 @@ class ToyPair(Task):
         return Sample(images=torch.randint(0, 256, (request.n, *self.image_shape),
                                            generator=generator, dtype=torch.uint8))
 
+
+class ToyMLPConfig(ModelConfig):
+    """A model family for a task that does not name it: kdl's own classify task trains it
+    because the model says so (TASKS: task -> the data kinds it serves)."""
+
+    BUILD: ClassVar[str] = f"{__name__}:build_mlp"
+    TASKS: ClassVar[dict[str, tuple[str, ...]]] = {"classify": ("image",)}
+
+    name: Literal["toy_mlp"] = "toy_mlp"
+    hidden: int = Field(32, ge=1)
+
+
+def build_mlp(cfg: ToyMLPConfig, info: DataInfo) -> nn.Module:
+    """Flattened images -> one hidden layer -> class logits."""
+    pixels = info.in_channels * info.image_size[0] * info.image_size[1]
+    return nn.Sequential(nn.Flatten(), nn.Linear(pixels, cfg.hidden), nn.ReLU(),
+                         nn.Linear(cfg.hidden, info.num_classes))  # (B, C, H, W) -> (B, classes)

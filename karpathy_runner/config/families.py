@@ -21,6 +21,8 @@ from typing import Annotated, Any, ClassVar, Generic, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..errors import KdlError
+
 # seeds go to generators that take 64 bits (torch.manual_seed): bounded here, not by a traceback
 Seed = Annotated[int, Field(ge=-(2**63), lt=2**63)]
 
@@ -178,6 +180,27 @@ def register(cls: type[F]) -> type[F]:
 def unregister(cls: type[Family]) -> None:
     """Take a family out of its registry again (a test's family, after the test)."""
     registry_of(cls).remove(cls)
+
+
+PLUGINS = "kdl.families"  # the entry-point group through which other packages add families
+
+
+def load_plugins() -> None:
+    """The families other installed packages declare: each entry point of the group
+    `kdl.families` names a module whose import registers them, so that they exist in every
+    kdl process (a sweep's points and torchrun's workers too). A plugin that fails to load is a
+    clear error naming it."""
+    from importlib.metadata import entry_points
+
+    for point in entry_points(group=PLUGINS):
+        try:
+            point.load()
+        except Exception as exc:  # any error of another package's code: say whose it is
+            raise KdlError(
+                f"the kdl family plugin {point.name!r} ({point.value}, an entry point of group "
+                f"{PLUGINS!r}) could not be loaded: {type(exc).__name__}: {exc}. Fix or uninstall "
+                "the package that declares it."
+            ) from None
 
 
 def builder(cfg: Family) -> Any:

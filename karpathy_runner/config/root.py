@@ -36,6 +36,7 @@ from .families import (
     TaskConfig,
     data_kind,
     default_task,
+    load_plugins,
     task_problems,
 )
 from .training import OptimizerConfig, Optimizers, SchedulerConfig, TrainConfig
@@ -46,6 +47,9 @@ from .training import OptimizerConfig, Optimizers, SchedulerConfig, TrainConfig
 SCHEMA_MAJOR = 1
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # fullmatch: "$" allows a "\n"
+
+
+load_plugins()  # after kdl's own families: those stay the defaults
 
 
 def _default(branch: str) -> Any:

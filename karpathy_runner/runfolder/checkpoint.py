@@ -19,7 +19,7 @@ from ..errors import KdlError
 from .fsio import atomic_write
 
 # the format of a checkpoint's dict; a kdl that changes it bumps this (see the version policy in
-# the README), and a checkpoint of another format is refused with a clear error
+# docs/resuming.md), and a checkpoint of another format is refused with a clear error
 FORMAT_VERSION = 2
 
 
