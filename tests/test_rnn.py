@@ -78,10 +78,13 @@ def test_weight_tying_shares_one_matrix():
     ("model={name: lstm, embedding_size: 8, hidden_size: 8, tie_weights: true}",
      ["model.tie_weights: only a language model"]),
     ("model={name: transformer}", ["unknown model 'transformer'", "Valid names: cnn, gan, gru, lstm, rnn"]),
+    ("model.bidirectional=true", ["model.bidirectional: a language model predicts each next character "
+                                  "from the ones before it only"]),
 ])
 def test_recurrent_config_mistakes(override, fragments):
     sets = ["--set", "data.as_sequence=rows"] if "tie_weights" in override else []
-    result = kdl("validate", CONFIGS / "digits_cnn.yaml", *sets, "--set", override)
+    config = "stdlib_char_lstm.yaml" if "bidirectional" in override else "digits_cnn.yaml"
+    result = kdl("validate", CONFIGS / config, *sets, "--set", override)
     assert result.exit_code == 2, result.stdout
     for fragment in fragments:
         assert fragment in result.stderr

@@ -110,6 +110,17 @@ def test_unknown_run_is_a_clear_error(finished, ref, message):
     assert result.exit_code == 2 and message in result.stderr
 
 
+def test_eval_of_a_split_the_data_lacks_says_how_to_get_one(tmp_path):
+    """The data family says why the split is missing (here: no val held out)."""
+    result = train_tiny(tmp_path, "--set", "data.val_fraction=0", "--set", "train.best_metric=train.loss",
+                        "--set", "train.max_steps=2")
+    assert result.exit_code == 0, result.stderr
+    missing = kdl("eval", result.last_line, "--split", "val", "--runs-dir", tmp_path)
+    assert missing.exit_code == 2 and "Traceback" not in missing.stderr
+    assert ("has no val split: data.val_fraction is 0; train a run with data.val_fraction > 0"
+            in missing.stderr)
+
+
 def test_ambiguous_prefix_is_an_error(tmp_path):
     for suffix in ("aaa", "aab"):
         (tmp_path / f"2026-x-{suffix}").mkdir()

@@ -97,6 +97,28 @@ def test_image_folders_get_the_weights_own_resize_crop_and_normalisation(finetun
     assert images.shape == (2, 3, 224, 224)  # 24x18 pictures: shorter side to 256, centre 224
 
 
+@pytest.mark.parametrize("placement", ["stream", "device"])
+def test_new_images_are_read_as_the_training_images_were(finetuned, placement):
+    """`kdl predict` reads new pictures with the weights' resize and centre crop, whether the
+    training folder streams from disk or was decoded onto the device; and the weights are read
+    once, never by the parameter count on the meta device that comes first."""
+    import karpathy_runner.models.zoo as zoo
+
+    root, folder = finetuned
+    devices, real = [], zoo._load_local
+    cfg = load_config(folder / "config.yaml", [f"data.placement={placement}"])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(zoo, "_load_local", lambda net, *args: (devices.append(
+            next(net.parameters()).device.type), real(net, *args))[1])
+        exp = build_experiment(cfg, training=False)
+    assert devices == ["cpu"]
+    images, _ = exp.data.inputs.batch([str(root / "held" / "new" / "cat" / "0.jpg")])
+    assert images.shape == (1, 3, 224, 224)
+    cropped = exp.data.inputs.batch([str(root / "pictures" / "train" / "cat" / "1.jpg")])[0]
+    trained = exp.data.train.get_batch(torch.tensor([1]))[0]  # the same picture, as it trained
+    assert torch.equal(cropped, trained.cpu())
+
+
 def test_predict_names_the_image_folder_classes_of_new_jpegs(finetuned):
     root, folder = finetuned
     held = root / "held" / "new"
