@@ -66,13 +66,12 @@ def test_schedules():
 
 
 def test_augmentation_crops_and_flips_deterministically():
+    """The same generator, the same augmentation; the crop pads with zeros (test_guards checks
+    that the flip mirrors some images and not others)."""
     x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4)
     first = augment_batch(x, ("crop", "flip"), 1, torch.Generator().manual_seed(3))
     again = augment_batch(x, ("crop", "flip"), 1, torch.Generator().manual_seed(3))
     assert torch.equal(first, again) and first.shape == x.shape
-    flipped = augment_batch(x, ("flip",), 0, torch.Generator().manual_seed(0))
-    for i in range(2):
-        assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(2))
     shifted = augment_batch(torch.ones(64, 1, 4, 4), ("crop",), 2, torch.Generator().manual_seed(0))
     assert (shifted == 0).any() and (shifted == 1).any()  # zero padding shows at the borders
 
