@@ -1,11 +1,35 @@
-"""Shared fixtures: a runs folder per test, and torchvision's md5 check skipped for test files."""
+"""The tests' layers and shared fixtures.
+
+tests/unit: functions and classes, no subprocess, no training beyond a few steps; tests/e2e: kdl
+commands run in-process; tests/reliability: kills, signals, forked and launched processes,
+terminal screens, sweeps, searches, torchrun and compiles, marked `slow` here
+(`pytest -m "not slow"` runs the other two). The helpers they share are modules of tests/.
+"""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torchvision.datasets.cifar
+
+RELIABILITY = Path(__file__).parent / "reliability"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Each pytest-xdist worker trains with one intra-op thread: several workers, each with
+    torch's default of one thread per core, run several times slower on a small machine."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.is_relative_to(RELIABILITY):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import pickle
 import struct
 from pathlib import Path
@@ -68,3 +69,11 @@ def write_folder(root: Path, split: str, per_class: int) -> None:
     for i in range(per_class):
         write_png(root / split / "cat" / f"{i}.png", RED)
         write_png(root / split / "dog" / f"{i}.png", BLUE, size=(5, 13))
+
+
+def write_csv(path: Path, header: list[str], rows: list[list], delimiter: str = ",") -> Path:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, delimiter=delimiter)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path

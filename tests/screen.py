@@ -51,7 +51,9 @@ def run_in_terminal(args: list[str], env: dict[str, str] | None = None,
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, columns, 0, 0))
     process = subprocess.Popen(
         [sys.executable, "-m", "karpathy_runner", *args], stdin=slave, stdout=slave, stderr=slave,
-        env={**os.environ, "TERM": "xterm-256color", "OMP_NUM_THREADS": "1", **(env or {})},
+        # the terminal's own size, not COLUMNS or LINES that a test runner may have set
+        env={**{k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")},
+             "TERM": "xterm-256color", "OMP_NUM_THREADS": "1", **(env or {})},
         start_new_session=True, preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
     )
     os.close(slave)

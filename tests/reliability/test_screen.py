@@ -8,7 +8,10 @@ import signal
 
 import stopping
 from kdl import CONFIGS, TINY, kdl
+from runfolders import make_run
 from screen import press_ctrl_c_once, run_in_terminal
+
+from karpathy_runner.ui.tables import short_id
 
 CONFIG = str(CONFIGS / "digits_cnn.yaml")
 
@@ -70,3 +73,19 @@ def test_quiet_keeps_the_interrupt_lines_and_drops_the_summary(tmp_path, monkeyp
     assert "interrupted in epoch 1/2 at step 3" in result.stderr
     finished = kdl("train", "--resume", result.last_line, "--runs-dir", tmp_path, "--quiet")
     assert finished.exit_code == 0 and finished.stderr == ""
+
+
+def test_compare_fits_80_columns_and_keeps_names_and_suffixes(runs_dir):
+    folders = [make_run(runs_dir, [0.5, 0.3 + i / 10], config={"optimizer.lr": lr, "model.dropout": d})
+               for i, (lr, d) in enumerate([(0.001, 0.1), (0.01, 0.2), (0.1, 0.3)])]
+    narrow = run_in_terminal(["compare", *(f.name for f in folders), "--runs-dir", str(runs_dir)],
+                             columns=80)
+    assert narrow.exit_code == 0, narrow.raw
+    assert all(len(line) <= 80 for line in narrow.lines)
+    assert "…" not in narrow.text
+    for folder in folders:  # name and random suffix, whole
+        assert short_id(folder.name) in narrow.text
+    assert "optimizer." in narrow.text and "dropout" in narrow.text
+    wide = run_in_terminal(["compare", *(f.name for f in folders), "--runs-dir", str(runs_dir)],
+                           columns=200)
+    assert all(folder.name in wide.text for folder in folders)

@@ -13,11 +13,10 @@ import stat
 import pytest
 from kdl import kdl, train_tiny
 from runfolders import make_run
-from screen import run_in_terminal
 
 from karpathy_runner.runfolder import fsio, layout
 from karpathy_runner.runfolder.writer import RunWriter
-from karpathy_runner.ui.tables import print_eval, short_id
+from karpathy_runner.ui.tables import print_eval
 
 
 @pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600)])
@@ -119,22 +118,6 @@ def test_a_running_run_shows_the_time_it_has_run(runs_dir):
                                                    - dt.timedelta(seconds=60)).isoformat()}])
     (folder / "meta.json").write_text(json.dumps(meta))
     assert 159 <= json.loads(kdl("runs", "--json").stdout)[0]["duration_s"] < 220
-
-
-def test_compare_fits_80_columns_and_keeps_names_and_suffixes(runs_dir):
-    folders = [make_run(runs_dir, [0.5, 0.3 + i / 10], config={"optimizer.lr": lr, "model.dropout": d})
-               for i, (lr, d) in enumerate([(0.001, 0.1), (0.01, 0.2), (0.1, 0.3)])]
-    narrow = run_in_terminal(["compare", *(f.name for f in folders), "--runs-dir", str(runs_dir)],
-                             columns=80)
-    assert narrow.exit_code == 0, narrow.raw
-    assert all(len(line) <= 80 for line in narrow.lines)
-    assert "…" not in narrow.text
-    for folder in folders:  # name and random suffix, whole
-        assert short_id(folder.name) in narrow.text
-    assert "optimizer." in narrow.text and "dropout" in narrow.text
-    wide = run_in_terminal(["compare", *(f.name for f in folders), "--runs-dir", str(runs_dir)],
-                           columns=200)
-    assert all(folder.name in wide.text for folder in folders)
 
 
 def test_confusion_rows_name_a_digit_once_and_a_named_class_with_its_index(capsys):

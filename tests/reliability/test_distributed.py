@@ -23,8 +23,7 @@ from stopping import (
     wait_for,
 )
 
-from karpathy_runner.data import BatchDataset, Batches
-from karpathy_runner.distributed import Ranks, shard
+from karpathy_runner.distributed import Ranks
 from karpathy_runner.plan import plan_train
 
 # no dropout and no batch norm: what makes two processes on half batches do exactly the
@@ -34,30 +33,6 @@ from karpathy_runner.plan import plan_train
 PLAIN = ["model.channels=[8,16]", "model.batch_norm=false", "model.dropout=0",
          "data.batch_size=63", "train.device=cpu", "train.log_every_steps=3",
          "train.checkpoint_every_steps=4", "train.epochs=6"]
-
-
-def test_each_rank_takes_every_nth_item_of_each_global_batch():
-    order = torch.arange(10)
-    assert shard(order, 0, 2).tolist() == [0, 2, 4, 6, 8]
-    assert shard(order, 1, 3).tolist() == [1, 4, 7]
-
-    class Items(BatchDataset):
-        def __len__(self):
-            return 11
-
-        def get_batch(self, indices):
-            return (indices,)
-
-    ranks = [Batches(Items(), 4, seed=3, shuffle=True, rank=r, world=2) for r in range(2)]
-    alone = Batches(Items(), 4, seed=3, shuffle=True)
-    assert len(ranks[0]) == len(alone) == 3
-    for together, whole in zip(zip(*(b.epoch(1) for b in ranks), strict=True), alone.epoch(1),
-                               strict=True):
-        assert sorted(torch.cat([t[0] for t in together]).tolist()) == sorted(whole[0].tolist())
-    # a last global batch with fewer items than processes is left out (one item for two here)
-    assert len(Batches(Items(), 5, rank=0, world=2)) == 2
-    # the loss weights give the mean over the whole batch: 3 and 2 items of 5
-    assert [Ranks(r, 2).loss_scale(5) for r in range(2)] == [1.2, 0.8]
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +86,7 @@ def _stopped(runs: Path, *args: str, target: str, signum: int = signal.SIGTERM,
     launcher or a worker (`target`): its folder, the launcher's exit code and output."""
     # the launcher: signalled by rank 0 itself as it writes its first last.pt (at step 4), so
     # that a busy machine never lets the short run end first (tests/sitehook)
-    hook = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent / "sitehook"),
+    hook = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent / "sitehook"),
                                            os.environ.get("PYTHONPATH", "")]),
             "KDL_TEST_SIGNAL": f"last.pt:1:{signal.Signals(signum).name}:parent"}
     process = launch(runs, *train_command(*PLAIN, *args), "--nproc-per-node", "2",
@@ -180,7 +155,6 @@ def test_a_checkpoint_resumes_only_with_as_many_processes(two_processes, tmp_pat
 
 def _skip_step_rank(rank: int, init_file: str, results: multiprocessing.Queue) -> None:
     """One of two gloo processes: rank 1's loss is NaN, rank 0's finite; both run one step."""
-    from karpathy_runner.distributed import Ranks
     from karpathy_runner.updater import Updater
 
     torch.set_num_threads(1)  # forked: no OpenMP thread team of the test process to lean on
@@ -221,25 +195,3 @@ def test_skip_step_is_decided_by_all_ranks_together(tmp_path):
             if worker.is_alive():
                 worker.kill()
     assert sorted(results.get(timeout=5) for _ in workers) == [(0, True, True), (1, True, True)]
-
-
-def test_a_signal_that_lands_while_the_ranks_compare_is_not_lost():
-    """The stop agreement is an all-reduce; a signal handled while it runs must survive its
-    answer ('no stop yet') and be compared at the next step, or that rank never stops."""
-    from types import SimpleNamespace
-
-    from karpathy_runner.loop import Trainer
-    from karpathy_runner.signals import Stop
-
-    stop = Stop()
-
-    class Comparing(Ranks):
-        def largest(self, value: int) -> int:  # the other rank: no signal; this one: one lands now
-            if stop.signum is None:
-                stop.signum = signal.SIGTERM
-            return value
-
-    trainer = SimpleNamespace(ranks=Comparing(0, 2), stop=stop, tell_signal=lambda: None)
-    assert Trainer._stopping(trainer) is False  # this step's answer: nobody had stopped
-    assert stop.signum == signal.SIGTERM  # kept
-    assert Trainer._stopping(trainer) is True  # and agreed at the next step

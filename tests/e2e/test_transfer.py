@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from datafiles import write_csv
 from kdl import CONFIGS, kdl
 from PIL import Image
 from stopping import final_state, sets
-from test_data_text import write_csv
 
 from karpathy_runner.build import build_experiment
 from karpathy_runner.config.loading import load_config, resolve

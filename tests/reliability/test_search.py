@@ -20,7 +20,7 @@ from karpathy_runner.batch.study import SearchSpec
 from karpathy_runner.runfolder.reader import Run, iter_runs, rung_of
 
 DIGITS = CONFIGS / "digits_cnn.yaml"
-HOOK = Path(__file__).parent / "sitehook"  # signals the sweep at an exact point of a trial
+HOOK = Path(__file__).parent.parent / "sitehook"  # signals the sweep at an exact point of a trial
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # trials are compared with a run made here
 

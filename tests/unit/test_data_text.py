@@ -3,7 +3,6 @@ in the real format; the vocabulary, the batches and the errors a user sees on ba
 
 from __future__ import annotations
 
-import csv
 import json
 import pickle
 from pathlib import Path
@@ -12,6 +11,7 @@ from urllib.error import URLError
 import pytest
 import torch
 import torchvision.datasets.utils
+from datafiles import write_csv
 from kdl import kdl
 
 from karpathy_runner.config.data import TextDataConfig
@@ -28,14 +28,6 @@ def text_config(**data) -> TextDataConfig:
 def decode(dataset, vocabulary: list[str], i: int) -> list[str]:
     tokens, lengths, _ = dataset.get_batch(torch.tensor([i]))
     return [vocabulary[t] for t in tokens[0, : lengths[0]].tolist()]
-
-
-def write_csv(path: Path, header: list[str], rows: list[list], delimiter: str = ",") -> Path:
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle, delimiter=delimiter)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
 
 
 def write_jsonl(path: Path, objects: list[dict]) -> Path:

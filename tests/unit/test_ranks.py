@@ -1,0 +1,56 @@
+"""How training processes share a batch and agree to stop, without starting any."""
+
+from __future__ import annotations
+
+import signal
+
+import torch
+
+from karpathy_runner.data import BatchDataset, Batches
+from karpathy_runner.distributed import Ranks, shard
+
+
+def test_each_rank_takes_every_nth_item_of_each_global_batch():
+    order = torch.arange(10)
+    assert shard(order, 0, 2).tolist() == [0, 2, 4, 6, 8]
+    assert shard(order, 1, 3).tolist() == [1, 4, 7]
+
+    class Items(BatchDataset):
+        def __len__(self):
+            return 11
+
+        def get_batch(self, indices):
+            return (indices,)
+
+    ranks = [Batches(Items(), 4, seed=3, shuffle=True, rank=r, world=2) for r in range(2)]
+    alone = Batches(Items(), 4, seed=3, shuffle=True)
+    assert len(ranks[0]) == len(alone) == 3
+    for together, whole in zip(zip(*(b.epoch(1) for b in ranks), strict=True), alone.epoch(1),
+                               strict=True):
+        assert sorted(torch.cat([t[0] for t in together]).tolist()) == sorted(whole[0].tolist())
+    # a last global batch with fewer items than processes is left out (one item for two here)
+    assert len(Batches(Items(), 5, rank=0, world=2)) == 2
+    # the loss weights give the mean over the whole batch: 3 and 2 items of 5
+    assert [Ranks(r, 2).loss_scale(5) for r in range(2)] == [1.2, 0.8]
+
+
+def test_a_signal_that_lands_while_the_ranks_compare_is_not_lost():
+    """The stop agreement is an all-reduce; a signal handled while it runs must survive its
+    answer ('no stop yet') and be compared at the next step, or that rank never stops."""
+    from types import SimpleNamespace
+
+    from karpathy_runner.loop import Trainer
+    from karpathy_runner.signals import Stop
+
+    stop = Stop()
+
+    class Comparing(Ranks):
+        def largest(self, value: int) -> int:  # the other rank: no signal; this one: one lands now
+            if stop.signum is None:
+                stop.signum = signal.SIGTERM
+            return value
+
+    trainer = SimpleNamespace(ranks=Comparing(0, 2), stop=stop, tell_signal=lambda: None)
+    assert Trainer._stopping(trainer) is False  # this step's answer: nobody had stopped
+    assert stop.signum == signal.SIGTERM  # kept
+    assert Trainer._stopping(trainer) is True  # and agreed at the next step
