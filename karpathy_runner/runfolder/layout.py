@@ -74,13 +74,6 @@ def create_run_folder(root: Path, name: str) -> Path:
 
 
 
-def short_id(run_id: str) -> str:
-    """`digits_cnn-a0b645` for `20261130-021835-digits_cnn-a0b645`: what tells runs apart."""
-    parts = run_id.split("-", 2)
-    stamped = len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit()
-    return parts[2] if stamped else run_id
-
-
 
 def process_start_time(pid: int) -> int | None:
     try:
