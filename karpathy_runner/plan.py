@@ -11,7 +11,7 @@ from typing import Any
 from .config.loading import apply_overrides, load_config, load_yaml, parse_override, parse_yaml, resolve
 from .config.root import Config
 from .errors import KdlError
-from .runfolder import layout
+from .runfolder import layout, sweeps
 from .runfolder.fsio import RunLock
 from .runfolder.reader import Run, iter_runs, refuse_damaged, resolve_run
 from .trackers.base import check_installed
@@ -57,9 +57,13 @@ def _plan(config_path: str | None, overrides: list[str], runs_root: Path, resume
     if skip_existing and not resume:
         cfg = load_config(config_path, overrides)
         existing = _existing_run(runs_root, cfg)
-        if existing is not None and existing.status in ("completed", "running"):
-            return Plan(cfg, done=existing)
         if existing is not None:
+            reused = existing.status in ("completed", "running")
+            if sweep and lock:  # the run is this sweep's point too, though another made it
+                sweeps.record(runs_root, sweep, existing.id, _point(overrides),
+                              "reused" if reused else "resumed")
+            if reused:
+                return Plan(cfg, done=existing)
             resume, overrides = existing.id, []
     if resume:
         run = resolve_run(runs_root, resume)
@@ -72,12 +76,13 @@ def _plan(config_path: str | None, overrides: list[str], runs_root: Path, resume
                 held.release()
             raise
         return Plan(cfg, run=run, changes=changes, lock=held)
-    tag = None
-    if sweep:  # the point is what this run's --set values made of the sweep's config
-        tag = {"id": sweep, "point": {".".join(key): value
-                                      for key, value in map(parse_override, overrides)},
-               **(trial or {})}
+    tag = {"id": sweep, "point": _point(overrides), **(trial or {})} if sweep else None
     return Plan(load_config(config_path, overrides), sweep=tag)
+
+
+def _point(overrides: list[str]) -> dict[str, Any]:
+    """A sweep's point: what this run's --set values make of the sweep's config."""
+    return {".".join(key): value for key, value in map(parse_override, overrides)}
 
 
 def _existing_run(runs_root: Path, cfg: Config) -> Run | None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..dotted import MISSING, dotted_get, flatten, hashable, is_number, varying_keys
 from ..errors import KdlError
-from ..runfolder import layout
+from ..runfolder import layout, sweeps
 from ..runfolder.reader import (
     Run,
     best_mode,
@@ -115,10 +115,11 @@ def select_runs(
     fields: Fields,
     statuses: list[str] | None = None,
     name: str | None = None,
-    sweep: str | None = None,
+    sweep: dict[str, str] | None = None,
     where: list[str] | None = None,
 ) -> list[Run]:
-    """The runs that pass every filter; cheap meta filters first, config.yaml only for --where."""
+    """The runs that pass every filter; cheap meta filters first, config.yaml only for --where.
+    `sweep`: the points of a sweep (sweep_points), run id -> how the sweep has them."""
     unknown = sorted(set(statuses or []) - set(layout.STATUSES))
     if unknown:
         raise KdlError(f"unknown status {', '.join(unknown)}; choose from {', '.join(layout.STATUSES)}")
@@ -129,7 +130,7 @@ def select_runs(
             continue
         if name and not fnmatch.fnmatchcase(run.meta.get("name") or "", name):
             continue
-        if sweep and sweep_id(run) != sweep:
+        if sweep is not None and run.id not in sweep:
             continue
         # no short-circuit: every condition must see every run, to tell a typo from no match
         if all([cond.matches(fields.field(run, cond.key)) for cond in conditions]):
@@ -219,8 +220,9 @@ def query_runs(
     limit: int | None = None,
 ) -> Ordering:
     """`kdl runs`: filter, sort, then keep the top `limit` (sorted) or the newest `limit` (unsorted)."""
-    fields = Fields()
-    chosen = select_runs(list(iter_runs(root)), fields, statuses, name, sweep, where)
+    fields, candidates = Fields(), list(iter_runs(root))
+    points = sweep_points(root, sweep, candidates) if sweep else None
+    chosen = select_runs(candidates, fields, statuses, name, points, where)
     ordering = sort_runs(chosen, sort, fields) if sort else Ordering(chosen)
     if limit is not None:
         # unsorted runs are oldest first, so the ones worth keeping are at the end
@@ -265,19 +267,31 @@ def ordering_rows(ordering: Ordering) -> tuple[list[dict[str, Any]], str | None]
 # ----------------------------------------------------------------------------- comparing
 
 
-def sweep_runs(root: Path, sweep: str) -> list[Run]:
-    """The runs of a sweep, oldest first; a search's in the order of their trials."""
-    found = [run for run in iter_runs(root) if sweep_id(run) == sweep]
+def sweep_points(root: Path, sweep: str, candidates: list[Run]) -> dict[str, str]:
+    """The points of a sweep among `candidates`: run id -> how the sweep has it: `made` (the
+    run carries the sweep's tag), `reused` or `resumed` (made before, taken by the sweep)."""
+    taken = sweeps.taken(root, sweep)
+    return {run.id: "made" if sweep_id(run) == sweep else taken[run.id] for run in candidates
+            if sweep_id(run) == sweep or run.id in taken}
+
+
+def sweep_runs(root: Path, sweep: str) -> tuple[list[Run], dict[str, str]]:
+    """The runs of a sweep, oldest first (a search's in the order of its trials), and how the
+    sweep has each (sweep_points)."""
+    candidates = list(iter_runs(root))
+    points = sweep_points(root, sweep, candidates)
+    found = [run for run in candidates if run.id in points]
     found.sort(key=lambda run: trial_place(run).get("trial", -1))
     if not found:
-        known = sorted({s for s in map(sweep_id, iter_runs(root)) if s})
+        known = sorted({s for s in map(sweep_id, candidates) if s})
         listed = f"; sweeps in {root}: {', '.join(known)}" if known else ""
         raise KdlError(f"no runs of sweep {sweep!r} in {root}{listed}")
-    return found
+    return found, points
 
 
-def run_record(run: Run) -> dict[str, Any]:
-    """What a comparison needs from one run: its flat config, final metrics and best metric.
+def run_record(run: Run, how: str | None = None) -> dict[str, Any]:
+    """What a comparison needs from one run: its flat config, final metrics and best metric,
+    and for a sweep's point how the sweep has it (sweep_points).
 
     A run still going has no summary.json yet; its best so far comes from meta.json."""
     summary = run.summary()
@@ -290,6 +304,7 @@ def run_record(run: Run) -> dict[str, Any]:
         "best": summary.get("best") or run.meta.get("best") or {},
         "metric_modes": run.meta.get("metric_modes") or {},
         "trial": trial_place(run),
+        "how": how,
     }
 
 
@@ -313,7 +328,7 @@ def compare(records: list[dict[str, Any]], group_by: list[str] | None = None) ->
     values = [_metric_values(r, metrics, best_metric) for r in records]
     if not group_by:
         rows = [{"id": r["id"], "name": r["name"], "status": r["status"],
-                 "trial": r.get("trial") or {},
+                 "trial": r.get("trial") or {}, "how": r.get("how"),
                  "config": {k: r["config"].get(k) for k in varying}, "metrics": v}
                 for r, v in zip(records, values, strict=True)]
         best_row = _best_index([row["metrics"]["best"] for row in rows], best_mode)
@@ -398,6 +413,7 @@ def flat_rows(comparison: Comparison) -> list[dict[str, Any]]:
             flat.append({**row["values"], "n": row["n"], **stats, "runs": " ".join(row["runs"])})
         else:
             flat.append({"id": row["id"], "name": row["name"], "status": row["status"],
+                         **({"how": row["how"]} if row["how"] else {}),
                          **row["trial"], **row["config"], **row["metrics"],
                          "best_metric": comparison.best_metric})
     return flat

@@ -142,8 +142,8 @@ def compare_runs(
 
     if as_json and as_csv:
         raise KdlError("choose one of --json and --csv")
-    found = _runs_or_sweep(run_refs, sweep, runs_dir, "compare")
-    comparison = query.compare([query.run_record(run) for run in found], group_by)
+    found, how = _runs_or_sweep(run_refs, sweep, runs_dir, "compare")
+    comparison = query.compare([query.run_record(run, how.get(run.id)) for run in found], group_by)
     if as_json:
         echo(json.dumps(dataclasses.asdict(comparison)))
     elif as_csv:
@@ -177,19 +177,20 @@ def plot(
     names the config keys that differ between the runs."""
     from ..ui.plot import plot_runs
 
-    found = _runs_or_sweep(run_refs, sweep, runs_dir, "plot")
+    found, _ = _runs_or_sweep(run_refs, sweep, runs_dir, "plot")
     echo(str(plot_runs(found, metric or best_metric_name(found[0]), out, log_y, color_by)))
 
 
 def _runs_or_sweep(run_refs: list[str] | None, sweep: str | None, runs_dir: Path | None,
-                   verb: str) -> list[Run]:
-    """The runs named on the command line, or all runs of --sweep ID: one of the two."""
+                   verb: str) -> tuple[list[Run], dict[str, str]]:
+    """The runs named on the command line, or all runs of --sweep ID (one of the two); for a
+    sweep, also how it has each run: made, reused or resumed."""
     from ..batch.query import sweep_runs
 
     if bool(run_refs) == bool(sweep):
         raise KdlError(f"give run ids to {verb}, or --sweep ID (not both)")
     root = runs_folder(runs_dir)
-    return resolve_runs(root, run_refs) if run_refs else sweep_runs(root, sweep)
+    return (resolve_runs(root, run_refs), {}) if run_refs else sweep_runs(root, sweep)
 
 
 ENV_KEYS = ("status", "created_at", "ended_at", "duration_s", "command", "host", "device",

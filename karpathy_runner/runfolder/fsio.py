@@ -247,6 +247,24 @@ def read_object(path: Path) -> tuple[dict[str, Any], str | None]:
     return value, None
 
 
+def read_jsonl_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file; a line that is not one (a cut last line, damage)
+    is skipped; [] for a missing file."""
+    try:
+        lines = Path(path).read_bytes().split(b"\n")
+    except OSError:
+        return []
+    objects = []
+    for line in lines:
+        try:
+            value = json.loads(line.decode("utf-8")) if line.strip() else None
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+            continue
+        if isinstance(value, dict):
+            objects.append(value)
+    return objects
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """All complete records; a truncated last line (a kill mid-write) is skipped."""
     return read_records(path)[0]

@@ -29,6 +29,7 @@ EVAL = "eval"
 SAMPLES = "samples"
 TENSORBOARD = "tb"
 LOCK = ".lock"
+SWEEPS = ".sweeps"  # in the runs folder: the runs each sweep took without making them
 TEMP_SUFFIX = ".tmp"
 
 

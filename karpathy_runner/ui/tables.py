@@ -253,10 +253,13 @@ def _comparison_table(comparison: Comparison, narrow: bool) -> Table:
     table = (rich_table(box=None, padding=(0, 1), collapse_padding=True, pad_edge=False) if narrow
              else rich_table(box=box.HEAVY_HEAD))
     show_status = not grouped and any(row["status"] != "completed" for row in comparison.rows)
+    # a sweep's points it did not make: the runs it reused or resumed
+    show_how = not grouped and any(row.get("how") not in (None, "made") for row in comparison.rows)
     # a search's trials: their numbers, and with halving the rung and epochs where each stopped
     places = [] if grouped else [key for key in ("trial", "rung", "epochs")
                                  if any(key in row["trial"] for row in comparison.rows)]
     first = [*comparison.keys, "n"] if grouped else ["id", *(["status"] if show_status else []),
+                                                      *(["how"] if show_how else []),
                                                       *places, *comparison.keys]
     # narrow: the note under the table names the best metric
     best_header = f"best {comparison.best_metric}" if comparison.best_metric and not narrow else "best"
@@ -272,6 +275,7 @@ def _comparison_table(comparison: Comparison, narrow: bool) -> Table:
         else:
             shown_id = short_id(row["id"]) if narrow else row["id"]
             cells = [shown_id, *([row["status"]] if show_status else []),
+                     *([row["how"]] if show_how else []),
                      *(str(row["trial"].get(k, "-")) for k in places),
                      *(value_cell(row["config"][k]) for k in comparison.keys),
                      *(number(row["metrics"][m]) for m in comparison.metrics)]

@@ -12,7 +12,7 @@ import sys
 import textwrap
 
 import pytest
-from kdl import kdl
+from kdl import kdl, train_tiny
 from runfolders import make_run
 from typer.testing import CliRunner
 
@@ -160,7 +160,7 @@ def test_plot_a_sweep_in_colour_families_with_the_differing_keys_in_the_legend(r
     assert result.exit_code == 0, result.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    found = query.sweep_runs(runs_dir, "s1")
+    found, _ = query.sweep_runs(runs_dir, "s1")
     figure = draw(found, "val.loss", log_y=True)
     axes = figure.axes[0]
     assert axes.get_yscale() == "log"
@@ -233,3 +233,15 @@ def test_read_commands_never_import_torch(runs_dir, lr_sweep):
         assert not heavy, heavy
     """)
     subprocess.run([sys.executable, "-c", script], check=True)
+
+
+def test_a_run_reused_by_a_sweep_is_one_of_its_points(tmp_path):
+    """`kdl train --sweep S --skip-existing` that finds the experiment done records the run as
+    a point of S (a run may belong to several sweeps) and the comparison says it was reused."""
+    first = train_tiny(tmp_path, "--set", "train.max_steps=2", "--sweep", "sweep-a")
+    assert first.exit_code == 0, first.stderr
+    again = train_tiny(tmp_path, "--set", "train.max_steps=2", "--sweep", "sweep-b", "--skip-existing")
+    assert again.exit_code == 0 and again.last_line == first.last_line
+    for sweep, how in (("sweep-a", "made"), ("sweep-b", "reused")):
+        compared = json.loads(kdl("compare", "--sweep", sweep, "--json", "--runs-dir", tmp_path).stdout)
+        assert [(row["id"], row["how"]) for row in compared["rows"]] == [(first.last_line, how)]

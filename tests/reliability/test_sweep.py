@@ -103,6 +103,52 @@ def test_skip_existing_skips_completed_and_resumes_interrupted(tmp_path):
     assert len(list(iter_runs(tmp_path))) == 1
 
 
+def test_a_rerun_of_an_interrupted_sweep_compares_every_point_like_an_uninterrupted_one(tmp_path):
+    """The learning-rate sweep of the README, stopped by a Ctrl-C and run again with
+    --skip-existing: its table holds every point of the grid, the interrupted point resumed, the
+    one the quick start had trained already reused, and says so; and its values are those of the
+    same sweep run straight through."""
+    hook_path = os.pathsep.join([str(Path(__file__).parent.parent / "sitehook"),
+                                 os.environ.get("PYTHONPATH", "")])
+    command = [sys.executable, "-m", "karpathy_runner", "sweep", str(CONFIGS / "digits_cnn.yaml"),
+               "--grid", "optimizer.lr=0.01,0.003,0.001", *TINY_SETS, "--set", "train.epochs=3",
+               "--set", "train.deterministic=true", "--skip-existing"]
+
+    def sweep(runs: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        # a process group of its own, as a terminal's foreground job
+        return subprocess.run([*command, "--runs-dir", str(runs)], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                              start_new_session=True)
+
+    def table(runs: Path, sweep_id: str) -> list[tuple]:
+        compared = kdl("compare", "--sweep", sweep_id, "--json", "--runs-dir", runs)
+        assert compared.exit_code == 0, compared.stderr
+        rows = json.loads(compared.stdout)["rows"]
+        return sorted((row["config"].get("optimizer.lr"), row["metrics"]["best"], row["how"])
+                      for row in rows)
+
+    straight = sweep(tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr
+    expected = table(tmp_path / "straight", straight.stdout.split()[-1])
+    runs = tmp_path / "runs"
+    quick_start = train_tiny(runs, "--set", "train.epochs=3", "--set", "train.deterministic=true",
+                             "--set", "optimizer.lr=0.001")
+    assert quick_start.exit_code == 0, quick_start.stderr
+    # the first point's second epoch end sends the sweep's process group a SIGINT (a Ctrl-C)
+    stopped = sweep(runs, {"PYTHONPATH": hook_path,
+                           "KDL_TEST_SIGNAL": f"last.pt:2:SIGINT:parent-group:{tmp_path / 'signalled'}"})
+    assert stopped.returncode == 130, stopped.stderr
+    again = sweep(runs)
+    assert again.returncode == 0, again.stderr
+    rerun = again.stdout.split()[-1]
+    assert table(runs, rerun) == [(lr, best, how) for (lr, best, _), how in
+                                  zip(expected, ["reused", "made", "resumed"], strict=True)]
+    assert [how for *_, how in expected] == ["made"] * 3
+    shown = kdl("compare", "--sweep", rerun, "--runs-dir", runs)
+    assert "how" in shown.stdout and "reused" in shown.stdout and "resumed" in shown.stdout
+    assert kdl("runs", "--sweep", rerun, "--runs-dir", runs, "--json").stdout.count('"id"') == 3
+
+
 def test_tensorboard_event_files_are_readable(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
