@@ -50,6 +50,7 @@ class Ranks:
     local_rank: int = 0
     backend: str | None = None
     control: Any = None  # the gloo group for host-side decisions
+    nodes: int = 1  # machines the processes run on
 
     @property
     def primary(self) -> bool:
@@ -181,8 +182,9 @@ def start(device: str) -> tuple[Ranks, str | None]:
     backend = "nccl" if cuda else "gloo"
     torch.distributed.init_process_group(backend, timeout=TIMEOUT)
     control = torch.distributed.new_group(backend="gloo") if cuda else None
-    ranks = Ranks(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank,
-                  backend, control)
+    world = torch.distributed.get_world_size()
+    nodes = world // int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    ranks = Ranks(torch.distributed.get_rank(), world, local_rank, backend, control, nodes)
     return ranks, f"cuda:{local_rank}" if cuda else "cpu"
 
 

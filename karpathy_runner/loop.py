@@ -394,10 +394,10 @@ class Trainer:
         """This rank's part of a checkpoint; a run resumes with as many processes as it had."""
         saved = len(state.get("ranks") or [state])
         if saved != self.ranks.world:
+            how = f" --nproc-per-node {saved}" if saved > 1 else ""
             raise KdlError(
                 f"this checkpoint was written by a run of {saved} process(es); resume it with as "
-                f"many: kdl train --resume RUN" + (f" --nproc-per-node {saved}" if saved > 1 else "")
-                + " (the same --nnodes too)"
+                f"many: kdl train --resume {self.run.id}{how} (the same --nnodes too)"
             )
         return state["ranks"][self.ranks.rank] if "ranks" in state else state
 

@@ -4,6 +4,7 @@ reopened, the loop driven, and the run's end left truthful in its folder whateve
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import time
@@ -95,7 +96,8 @@ class Session:
         writer = made or RunWriter(folder, rank=ranks.rank)
         with writer.lock or contextlib.nullcontext():
             trainer = build_trainer(exp, writer, self.reporter, ranks)
-            processes = {"processes": ranks.world, "backend": ranks.backend} if ranks.world > 1 else {}
+            processes = ({"processes": ranks.world, "nodes": ranks.nodes, "backend": ranks.backend}
+                         if ranks.world > 1 else {})
             writer.start({
                 "name": cfg.name, "task": exp.task.name, "model": cfg.model.name,
                 "dataset": cfg.data.name, "config_hash": cfg.hash(), "config_schema": SCHEMA_MAJOR,
@@ -189,12 +191,44 @@ class Session:
             saved = ("with a checkpoint" if trainer.state.stop_reason == "signal"
                      else "at once: resume goes on from the last checkpoint")
             self.reporter.notice(f"interrupted {_position(trainer)}, {saved}; resume with "
-                                 f"`kdl train --resume {writer.id}`")
+                                 f"{self._resume_command(writer.id)}")
         elif status == "paused":
             self.reporter.notice(f"paused {_position(trainer)} at --until-epoch {self.until_epoch}; "
-                                 f"go on with `kdl train --resume {writer.id}`")
+                                 f"go on with {self._resume_command(writer.id)}")
         else:
-            _print_summary(self.reporter, writer.id, summary)
+            _print_summary(self.reporter, summary)
+            for line in self._next_steps(writer.id):
+                self.reporter.message(line)
+
+    def _resume_command(self, run_id: str) -> str:
+        """The command that resumes the run, quoted: `kdl train --resume ID` (a run of several
+        processes on one machine is started again with as many), or for a run over several
+        machines, this machine's command and what the others run."""
+        command = f"kdl train --resume {run_id}"
+        if self.ranks.nodes == 1:
+            return f"`{command}`"
+        per_node = self.ranks.world // self.ranks.nodes
+        command += (f" --nproc-per-node {per_node} --nnodes {self.ranks.nodes} --node-rank 0 "
+                    f"--master-addr {os.environ.get('MASTER_ADDR')} --master-port "
+                    f"{os.environ.get('MASTER_PORT')}")
+        return f"`{command}` here, and the same with its own --node-rank on each other machine"
+
+    def _next_steps(self, run_id: str) -> list[str]:
+        """Commands that work on the finished run as they are printed: an evaluation on the test
+        split if the data has one (else on val), where the task's eval can run here (a GAN's
+        needs a classifier: Inception-v3 cached, or --features), a sample if the task draws, and
+        `kdl show`."""
+        from .evaluate import inception_weights
+
+        exp, lines = self.exp, []
+        if not exp.task.draws_images or inception_weights().is_file():
+            if exp.data.test is not None:
+                lines.append(f"test it:   kdl eval {run_id} --split test")
+            elif exp.data.val is not None:
+                lines.append(f"evaluate:  kdl eval {run_id}")
+        if exp.task.can_sample:
+            lines.append(f"sample it: kdl sample {run_id}")
+        return [*lines, f"inspect:   kdl show {run_id}"]
 
 
 def _position(trainer: Trainer) -> str:
@@ -205,8 +239,8 @@ def _position(trainer: Trainer) -> str:
     return f"after epoch {state.epoch}/{epochs} (step {state.step})"
 
 
-def _print_summary(reporter: Reporter, run_id: str, summary: dict[str, Any]) -> None:
-    """The last lines of a finished run: how long, the best epoch, and what to do next."""
+def _print_summary(reporter: Reporter, summary: dict[str, Any]) -> None:
+    """The line that ends a finished run: how long, the best epoch, why it stopped early."""
     best = summary["best"]
     line = (f"done in {format_duration(summary['duration_s'])}: {summary['epochs_done']} epochs, "
             f"{summary['steps']} steps")
@@ -215,8 +249,6 @@ def _print_summary(reporter: Reporter, run_id: str, summary: dict[str, Any]) -> 
     if summary["stop_reason"] not in (None, "signal", "paused"):
         line += f" (stopped early: {summary['stop_reason']})"
     reporter.message(line)
-    reporter.message(f"test it:   kdl eval {run_id} --split test")
-    reporter.message(f"inspect:   kdl show {run_id}")
 
 
 def _summary(trainer: Trainer, status: str, duration: float) -> dict[str, Any]:

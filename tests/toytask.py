@@ -40,6 +40,8 @@ class ToyPairConfig(TaskConfig):
 
 
 class ToyPair(Task):
+    can_sample = True
+
     def __init__(self, cfg: ToyPairConfig, model_cfg: ModelConfig, info: DataInfo, device: torch.device):
         super().__init__(cfg, model_cfg, info, device)
         self.models = {"encoder": build_model(model_cfg, info),  # (B, C, H, W) -> (B, classes)

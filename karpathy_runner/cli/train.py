@@ -12,6 +12,7 @@ import typer
 from .. import workers
 from ..errors import KdlError
 from ..runfolder.layout import runs_dir as runs_folder
+from ..runfolder.reader import resolve_run
 from .app import Command, JsonFlag, RunsDir, SetOption, app, echo
 
 
@@ -76,6 +77,8 @@ def train(
     overrides = [*(set_ or []), *([f"name={name}"] if name is not None else []),
                  *([f"train.device={device}"] if device is not None else [])]
     root, tag = runs_folder(runs_dir), json.loads(trial) if trial else None
+    if resume is not None and nproc_per_node is None and not workers.in_worker():
+        nproc_per_node = _processes_of(root, resume)  # a run resumes with as many processes
     # config and run references are checked before torch loads (seconds): mistakes answer at once;
     # a launcher of several processes checks them before any starts, and locks nothing: of the
     # training processes, rank 0 locks the run it resumes
@@ -109,3 +112,21 @@ def train(
 
         distributed.exit_worker(result.exit_code)
     raise typer.Exit(result.exit_code)
+
+
+def _processes_of(root: Path, ref: str) -> int | None:
+    """How many training processes the run to resume had, when it had several on one machine
+    (it resumes with as many, exactly); None for one. A run over several machines is resumed
+    on each machine by hand."""
+    run = resolve_run(root, ref)
+    processes, nodes = run.meta.get("processes"), run.meta.get("nodes", 1)
+    if not isinstance(processes, int) or processes <= 1:
+        return None
+    if nodes != 1:
+        raise KdlError(
+            f"run {run.id} trained in {processes} processes on {nodes} machines: resume it on each "
+            f"machine with kdl train --resume {run.id} --nproc-per-node {processes // nodes} "
+            f"--nnodes {nodes} --node-rank N --master-addr HOST --master-port PORT (N: the machine's "
+            "index, 0 on the one at HOST)"
+        )
+    return processes

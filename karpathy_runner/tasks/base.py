@@ -58,6 +58,7 @@ class Task:
     models: dict[str, nn.Module]
     ordered_batches: bool = False  # the training batches in the data's own order, not shuffled
     draws_images: bool = False  # `kdl eval` scores its samples against the split's images
+    can_sample: bool = False  # `kdl sample` draws from it (its `sample`)
 
     def __init__(self, cfg: TaskConfig, model_cfg: ModelConfig, info: DataInfo, device: torch.device):
         self.cfg = cfg

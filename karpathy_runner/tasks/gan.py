@@ -30,6 +30,7 @@ GRID_SEED = 0  # the fixed noise of the epoch grids
 
 class GAN(Task):
     draws_images = True
+    can_sample = True
 
     def __init__(self, cfg: GANTaskConfig, model_cfg: GANModelConfig, info: DataInfo,
                  device: torch.device):

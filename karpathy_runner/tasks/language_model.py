@@ -32,6 +32,8 @@ def _detached(hidden: Any) -> Any:
 
 
 class LanguageModel(Task):
+    can_sample = True
+
     def __init__(self, cfg: LanguageModelConfig, model_cfg: ModelConfig, info: DataInfo,
                  device: torch.device):
         super().__init__(cfg, model_cfg, info, device)

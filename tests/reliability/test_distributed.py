@@ -6,12 +6,12 @@ import contextlib
 import json
 import multiprocessing
 import os
+import re
 import signal
 from pathlib import Path
 
 import pytest
 import torch
-from kdl import kdl
 from stopping import (
     assert_same_training,
     final_state,
@@ -114,7 +114,9 @@ def test_sigterm_to_the_launcher_stops_every_rank_and_the_run_resumes_exactly(tm
     assert code == 143, printed
     assert read_json(folder / "meta.json")["status"] == "interrupted", printed
     assert 0 < final_state(folder)["loop"]["step"] < 126
-    resumed = launch(runs, "--resume", folder.name, "--nproc-per-node", "2")
+    # the resume line as the run printed it: two processes again, without being told
+    (hint,) = re.findall(r"resume with `kdl train (--resume \S+)`", printed)
+    resumed = launch(runs, *hint.split())
     assert resumed.wait(timeout=240) == 0, output(resumed)
     assert read_json(folder / "meta.json")["status"] == "completed"
     assert_same_training(folder, only_run(two_processes[0] / "together"))
@@ -145,12 +147,13 @@ def test_a_rank_that_dies_stops_the_others_and_leaves_a_resumable_run(tmp_path):
 
 
 def test_a_checkpoint_resumes_only_with_as_many_processes(two_processes, tmp_path):
+    """Asked for another number of processes, a resume refuses and names the command that works."""
     folder = only_run(two_processes[0] / "together")
-    result = kdl("train", "--resume", folder.name, "--runs-dir", folder.parent, "--set",
-                 "train.epochs=3", "--allow-changes", "--quiet")
-    assert result.exit_code == 2
-    assert "written by a run of 2 process(es)" in result.stderr
-    assert "--nproc-per-node 2" in result.stderr
+    resumed = launch(folder.parent, "--resume", folder.name, "--nproc-per-node", "1", "--set",
+                     "train.epochs=3", "--allow-changes")
+    assert resumed.wait(timeout=240) == 2, output(resumed)
+    assert (f"written by a run of 2 process(es); resume it with as many: kdl train --resume "
+            f"{folder.name} --nproc-per-node 2") in output(resumed)
 
 
 def _skip_step_rank(rank: int, init_file: str, results: multiprocessing.Queue) -> None:
