@@ -22,6 +22,7 @@ from ..runfolder import layout, sweeps
 from ..runfolder.reader import (
     Run,
     best_mode,
+    current_best,
     final_metrics,
     iter_runs,
     metric_mode,
@@ -301,7 +302,7 @@ def run_record(run: Run, how: str | None = None) -> dict[str, Any]:
         "status": run.status,
         "config": flatten(run.config_dict()),
         "final": final_metrics(summary),
-        "best": summary.get("best") or run.meta.get("best") or {},
+        "best": current_best(run),
         "metric_modes": run.meta.get("metric_modes") or {},
         "trial": trial_place(run),
         "how": how,

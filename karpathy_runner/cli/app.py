@@ -67,12 +67,11 @@ SetOption = Annotated[
 ]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 CsvFlag = Annotated[bool, typer.Option("--csv", help="Print the table as CSV.")]
-RunArgument = Annotated[
-    str, typer.Argument(metavar="RUN", help="Run id, unique prefix, run folder or 'latest'.")
-]
+RUN_HELP = "Run id, unique prefix, run folder, 'latest' or a unique run name."
+RUNS_HELP = "Run ids, unique prefixes, run folders, 'latest' or unique run names."
+RunArgument = Annotated[str, typer.Argument(metavar="RUN", help=RUN_HELP)]
 RunsArgument = Annotated[
-    Optional[list[str]],  # noqa: UP045
-    typer.Argument(metavar="RUN...", help="Run ids, unique prefixes, run folders or 'latest'."),
+    Optional[list[str]], typer.Argument(metavar="RUN...", help=RUNS_HELP)  # noqa: UP045
 ]
 CheckpointOption = Annotated[str, typer.Option(help="best or last.")]
 

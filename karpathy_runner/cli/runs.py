@@ -14,10 +14,10 @@ from ..errors import KdlError
 from ..runfolder import layout
 from ..runfolder.fsio import RunLock
 from ..runfolder.layout import runs_dir as runs_folder
-from ..runfolder.reader import Run, best_metric_name, resolve_run, resolve_runs
+from ..runfolder.reader import Run, best_metric_name, current_best, resolve_run, resolve_runs
 from ..ui.progress import format_metrics
 from ..ui.tables import epoch_table, metric_chart, number, rich_console
-from .app import Command, CsvFlag, JsonFlag, RunArgument, RunsArgument, RunsDir, app, echo
+from .app import RUNS_HELP, Command, CsvFlag, JsonFlag, RunArgument, RunsArgument, RunsDir, app, echo
 
 
 @app.command("runs", cls=Command)
@@ -85,9 +85,7 @@ def show(
 
 @app.command("rm", cls=Command)
 def remove(
-    run_refs: Annotated[
-        list[str], typer.Argument(metavar="RUN...", help="Run ids, unique prefixes, run folders or 'latest'.")
-    ],
+    run_refs: Annotated[list[str], typer.Argument(metavar="RUN...", help=RUNS_HELP)],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Remove without asking.")] = False,
     runs_dir: RunsDir = None,
 ) -> None:
@@ -217,9 +215,8 @@ def print_show(run: Run) -> None:
     metric = best_metric_name(run)
     console.print(f"\n[bold]{metric}[/bold]")
     console.print("\n".join(metric_chart(records, metric)), markup=False)
-    summary = run.summary()
-    if summary:
-        best = summary.get("best") or {}
+    summary, best = run.summary(), current_best(run)
+    if summary or best.get("epoch") is not None:  # (a run that trains: its best so far)
         if best.get("metric"):
             console.print(f"\nbest {best['metric']} = {number(best.get('value'))} "
                           f"at epoch {best.get('epoch')}", markup=False)

@@ -199,7 +199,8 @@ def iter_runs(root: Path) -> Iterator[Run]:
 
 
 def resolve_run(root: Path, ref: str) -> Run:
-    """A run id, a unique prefix of one, `latest`, or the path of a real run folder."""
+    """A run id, a unique prefix of one, `latest`, the path of a real run folder, or the name of
+    exactly one run (its config's `name`, `kdl train --name`)."""
     if not ref:
         raise KdlError("no run given; pass a run id, a unique prefix, a run folder or 'latest'")
     if ref == "latest":
@@ -218,16 +219,25 @@ def resolve_run(root: Path, ref: str) -> Run:
     exact = root / ref
     if (exact / META).is_file() and not exact.is_symlink():
         return Run(exact)
-    matches = [run for run in iter_runs(root) if run.id.startswith(ref)]
+    runs = list(iter_runs(root))
+    matches = [run for run in runs if run.id.startswith(ref)]
     if len(matches) == 1:
         return matches[0]
-    if not matches:
-        raise KdlError(
-            f"no run {ref!r} in {root}. List runs with `kdl runs` (or choose the folder with "
-            "--runs-dir / KDL_RUNS_DIR)."
-        )
-    shown = ", ".join(run.id for run in matches[:5])
-    raise KdlError(f"run prefix {ref!r} is ambiguous in {root}: it matches {shown}; give more of the id")
+    if matches:
+        shown = ", ".join(run.id for run in matches[:5])
+        raise KdlError(f"run prefix {ref!r} is ambiguous in {root}: it matches {shown}; give more "
+                       "of the id")
+    named = [run for run in runs if run.meta.get("name") == ref]
+    if len(named) == 1:
+        return named[0]
+    if named:
+        shown = ", ".join(run.id for run in named[:5]) + (", ..." if len(named) > 5 else "")
+        raise KdlError(f"{len(named)} runs in {root} are named {ref!r}: {shown}; give one's id (or "
+                       "a unique prefix of it)")
+    raise KdlError(
+        f"no run {ref!r} in {root}. List runs with `kdl runs` (or choose the folder with "
+        "--runs-dir / KDL_RUNS_DIR)."
+    )
 
 
 def resolve_runs(root: Path, refs: list[str]) -> list[Run]:
@@ -280,6 +290,16 @@ def best_mode(run: Run) -> str | None:
     if best.get("mode") in ("min", "max"):
         return best["mode"]
     return metric_mode(run, best_metric_name(run))
+
+
+def current_best(run: Run) -> dict[str, Any]:
+    """The run's best metric, value and epoch as they stand: meta.json's while it trains (each
+    checkpoint updates it; a resumed run's summary.json is still its previous end's), else
+    summary.json's, else meta.json's."""
+    meta_best = run.meta.get("best")
+    if run.status == "running" and isinstance(meta_best, dict):
+        return meta_best
+    return run.summary().get("best") or meta_best or {}
 
 
 def best_metric_name(run: Run) -> str:

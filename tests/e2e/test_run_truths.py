@@ -120,6 +120,20 @@ def test_a_running_run_shows_the_time_it_has_run(runs_dir):
     assert 159 <= json.loads(kdl("runs", "--json").stdout)[0]["duration_s"] < 220
 
 
+def test_a_resumed_run_that_trains_shows_its_best_so_far_not_its_previous_ends(runs_dir):
+    """Interrupted after epoch 1 (its summary.json says so), then resumed: while it trains, show
+    and compare give the best of meta.json, which each checkpoint updates."""
+    folder = make_run(runs_dir, [1.442])  # summary.json: best val.loss 1.442 at epoch 1
+    meta = json.loads((folder / "meta.json").read_text())
+    meta.update(status="running", pid=os.getpid(), best={"metric": "val.loss", "mode": "min",
+                                                       "value": 0.075, "epoch": 5})
+    (folder / "meta.json").write_text(json.dumps(meta))
+    shown = kdl("show", folder.name).stdout
+    assert "best val.loss = 0.075 at epoch 5" in shown and "1.442 at epoch 1" not in shown
+    compared = json.loads(kdl("compare", folder.name, "--json").stdout)
+    assert compared["rows"][0]["metrics"]["best"] == 0.075
+
+
 def test_confusion_rows_name_a_digit_once_and_a_named_class_with_its_index(capsys):
     result = {"run": "r", "checkpoint": "best", "epoch": 1, "split": "val", "samples": 4,
               "metrics": {"accuracy": 0.5, "confusion_matrix": [[1, 1], [1, 1]]}}

@@ -129,6 +129,17 @@ def test_ambiguous_prefix_is_an_error(tmp_path):
     assert result.exit_code == 2 and "ambiguous" in result.stderr
 
 
+def test_a_run_is_found_by_its_name_when_no_other_has_it(tmp_path):
+    live = train_tiny(tmp_path, "--set", "train.max_steps=2", "--name", "live")
+    assert live.exit_code == 0, live.stderr
+    shown = kdl("show", "live", "--runs-dir", tmp_path)
+    assert shown.exit_code == 0 and live.last_line in shown.stdout
+    again = train_tiny(tmp_path, "--set", "train.max_steps=3", "--name", "live")
+    both = kdl("show", "live", "--runs-dir", tmp_path)
+    assert both.exit_code == 2 and "2 runs in" in both.stderr and "are named 'live'" in both.stderr
+    assert live.last_line in both.stderr and again.last_line in both.stderr
+
+
 def test_cuda_without_a_gpu_is_an_error_not_a_cpu_run(runs_dir):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
