@@ -163,6 +163,7 @@ def sample_run(runs_root: Path, ref: str, request: SampleRequest, checkpoint: st
     samples/ folder), text only when `out` is given; returns the sample and the file written."""
     loaded = load_run(runs_root, ref, checkpoint, device)
     task = loaded.exp.task
+    task.check_sample(request)
     task.train(False)
     with torch.no_grad(), autocast_for(eval_precision(loaded.exp.cfg.train.precision,
                                                       loaded.exp.device), loaded.exp.device)():

@@ -36,6 +36,7 @@ def make_run(
     sweep: str | None = None,
     pid: int | None = None,
     metric_modes: dict[str, str] | None = None,
+    task: str = "classify",
 ) -> Path:
     """One run folder under `root`. `val_loss` is the per-epoch curve; val.accuracy is 1 - loss/2 and
     train.loss is loss + 0.1, so every final and best value follows from it. `config` holds dotted
@@ -56,6 +57,7 @@ def make_run(
             "epoch": best_epoch}
     meta = _meta(run_id, cfg, status, index, len(val_loss), best, pid)
     meta["metric_modes"] = metric_modes or {"loss": "min", "accuracy": "max"}
+    meta["task"] = task
     if sweep:
         meta["sweep"] = {"id": sweep, "point": {"optimizer.lr": cfg["optimizer"]["lr"]}}
     (folder / layout.META).write_text(json.dumps(meta, indent=2))

@@ -41,6 +41,7 @@ class ToyPairConfig(TaskConfig):
 
 class ToyPair(Task):
     can_sample = True
+    sample_options = ("n",)
 
     def __init__(self, cfg: ToyPairConfig, model_cfg: ModelConfig, info: DataInfo, device: torch.device):
         super().__init__(cfg, model_cfg, info, device)

@@ -8,6 +8,7 @@ when a filter, a sort key or a comparison needs them.
 
 from __future__ import annotations
 
+import collections
 import fnmatch
 import json
 import math
@@ -300,6 +301,7 @@ def run_record(run: Run, how: str | None = None) -> dict[str, Any]:
         "id": run.id,
         "name": run.meta.get("name"),
         "status": run.status,
+        "task": run.meta.get("task"),
         "config": flatten(run.config_dict()),
         "final": final_metrics(summary),
         "best": current_best(run),
@@ -327,19 +329,23 @@ def compare(records: list[dict[str, Any]], group_by: list[str] | None = None) ->
     metrics = [*_metric_names(records), "best"]
     varying = varying_keys([r["config"] for r in records])
     values = [_metric_values(r, metrics, best_metric) for r in records]
+    tasks = dict(collections.Counter(r.get("task") or "unknown" for r in records))
+    # a best across tasks would weigh incomparable things (nats per character against a
+    # classifier's cross-entropy): none is marked, and the note says why
+    like = len(tasks) == 1
     if not group_by:
         rows = [{"id": r["id"], "name": r["name"], "status": r["status"],
                  "trial": r.get("trial") or {}, "how": r.get("how"),
                  "config": {k: r["config"].get(k) for k in varying}, "metrics": v}
                 for r, v in zip(records, values, strict=True)]
-        best_row = _best_index([row["metrics"]["best"] for row in rows], best_mode)
-        return Comparison(varying, metrics, best_metric, best_mode, rows, best_row)
+        best_row = _best_index([row["metrics"]["best"] for row in rows], best_mode) if like else None
+        return Comparison(varying, metrics, best_metric, best_mode, rows, best_row, tasks=tasks)
     _check_group_keys(group_by, records)
     rows = group_stats(records, values, group_by, metrics)
-    best_row = _best_index([row["metrics"]["best"]["mean"] for row in rows], best_mode)
+    best_row = _best_index([row["metrics"]["best"]["mean"] for row in rows], best_mode) if like else None
     averaged_over = [key for key in varying if key not in group_by]
     return Comparison(list(group_by), metrics, best_metric, best_mode, rows, best_row,
-                      list(group_by), averaged_over)
+                      list(group_by), averaged_over, tasks)
 
 
 def group_stats(records: list[dict[str, Any]], values: list[dict[str, Any]], group_by: list[str],

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import KdlError
-from ..runfolder import fsio, layout
+from ..runfolder import fsio, layout, sweeps
 from ..runfolder.reader import Run, iter_runs, rung_of
 from ..ui.tables import epoch_rows
 from .space import check_space, parse_space
@@ -272,6 +272,9 @@ class Search:
             keep = max(1, len(ranked) // spec.halving)
             for _, trial in ranked[keep:]:
                 self.tell(trial.number, trial.run, state="pruned")
+                if trial.run is not None and trial.run.meta.get("status") == "paused":
+                    sweeps.record_pruned(self.root, self.study_name, trial.run.id,
+                                         int(trial.run.meta.get("epochs_done") or 0))
             members = [t for _, t in ranked[:keep]]
             if not members:
                 break
@@ -284,7 +287,7 @@ class Search:
             return False
         if run.status in ("completed", "failed"):
             return True
-        return run.status == "paused" and int(run.meta.get("epochs_done") or 0) >= epochs
+        return run.status in ("paused", "pruned") and int(run.meta.get("epochs_done") or 0) >= epochs
 
     def rung_value(self, trial: TrialRun, epochs: int) -> float | None:
         """The best value of the metric in the trial's first `epochs` epochs (from metrics.jsonl,

@@ -57,6 +57,7 @@ def eval_(
 
 @app.command(cls=Command)
 def sample(
+    ctx: typer.Context,
     run: RunArgument,
     n: Annotated[int, typer.Option("-n", min=1, help="Images: how many to draw.")] = 64,
     length: Annotated[int, typer.Option(min=0, help="Text: characters to generate.")] = 500,
@@ -86,14 +87,21 @@ def sample(
     root = runs_folder(runs_dir)
     folder = str(resolve_run(root, run).path)  # a wrong RUN answers before torch loads
     from ..evaluate import sample_run
-    from ..tasks import SampleRequest
+    from ..tasks import SAMPLE_FLAGS, SampleRequest
 
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
+    given = frozenset(name for name in SAMPLE_FLAGS if _given(ctx, name))
     request = SampleRequest(seed=seed, n=n, length=length, temperature=temperature, top_k=top_k,
-                            prime=prime)
+                            prime=prime, given=given)
     drawn, path = sample_run(root, folder, request, checkpoint, out, device)
     echo(drawn.text if drawn.images is None else str(path))
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Was option `name` set on the command line (not left at its default)?"""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
 
 
 @app.command(cls=Command)

@@ -26,8 +26,9 @@ def list_runs(
     status: Annotated[
         Optional[list[str]],  # noqa: UP045
         typer.Option(metavar="STATUS",
-                     help="Only runs with this status: running, completed, paused, failed, interrupted or "
-                          "crashed (repeatable: any of them)."),
+                     help="Only runs with this status: running, completed, paused, pruned (a search's "
+                          "halving stopped it), failed, interrupted or crashed (repeatable: any of "
+                          "them)."),
     ] = None,
     name: Annotated[
         Optional[str],  # noqa: UP045
@@ -176,7 +177,10 @@ def plot(
     from ..ui.plot import plot_runs
 
     found, _ = _runs_or_sweep(run_refs, sweep, runs_dir, "plot")
-    echo(str(plot_runs(found, metric or best_metric_name(found[0]), out, log_y, color_by)))
+    written, note = plot_runs(found, metric or best_metric_name(found[0]), out, log_y, color_by)
+    if note:
+        print(f"note: {note}", file=sys.stderr, flush=True)
+    echo(str(written))
 
 
 def _runs_or_sweep(run_refs: list[str] | None, sweep: str | None, runs_dir: Path | None,

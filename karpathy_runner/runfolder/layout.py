@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import KdlError
 
 DEFAULT_RUNS_DIR = "runs"
-STATUSES = ("running", "completed", "paused", "failed", "interrupted", "crashed", "damaged")
+STATUSES = ("running", "completed", "paused", "pruned", "failed", "interrupted", "crashed", "damaged")
 
 CONFIG = "config.yaml"
 META = "meta.json"

@@ -15,6 +15,7 @@ from ..dotted import dotted_get
 from ..errors import KdlError
 from .fsio import read_object, read_records
 from .layout import CHECKPOINTS, CONFIG, META, METRICS, SUMMARY, VOCAB, process_start_time
+from .sweeps import pruned
 
 # the types of the meta.json and summary.json keys that readers use; a key of another type is
 # damage, dropped so that no reader meets it
@@ -64,14 +65,24 @@ class Run:
 
     @property
     def status(self) -> str:
-        """meta's status, except that a 'running' run whose process is gone is 'crashed', and
-        a run whose files are damaged is 'damaged'."""
+        """meta's status, except that a 'running' run whose process is gone is 'crashed', a run
+        whose files are damaged is 'damaged', and a search's trial that its halving stopped
+        (paused where the search recorded it pruned) is 'pruned'."""
         status = self.meta.get("status", "unknown")
         if self.damage:
             return "damaged"
         if status == "running" and not _process_alive(self.meta):
             return "crashed"
+        if status == "paused" and self._pruned():
+            return "pruned"
         return status
+
+    def _pruned(self) -> bool:
+        tag = self.meta.get("sweep")
+        if not isinstance(tag, dict) or not isinstance(tag.get("id"), str) or "trial" not in tag:
+            return False
+        at = pruned(self.path.parent, tag["id"]).get(self.id)
+        return at is not None and at == self.meta.get("epochs_done")
 
     def config_dict(self) -> dict[str, Any]:
         """config.yaml as a dict ({} if damaged, noted in `damage`)."""

@@ -4,6 +4,9 @@ meta.json; a run it takes as it is (`--skip-existing` finds the same config comp
 this sweep's point in the sweep's own file: `<runs>/.sweeps/<sweep id>.jsonl`, one line per point,
 appended (one write of a short line: points of a sweep that run at once never interleave). A run
 may so belong to several sweeps, and no run folder is written by a process that does not own it.
+
+A search with successive halving also records there each trial it prunes (its run paused at the
+rung where it stopped), so that readers show the run as `pruned`, not as unfinished work.
 """
 
 from __future__ import annotations
@@ -19,16 +22,34 @@ from .layout import SWEEPS, utc_now
 TAKEN = ("reused", "resumed")  # how a sweep takes a run it did not make
 
 
-def record(root: Path, sweep: str, run_id: str, point: dict[str, Any], how: str) -> None:
-    """Record run `run_id` as the point `point` of `sweep`, taken `how` (reused or resumed)."""
+def _append(root: Path, sweep: str, entry: dict[str, Any]) -> None:
     folder = root / SWEEPS
     folder.mkdir(parents=True, exist_ok=True)
-    line = json.dumps({"run": run_id, "point": point, "how": how, "at": utc_now()}) + "\n"
+    line = json.dumps({**entry, "at": utc_now()}) + "\n"
     fd = os.open(folder / f"{sweep}.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o666)
     try:
         os.write(fd, line.encode())
     finally:
         os.close(fd)
+
+
+def record(root: Path, sweep: str, run_id: str, point: dict[str, Any], how: str) -> None:
+    """Record run `run_id` as the point `point` of `sweep`, taken `how` (reused or resumed)."""
+    _append(root, sweep, {"run": run_id, "point": point, "how": how})
+
+
+def record_pruned(root: Path, sweep: str, run_id: str, epochs: int) -> None:
+    """Record that search `sweep` pruned its trial run `run_id`, paused after `epochs` epochs
+    (once: a halving study run again finds it recorded)."""
+    if pruned(root, sweep).get(run_id) != epochs:
+        _append(root, sweep, {"run": run_id, "pruned_at_epoch": epochs})
+
+
+def pruned(root: Path, sweep: str) -> dict[str, int]:
+    """The trial runs search `sweep` pruned: run id -> the epochs it had trained then."""
+    records = read_jsonl_lines(root / SWEEPS / f"{sweep}.jsonl")
+    return {r["run"]: r["pruned_at_epoch"] for r in records
+            if isinstance(r.get("run"), str) and type(r.get("pruned_at_epoch")) is int}
 
 
 def taken(root: Path, sweep: str) -> dict[str, str]:

@@ -37,10 +37,10 @@ import torch
 
 from ..config.families import ModelConfig, TaskConfig, builder
 from ..data import DataInfo
-from .base import Sample, SampleRequest, Task, Updater
+from .base import SAMPLE_FLAGS, Sample, SampleRequest, Task, Updater
 from .steps import StepResult, Totals
 
-__all__ = ["Sample", "SampleRequest", "StepResult", "Task", "Totals", "Updater", "build_task"]
+__all__ = ["SAMPLE_FLAGS", "Sample", "SampleRequest", "StepResult", "Task", "Totals", "Updater", "build_task"]
 
 
 def build_task(cfg: TaskConfig, model_cfg: ModelConfig, info: DataInfo, device: torch.device) -> Task:

@@ -38,6 +38,12 @@ class SampleRequest:
     temperature: float | None = None
     top_k: int | None = None
     prime: str | None = None
+    given: frozenset[str] = frozenset()  # the fields the user set (not left at their defaults)
+
+
+# the `kdl sample` option of each SampleRequest field
+SAMPLE_FLAGS = {"n": "-n", "length": "--length", "temperature": "--temperature", "top_k": "--top-k",
+                "prime": "--prime"}
 
 
 class Updater(Protocol):
@@ -59,6 +65,7 @@ class Task:
     ordered_batches: bool = False  # the training batches in the data's own order, not shuffled
     draws_images: bool = False  # `kdl eval` scores its samples against the split's images
     can_sample: bool = False  # `kdl sample` draws from it (its `sample`)
+    sample_options: tuple[str, ...] = ()  # the SampleRequest fields its `sample` reads, but seed
 
     def __init__(self, cfg: TaskConfig, model_cfg: ModelConfig, info: DataInfo, device: torch.device):
         self.cfg = cfg
@@ -127,12 +134,30 @@ class Task:
         as the feature space of `kdl eval --features`; None: the task has none."""
         return None
 
+    def check_sample(self, request: SampleRequest) -> None:
+        """Refuse a request for what this task cannot draw, or with options it would ignore."""
+        if not self.can_sample:
+            raise KdlError(
+                f"a {self.name} run has nothing to sample: `kdl sample` draws from generative runs "
+                "(gan, language_model)"
+            )
+        foreign = [SAMPLE_FLAGS[name] for name in SAMPLE_FLAGS
+                   if name in request.given and name not in self.sample_options]
+        if foreign:
+            own = ", ".join(SAMPLE_FLAGS[name] for name in self.sample_options) or "none"
+            raise KdlError(
+                f"kdl sample: {' and '.join(foreign)} {'does' if len(foreign) == 1 else 'do'} not "
+                f"apply to a {self.name} run, which draws {self.draws}; its options are {own} "
+                f"(and --seed). Leave {'it' if len(foreign) == 1 else 'them'} out."
+            )
+
+    @property
+    def draws(self) -> str:
+        return "images" if self.draws_images else "text"
+
     def sample(self, request: SampleRequest) -> Sample:
-        """New samples as `kdl sample` asks for them."""
-        raise KdlError(
-            f"a {self.name} run has nothing to sample: `kdl sample` draws from generative runs "
-            "(gan, language_model)"
-        )
+        """New samples as `kdl sample` asks for them (a task that sets `can_sample`)."""
+        raise NotImplementedError
 
 
 @torch.no_grad()

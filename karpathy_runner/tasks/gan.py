@@ -31,6 +31,7 @@ GRID_SEED = 0  # the fixed noise of the epoch grids
 class GAN(Task):
     draws_images = True
     can_sample = True
+    sample_options = ("n",)
 
     def __init__(self, cfg: GANTaskConfig, model_cfg: GANModelConfig, info: DataInfo,
                  device: torch.device):

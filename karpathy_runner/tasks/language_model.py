@@ -33,6 +33,7 @@ def _detached(hidden: Any) -> Any:
 
 class LanguageModel(Task):
     can_sample = True
+    sample_options = ("length", "temperature", "top_k", "prime")
 
     def __init__(self, cfg: LanguageModelConfig, model_cfg: ModelConfig, info: DataInfo,
                  device: torch.device):

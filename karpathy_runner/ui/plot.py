@@ -82,10 +82,12 @@ def _shown(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (list, dict, bool)) or value is None else str(value)
 
 
-def draw(found: list[Curves], metric: str, log_y: bool = False, color_by: str | None = None) -> Any:
+def draw(found: list[Curves], metric: str, log_y: bool = False, color_by: str | None = None,
+         records: list[list[dict[str, Any]]] | None = None) -> Any:
     """The matplotlib Figure of `metric` (split.key), one line per run; x is the step for the
-    per-step `train` split, the epoch for `train_epoch` and `val`. Runs without it are left out."""
-    records = [run.metrics() for run in found]
+    per-step `train` split, the epoch for `train_epoch` and `val`. Runs without it are left out.
+    `records`: each run's metrics records, when the caller has read them."""
+    records = records if records is not None else [run.metrics() for run in found]
     series = [metric_series(r, metric) for r in records]
     if not any(ys for _, _, ys in series):
         available = list(dict.fromkeys(name for r in records for name in series_names(r)))
@@ -118,10 +120,23 @@ def draw(found: list[Curves], metric: str, log_y: bool = False, color_by: str | 
 
 
 def plot_runs(found: list[Curves], metric: str, out: Path, log_y: bool = False,
-              color_by: str | None = None) -> Path:
-    """Draw the runs' `metric` into the PNG file `out`."""
-    figure = draw(found, metric, log_y, color_by)
+              color_by: str | None = None) -> tuple[Path, str | None]:
+    """Draw the runs' `metric` into the PNG file `out`; also a note naming the runs left out
+    because they have no `metric` (None when every run is drawn)."""
+    records = [run.metrics() for run in found]
+    figure = draw(found, metric, log_y, color_by, records)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, format="png")
-    return out
+    return out, left_out(found, records, metric)
+
+
+def left_out(found: list[Curves], records: list[list[dict[str, Any]]], metric: str) -> str | None:
+    """Which runs a plot of `metric` cannot draw, and what each has instead."""
+    lacking = [(run.id, series_names(rows)) for run, rows in zip(found, records, strict=True)
+               if not metric_series(rows, metric)[2]]
+    if not lacking:
+        return None
+    named = "; ".join(f"{run_id} (has {', '.join(names) or 'no metrics yet'})" for run_id, names in lacking)
+    return (f"{len(lacking)} of {len(found)} runs have no {metric} and are not drawn: {named}. "
+            "Plot them with --metric and one of theirs.")

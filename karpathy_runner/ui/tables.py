@@ -228,6 +228,7 @@ class Comparison:
     best_row: int | None  # the row with the best "best" (or best mean of it)
     group_by: list[str] = field(default_factory=list)
     averaged_over: list[str] = field(default_factory=list)  # the other differing keys (seeds)
+    tasks: dict[str, int] = field(default_factory=dict)  # runs per task: several, no row is best
 
 
 def print_comparison(comparison: Comparison) -> None:
@@ -291,6 +292,11 @@ def _stat_cell(stats: dict[str, Any], group_size: int) -> str:
 
 
 def _comparison_note(comparison: Comparison) -> str:
+    if len(comparison.tasks) > 1:
+        counted = ", ".join(f"{n} {task}" for task, n in comparison.tasks.items())
+        return (f"no row marked: these runs are of different tasks ({counted}), whose metrics "
+                f"measure different things ({comparison.best_metric} of one is not comparable with "
+                "another's); compare the runs of one task to see which is best")
     if comparison.best_mode is None:
         return f"no row marked: these runs do not declare which way {comparison.best_metric} is better"
     direction = "lowest" if comparison.best_mode == "min" else "highest"

@@ -188,6 +188,60 @@ def test_plot_a_sweep_in_colour_families_with_the_differing_keys_in_the_legend(r
     assert negative.exit_code == 2 and "--color-by model.name" in negative.stderr
 
 
+def test_a_trial_its_search_pruned_is_listed_as_pruned_until_it_trains_again(runs_dir):
+    from karpathy_runner.runfolder import sweeps
+
+    folder = make_run(runs_dir, [0.5], status="paused", sweep="study-x")
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["sweep"]["trial"] = 3
+    (folder / "meta.json").write_text(json.dumps(meta))
+    assert listed_ids("--status", "paused") == [folder.name]
+    sweeps.record_pruned(runs_dir, "study-x", folder.name, 1)
+    sweeps.record_pruned(runs_dir, "study-x", folder.name, 1)  # a study run again: one record
+    assert len((runs_dir / ".sweeps" / "study-x.jsonl").read_text().splitlines()) == 1
+    assert listed_ids("--status", "pruned") == [folder.name] and listed_ids("--status", "paused") == []
+    assert "pruned" in kdl("show", folder.name).stdout
+    meta["epochs_done"] = 2  # resumed by hand and paused again: unfinished work again
+    (folder / "meta.json").write_text(json.dumps(meta))
+    assert listed_ids("--status", "paused") == [folder.name]
+
+
+def test_compare_marks_a_best_only_among_runs_of_one_task(runs_dir):
+    """A char model's val.loss (nats per character) and a classifier's (cross-entropy over
+    classes) share a name, not a meaning: no row of a mixed comparison is marked best."""
+    cnn = make_run(runs_dir, [0.5, 0.3], name="digits_cnn")
+    chars = make_run(runs_dir, [1.9, 1.4], name="char_lstm", task="language_model")
+    cnn2 = make_run(runs_dir, [0.5, 0.4], name="digits_cnn")
+    mixed = kdl("compare", cnn.name, chars.name, cnn2.name)
+    assert mixed.exit_code == 0, mixed.stderr
+    assert "*" not in mixed.stdout.replace("* lowest", "")
+    assert "no row marked: these runs are of different tasks (2 classify, 1 language_model)" in " ".join(
+        mixed.stdout.split())
+    data = json.loads(kdl("compare", cnn.name, chars.name, "--json").stdout)
+    assert data["best_row"] is None and data["tasks"] == {"classify": 1, "language_model": 1}
+    grouped = json.loads(kdl("compare", cnn.name, chars.name, "--group-by", "name", "--json").stdout)
+    assert grouped["best_row"] is None
+    like = kdl("compare", cnn.name, cnn2.name)
+    assert "* lowest best val.loss" in like.stdout
+    assert json.loads(kdl("compare", cnn.name, cnn2.name, "--json").stdout)["best_row"] == 0
+
+
+def test_plot_names_the_runs_it_cannot_draw_and_what_they_have(runs_dir, tmp_path):
+    drawn = make_run(runs_dir, [0.5, 0.3])
+    other = make_run(runs_dir, [0.6, 0.4])
+    metrics = other / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    metrics.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "accuracy"}) + "\n"
+                               for r in records))
+    result = kdl("plot", drawn.name, other.name, "--metric", "val.accuracy", "--out", tmp_path / "a.png")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == str(tmp_path / "a.png")
+    assert "1 of 2 runs have no val.accuracy and are not drawn" in result.stderr
+    assert f"{other.name} (has train.loss, train.lr" in result.stderr and drawn.name not in result.stderr
+    every = kdl("plot", drawn.name, other.name, "--metric", "val.loss", "--out", tmp_path / "b.png")
+    assert every.exit_code == 0 and every.stderr == ""
+
+
 def test_show_draws_the_best_metric_and_the_epoch_table(runs_dir):
     make_run(runs_dir, [0.9, 0.5, 0.3, 0.25])
     result = kdl("show", "latest")

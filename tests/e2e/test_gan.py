@@ -162,6 +162,12 @@ def test_epoch_grids_samples_and_exact_resume(tmp_path, gan_yaml, monkeypatch):
     assert [r.exit_code for r in out] == [0, 0, 0]
     first, again, other = ((tmp_path / f"{i}.png").read_bytes() for i in range(3))
     assert first == again != other
+    # options for text are refused, not ignored
+    refused = kdl("sample", folder.name, "--prime", "x", "--temperature", "0.5", "--out",
+                  tmp_path / "no.png", "--runs-dir", tmp_path / "stopped")
+    assert refused.exit_code == 2 and not (tmp_path / "no.png").exists()
+    assert "--temperature and --prime do not apply to a gan run, which draws images; its options " \
+           "are -n (and --seed)" in " ".join(refused.stderr.split())
 
 
 def test_quality_of_real_images_and_of_noise(classifier_run):

@@ -113,6 +113,11 @@ def test_samples_repeat_with_a_seed_and_follow_the_options(tmp_path, corpus):
         "--top-k", "1", "--seed", "2", "--length", "30")
     out = tmp_path / "sample.txt"
     assert sample("--seed", "3", "--length", "60", "--out", str(out)) == first == out.read_text()
+    # an option for images is refused, not ignored
+    refused = kdl("sample", result.last_line, "--runs-dir", tmp_path / "runs", "-n", "4", "--length", "9")
+    assert refused.exit_code == 2 and "Traceback" not in refused.stderr
+    assert "-n does not apply to a language_model run, which draws text; its options are --length, " \
+           "--temperature, --top-k, --prime" in " ".join(refused.stderr.split())
 
 
 def test_the_vocabulary_travels_with_the_run(tmp_path, corpus):

@@ -183,7 +183,13 @@ def test_halving_keeps_the_best_1_over_eta_at_each_rung_and_the_survivor_equals_
     assert sorted(n for n, e in epochs.items() if e >= 2) == sorted(second)
     survivor = min(second, key=lambda n: value_at(n, 2))
     assert epochs[survivor] == 4 and Run(done[survivor].path).status == "completed"
-    assert all(Run(run.path).status == "paused" for n, run in done.items() if n != survivor)
+    # the trials the halving stopped read as pruned, not as unfinished work
+    assert all(Run(run.path).meta["status"] == "paused" for n, run in done.items() if n != survivor)
+    assert all(Run(run.path).status == "pruned" for n, run in done.items() if n != survivor)
+    listed = kdl("runs", "--status", "pruned", "--runs-dir", runs, "--json")
+    assert sorted(r["id"] for r in json.loads(listed.stdout)) == sorted(
+        run.id for n, run in done.items() if n != survivor)
+    assert "paused" not in kdl("runs", "--runs-dir", runs).stdout
 
     # kdl compare --sweep shows each trial's rung and where it stopped
     shown = kdl("compare", "--sweep", study, "--runs-dir", runs).stdout
@@ -191,6 +197,7 @@ def test_halving_keeps_the_best_1_over_eta_at_each_rung_and_the_survivor_equals_
     assert header.replace("┃", " ").split()[:5] == ["id", "status", "trial", "rung", "epochs"]
     assert sum(" 4/4 " in line for line in shown.splitlines()) == 1
     assert sum(" 1/4 " in line for line in shown.splitlines()) == 3
+    assert sum(" pruned " in line for line in shown.splitlines()) == 4
     table = kdl("compare", "--sweep", study, "--csv", "--runs-dir", runs)
     rows = {int(r["trial"]): r for r in csv.DictReader(io.StringIO(table.stdout))}
     assert {n: (int(r["rung"]), r["epochs"]) for n, r in rows.items()} == {
