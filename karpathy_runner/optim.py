@@ -17,8 +17,10 @@ def build_optimizer(
     cfg: Any, params: Iterable[torch.nn.Parameter] | list[dict[str, Any]]
 ) -> torch.optim.Optimizer:
     """`cfg` is the optimizer branch: name, lr, weight_decay and the name's own settings.
-    `params` are parameters, or parameter groups (dicts, e.g. with an `lr_scale` for the loop)."""
-    params = list(params)
+    `params` are parameters, or parameter groups (dicts, e.g. with an `lr_scale` for the loop,
+    and a `decay_scale`: that group's weight decay is cfg.weight_decay times it)."""
+    params = [{**p, "weight_decay": cfg.weight_decay * p["decay_scale"]}
+              if isinstance(p, dict) and "decay_scale" in p else p for p in params]
     kernel = _kernel(cfg.name, params)
     if cfg.name == "sgd":
         return torch.optim.SGD(

@@ -15,6 +15,11 @@ from ..data import DataInfo
 
 
 class Model(nn.Module):
+    # True: a group's weight decay is divided by its lr multiplier, so that every parameter
+    # decays by lr x weight_decay per step whatever its group's lr (airbench's rule); False:
+    # torch's, the decay per step grows with the group's lr
+    decay_at_base_lr: bool = False
+
     def lr_groups(self) -> list[tuple[list[nn.Parameter], float]]:
         """(parameters, lr multiplier) pairs: by default every parameter at the optimizer's lr."""
         return [(list(self.parameters()), 1.0)]

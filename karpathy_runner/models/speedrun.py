@@ -8,7 +8,9 @@ What makes it train fast, besides being small and wide:
 - identity (dirac) initialisation of every 3x3 conv's first input channels, so that at the start
   each group passes its input through and learning starts from a well-conditioned network;
 - the shifts (batch-norm biases) learn `bias_lr_scale` times faster than the weights, through
-  the model's own parameter groups (`lr_groups`);
+  the model's own parameter groups (`lr_groups`), while every parameter decays by the same
+  lr x weight_decay per step (`decay_at_base_lr`), as airbench divides the shifts' decay by
+  their lr multiplier;
 - logits multiplied by `logit_scale` (1/9), which keeps the early softmax soft at a high lr.
 
 On 32x32 inputs: stem (k=2, no padding) 31x31 -> 15 -> 7 -> 3 -> global max pool -> logits.
@@ -53,6 +55,8 @@ class ConvGroup(nn.Sequential):
 
 
 class SpeedrunNet(Model):
+    decay_at_base_lr = True
+
     def __init__(self, in_channels: int, num_classes: int, stem_width: int, widths: list[int],
                  bn_momentum: float, logit_scale: float, bias_lr_scale: float):
         super().__init__()

@@ -77,12 +77,15 @@ class Task:
 
     def param_groups(self, model: str) -> list[dict[str, Any]]:
         """The parameter groups of one trainable model, each with its lr multiplier: one group,
-        or a `Model`'s own (`lr_groups()`: (parameters, multiplier) pairs); frozen parameters
-        and groups left empty are left out."""
+        or a `Model`'s own (`lr_groups()`: (parameters, multiplier) pairs, and a weight decay
+        multiplier where it decays at the base lr); frozen parameters and groups left empty are
+        left out."""
         module = self.models[model]
         groups = module.lr_groups() if isinstance(module, Model) else [(list(module.parameters()), 1.0)]
+        at_base = isinstance(module, Model) and module.decay_at_base_lr
         trainable = [([p for p in params if p.requires_grad], scale) for params, scale in groups]
-        return [{"params": params, "lr_scale": scale} for params, scale in trainable if params]
+        return [{"params": params, "lr_scale": scale, **({"decay_scale": 1.0 / scale} if at_base else {})}
+                for params, scale in trainable if params]
 
     def to(self, device: torch.device) -> None:
         for model in self.models.values():

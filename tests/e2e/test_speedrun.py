@@ -35,9 +35,44 @@ def test_speedrun_config_trains_on_cifar_files_and_evaluates_the_test_split(tmp_
     assert all(g["nesterov"] and g["momentum"] == 0.85 for g in groups)
     assert [g["lr_scale"] for g in groups] == [1.0, 64.0]
     assert abs(groups[1]["lr"] - 64 * groups[0]["lr"]) < 1e-9
+    # and the shifts decay at the weights' rate per step: their weight decay is 64x smaller
+    assert groups[0]["weight_decay"] == 1.33e-3 and abs(groups[1]["weight_decay"] - 1.33e-3 / 64) < 1e-12
     evaluated = kdl("eval", folder, "--split", "test", "--json", "--runs-dir", runs)
     assert evaluated.exit_code == 0, evaluated.stderr
     assert '"accuracy"' in evaluated.stdout and '"samples": 20' in evaluated.stdout
+
+
+def test_the_speedrun_config_decays_and_steps_as_airbench94_per_example():
+    """airbench94 (hyp: lr 11.5, weight_decay 0.0153, batch 1024, momentum 0.85, bias_scaler 64)
+    passes torch's SGD, on a loss summed over the batch, lr = 11.5 / K and weight_decay = wd / lr
+    with K = 1024 (1 + 1 / (1 - momentum)) and wd = 0.0153 * 1024 / K: each weight decays by
+    lr * weight_decay = wd per step, the shifts too (their weight_decay is wd / (64 lr)). kdl's
+    loss is the batch mean: the same steps need lr * 1024, the same decay per step."""
+    from karpathy_runner.config.loading import load_config
+    from karpathy_runner.optim import build_optimizer
+
+    batch, momentum, bias_scaler = 1024, 0.85, 64.0
+    kilostep = 1024 * (1 + 1 / (1 - momentum))
+    lr_summed = 11.5 / kilostep
+    decay_per_step = 0.0153 * batch / kilostep  # wd: the fraction of a weight removed per step
+    airbench = [  # (lr on the summed loss, torch weight_decay) of the weights, then the shifts
+        (lr_summed, decay_per_step / lr_summed),
+        (lr_summed * bias_scaler, decay_per_step / (lr_summed * bias_scaler)),
+    ]
+    assert abs(decay_per_step - 2.0e-3) < 1e-5
+
+    cfg = load_config(CONFIGS / "cifar_speedrun.yaml", ["train.device=cpu"])
+    assert (cfg.data.batch_size, cfg.optimizer.momentum, cfg.model.bias_lr_scale) == (
+        batch, momentum, bias_scaler)
+    task = Classify(cfg.task, cfg.model, CIFAR, torch.device("cpu"))
+    groups = build_optimizer(cfg.optimizer, task.param_groups("model")).param_groups
+    assert len(groups) == 2
+    for group, (lr, weight_decay) in zip(groups, airbench, strict=True):
+        group_lr = group["lr"] * group["lr_scale"]  # as the loop sets it
+        # the same step on a mean loss as airbench's on the summed loss
+        assert abs(group_lr / batch - lr) / lr < 0.01
+        # the same fraction of each weight decayed per step (3 significant digits in the config)
+        assert abs(group_lr * group["weight_decay"] - lr * weight_decay) / (lr * weight_decay) < 0.002
 
 
 def test_speedrun_network_shapes_and_initialisation():
