@@ -94,6 +94,8 @@ class Trainer:
         self.last_metrics: dict[str, float] = {}
         # pause (stop_reason "paused") once this many epochs are done: a search's rung budget
         self.until_epoch: int | None = None
+        self.trained_before = 0.0  # seconds the run trained before this process (its resumes)
+        self._fit_began = time.monotonic()
 
     def mode(self, metric: str, configured: str) -> str:
         """min or max: as configured, or (auto) the direction the task declares for the metric."""
@@ -106,6 +108,7 @@ class Trainer:
         epoch `until_epoch`), under `stop`'s signal handlers."""
         self.stop, self.until_epoch = stop or Stop(), until_epoch
         self.stop.world = self.ranks.world
+        self._fit_began = time.monotonic()
         with self.stop.installed():
             if not self.resumed:
                 self._log_examples()
@@ -167,9 +170,17 @@ class Trainer:
                 self._flush_window()
             elif self.reporter.live:
                 self.reporter.advance(state.batch)
+            # a budget spent ends the partial epoch as an epoch ends: its val, its checkpoint
             if cfg.max_steps is not None and state.step >= cfg.max_steps:
                 state.stop_reason = "max_steps"
                 break
+            if self._out_of_time():
+                state.stop_reason = "max_minutes"
+                break
+            # a val due at this step comes before any checkpoint of it, which a resume goes on
+            # from: a stop here never skips it (the epoch's end validates anyway)
+            if cfg.eval_every_steps and state.step % cfg.eval_every_steps == 0 and state.batch < total:
+                self._validate_mid_epoch()
             if self._stopping():
                 state.stop_reason = "signal"
                 self._save("last")
@@ -188,6 +199,33 @@ class Trainer:
         self.run.update_meta(compile_s=round(seconds, 3))
         self._compiling = False
         self._window_started, self._window_samples = time.perf_counter(), 0
+
+    def _out_of_time(self) -> bool:
+        """Has the run trained train.max_minutes, over its resumes? All ranks answer alike."""
+        if self.cfg.max_minutes is None:
+            return False
+        trained = self.trained_before + time.monotonic() - self._fit_began
+        over = trained >= self.cfg.max_minutes * 60
+        return bool(self.ranks.largest(int(over))) if self.ranks.world > 1 else over
+
+    def _validate_mid_epoch(self) -> None:
+        """A val record within the epoch (train.eval_every_steps). Training goes on as if it had
+        not happened: the random states are forked around it, the task keeps its training
+        state, and its time is left out of the window's samples/s."""
+        began = time.perf_counter()
+        state, device = self.state, self.feed.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            val = evaluate(self.task, self.feed.val, self.feed.prepare, self.updater.autocast)
+        self.run.log_metrics(
+            {"step": state.step, "epoch": state.epoch + 1, "split": "val", "mid_epoch": True, **val,
+             "time": round(time.time() - self.started, 3)}
+        )
+        self.run.flush_metrics()
+        line = (f"epoch {state.epoch + 1}/{self.cfg.epochs} step {state.step}  "
+                f"{format_metrics({f'val.{k}': v for k, v in val.items()})}")
+        self.run.log(line)
+        self.reporter.message(line)
+        self._window_started += time.perf_counter() - began
 
     def _stopping(self) -> bool:
         """Whether a stop signal came, to this rank or (agreed every step) to any other: all
@@ -266,7 +304,7 @@ class Trainer:
         splits = {"train_epoch": "train", "val": "val"}
         self.last_metrics = {
             f"{splits[r['split']]}.{k}": v for r in records
-            if r.get("epoch") == self.state.epoch and r.get("split") in splits
+            if r.get("epoch") == self.state.epoch and r.get("split") in splits and not r.get("mid_epoch")
             for k, v in r.items() if k not in ("step", "epoch", "split", "time")
         }
 
@@ -296,6 +334,7 @@ class Trainer:
              **self._lrs(state.step - 1), "samples_per_s": round(samples_per_s, 1),
              "time": round(time.time() - self.started, 3)}
         )
+        self.run.flush_metrics()  # a reader sees each interval's record (to the OS: no fsync)
         self.reporter.update(state.batch, {**metrics, "samples/s": round(samples_per_s)})
         self._window_started = time.perf_counter()
 

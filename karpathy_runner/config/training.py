@@ -142,7 +142,13 @@ class TrainConfig(Branch):
 
     epochs: int = Field(10, ge=1, description="Passes over the training split.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps in all, "
-                                  "mid-epoch if need be; null: epochs decides.")
+                                  "mid-epoch if need be (the partial epoch ends as an epoch does, with "
+                                  "its val and checkpoint); null: epochs decides.")
+    max_minutes: float | None = Field(None, gt=0.0, description="Stop once the run has trained this "
+                                      "many minutes, added up over its resumes (meta.json's "
+                                      "duration_s), mid-epoch if need be, as max_steps does: the run "
+                                      "completes with a val of its partial epoch and a checkpoint. "
+                                      "Set it below a job's time limit.")
     device: str = Field("auto", description="auto (CUDA, else Apple's MPS, else the CPU), cpu, cuda, "
                         "cuda:N or mps.")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
@@ -160,6 +166,11 @@ class TrainConfig(Branch):
                                                 description="Stop when a metric stops improving.")
     log_every_steps: int = Field(50, ge=1, description="Training metrics are reduced, checked for "
                                  "non-finite losses and logged every this many steps.")
+    eval_every_steps: int | None = Field(None, ge=1, description="Also validate every this many "
+                                         "steps within an epoch (records of split val marked "
+                                         "mid_epoch in metrics.jsonl): a learning curve for long "
+                                         "epochs. The best checkpoint and early stopping still judge "
+                                         "each epoch's end; null: at each epoch's end only.")
     checkpoint_every_steps: int | None = Field(None, ge=1, description="Also save last.pt every this "
                                                "many steps within an epoch; null: at each epoch's end "
                                                "only.")

@@ -150,6 +150,11 @@ class RunWriter:
         self._log.write(f"{stamp} {line}\n")
         self._log.flush()
 
+    def flush_metrics(self) -> None:
+        """metrics.jsonl's buffered records handed to the OS (no fsync): readers see them."""
+        if self._metrics is not None:
+            self._metrics.flush()
+
     def flush(self, sync: bool = True) -> None:
         """Buffered records handed to the OS; metrics.jsonl also fsynced when `sync` (a
         checkpoint's thread fsyncs it itself, before the checkpoint)."""

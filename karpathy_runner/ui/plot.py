@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from ..dotted import flatten, is_number, varying_keys
 from ..errors import KdlError
-from .tables import SERIES_SKIP, metric_series, short_id
+from .tables import SERIES_SKIP, metric_series, series_axis, short_id
 
 
 class Curves(Protocol):
@@ -88,7 +88,10 @@ def draw(found: list[Curves], metric: str, log_y: bool = False, color_by: str | 
     per-step `train` split, the epoch for `train_epoch` and `val`. Runs without it are left out.
     `records`: each run's metrics records, when the caller has read them."""
     records = records if records is not None else [run.metrics() for run in found]
-    series = [metric_series(r, metric) for r in records]
+    split = metric.partition(".")[0]
+    # one x axis for all: steps if any run has points within epochs
+    axis = "step" if any(series_axis(r, split) == "step" for r in records) else "epoch"
+    series = [metric_series(r, metric, axis) for r in records]
     if not any(ys for _, _, ys in series):
         available = list(dict.fromkeys(name for r in records for name in series_names(r)))
         raise KdlError(f"no metric {metric!r} in these runs; available: {', '.join(available) or 'none yet'}")

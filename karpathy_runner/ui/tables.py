@@ -55,13 +55,21 @@ def value_cell(value: Any) -> str:
 SERIES_SKIP = {"step", "epoch", "split", "time"}  # bookkeeping fields of a record, not metrics
 
 
-def metric_series(records: list[dict[str, Any]], name: str) -> tuple[str, list[float], list[float]]:
-    """(x label, xs, ys) of one split.key metric: per step for the `train` split, else per epoch."""
+def metric_series(records: list[dict[str, Any]], name: str,
+                  axis: str | None = None) -> tuple[str, list[float], list[float]]:
+    """(x label, xs, ys) of one split.key metric: per step for the `train` split and for a val
+    with records within epochs (train.eval_every_steps), else per epoch; or per `axis`."""
     split, _, key = name.partition(".")
-    axis = "step" if split == "train" else "epoch"
+    axis = axis or series_axis(records, split)
     points = [(r[axis], r[key]) for r in records
               if r.get("split") == split and r.get(axis) is not None and is_number(r.get(key))]
     return axis, [float(x) for x, _ in points], [float(y) for _, y in points]
+
+
+def series_axis(records: list[dict[str, Any]], split: str) -> str:
+    """The x axis a split's curve is drawn against: step or epoch."""
+    within = split == "train" or any(r.get("mid_epoch") and r.get("split") == split for r in records)
+    return "step" if within else "epoch"
 
 
 def short_id(run_id: str) -> str:
@@ -119,7 +127,7 @@ def epoch_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     skip = {"step", "epoch", "split", "time"}
     for record in records:
         split = record.get("split")
-        if split not in ("train_epoch", "val"):
+        if split not in ("train_epoch", "val") or record.get("mid_epoch"):
             continue
         prefix = "train" if split == "train_epoch" else "val"
         row = rows.setdefault(record["epoch"], {"epoch": record["epoch"]})

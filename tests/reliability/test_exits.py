@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from kdl import CONFIGS
 
 
@@ -24,3 +25,58 @@ def test_a_process_holding_streamed_batches_at_exit_still_exits(tmp_path):
     )
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "6", done.stderr
+
+
+ENDS = """
+import atexit, sys
+from pathlib import Path
+
+marks = Path(sys.argv[1])
+
+
+class Torn:
+    def __del__(self):  # runs only if Python tears the modules down at exit
+        (marks / "torn-down").write_text("")
+
+
+TORN = Torn()  # a module global: cleared in the teardown
+
+from karpathy_runner import session
+from karpathy_runner.cli import main
+
+train = session.train
+
+
+def training(*args, **kwargs):  # a handler registered during the command, as libraries do
+    atexit.register(lambda: (marks / "handler-ran").write_text(""))
+    return train(*args, **kwargs)
+
+
+session.train = training
+sys.argv = ["kdl", *sys.argv[2:]]
+main()
+"""
+
+
+@pytest.mark.parametrize("sets, code", [(["train.max_steps=2"], 0), (["train.epochs=x"], 2)],
+                         ids=["a completed run", "a bad config"])
+def test_kdl_ends_after_its_exit_handlers_without_tearing_down_its_modules(tmp_path, sets, code):
+    """The teardown of torch's modules took most of a second after a run's last line (several
+    seconds on a loaded machine): kdl exits once the command's exit handlers have run, with the
+    command's exit status and all of its output."""
+    script, marks = tmp_path / "ends.py", tmp_path / "marks"
+    script.write_text(ENDS)
+    marks.mkdir()
+    command = [sys.executable, str(script), str(marks), "train", str(CONFIGS / "digits_cnn.yaml"),
+               *(x for s in ["train.device=cpu", *sets] for x in ("--set", s)), "--runs-dir",
+               str(tmp_path / "runs")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == code, done.stderr
+    if code == 0:
+        run_id = done.stdout.strip()
+        assert (tmp_path / "runs" / run_id / "meta.json").is_file()
+        assert f"inspect:   kdl show {run_id}" in done.stderr  # the last lines, all flushed
+        assert (marks / "handler-ran").is_file()
+    else:
+        assert done.stderr.startswith("error: config error") and "train.epochs" in done.stderr
+    assert not (marks / "torn-down").exists()

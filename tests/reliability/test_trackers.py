@@ -156,12 +156,13 @@ def test_a_failed_stopped_and_resumed_run_is_one_mlflow_run_equal_to_metrics_jso
 
 def test_a_run_killed_writing_a_checkpoint_resumes_into_the_same_mlflow_run(runs):
     """SIGKILL just before the third last.pt lands (step 12): metrics.jsonl already holds steps 9
-    and 12, which MLflow never got and the resume (from step 8) drops and trains again."""
+    and 12 (and 15 when training ran on while the checkpoint thread wrote: records are flushed
+    at each log), which MLflow never got and the resume (from step 8) drops and trains again."""
     process = fork(runs, *train_command(*RANDOM, "train.loggers=[mlflow]"),
                    kill_at=("last.pt", 3, "SIGKILL"))
     assert process.wait(timeout=300) == -signal.SIGKILL, output(process)
     folder = the_run(runs)
-    assert [r["step"] for r in records(folder) if r["split"] == "train"] == [3, 6, 9, 12]
+    assert [r["step"] for r in records(folder) if r["split"] == "train"][:4] == [3, 6, 9, 12]
     client = client_for(runs)
     run_id = mlflow_run_id(folder)
     assert client.get_run(run_id).info.status == "RUNNING"  # killed: nobody told MLflow
