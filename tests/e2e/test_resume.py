@@ -128,7 +128,7 @@ def test_resume_with_changes_is_refused_unless_allowed_and_recorded(tmp_path, mo
     assert allowed.exit_code == 0, allowed.stderr
     meta = read_json(folder / "meta.json")
     assert meta["resumes"][-1]["changes"] == {"train.epochs": {"from": 2, "to": 3},
-                                              "optimizer.weight_decay": {"from": 0.0005, "to": 0.25}}
+                                              "optimizer.weight_decay": {"from": 0.002, "to": 0.25}}
     # the optimizer took the new value, not the one saved with its state
     assert final_state(folder)["optimizers"]["model"]["param_groups"][0]["weight_decay"] == 0.25
     assert meta["status"] == "completed" and meta["epochs_done"] == meta["epochs"] == 3

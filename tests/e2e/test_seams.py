@@ -288,7 +288,7 @@ def test_task_and_optimizer_mistakes_are_config_errors(override, fragments):
 def test_an_optimizer_map_for_one_model_equals_the_single_branch():
     single = load_config(CONFIGS / "digits_cnn.yaml")
     mapped = load_config(CONFIGS / "digits_cnn.yaml",
-                         ["optimizer={model: {name: adamw, lr: 0.003, weight_decay: 0.0005}}"])
+                         ["optimizer={model: {name: adamw, lr: 0.015, weight_decay: 0.002}}"])
     assert mapped.optimizer_for("model") == single.optimizer_for("model") == single.optimizer
 
 

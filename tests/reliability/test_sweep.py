@@ -170,7 +170,7 @@ def test_tensorboard_event_files_are_readable(tmp_path):
     hparams = events.PluginTagToContent("hparams")
     start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"])
     values = start.session_start_info.hparams
-    assert values["optimizer.lr"].number_value == pytest.approx(0.003)
+    assert values["optimizer.lr"].number_value == pytest.approx(0.015)
     assert values["model.name"].string_value == "cnn"
     assert values["model.channels"].string_value == "[8, 16]"
     assert values["train.epochs"].number_value == 2

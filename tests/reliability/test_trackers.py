@@ -334,7 +334,7 @@ def test_wandb_offline_run_in_the_run_folder_is_reopened_by_a_resume(tmp_path, m
     wandb.teardown()  # as the end of a kdl process does: W&B's service writes out its files
     assert wandb_history(sessions, keys) == expected
     config = wandb_config(sessions[-1])
-    assert config["optimizer.lr"] == 0.003 and config["model.channels"] == [8, 16]
+    assert config["optimizer.lr"] == 0.015 and config["model.channels"] == [8, 16]
     saved = sessions[-1] / "files" / folder.name  # kdl's files, apart from W&B's own
     assert (saved / "summary.json").read_text() == (folder / "summary.json").read_text()
     assert (saved / "config.yaml").read_text() == (folder / "config.yaml").read_text()

@@ -23,9 +23,23 @@ def test_there_are_configs_to_check():
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_config_validates_and_starts_with_its_command(path):
     cfg = load_config(path)
-    assert path.read_text().splitlines()[0] == f"# kdl train configs/{path.relative_to(CONFIGS)}"
+    command = f"# kdl train configs/{path.relative_to(CONFIGS)}"
+    first = path.read_text().splitlines()[0]
+    assert first == command or first.startswith(f"{command} --set data.")  # own data: its path
     # the resolved config round-trips through YAML to the same experiment
     assert resolve(yaml.safe_load(cfg.to_yaml())).hash() == cfg.hash()
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_config_says_how_its_settings_were_chosen(path):
+    """As airbench does: the search that chose them (its command, result and machine), or why
+    none could run where kdl is developed."""
+    header = " ".join(line[1:].strip() for line in path.read_text().splitlines()
+                      if line.startswith("#"))
+    if "Not tuned:" not in header:
+        assert "Tuned with kdl's own" in header and f"kdl sweep configs/{path.name}" in header
+        assert "CPU cores" in header and "torch 2." in header  # the machine
+        assert any(c.isdigit() for c in header.split("kdl sweep", 1)[1])  # its results
 
 
 def test_cifar_config_is_the_seed_experiment():
