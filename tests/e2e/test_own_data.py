@@ -72,3 +72,13 @@ def test_each_own_data_config_needs_only_its_path(name, tmp_path, monkeypatch, r
     assert given.exit_code == 0, given.stderr
     meta = json.loads((runs_dir / given.last_line / "meta.json").read_text())
     assert meta["status"] == "completed"
+
+
+def test_the_readme_says_how_to_install_for_a_cpu_and_how_many_threads_to_use():
+    """The README's quick start: the CPU build of torch (without it pip brings gigabytes of CUDA
+    libraries onto a CPU machine), fewer threads on a busy machine, and the own-data configs."""
+    readme = (CONFIGS.parent / "README.md").read_text()
+    assert "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu" in readme
+    assert "OMP_NUM_THREADS=1 kdl train" in readme
+    for name, (key, _, _) in CASES.items():
+        assert f"kdl train configs/{name}.yaml --set {key}=PATH" in readme
