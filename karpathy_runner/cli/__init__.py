@@ -35,6 +35,12 @@ def main() -> None:
     except SystemExit as exc:
         ending.code = exc.code
         raise
+    except KeyboardInterrupt:  # outside the loop's own handling: as Python ends on one
+        ending.code = 130
+        raise
+    except BaseException:  # a bug: Python prints its traceback, and the status is 1
+        ending.code = 1
+        raise
 
 
 class _Ending:
