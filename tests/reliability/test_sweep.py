@@ -103,6 +103,7 @@ def test_skip_existing_skips_completed_and_resumes_interrupted(tmp_path):
     assert len(list(iter_runs(tmp_path))) == 1
 
 
+@pytest.mark.usefixtures("single_thread")  # the reused run, trained here, as the points are
 def test_a_rerun_of_an_interrupted_sweep_compares_every_point_like_an_uninterrupted_one(tmp_path):
     """The learning-rate sweep of the README, stopped by a Ctrl-C and run again with
     --skip-existing: its table holds every point of the grid, the interrupted point resumed, the
