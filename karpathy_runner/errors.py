@@ -2,6 +2,17 @@
 
 from __future__ import annotations
 
+QUOTE_LIMIT = 200  # characters of a value an error message repeats
+MAX_PROBLEMS = 20  # problems a config error lists
+
+
+def quoted(value: object) -> str:
+    """repr(value), cut to QUOTE_LIMIT characters: a message never repeats a huge value."""
+    text = repr(value)
+    if len(text) <= QUOTE_LIMIT:
+        return text
+    return f"{text[:QUOTE_LIMIT]}... ({len(text):,} characters in all)"
+
 
 class KdlError(Exception):
     """Bad usage, bad config or missing input: the user can fix it. Exit code 2."""
@@ -19,6 +30,8 @@ class ConfigError(KdlError):
     """One or more problems in a config, each naming the key path and the fix."""
 
     def __init__(self, problems: list[str], source: str | None = None):
+        if len(problems) > MAX_PROBLEMS:  # a huge wrong value: its first problems say enough
+            problems = [*problems[:MAX_PROBLEMS], f"... and {len(problems) - MAX_PROBLEMS:,} more"]
         self.problems = problems
         self.source = source
         where = f" in {source}" if source else ""

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..dotted import MISSING, dotted_get, flatten, hashable, is_number, varying_keys
-from ..errors import KdlError
+from ..errors import KdlError, quoted
 from ..runfolder import layout, sweeps
 from ..runfolder.reader import (
     Run,
@@ -97,16 +97,18 @@ class Condition:
 def parse_where(items: list[str]) -> list[Condition]:
     if not items:
         return []  # and no yaml import: it costs 30 ms of a plain `kdl runs`
-    import yaml
+    from ..config import safe_yaml
 
     conditions = []
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
-            raise KdlError(f"--where takes key=value, like optimizer.lr=0.1; got {item!r}")
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
+            raise KdlError(f"--where takes key=value, like optimizer.lr=0.1; got {quoted(item)}")
+        try:  # within the bounds of YAML in a config file
+            value = safe_yaml.parse(text)
+        except safe_yaml.TooLarge as exc:
+            raise KdlError(f"--where {key.strip()}: the value {exc}") from None
+        except safe_yaml.UnsafeYaml:
             value = text
         conditions.append(Condition(key.strip(), value, text))
     return conditions

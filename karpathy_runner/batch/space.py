@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import KdlError
+from ..errors import KdlError, quoted
 from .sweep import check_point, split_values, yaml_value
 
 SPACE_FORM = ("write --space KEY=DIST with DIST one of uniform(a,b), loguniform(a,b), int(a,b), "
@@ -101,9 +101,11 @@ def _yaml(key: str, text: str, item: str) -> Any:
     from ..errors import ConfigError
 
     try:
-        return parse_override(f"{key}={text}")[1]
-    except ConfigError:
-        raise KdlError(f"--space {item}: {text!r} is not a YAML value") from None
+        return parse_override(f"{key}={text}", "--space")[1]
+    except ConfigError as exc:
+        if "is refused" in str(exc):  # beyond the bounds of YAML in a config file
+            raise
+        raise KdlError(f"--space {quoted(item)}: {quoted(text)} is not a YAML value") from None
 
 
 def check_space(config: Path, base: list[str], space: list[Dimension]) -> None:

@@ -24,7 +24,7 @@ from typing import IO, Any
 
 import yaml
 
-from ..errors import KdlError
+from ..errors import KdlError, quoted
 
 # exit codes of `kdl train`; killed by a signal (a second Ctrl-C) Popen says -SIGNAL
 STATUS_BY_EXIT = {0: "completed", 1: "failed", 2: "bad config", 130: "interrupted", 143: "interrupted",
@@ -60,8 +60,9 @@ def parse_grid(items: list[str]) -> list[tuple[str, list[Any]]]:
     for item in items:
         key, sep, values = item.partition("=")
         if not sep or not key.strip() or not values.strip():
-            raise KdlError(f"--grid {item!r} is malformed; write --grid key=v1,v2 e.g. --grid seed=0,1,2")
-        parsed = [parse_override(f"{key}={value}")[1] for value in split_values(values)]
+            raise KdlError(f"--grid {quoted(item)} is malformed; write --grid key=v1,v2 e.g. "
+                           "--grid seed=0,1,2")
+        parsed = [parse_override(f"{key}={value}", "--grid")[1] for value in split_values(values)]
         if any(existing == key.strip() for existing, _ in grid):
             raise KdlError(f"--grid {key.strip()!r} is given twice; put all its values in one --grid")
         grid.append((key.strip(), parsed))

@@ -21,7 +21,7 @@ from typing import Annotated, Any, ClassVar, Generic, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import KdlError
+from ..errors import KdlError, quoted
 
 # seeds go to generators that take 64 bits (torch.manual_seed): bounded here, not by a traceback
 Seed = Annotated[int, Field(ge=-(2**63), lt=2**63)]
@@ -155,7 +155,7 @@ class Registry(Generic[F]):
 
     def unknown(self, given: Any) -> str:
         """The message for a name no family answers to."""
-        return (f"{self.branch}.name: unknown {self.base.NOUN} {given!r}. "
+        return (f"{self.branch}.name: unknown {self.base.NOUN} {quoted(given)}. "
                 f"Valid names: {', '.join(self.names())}")
 
 

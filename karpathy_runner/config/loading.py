@@ -8,10 +8,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
-from ..errors import ConfigError
+from ..errors import ConfigError, quoted
 from . import safe_yaml
 from .messages import describe, unknown_keys
 from .root import Config, cross_problems, with_derived_defaults
@@ -49,20 +48,24 @@ def parse_yaml(text: str, source: str) -> dict[str, Any]:
 SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`optimizer.lr=0.1` -> (['optimizer', 'lr'], 0.1); the value is read as a YAML scalar/list."""
+def parse_override(text: str, option: str = "--set") -> tuple[list[str], Any]:
+    """`optimizer.lr=0.1` -> (['optimizer', 'lr'], 0.1); the value is read as a YAML scalar/list,
+    within the bounds of a config file's YAML (safe_yaml: aliases, nesting)."""
     key, sep, value = text.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(
-            [f"--set {text!r} is malformed; write --set key.sub=value, e.g. --set optimizer.lr=0.1"]
+            [f"{option} {quoted(text)} is malformed; write {option} key.sub=value, e.g. "
+             f"{option} optimizer.lr=0.1"]
         )
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError:
+        parsed = safe_yaml.parse(value) if value.strip() else ""
+    except safe_yaml.TooLarge as exc:
+        raise ConfigError([f"{option} {key}: the value {exc}"]) from None
+    except safe_yaml.UnsafeYaml:
         raise ConfigError(
-            [f"--set {text!r}: the value {value!r} is not a valid YAML scalar or list; quote it "
-             "for the shell and close its brackets, e.g. --set 'model.channels=[16, 32]'"]
+            [f"{option} {key}: the value {quoted(value)} is not a valid YAML scalar or list; quote "
+             "it for the shell and close its brackets, e.g. --set 'model.channels=[16, 32]'"]
         ) from None
     if isinstance(parsed, str) and SCIENTIFIC.match(parsed):
         parsed = float(parsed)  # YAML 1.1 reads 1e-3 (no dot) as text; users mean a number

@@ -8,6 +8,7 @@ from typing import Any, get_args
 
 from pydantic import BaseModel
 
+from ..errors import quoted
 from .families import REGISTRIES
 from .root import Config
 from .training import UNION_TAGS, OptimizerConfig, SchedulerConfig, optimizer_form
@@ -69,14 +70,14 @@ def describe(err: dict[str, Any]) -> str:
         return err["msg"]
     if kind == "literal_error" and loc and loc[-1] == "name" and loc[0] in _NAMES:
         choices = get_args(_NAMES[loc[0]].model_fields["name"].annotation)
-        return f"{path}: unknown {loc[0]} {value!r}. Valid names: {', '.join(choices)}"
+        return f"{path}: unknown {loc[0]} {quoted(value)}. Valid names: {', '.join(choices)}"
     if kind == "literal_error":
         expected = err.get("ctx", {}).get("expected", "")
-        return f"{path}: {value!r} is not allowed; choose one of {expected}"
+        return f"{path}: {quoted(value)} is not allowed; choose one of {expected}"
     if kind in ("model_type", "dict_type", "model_attributes_type"):
-        return f"{path}: expected a mapping of keys, got {value!r}"
+        return f"{path}: expected a mapping of keys, got {quoted(value)}"
     msg = err["msg"]
-    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    shown = "" if isinstance(value, dict) else f" (got {quoted(value)})"
     if msg.startswith("Value error, "):  # our validators already show the value
         msg, shown = msg[len("Value error, "):], ""
         if msg.startswith(path):  # ... and sometimes the key

@@ -15,6 +15,10 @@ class UnsafeYaml(ValueError):
     """Text that is not valid YAML or that expands beyond the bounds; says why and where."""
 
 
+class TooLarge(UnsafeYaml):
+    """YAML beyond the bounds: aliases that expand too far, or nesting too deep."""
+
+
 def parse(text: str) -> Any:
     """The one YAML document in `text` (None if empty), through libyaml where PyYAML has it."""
     import yaml
@@ -30,9 +34,11 @@ def parse(text: str) -> Any:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        if "maximum nesting depth" in problem:  # libyaml's own bound (1,000), beyond ours
+            raise TooLarge(f"is refused: it nests more than {MAX_DEPTH} levels deep") from None
         raise UnsafeYaml(f"is not valid YAML{where}: {problem}") from None
     except RecursionError:
-        raise UnsafeYaml(f"is not valid YAML: nested more than {MAX_DEPTH} levels deep") from None
+        raise TooLarge(f"is refused: it nests more than {MAX_DEPTH} levels deep") from None
     finally:
         loader.dispose()
 
@@ -59,17 +65,17 @@ def _check_expansion(root: Any) -> None:
             counts[id(node)] = 1 + sum(counts[id(child)] for child in _children(node))
             on_path.discard(id(node))
             if counts[id(node)] > MAX_VALUES:
-                raise UnsafeYaml(f"is refused: its aliases (*name) expand to more than "
+                raise TooLarge(f"is refused: its aliases (*name) expand to more than "
                                  f"{MAX_VALUES:,} values; write the values out instead")
             continue
         if id(node) in counts:
             continue
         if depth > MAX_DEPTH:
-            raise UnsafeYaml(f"is refused: it nests more than {MAX_DEPTH} levels deep")
+            raise TooLarge(f"is refused: it nests more than {MAX_DEPTH} levels deep")
         on_path.add(id(node))
         stack.append((node, depth, True))
         for child in _children(node):
             if id(child) in on_path:
-                raise UnsafeYaml("is refused: an alias (*name) refers to a value that holds it")
+                raise TooLarge("is refused: an alias (*name) refers to a value that holds it")
             if id(child) not in counts:
                 stack.append((child, depth + 1, False))

@@ -1,0 +1,54 @@
+"""Values given on the command line (--set, --grid, --space, --where) are read within the bounds
+of YAML in a config file: an alias bomb or a deep nesting is refused at once with exit 2, never a
+minutes-long expansion or a RecursionError; and an error message quotes a value at most a few
+hundred characters long, listing a limited number of problems."""
+
+from __future__ import annotations
+
+import pytest
+from kdl import CONFIGS, kdl
+
+CONFIG = str(CONFIGS / "digits_cnn.yaml")
+# 300 bytes that stand for 9**4 * 6 * ... values once every alias is expanded
+BOMB = ("[&a [x,x,x,x,x,x,x,x,x], &b [*a,*a,*a,*a,*a,*a,*a,*a,*a], &c [*b,*b,*b,*b,*b,*b,*b,*b,*b], "
+        "&d [*c,*c,*c,*c,*c,*c,*c,*c,*c], &e [*d,*d,*d,*d,*d,*d,*d,*d,*d], [*e,*e,*e,*e,*e,*e]]")
+DEEP = "[" * 5000 + "]" * 5000  # beyond libyaml's own bound (1,000 levels)
+DEEPER_THAN_OURS = "[" * 900 + "]" * 900  # within libyaml's: kdl's bound (100) refuses it
+
+OPTIONS = {
+    "--set": lambda v: ["validate", CONFIG, "--set", f"model.channels={v}"],
+    "--grid": lambda v: ["sweep", CONFIG, "--emit", "--grid", f"model.channels={v}"],
+    "--space": lambda v: ["sweep", CONFIG, "--trials", "1", "--space", f"model.channels=choice({v})"],
+    "--where": lambda v: ["runs", "--where", f"model.channels={v}"],
+}
+
+
+@pytest.mark.parametrize("value, why", [(BOMB, "expand to more than 100,000 values"),
+                                        (DEEP, "nests more than 100 levels deep"),
+                                        (DEEPER_THAN_OURS, "nests more than 100 levels deep")],
+                         ids=["aliases", "depth", "depth-900"])
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_a_value_beyond_the_bounds_of_a_config_file_is_refused(runs_dir, option, value, why):
+    runs_dir.mkdir()
+    result = kdl(*OPTIONS[option](value))
+    assert result.exit_code == 2, result.stderr
+    assert f"{option} model.channels: the value is refused: " in result.stderr and why in result.stderr
+    assert len(result.stderr) < 300 and not any(run.is_dir() for run in runs_dir.iterdir())
+
+
+def test_an_error_quotes_a_long_value_cut_short():
+    result = kdl("validate", CONFIG, "--set", "data.name=" + "x" * 5000)
+    assert result.exit_code == 2
+    assert "unknown dataset 'xxx" in result.stderr and "(5,002 characters in all)" in result.stderr
+    assert len(result.stderr) < 700
+
+    unparsable = kdl("validate", CONFIG, "--set", "model.channels=[" + "1," * 3000)
+    assert unparsable.exit_code == 2 and "is not a valid YAML scalar or list" in unparsable.stderr
+    assert len(unparsable.stderr) < 700
+
+
+def test_a_value_with_thousands_of_problems_lists_the_first():
+    result = kdl("validate", CONFIG, "--set", "model.channels=[" + ",".join(["x"] * 5000) + "]")
+    assert result.exit_code == 2
+    assert "model.channels.19: must be a valid integer" in result.stderr
+    assert "model.channels.20:" not in result.stderr and "... and 4,980 more" in result.stderr
