@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import KdlError
-from ..runfolder import layout
+from ..runfolder import fsio, layout
 from ..runfolder.fsio import RunLock
 from ..runfolder.layout import runs_dir as runs_folder
 from ..runfolder.reader import Run, best_metric_name, current_best, resolve_run, resolve_runs
@@ -205,7 +205,10 @@ def print_show(run: Run) -> None:
     console.print(f"[bold]{run.id}[/bold]  {run.path}")
     console.print("\n[bold]config[/bold]")
     config = run.path / layout.CONFIG
-    text = config.read_bytes().decode("utf-8", errors="replace") if config.is_file() else ""
+    try:  # a regular file only: a FIFO there would wait for a writer
+        text = fsio.read_bytes(config).decode("utf-8", errors="replace")
+    except OSError:
+        text = ""
     console.print(text.rstrip(), markup=False)
     console.print("\n[bold]environment[/bold]")
     env = {k: meta.get(k) for k in ENV_KEYS} | dict(meta.get("versions") or {})

@@ -5,9 +5,11 @@ JSONL files that may be damaged without ever raising."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import json
 import os
+import stat
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -223,6 +225,22 @@ def write_text(path: Path, text: str) -> None:
     atomic_write(path, text.encode())
 
 
+def read_bytes(path: Path, limit: int | None = None, offset: int = 0) -> bytes:
+    """A regular file's bytes (at most `limit` of them from `offset`). Anything else at the path
+    (a FIFO, a device, a socket, a folder) raises OSError "not a regular file" before a byte is
+    read: opening a FIFO to read waits for a writer, and a device may never end."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            if offset:
+                handle.seek(offset)
+            return handle.read() if limit is None else handle.read(limit)
+    finally:
+        os.close(fd)
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object file; {} if it is missing or damaged (read_object says why)."""
     return read_object(path)[0]
@@ -231,7 +249,7 @@ def read_json(path: Path) -> dict[str, Any]:
 def read_object(path: Path) -> tuple[dict[str, Any], str | None]:
     """A JSON object file and, if it is there but unusable, why: never an exception."""
     try:
-        value = json.loads(Path(path).read_bytes().decode("utf-8"))
+        value = json.loads(read_bytes(path).decode("utf-8"))
     except FileNotFoundError:
         return {}, None
     except OSError as exc:
@@ -251,7 +269,7 @@ def read_jsonl_lines(path: Path) -> list[dict[str, Any]]:
     """The JSON objects of a JSON-lines file; a line that is not one (a cut last line, damage)
     is skipped; [] for a missing file."""
     try:
-        lines = Path(path).read_bytes().split(b"\n")
+        lines = read_bytes(path).split(b"\n")
     except OSError:
         return []
     objects = []
@@ -274,7 +292,7 @@ def read_records(path: Path) -> tuple[list[dict[str, Any]], int]:
     """metrics.jsonl's records (each with an int step and epoch and a str split), and how many
     other lines it holds (binary, not JSON, not such a record), a truncated last line aside."""
     try:
-        lines = Path(path).read_bytes().split(b"\n")
+        lines = read_bytes(path).split(b"\n")
     except OSError:
         return [], 0
     records, bad = [], 0
@@ -286,12 +304,17 @@ def read_records(path: Path) -> tuple[list[dict[str, Any]], int]:
         except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
             bad += number < len(lines) - 1  # the last line without its newline: cut short by a kill
             continue
-        if (isinstance(record, dict) and _is_int(record.get("step"))
-                and _is_int(record.get("epoch")) and isinstance(record.get("split"), str)):
+        if is_record(record):
             records.append(record)
         else:
             bad += 1
     return records, bad
+
+
+def is_record(value: Any) -> bool:
+    """A metrics.jsonl record: an object with an int step and epoch and a str split."""
+    return (isinstance(value, dict) and _is_int(value.get("step")) and _is_int(value.get("epoch"))
+            and isinstance(value.get("split"), str))
 
 
 def _is_int(value: Any) -> bool:

@@ -6,14 +6,15 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ..dotted import dotted_get
-from ..errors import KdlError
-from .fsio import read_object, read_records
+from ..errors import KdlError, quoted
+from .fsio import is_record, read_bytes, read_object, read_records
 from .layout import CHECKPOINTS, CONFIG, META, METRICS, SUMMARY, VOCAB, process_start_time
 from .sweeps import pruned
 
@@ -26,6 +27,9 @@ META_TYPES: dict[str, type | tuple[type, ...]] = {
     "metric_modes": dict, "resumes": list, "command": list,
 }
 SUMMARY_TYPES: dict[str, type | tuple[type, ...]] = {"final": dict, "best": dict}
+PID_MAX = 2**31 - 1  # a process id is a positive pid_t
+GLANCE = 4096  # bytes read from each end of metrics.jsonl, and from config.yaml's start, by a glance
+YAML_KEY = re.compile(r"^[A-Za-z_][\w.-]*\s*:")
 
 
 class Run:
@@ -38,6 +42,7 @@ class Run:
         self._meta: dict[str, Any] | None = None
         self._summary: dict[str, Any] | None = None
         self.problems: dict[str, str] = {}  # file name -> what is wrong with it
+        self._glanced = False
 
     def _object(self, name: str, types: dict[str, type | tuple[type, ...]]) -> dict[str, Any]:
         value, problem = read_object(self.path / name)
@@ -55,13 +60,59 @@ class Run:
     def meta(self) -> dict[str, Any]:
         if self._meta is None:
             self._meta = self._object(META, META_TYPES)
+            pid = self._meta.get("pid")
+            if pid is not None and not 0 < pid <= PID_MAX:  # -1 or 0 would signal a group
+                self.problems.setdefault(META, f"'pid' is {quoted(pid)}, not a process id")
+                del self._meta["pid"]
         return self._meta
 
     @property
     def damage(self) -> str | None:
-        """What is wrong with the files read so far (meta.json always), or None."""
+        """What is wrong with the files read so far (meta.json always, and a glance at
+        config.yaml and metrics.jsonl), or None."""
         _ = self.meta
+        if not self._glanced:
+            self._glanced = True
+            self._glance()
         return "; ".join(f"{name} {problem}" for name, problem in self.problems.items()) or None
+
+    def _glance(self) -> None:
+        """A cheap look at config.yaml and metrics.jsonl, for listings of many runs: a short read
+        of config.yaml's start (UTF-8 text whose first line is a key) and of metrics.jsonl's first
+        and last complete lines (records). Damage between them shows when the whole file is read."""
+        try:
+            start = read_bytes(self.path / CONFIG, GLANCE)
+        except FileNotFoundError:
+            start = None
+        except OSError as exc:
+            self.problems.setdefault(CONFIG, f"cannot be read ({exc.strerror})")
+            start = None
+        if start is not None:
+            if b"\x00" in start or not _utf8(start, cut=len(start) == GLANCE):
+                self.problems.setdefault(CONFIG, "is not UTF-8 text")
+            else:
+                lines = [line for line in start.decode("utf-8", errors="ignore").splitlines()
+                         if line.strip() and not line.startswith("#")]
+                if not lines or not YAML_KEY.match(lines[0]):
+                    self.problems.setdefault(CONFIG, "is not a mapping of config keys")
+        try:
+            path = self.path / METRICS
+            size = os.stat(path).st_size
+            head = read_bytes(path, GLANCE)
+            tail = head if size <= GLANCE else read_bytes(path, GLANCE, size - GLANCE)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            self.problems.setdefault(METRICS, f"cannot be read ({exc.strerror})")
+            return
+        # complete lines only: the first ends within the head; the tail's first piece may be cut
+        first = head.split(b"\n", 1)[0] if b"\n" in head else None
+        pieces = tail.split(b"\n")[:-1]  # what follows the last newline: a line a kill cut short
+        last = pieces[-1] if pieces and (size <= GLANCE or len(pieces) > 1) else None
+        if (b"\n" not in head and size > GLANCE) or any(
+                line is not None and line.strip() and not _is_record_line(line) for line in (first, last)):
+            self.problems.setdefault(METRICS, "has lines that are not metric records "
+                                              "(binary, not JSON, or without step, epoch and split)")
 
     @property
     def status(self) -> str:
@@ -89,7 +140,7 @@ class Run:
         from ..config.safe_yaml import UnsafeYaml, parse
 
         try:
-            raw = parse((self.path / CONFIG).read_bytes().decode("utf-8"))
+            raw = parse(read_bytes(self.path / CONFIG).decode("utf-8"))
         except FileNotFoundError:
             return {}
         except OSError as exc:
@@ -135,13 +186,29 @@ class Run:
     def vocabulary(self) -> list[str] | None:
         """The run's saved vocabulary (text and character data), or None."""
         try:
-            tokens = json.loads((self.path / VOCAB).read_text())
+            tokens = json.loads(read_bytes(self.path / VOCAB).decode("utf-8"))
         except (OSError, ValueError, RecursionError):
             return None
         return tokens if isinstance(tokens, list) and all(isinstance(t, str) for t in tokens) else None
 
     def checkpoint(self, which: str) -> Path:
         return self.path / CHECKPOINTS / f"{which}.pt"
+
+
+def _utf8(data: bytes, cut: bool) -> bool:
+    """Is `data` UTF-8 (allowing, when it was `cut` from a longer file, a character cut short)?"""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return cut and exc.start >= len(data) - 3 and exc.reason == "unexpected end of data"
+    return True
+
+
+def _is_record_line(line: bytes) -> bool:
+    try:
+        return is_record(json.loads(line.decode("utf-8")))
+    except (ValueError, RecursionError):
+        return False
 
 
 def _type_name(kind: type | tuple[type, ...]) -> str:
@@ -181,6 +248,8 @@ def _process_alive(meta: dict[str, Any]) -> bool:
     pid = meta.get("pid")
     if not pid or meta.get("host") != socket.gethostname():
         return True  # another machine's process: we cannot tell, trust the file
+    if not isinstance(pid, int) or not 0 < pid <= PID_MAX:
+        return False  # not a process id: no process of ours
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:

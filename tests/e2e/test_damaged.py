@@ -4,9 +4,11 @@ hides the other runs; the damaged run is shown as damaged with the file and the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -60,7 +62,17 @@ CASES = [
     ("pid not an integer", edit_meta(status="running", pid="12ab"), "meta.json", "'pid' is '12ab'"),
     ("meta.json nested 100000 deep", write("meta.json", "[" * 100_000 + "]" * 100_000),
      "meta.json", "nested too deeply"),
+    ("pid beyond any process id", edit_meta(status="running", pid=10**30), "meta.json",
+     "'pid' is 1000000000000000000000000000000, not a process id"),
+    ("pid -1 of a running run", edit_meta(status="running", pid=-1), "meta.json",
+     "'pid' is -1, not a process id"),
     ("summary.json a list", write("summary.json", "[]"), "summary.json", "holds a JSON list"),
+    ("config.yaml overwritten", write("config.yaml", bytes(range(256)) * 8), "config.yaml",
+     "is not UTF-8 text"),
+    ("config.yaml not a config", write("config.yaml", "- just\n- a list\n"), "config.yaml",
+     "not a mapping"),
+    ("metrics.jsonl overwritten", write("metrics.jsonl", b"\x00garbage\n" * 1000), "metrics.jsonl",
+     "not metric records"),
     ("binary config.yaml", write("config.yaml", b"name: x\n\xff\xfe\x00\x9c binary\n"),
      "config.yaml", "is not UTF-8 text"),
     ("binary in metrics.jsonl", with_metrics_line(b"\xff\xfe\x00\x9c\x80"), "metrics.jsonl",
@@ -76,6 +88,9 @@ CASES = [
     ("garbage checkpoints", both_checkpoints(bytes(range(256)) * 4), ".pt",
      "is not a kdl checkpoint"),
 ]
+# damage a listing sees at a glance (config.yaml's start, metrics.jsonl's first and last lines)
+GLANCED = {"binary config.yaml", "config.yaml overwritten", "config.yaml not a config",
+           "metrics.jsonl overwritten"}
 CHECKPOINT_CASES = {"checkpoint without its loop", "checkpoint with extra keys",
                     "zero-byte checkpoints", "garbage checkpoints"}
 
@@ -109,9 +124,9 @@ def test_every_read_command_survives_a_damaged_run(runs, trained, tmp_path, case
     assert HEALTHY in listed.stdout and damaged in listed.stdout
     rows = {row["id"]: row for row in json.loads(kdl("runs", *where, "--json").stdout)}
     assert rows[HEALTHY]["status"] == "completed" and damaged in rows
-    if file == "meta.json":
+    if file == "meta.json" or case in GLANCED:  # a listing reads meta.json, glances at the rest
         assert rows[damaged]["status"] == "damaged" and reason in rows[damaged]["damage"]
-        assert f"{damaged} is damaged: meta.json" in listed.stderr
+        assert f"{damaged} is damaged: {file}" in listed.stderr
     for sort in ("val.accuracy", "best", "optimizer.lr"):
         result = kdl("runs", *where, "--sort", sort)
         assert result.exit_code == 0 and HEALTHY in result.stdout, (sort, result.stderr)
@@ -147,3 +162,54 @@ def test_a_symlink_in_the_runs_folder_is_not_a_run(runs, trained, tmp_path):
     assert removed.exit_code == 2 and "no run" in removed.stderr
     no_traceback(removed)
     assert (elsewhere / "meta.json").is_file()
+
+
+class Hung(BaseException):
+    """Not an OSError (as TimeoutError is), which a reader of damaged files would catch."""
+
+
+@contextlib.contextmanager
+def within(seconds: float):
+    """Fail instead of hanging: a read that waits on a FIFO is stopped by an alarm."""
+    def expired(signum, frame):
+        raise Hung(f"still waiting after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("name", ["meta.json", "metrics.jsonl", "summary.json", "config.yaml",
+                                  "vocab.json"])
+def test_a_fifo_in_a_run_folder_is_read_as_damage_not_waited_on(runs, trained, name):
+    """Opening a FIFO to read waits for a writer: kdl reads only regular files, so a FIFO (or a
+    device) where a run's file should be is damage, named, and the other runs are listed."""
+    damaged = runs / trained.name
+    (damaged / name).unlink(missing_ok=True)
+    os.mkfifo(damaged / name)
+    where = ("--runs-dir", runs)
+    with within(20):
+        rows = {row["id"]: row for row in json.loads(kdl("runs", *where, "--json").stdout)}
+        shown = kdl("show", trained.name, *where)
+        compared = kdl("compare", HEALTHY, trained.name, *where)
+    assert rows[HEALTHY]["status"] == "completed"
+    assert shown.exit_code == 0 and compared.exit_code == 0, shown.stderr + compared.stderr
+    said = (rows[trained.name]["damage"] or "") + shown.stdout
+    if name != "vocab.json":  # read by eval and resume only
+        assert f"{name} cannot be read (not a regular file)" in said
+
+
+def test_rm_and_compare_survive_a_pid_beyond_any_process(runs, trained):
+    meta = json.loads((runs / trained.name / "meta.json").read_text())
+    (runs / trained.name / "meta.json").write_text(json.dumps({**meta, "pid": 10**30}))
+    where = ("--runs-dir", runs)
+    for command in (["runs"], ["show", trained.name], ["compare", HEALTHY, trained.name]):
+        result = kdl(*command, *where)
+        assert result.exit_code == 0, (command, result.stderr)
+        no_traceback(result)
+    removed = kdl("rm", "--yes", trained.name, *where)
+    no_traceback(removed)
+    assert removed.exit_code == 0 and not (runs / trained.name).exists()
