@@ -14,6 +14,27 @@ def quoted(value: object) -> str:
     return f"{text[:QUOTE_LIMIT]}... ({len(text):,} characters in all)"
 
 
+def what_is(path: object) -> str:
+    """What stands at a path that is not a regular file, for an error: 'a folder', 'a FIFO
+    (named pipe)', 'a device', 'a socket', or 'missing'."""
+    import os
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode  # type: ignore[arg-type]
+    except OSError:
+        return "missing"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a regular file" if stat.S_ISREG(mode) else "not a regular file"
+
+
 class KdlError(Exception):
     """Bad usage, bad config or missing input: the user can fix it. Exit code 2."""
 

@@ -47,5 +47,6 @@ def predict_run(runs_root: Path, ref: str, given: list[str], top_k: int = 1,
             probabilities = model(*batch).float().softmax(dim=1)  # (B, num_classes)
         values, indices = probabilities.topk(top_k, dim=1)
         for item, row, index in zip(chunk, values.tolist(), indices.tolist(), strict=True):
-            predictions.append(Prediction(item, [(names[i], p) for i, p in zip(index, row, strict=True)]))
+            classes = [(names[i], p) for i, p in zip(index, row, strict=True)]
+            predictions.append(Prediction(str(item), classes))  # a text, or the path it came from
     return loaded.run, predictions

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ..errors import ConfigError, quoted
+from ..errors import ConfigError, quoted, what_is
 from . import safe_yaml
 from .messages import describe, unknown_keys
 from .root import Config, cross_problems, with_derived_defaults
@@ -20,8 +20,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a config file with safe loading; anything but a mapping is an error."""
     path = Path(path)
     if not path.is_file():
+        what = "does not exist" if not path.exists() else f"is {what_is(path)}, not a file"
         raise ConfigError(
-            [f"config file {str(path)!r} does not exist; pass a YAML file such as configs/digits_cnn.yaml"]
+            [f"config file {str(path)!r} {what}; pass a YAML file such as configs/digits_cnn.yaml"]
         )
     try:
         text = path.read_bytes().decode("utf-8")

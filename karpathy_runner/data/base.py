@@ -10,7 +10,9 @@ character data use it instead of building their own), `preprocessing` a pretrain
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -75,11 +77,12 @@ class Prepare(Protocol):
 
 class Inputs(Protocol):
     """How a family reads new inputs for `kdl predict`: the items the given arguments name (files
-    in folders, lines of text files), and a batch of some of them as the data's own batches."""
+    in folders, lines of text files), and a batch of some of them as the data's own batches. An
+    item is shown as str(item): a text, or the path of a file."""
 
-    def items(self, given: list[str]) -> list[str]: ...
+    def items(self, given: list[str]) -> Sequence[str | Path]: ...
 
-    def batch(self, items: list[str]) -> tuple[torch.Tensor, ...]: ...
+    def batch(self, items: Sequence[str | Path]) -> tuple[torch.Tensor, ...]: ...
 
 
 @dataclass

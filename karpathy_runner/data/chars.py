@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..config.data import CharDataConfig
-from ..errors import KdlError
+from ..errors import KdlError, what_is
 from .base import BatchDataset, DataBundle, DataInfo, Preprocessing, download, eval_batch_size
 
 UNKNOWN = "\ufffd"  # vocabulary[0]: any character the training text lacks
@@ -205,7 +205,7 @@ def read_text(path: Path, max_chars: int | None, fix: str) -> str:
     if not path.exists():
         raise KdlError(f"text file {path} does not exist. Fix: {fix}.")
     if not path.is_file():
-        raise KdlError(f"{path} is a folder, not a text file. Fix: {fix}.")
+        raise KdlError(f"{path} is {what_is(path)}, not a text file. Fix: {fix}.")
     try:
         with open(path, encoding="utf-8", newline="") as f:
             return f.read(-1 if max_chars is None else max_chars)

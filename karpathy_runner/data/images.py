@@ -311,14 +311,21 @@ def _build_folder(cfg: ImageDataConfig, preprocessing: Preprocessing | None = No
         raise KdlError(
             f"image_folder: {root / 'train'} has no class folders. Expected: {_FOLDER_LAYOUT}."
         ) from None
-    try:
-        train = _scan(root / "train", class_to_idx, cfg, size, crop, allow_empty=False)
-    except FileNotFoundError:  # torchvision's words for class folders without one image
+    train = _scan(root / "train", class_to_idx, cfg, size, crop, allow_empty=True)
+    found = set(train.labels.tolist())
+    empty = [name for name in classes if class_to_idx[name] not in found]
+    if empty:
         raise KdlError(
-            f"image_folder: no images in the class folders of {root / 'train'} "
-            f"({', '.join(classes)}); image types read: {', '.join(IMG_EXTENSIONS)}. "
-            f"Expected: {_FOLDER_LAYOUT}."
-        ) from None
+            f"image_folder: class folders of {root / 'train'} without images: "
+            f"{', '.join(empty[:20])}{' ...' if len(empty) > 20 else ''} ({len(empty)} of "
+            f"{len(classes)}); image types read: {', '.join(IMG_EXTENSIONS)}. Add images to them "
+            "or remove them."
+        )
+    if len(classes) < 2:
+        raise KdlError(
+            f"image_folder: {root / 'train'} has one class folder ({classes[0]}): a classifier "
+            f"needs two or more, one folder per class. Expected: {_FOLDER_LAYOUT}."
+        )
     if (root / "val").is_dir():
         val = _scan_held(root / "val", class_to_idx, cfg, size, crop)
     else:

@@ -29,6 +29,7 @@ import itertools
 import json
 import re
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 
 from ..config.data import TextDataConfig
-from ..errors import KdlError
+from ..errors import KdlError, quoted, what_is
 from .base import BatchDataset, DataBundle, DataInfo, Preprocessing, download, split_off
 
 PAD, UNK = "<pad>", "<unk>"
@@ -129,30 +130,43 @@ def build(cfg: TextDataConfig, seed: int, vocabulary: list[str] | None,
 
 class TextInputs:
     """`kdl predict`'s texts: each argument, or for an argument naming a file, each non-empty
-    line of it; encoded with the run's vocabulary, as its training texts were."""
+    line of it, and for one naming a folder, each of its .txt files whole (one text per file, as
+    aclImdb keeps its reviews, shown by its path); encoded with the run's vocabulary, as its
+    training texts were."""
 
     def __init__(self, cfg: TextDataConfig, vocabulary: list[str]):
         self.cfg, self.vocabulary = cfg, vocabulary
 
-    def items(self, given: list[str]) -> list[str]:
-        texts: list[str] = []
+    def items(self, given: list[str]) -> Sequence[str | Path]:
+        texts: list[str | Path] = []
         for item in given:
             path = Path(item).expanduser()
             if path.is_file():
-                try:
-                    texts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
-                              if line.strip()]
-                except (OSError, UnicodeDecodeError) as exc:
-                    raise KdlError(f"{item}: cannot read it as UTF-8 text, one text per line "
-                                   f"({exc})") from None
+                texts += [line.strip() for line in _read_utf8(path, item).splitlines() if line.strip()]
+            elif path.is_dir():
+                files = sorted(p for p in path.iterdir() if p.suffix == ".txt" and p.is_file())
+                if not files:
+                    raise KdlError(f"{item}: the folder holds no .txt files; kdl predict reads each "
+                                   "of a folder's .txt files as one text")
+                texts += files  # read in batch(); shown by their paths
+            elif path.exists():
+                raise KdlError(f"{item} is {what_is(path)}: give texts, text files or folders of them")
             else:
                 texts.append(item)
         if not texts:
             raise KdlError("no text to classify: the files given are empty")
         return texts
 
-    def batch(self, items: list[str]) -> tuple[torch.Tensor, ...]:
-        return encode_texts(items, self.cfg, self.vocabulary).get_batch(torch.arange(len(items)))
+    def batch(self, items: Sequence[str | Path]) -> tuple[torch.Tensor, ...]:
+        texts = [_read_utf8(item, str(item)) if isinstance(item, Path) else item for item in items]
+        return encode_texts(texts, self.cfg, self.vocabulary).get_batch(torch.arange(len(texts)))
+
+
+def _read_utf8(path: Path, item: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KdlError(f"{item}: cannot read it as UTF-8 text ({exc})") from None
 
 
 def tokenize(text: str, cfg: TextDataConfig) -> list[str]:
@@ -255,6 +269,12 @@ def _read_text_files(cfg: TextDataConfig) -> tuple[Files, list[str]]:
     train_path = _path(cfg.train_file)
     train = _read_table(train_path, "data.train_file", cfg)
     classes = sorted(set(train[1]))
+    if len(classes) < 2:
+        raise KdlError(
+            f"data.train_file: every text in {train_path} has the label {quoted(classes[0])} (column "
+            f"{cfg.label_field!r}): a classifier needs two or more labels. Fix: the right file, or "
+            f"data.label_field naming the column of the labels."
+        )
     val = _read_held(cfg.val_file, "data.val_file", cfg, classes, train_path)
     test = _read_held(cfg.test_file, "data.test_file", cfg, classes, train_path)
     return (train, val, test), classes

@@ -100,7 +100,7 @@ CASES = [
      ["{tmp}/no_classes/train has no class folders", "ROOT/train/<class>/<image>"]),
     ("image folder without images", ["train", "{config}", "--set", "data.name=image_folder", "--set",
                                      "data.root={tmp}/no_images"],
-     ["no images in the class folders of {tmp}/no_images/train (cat)", ".png"]),
+     ["no images in {tmp}/no_images/train", "ROOT/train/<class>/<image>"]),
     ("cuda without a gpu", ["train", "{config}", "--device", "cuda"],
      ["'cuda' asked for a CUDA GPU but torch sees none", "--device cpu"]),
     ("fp16 on the cpu", ["train", "{config}", "--device", "cpu", "--set", "train.precision=fp16"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -200,3 +201,18 @@ def test_predict_classifies_texts_given_as_arguments_or_in_a_file(tmp_path):
     assert [p["input"] for p in out] == ["great fun", "loved it", "awful mess"]
     assert [len(p["classes"]) for p in out] == [2, 2, 2]  # --top-k beyond the classes: all
     assert [p["classes"][0]["class"] for p in out] == ["pos", "pos", "neg"]
+
+    # a folder: each .txt file one text, shown by its path; a FIFO is no text
+    folder = tmp_path / "reviews"
+    folder.mkdir()
+    (folder / "a.txt").write_text("awful\nmess\n")
+    (folder / "b.txt").write_text("great fun")
+    (folder / "notes.md").write_text("not read")
+    read = kdl("predict", result.last_line, folder, "--json", "--runs-dir", tmp_path / "runs")
+    assert read.exit_code == 0, read.stderr
+    out = json.loads(read.stdout)["predictions"]
+    assert [(p["input"], p["classes"][0]["class"]) for p in out] == [
+        (str(folder / "a.txt"), "neg"), (str(folder / "b.txt"), "pos")]
+    os.mkfifo(tmp_path / "fifo")
+    fifo = kdl("predict", result.last_line, tmp_path / "fifo", "--runs-dir", tmp_path / "runs")
+    assert fifo.exit_code == 2 and f"{tmp_path / 'fifo'} is a FIFO (named pipe)" in fifo.stderr

@@ -194,7 +194,8 @@ def test_jsonl_labels_as_numbers_and_strings_are_one_class(tmp_path):
 
 
 def test_format_setting_overrides_the_extension(tmp_path):
-    train = write_jsonl(tmp_path / "train.txt", [{"text": "hello there", "label": "a"}])
+    train = write_jsonl(tmp_path / "train.txt", [{"text": "hello there", "label": "a"},
+                                                 {"text": "bye", "label": "b"}])  # two labels
     bundle = build_data(text_config(train_file=str(train), format="jsonl", val_fraction=0.0))
     assert decode(bundle.train, bundle.info.vocabulary, 0) == ["hello", "there"]
 
@@ -239,7 +240,8 @@ def test_vocabulary_order_min_freq_and_max_vocab(tmp_path):
 
 
 def test_max_length_keeps_the_first_tokens_and_lowercase_can_be_off(tmp_path):
-    train = write_csv(tmp_path / "train.csv", ["text", "label"], [["One Two, three four", "x"]])
+    train = write_csv(tmp_path / "train.csv", ["text", "label"], [["One Two, three four", "x"],
+                                                                  ["five", "y"]])
     bundle = build_data(text_config(train_file=str(train), val_fraction=0.0, max_length=3,
                                     lowercase=False))
 
