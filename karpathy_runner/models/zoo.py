@@ -10,7 +10,9 @@ Pretrained weights bring their own preprocessing (`preprocessing`), which image 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import sys
 from pathlib import Path
 
 import torch
@@ -97,8 +99,9 @@ def build(cfg: TorchvisionConfig, info: DataInfo) -> TorchvisionClassifier:
                        f"{info.in_channels} channels")
     options = {"aux_logits": False} if cfg.arch in AUX_HEADS else {}
     weights = torchvision.models.get_model_weights(cfg.arch).DEFAULT if cfg.pretrained == "imagenet" else None
-    try:
-        net = torchvision.models.get_model(cfg.arch, weights=weights, **options)
+    try:  # torch.hub says "Downloading: ..." on stdout, whose last line is the run id: stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            net = torchvision.models.get_model(cfg.arch, weights=weights, **options)
     except (RuntimeError, OSError) as exc:  # the download: no network, a bad file
         raise KdlError(
             f"model.pretrained: imagenet: could not get torchvision's {cfg.arch} weights "

@@ -216,3 +216,24 @@ def test_predict_classifies_texts_given_as_arguments_or_in_a_file(tmp_path):
     os.mkfifo(tmp_path / "fifo")
     fifo = kdl("predict", result.last_line, tmp_path / "fifo", "--runs-dir", tmp_path / "runs")
     assert fifo.exit_code == 2 and f"{tmp_path / 'fifo'} is a FIFO (named pipe)" in fifo.stderr
+
+
+def test_imagenet_weights_offline_are_an_error_and_stdout_keeps_only_run_ids(tmp_path, monkeypatch):
+    """torch.hub says "Downloading: ..." on stdout before it fails offline: kdl sends it to
+    stderr, where its progress goes, so that a script reading stdout never takes it for a run."""
+    import urllib.error
+
+    import torch.hub
+
+    def offline(url, dst, *args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # nothing cached
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    write_jpegs(tmp_path, "train", 2)
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps({**_classifier(pretrained="imagenet"), "data": {
+        "name": "image_folder", "root": str(tmp_path), "batch_size": 2}, "train": {"device": "cpu"}}))
+    result = kdl("train", config, "--runs-dir", tmp_path / "runs")
+    assert result.exit_code == 2 and "could not get torchvision's" in result.stderr
+    assert "Downloading" in result.stderr and result.stdout == ""
