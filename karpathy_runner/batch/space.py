@@ -3,6 +3,7 @@ distributions, each checked to make a valid config before any trial runs."""
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,9 @@ def _dimension(item: str) -> Dimension:
         what = "two integers" if kind == "int" else "two numbers"
         raise KdlError(f"--space {item}: {kind}() takes {what}, low and high, e.g. {kind}(1,8)")
     low, high = bounds
+    if not all(math.isfinite(b) for b in bounds):  # Optuna would draw from no range
+        raise KdlError(f"--space {quoted(item)}: {kind}() takes finite bounds (not .inf or .nan), "
+                       f"e.g. {kind}(1,8)")
     if not low < high:
         raise KdlError(f"--space {item}: the low bound must be below the high one")
     if kind == "loguniform" and low <= 0:

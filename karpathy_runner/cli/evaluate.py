@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -73,7 +74,8 @@ def sample(
     prime: Annotated[
         Optional[str], typer.Option(help="Text: start from this text.")  # noqa: UP045
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the draw: the same seed, the same sample.")] = 0,
+    seed: Annotated[int, typer.Option(min=-(2**63), max=2**63 - 1,
+                                      help="Seed of the draw: the same seed, the same sample.")] = 0,
     out: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option(help="File to write (images default to the run's samples/ folder)."),
@@ -84,6 +86,9 @@ def sample(
 ) -> None:
     """Draw from a generative run: text is printed; an image grid is written and its path printed."""
     check_checkpoint(checkpoint)
+    if temperature is not None and not math.isfinite(temperature):  # the range lets nan through
+        raise KdlError(f"--temperature {temperature}: give a finite number from 0.01 up (below 1 "
+                       "safer, above 1 wilder), e.g. --temperature 0.8")
     root = runs_folder(runs_dir)
     folder = str(resolve_run(root, run).path)  # a wrong RUN answers before torch loads
     from ..evaluate import sample_run

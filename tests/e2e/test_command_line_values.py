@@ -52,3 +52,23 @@ def test_a_value_with_thousands_of_problems_lists_the_first():
     assert result.exit_code == 2
     assert "model.channels.19: must be a valid integer" in result.stderr
     assert "model.channels.20:" not in result.stderr and "... and 4,980 more" in result.stderr
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--temperature", "nan"], "--temperature nan: give a finite number from 0.01 up"),
+    (["--temperature", "inf"], "--temperature inf: give a finite number from 0.01 up"),
+    (["--seed", str(2**64)], "is not in the range"),
+], ids=["temperature nan", "temperature inf", "seed 2**64"])
+def test_sample_refuses_numbers_it_cannot_draw_with(runs_dir, args, said):
+    result = kdl("sample", "somerun", *args)
+    assert result.exit_code == 2 and said in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("dist", ["uniform(1,.inf)", "loguniform(1e-3,.inf)", "uniform(.nan,1)",
+                                  "uniform(-.inf,1)"])
+def test_a_searched_range_has_finite_bounds(runs_dir, dist):
+    result = kdl("sweep", CONFIG, "--trials", "1", "--space", f"optimizer.lr={dist}")
+    assert result.exit_code == 2 and "takes finite bounds (not .inf or .nan)" in result.stderr
+    assert not runs_dir.exists() or not any(p.is_dir() and not p.name.startswith(".")
+                                            for p in runs_dir.iterdir())
