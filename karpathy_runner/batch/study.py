@@ -13,7 +13,7 @@ from typing import Any
 
 from ..config.root import Config
 from ..config.root import metric_direction as direction_of
-from ..errors import KdlError
+from ..errors import KdlError, quoted
 from ..runfolder import fsio
 from .space import Dimension
 
@@ -79,15 +79,19 @@ def open_study(spec: SearchSpec, storage: str, study_name: str, seed: int) -> An
     Its sampler is seeded with `seed` and the number of trials so far, so a command that
     continues a study does not draw the first trials' values again."""
     import optuna
+    from sqlalchemy.exc import SQLAlchemyError
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         study = optuna.create_study(storage=storage, study_name=study_name, load_if_exists=True,
                                     direction=spec.direction, sampler=_sampler(spec, seed))
-    except (ImportError, ValueError, optuna.exceptions.OptunaError) as exc:
-        raise KdlError(f"--storage {storage}: Optuna cannot open it ({exc}). Give a database URL "
-                       "such as sqlite:///studies.db or postgresql://user@host/db") from None
-    made = study.user_attrs.get("kdl")
+        made = study.user_attrs.get("kdl")
+    except (ImportError, ValueError, optuna.exceptions.OptunaError, SQLAlchemyError) as exc:
+        # not a URL, an unknown dialect, a file that is no database, a folder, a missing parent
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise KdlError(f"study storage {quoted(storage)}: Optuna cannot open it "
+                       f"({quoted(reason)[1:-1]}). Give --storage a database URL such as "
+                       "sqlite:///studies.db (its folder must exist) or postgresql://user@host/db") from None
     if made is None:
         study.set_user_attr("kdl", {**spec.identity(), "config_path": str(spec.config)})
         if spec.search == "grid":  # every point queued once, in order; asked trials take them

@@ -72,3 +72,22 @@ def test_a_searched_range_has_finite_bounds(runs_dir, dist):
     assert result.exit_code == 2 and "takes finite bounds (not .inf or .nan)" in result.stderr
     assert not runs_dir.exists() or not any(p.is_dir() and not p.name.startswith(".")
                                             for p in runs_dir.iterdir())
+
+
+@pytest.mark.parametrize("storage, reason", [
+    ("notaurl", "Could not parse SQLAlchemy URL"), ("foo://x", "Can't load plugin"),
+    ("sqlite:///{tmp}/garbage.db", "file is not a database"),
+    ("sqlite:///{tmp}", "unable to open database file"),
+    ("sqlite:///{tmp}/missing/parent/x.db", "unable to open database file"),
+    (None, "file is not a database"),  # the default studies.db, overwritten
+], ids=["not a URL", "unknown dialect", "not a database", "a folder", "missing parent", "default"])
+def test_a_study_storage_optuna_cannot_open_is_named(runs_dir, tmp_path, storage, reason):
+    (tmp_path / "garbage.db").write_text("garbage\n" * 100)
+    (runs_dir / ".studies").mkdir(parents=True)
+    (runs_dir / ".studies" / "studies.db").write_text("garbage\n" * 100)
+    given = [] if storage is None else ["--storage", storage.format(tmp=tmp_path)]
+    result = kdl("sweep", CONFIG, "--trials", "1", "--space", "optimizer.lr=loguniform(1e-3,1e-2)",
+                 *given)
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert "Optuna cannot open it" in result.stderr and reason in result.stderr
+    assert "sqlite:///studies.db" in result.stderr  # the fix
