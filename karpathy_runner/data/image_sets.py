@@ -8,6 +8,8 @@ resumed.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -97,11 +99,27 @@ def read_images(paths: list[str], channels: int, size: int, crop: int | None = N
     return torch.stack([_read(path, channels, size, crop) for path in paths])
 
 
-def _read(path: str, channels: int, size: int, crop: int | None) -> torch.Tensor:
+def open_image(path: str) -> Any:
+    """PIL's Image.open, with an image too large to decode safely (PIL's decompression-bomb
+    limit: a warning beyond MAX_IMAGE_PIXELS, an error beyond twice that) an OSError like any
+    file PIL cannot read, never a raw warning or another exception."""
+    import warnings
+
     from PIL import Image  # only for image files: runs on in-memory datasets never need it
 
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            return Image.open(path)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise OSError(f"{exc} Resize it first") from None
+
+
+def _read(path: str, channels: int, size: int, crop: int | None) -> torch.Tensor:
+    from PIL import Image
+
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             picture = image.convert("RGB" if channels == 3 else "L")
     except (OSError, ValueError) as exc:  # PIL.UnidentifiedImageError is an OSError
         raise OSError(f"{path} ({exc})") from None  # which file: a truncated one's error says not

@@ -17,7 +17,15 @@ from ..config.data import ImageDataConfig
 from ..errors import KdlError
 from ..runfolder.fsio import atomic_write
 from .base import DataBundle, DataInfo, Preprocessing, split_off
-from .image_sets import FolderImages, ImageDataset, ImagePrep, TensorImages, channel_stats, read_images
+from .image_sets import (
+    FolderImages,
+    ImageDataset,
+    ImagePrep,
+    TensorImages,
+    channel_stats,
+    open_image,
+    read_images,
+)
 
 DIGITS_TEST_FRACTION = 0.2
 
@@ -373,11 +381,10 @@ def _scan(
 
 
 def _unreadable(path: str) -> str | None:
-    """Why PIL cannot identify the image file (its header only: fast), or None."""
-    from PIL import Image
-
+    """Why PIL cannot identify the image file or would not decode it (its header only: fast),
+    or None."""
     try:
-        with Image.open(path):
+        with open_image(path):
             return None
     except (OSError, ValueError) as exc:  # PIL.UnidentifiedImageError is an OSError
         return str(exc) or type(exc).__name__

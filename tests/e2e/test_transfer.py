@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +145,24 @@ def test_predict_refuses_what_is_not_an_image(finetuned, tmp_path):
     (tmp_path / "notes.jpg").write_text("not a picture")
     broken = kdl("predict", folder.name, tmp_path / "notes.jpg", "--runs-dir", folder.parent)
     assert broken.exit_code == 2 and "cannot read an image" in broken.stderr
+    # PNG headers of 30000x30000 and 10000x10000 pixels (an error and a warning in PIL's
+    # decompression-bomb check): refused by their size, before a pixel is decoded
+    for side in (30_000, 10_000):
+        png_header(tmp_path / f"huge{side}.png", side)
+        huge = kdl("predict", folder.name, tmp_path / f"huge{side}.png", "--runs-dir", folder.parent)
+        assert huge.exit_code == 2 and f"huge{side}.png" in huge.stderr, huge.stderr
+        assert "could be decompression bomb" in huge.stderr and "Resize it first" in huge.stderr
+        assert "Warning" not in huge.stderr and "Traceback" not in huge.stderr
+
+
+def png_header(path: Path, side: int) -> None:
+    """A PNG whose header says side x side gray pixels, with one tiny (invalid) data chunk."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0"))
+                     + chunk(b"IEND", b""))
 
 
 def _classifier(**model) -> dict:
