@@ -374,6 +374,9 @@ def _read_jsonl(handle: Any, path: Path, key: str, cfg: TextDataConfig) -> Texts
         except json.JSONDecodeError as exc:
             raise KdlError(f"{key}: {path} line {number} is not valid JSON ({exc.msg}, column "
                            f"{exc.colno}). Fix that line: JSONL holds one JSON object per line.") from exc
+        except RecursionError:
+            raise KdlError(f"{key}: {path} line {number} is nested too deeply to read. Fix that "
+                           "line: JSONL holds one JSON object per line, a text and a label.") from None
         text, label = _jsonl_row(row, path, key, number, cfg)
         texts.append(text)
         labels.append(label)

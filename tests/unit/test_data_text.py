@@ -365,6 +365,15 @@ def test_malformed_jsonl_line(tmp_path):
     assert str(train) in message and "line 3 is not valid JSON" in message
 
 
+def test_a_jsonl_line_nested_200000_deep_is_named_not_a_recursion_error(tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"text": "a", "label": 1}\n{"text": ' + "[" * 200_000 + "]" * 200_000
+                     + ', "label": 2}\n')
+    message = message_of(train_file=str(train))
+
+    assert str(train) in message and "line 2 is nested too deeply to read" in message
+
+
 @pytest.mark.parametrize("name, content, fragment", [
     ("short.csv", "text,label\nfine,a\nno label here\n", "line 3 has fewer values than the header"),
     ("blank_label.csv", "text,label\nfine,a\nokay,\n", "line 3 has no usable label"),
