@@ -14,7 +14,7 @@ from typing import Any
 from ..config.root import Config
 from ..config.root import metric_direction as direction_of
 from ..errors import KdlError, quoted
-from ..runfolder import fsio
+from ..runfolder import fsio, layout
 from .space import Dimension
 
 STUDIES = ".studies"  # in the runs folder: the default storage and each study's lock
@@ -69,8 +69,7 @@ def metric_direction(cfg: Config) -> tuple[str, str]:
 
 
 def default_storage(root: Path) -> str:
-    folder = root / STUDIES
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = layout.made_folder(root / STUDIES, root)
     return f"sqlite:///{(folder / 'studies.db').resolve()}"
 
 
@@ -119,8 +118,7 @@ def _sampler(spec: SearchSpec, seed: int) -> Any:
 
 def study_lock(root: Path, study_name: str) -> fsio.RunLock:
     """One command per study on this machine: it owns the study's unfinished trials here."""
-    folder = root / STUDIES / study_name
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = layout.made_folder(root / STUDIES / study_name, root)
     return fsio.RunLock(folder, what=f"study {study_name}").acquire()
 
 

@@ -49,15 +49,21 @@ def new_run_id(name: str) -> str:
     return f"{stamp}-{name}-{secrets.token_hex(3)}"
 
 
+def made_folder(folder: Path, root: Path) -> Path:
+    """`folder` (the runs folder `root` or one inside it), made if missing; a runs folder that
+    is a file, a symlink loop or not writable is an error naming it, not an OSError."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        inside = "" if folder == root else f" (its {folder.relative_to(root)})"
+        raise KdlError(f"cannot create the runs folder {root}{inside}: {exc.strerror}. Choose "
+                       "another with --runs-dir or KDL_RUNS_DIR.") from None
+    return folder
+
+
 def create_run_folder(root: Path, name: str) -> Path:
     """A fresh run folder; mkdir is atomic, so parallel launches never share one."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise KdlError(
-            f"cannot create the runs folder {root}: {exc.strerror}. "
-            "Choose another with --runs-dir or KDL_RUNS_DIR."
-        ) from None
+    made_folder(root, root)
     for _ in range(100):
         folder = root / new_run_id(name)
         try:

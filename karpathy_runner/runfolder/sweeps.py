@@ -17,14 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from .fsio import read_jsonl_lines
-from .layout import SWEEPS, utc_now
+from .layout import SWEEPS, made_folder, utc_now
 
 TAKEN = ("reused", "resumed")  # how a sweep takes a run it did not make
 
 
 def _append(root: Path, sweep: str, entry: dict[str, Any]) -> None:
-    folder = root / SWEEPS
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = made_folder(root / SWEEPS, root)
     line = json.dumps({**entry, "at": utc_now()}) + "\n"
     fd = os.open(folder / f"{sweep}.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o666)
     try:

@@ -5,6 +5,8 @@ hundred characters long, listing a limited number of problems."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from kdl import CONFIGS, kdl
 
@@ -91,3 +93,15 @@ def test_a_study_storage_optuna_cannot_open_is_named(runs_dir, tmp_path, storage
     assert result.exit_code == 2 and "Traceback" not in result.stderr
     assert "Optuna cannot open it" in result.stderr and reason in result.stderr
     assert "sqlite:///studies.db" in result.stderr  # the fix
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "a symlink loop"])
+def test_a_search_into_a_runs_folder_it_cannot_make_is_refused(tmp_path, monkeypatch, where):
+    (tmp_path / "afile").write_text("x")
+    os.symlink("loop", tmp_path / "loop")
+    runs = {"a file": tmp_path / "afile", "under a file": tmp_path / "afile" / "runs",
+            "a symlink loop": tmp_path / "loop" / "runs"}[where]
+    monkeypatch.setenv("KDL_RUNS_DIR", str(runs))
+    result = kdl("sweep", CONFIG, "--trials", "1", "--space", "optimizer.lr=loguniform(1e-3,1e-2)")
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert f"cannot create the runs folder {runs}" in result.stderr and "KDL_RUNS_DIR" in result.stderr
