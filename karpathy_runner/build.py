@@ -123,6 +123,11 @@ def build_experiment(cfg: Config, device_override: str | None = None, training: 
                 f"{key} is {metric!r} but there is no validation split (data.val_fraction is 0); "
                 f"set data.val_fraction > 0 or {key}: train.{metric.split('.', 1)[1]}"
             )
+    if training and cfg.train.eval_every_steps and data.val is None:
+        raise KdlError(
+            f"train.eval_every_steps is {cfg.train.eval_every_steps} but there is no validation split "
+            "(data.val_fraction is 0); set data.val_fraction > 0 or train.eval_every_steps: null"
+        )
     _check_fits_in_memory(cfg, data.info, device)
     task = build_task(cfg.task, cfg.model, data.info, device)
     task.to(device)

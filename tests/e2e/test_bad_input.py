@@ -83,6 +83,9 @@ CASES = [
      ["'val.precision' is not a metric of the classify task", "val.loss, val.accuracy"]),
     ("no validation split", ["train", "{config}", "--set", "data.val_fraction=0"],
      ["no validation split", "data.val_fraction > 0", "train.best_metric: train.loss"]),
+    ("val within epochs, no val split", ["train", "{config}", "--set", "data.val_fraction=0", "--set",
+                                         "train.best_metric=train.loss", "--set", "train.eval_every_steps=5"],
+     ["train.eval_every_steps is 5 but there is no validation split", "train.eval_every_steps: null"]),
     ("run name with a slash", ["train", "{config}", "--name", "a/b"],
      ["name", "no '/'", "'a/b'"]),
     # data and hardware
