@@ -92,10 +92,8 @@ class Trainer:
         self._window_samples = 0
         self._compiling = cfg.compile
         self.last_metrics: dict[str, float] = {}
-        # pause (stop_reason "paused") once this many epochs are done: a search's rung budget
-        self.until_epoch: int | None = None
-        self.trained_before = 0.0  # seconds the run trained before this process (its resumes)
-        self._fit_began = time.monotonic()
+        self.until_epoch: int | None = None  # fit's: pause once this many epochs are done
+        self._deadline: float | None = None  # fit's: when train.max_minutes is spent (monotonic)
 
     def mode(self, metric: str, configured: str) -> str:
         """min or max: as configured, or (auto) the direction the task declares for the metric."""
@@ -103,12 +101,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def fit(self, stop: Stop | None = None, until_epoch: int | None = None) -> LoopState:
-        """Train to train.epochs (or max_steps, early stopping, a stop signal, or the pause after
-        epoch `until_epoch`), under `stop`'s signal handlers."""
+    def fit(self, stop: Stop | None = None, until_epoch: int | None = None,
+            trained_before: float = 0.0) -> LoopState:
+        """Train to train.epochs (or max_steps, early stopping, a stop signal, train.max_minutes
+        counted on from `trained_before` seconds, or the pause after epoch `until_epoch`), under
+        `stop`'s signal handlers."""
         self.stop, self.until_epoch = stop or Stop(), until_epoch
         self.stop.world = self.ranks.world
-        self._fit_began = time.monotonic()
+        minutes = self.cfg.max_minutes
+        self._deadline = None if minutes is None else time.monotonic() - trained_before + minutes * 60
         with self.stop.installed():
             if not self.resumed:
                 self._log_examples()
@@ -202,11 +203,8 @@ class Trainer:
 
     def _out_of_time(self) -> bool:
         """Has the run trained train.max_minutes, over its resumes? All ranks answer alike."""
-        if self.cfg.max_minutes is None:
-            return False
-        trained = self.trained_before + time.monotonic() - self._fit_began
-        over = trained >= self.cfg.max_minutes * 60
-        return bool(self.ranks.largest(int(over))) if self.ranks.world > 1 else over
+        return self._deadline is not None and bool(
+            self.ranks.largest(int(time.monotonic() >= self._deadline)))
 
     def _validate_mid_epoch(self) -> None:
         """A val record within the epoch (train.eval_every_steps). Training goes on as if it had
@@ -215,17 +213,24 @@ class Trainer:
         began = time.perf_counter()
         state, device = self.state, self.feed.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            val = evaluate(self.task, self.feed.val, self.feed.prepare, self.updater.autocast)
-        self.run.log_metrics(
-            {"step": state.step, "epoch": state.epoch + 1, "split": "val", "mid_epoch": True, **val,
-             "time": round(time.time() - self.started, 3)}
-        )
+            val = self._validate(mid_epoch=True)
         self.run.flush_metrics()
         line = (f"epoch {state.epoch + 1}/{self.cfg.epochs} step {state.step}  "
                 f"{format_metrics({f'val.{k}': v for k, v in val.items()})}")
         self.run.log(line)
         self.reporter.message(line)
         self._window_started += time.perf_counter() - began
+
+    def _validate(self, **marks: Any) -> dict[str, float]:
+        """The val split's metrics, recorded in metrics.jsonl at this step (with `marks`)."""
+        val = evaluate(self.task, self.feed.val, self.feed.prepare, self.updater.autocast)
+        self._record("val", {**marks, **val})
+        return val
+
+    def _record(self, split: str, fields: dict[str, Any]) -> None:
+        """A metrics.jsonl record of this step: step, epoch (1-based), split, fields, time."""
+        self.run.log_metrics({"step": self.state.step, "epoch": self.state.epoch + 1, "split": split,
+                              **fields, "time": round(time.time() - self.started, 3)})
 
     def _stopping(self) -> bool:
         """Whether a stop signal came, to this rank or (agreed every step) to any other: all
@@ -266,18 +271,10 @@ class Trainer:
         cfg, state = self.cfg, self.state
         self._flush_window()
         train = self.task.summarize(totals_of(state.epoch_sums)) if state.epoch_sums else {}
-        self.run.log_metrics(
-            {"step": state.step, "epoch": state.epoch + 1, "split": "train_epoch", **train,
-             "time": round(time.time() - self.started, 3)}
-        )
+        self._record("train_epoch", train)
         metrics = {f"train.{k}": v for k, v in train.items()}
         if self.feed.val is not None:
-            val = evaluate(self.task, self.feed.val, self.feed.prepare, self.updater.autocast)
-            metrics.update({f"val.{k}": v for k, v in val.items()})
-            self.run.log_metrics(
-                {"step": state.step, "epoch": state.epoch + 1, "split": "val", **val,
-                 "time": round(time.time() - self.started, 3)}
-            )
+            metrics.update({f"val.{k}": v for k, v in self._validate().items()})
         state.epoch += 1
         state.batch = 0
         state.epoch_sums = {}
@@ -329,11 +326,8 @@ class Trainer:
         metrics = self.task.summarize(totals)
         elapsed = time.perf_counter() - self._window_started
         samples_per_s = totals.count / elapsed if elapsed > 0 else 0.0
-        self.run.log_metrics(
-            {"step": state.step, "epoch": state.epoch + 1, "split": "train", **metrics,
-             **self._lrs(state.step - 1), "samples_per_s": round(samples_per_s, 1),
-             "time": round(time.time() - self.started, 3)}
-        )
+        self._record("train", {**metrics, **self._lrs(state.step - 1),
+                               "samples_per_s": round(samples_per_s, 1)})
         self.run.flush_metrics()  # a reader sees each interval's record (to the OS: no fsync)
         self.reporter.update(state.batch, {**metrics, "samples/s": round(samples_per_s)})
         self._window_started = time.perf_counter()

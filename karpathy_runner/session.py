@@ -145,9 +145,8 @@ class Session:
         """Run the loop and leave the run folder in a final, truthful state whatever happens."""
         began = time.time()
         status, exit_code, error = "completed", 0, None
-        trainer.trained_before = previous_duration  # train.max_minutes counts the resumes' time
         try:
-            state = trainer.fit(self.stop, self.until_epoch)
+            state = trainer.fit(self.stop, self.until_epoch, previous_duration)
             if state.stop_reason == "signal":
                 status, exit_code = "interrupted", EXIT_SIGNALS.get(self.stop.signum, 130)
             elif state.stop_reason == "paused":

@@ -248,8 +248,6 @@ def _process_alive(meta: dict[str, Any]) -> bool:
     pid = meta.get("pid")
     if not pid or meta.get("host") != socket.gethostname():
         return True  # another machine's process: we cannot tell, trust the file
-    if not isinstance(pid, int) or not 0 < pid <= PID_MAX:
-        return False  # not a process id: no process of ours
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
