@@ -33,10 +33,10 @@ from .build import (
 from .config.loading import load_config
 from .data import Batches
 from .errors import KdlError
-from .runfolder import layout
+from .runfolder import fsio, layout
 from .runfolder.checkpoint import load_checkpoint
 from .runfolder.reader import Run, refuse_damaged, resolve_run
-from .runfolder.writer import RunWriter
+from .runfolder.writer import RunWriter, sample_bytes
 from .tasks import Sample, SampleRequest
 from .tasks.base import evaluate
 from .updater import autocast_for
@@ -90,6 +90,7 @@ def evaluate_run(
     against the split's images in a classifier's feature space: the run `features`, else
     Inception-v3 if its weights are in the torch cache."""
     loaded = load_run(runs_root, ref, checkpoint, device)
+    writer = RunWriter(loaded.run.path)  # (refuses a run folder it cannot write, before the work)
     exp, cfg = loaded.exp, loaded.exp.cfg
     dataset = exp.data.split(split)
     if dataset is None:
@@ -115,7 +116,7 @@ def evaluate_run(
         "evaluated_at": layout.utc_now(),
         "metrics": metrics,
     }
-    RunWriter(loaded.run.path).write_eval(result)
+    writer.write_eval(result)
     return loaded.run, result
 
 
@@ -163,6 +164,8 @@ def sample_run(runs_root: Path, ref: str, request: SampleRequest, checkpoint: st
     samples/ folder), text only when `out` is given; returns the sample and the file written."""
     loaded = load_run(runs_root, ref, checkpoint, device)
     task = loaded.exp.task
+    # a run folder it cannot write is refused before the work
+    writer = RunWriter(loaded.run.path) if out is None and task.draws_images else None
     task.check_sample(request)
     task.train(False)
     with torch.no_grad(), autocast_for(eval_precision(loaded.exp.cfg.train.precision,
@@ -171,7 +174,9 @@ def sample_run(runs_root: Path, ref: str, request: SampleRequest, checkpoint: st
     if sample.images is None and out is None:
         return sample, None
     name = f"sample-{checkpoint}-seed{request.seed}-n{request.n}"
-    return sample, RunWriter(loaded.run.path).write_sample(name, sample, path=out)
+    if out is not None:
+        return sample, fsio.write_output(out, sample_bytes(sample))
+    return sample, (writer or RunWriter(loaded.run.path)).write_sample(name, sample)
 
 
 

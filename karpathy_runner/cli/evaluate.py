@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import KdlError
+from ..runfolder import fsio
 from ..runfolder.layout import runs_dir as runs_folder
 from ..runfolder.reader import resolve_run
 from .app import (
@@ -95,7 +96,7 @@ def sample(
     from ..tasks import SAMPLE_FLAGS, SampleRequest
 
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        fsio.check_output(out)  # before the model loads
     given = frozenset(name for name in SAMPLE_FLAGS if _given(ctx, name))
     request = SampleRequest(seed=seed, n=n, length=length, temperature=temperature, top_k=top_k,
                             prime=prime, given=given)

@@ -14,7 +14,14 @@ from ..errors import KdlError
 from ..runfolder import fsio, layout
 from ..runfolder.fsio import RunLock
 from ..runfolder.layout import runs_dir as runs_folder
-from ..runfolder.reader import Run, best_metric_name, current_best, resolve_run, resolve_runs
+from ..runfolder.reader import (
+    Run,
+    best_metric_name,
+    current_best,
+    not_removable,
+    resolve_run,
+    resolve_runs,
+)
 from ..ui.progress import format_metrics
 from ..ui.tables import epoch_table, metric_chart, number, rich_console
 from .app import RUNS_HELP, Command, CsvFlag, JsonFlag, RunArgument, RunsArgument, RunsDir, app, echo
@@ -93,7 +100,14 @@ def remove(
     """Delete run folders; asks first unless --yes, and refuses a run that is still running."""
     import shutil
 
-    found = resolve_runs(runs_folder(runs_dir), run_refs)
+    root = runs_folder(runs_dir)
+    found = resolve_runs(root, run_refs)
+    for run in found:
+        why = not_removable(run, root)
+        if why:
+            raise KdlError(f"{run.path} {why}: kdl rm removes only kdl runs, the folders kdl train "
+                           f"made in the runs folder ({root}; --runs-dir or KDL_RUNS_DIR chooses "
+                           "it). Delete anything else yourself. Nothing was removed.")
     running = [run.id for run in found if run.status == "running"]
     if running:
         raise KdlError(
@@ -174,10 +188,13 @@ def plot(
 ) -> None:
     """Draw the learning curves of runs on one figure (PNG); prints the file written. The legend
     names the config keys that differ between the runs."""
+    from ..runfolder import fsio
     from ..ui.plot import plot_runs
 
+    fsio.check_output(out)  # before the runs are read
     found, _ = _runs_or_sweep(run_refs, sweep, runs_dir, "plot")
-    written, note = plot_runs(found, metric or best_metric_name(found[0]), out, log_y, color_by)
+    png, note = plot_runs(found, metric or best_metric_name(found[0]), log_y, color_by)
+    written = fsio.write_output(out, png)
     if note:
         print(f"note: {note}", file=sys.stderr, flush=True)
     echo(str(written))

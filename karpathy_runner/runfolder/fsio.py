@@ -212,6 +212,83 @@ def open_folder(folder: Path) -> int:
     return os.open(folder, os.O_RDONLY | os.O_CLOEXEC)
 
 
+def write_output(path: Path, data: Content) -> Path:
+    """A file the user named (`--out`): a regular file is replaced atomically, a missing one
+    created (with its folders); anything else at the path is refused (check_output)."""
+    path = check_output(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, data)
+    except OSError as exc:
+        raise KdlError(f"cannot write --out {path}: {exc.strerror or exc}. Give a file path you "
+                       "can write to.") from None
+    return path
+
+
+def check_output(path: Path) -> Path:
+    """`path` if a file may be written there: a regular file or nothing; a folder, a symlink, a
+    FIFO, a device or a socket is an error naming it, before any work is done."""
+    path = Path(path)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return path
+    except OSError as exc:
+        raise KdlError(f"cannot write --out {path}: {exc.strerror}. Give a file path you can "
+                       "write to.") from None
+    if not stat.S_ISREG(mode):
+        example = path / "out.png" if stat.S_ISDIR(mode) else path.with_name("out.png")
+        raise KdlError(f"--out {path} is {_what(path, mode)}, not a file; kdl replaces only a "
+                       f"regular file (or makes a new one), never writes through a link or over "
+                       f"anything else. Give the path of a file, e.g. --out {example}")
+    return path
+
+
+def _what(path: Path, mode: int) -> str:
+    """What stands at `path` (lstat's `mode`): a symbolic link named with its target, or what
+    errors.what_is calls it."""
+    from ..errors import what_is
+
+    if stat.S_ISLNK(mode):
+        return f"a symbolic link (to {os.readlink(path)})"
+    return what_is(path)
+
+
+def own_folder(path: Path) -> Path:
+    """A folder inside a run folder (eval/, samples/), made if missing; a symlink or anything
+    else standing there is refused, so that nothing is written outside the run."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path)  # (does not follow a symlink: it exists)
+    refuse_foreign(path, stat.S_ISDIR)
+    return path
+
+
+def refuse_foreign(path: Path, kind: Callable[[int], bool] = lambda mode: True) -> None:
+    """An entry of a run folder that kdl writes: missing, or what kdl made (`kind` of its mode),
+    never a symlink; else an error naming it (nothing written)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(mode) or not kind(mode):
+        raise KdlError(
+            f"{path} is {_what(path, mode)}, which kdl did not make; it writes a run's files only "
+            f"inside the run folder, never through a link or over what is not its own. Move it "
+            f"away (or remove it: rm {path}) and run the command again. Nothing was written.")
+
+
+def open_append(path: Path) -> IO[str]:
+    """A run's log (metrics.jsonl, train.log) opened to append to: a regular file, never a
+    symlink (O_NOFOLLOW), a FIFO or a device (O_NONBLOCK: opening a FIFO for writing would wait
+    for a reader)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                 | os.O_CLOEXEC, 0o666)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return open(fd, "a", encoding="utf-8")  # noqa: SIM115
+
+
 def write_json(path: Path, obj: Any) -> None:
     atomic_write(path, json_bytes(obj))
 

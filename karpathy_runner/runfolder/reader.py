@@ -30,6 +30,7 @@ SUMMARY_TYPES: dict[str, type | tuple[type, ...]] = {"final": dict, "best": dict
 PID_MAX = 2**31 - 1  # a process id is a positive pid_t
 GLANCE = 4096  # bytes read from each end of metrics.jsonl, and from config.yaml's start, by a glance
 YAML_KEY = re.compile(r"^[A-Za-z_][\w.-]*\s*:")
+RUN_ID = re.compile(r"\d{8}-\d{6}-.+-[0-9a-f]{6}")  # layout.new_run_id's shape
 
 
 class Run:
@@ -316,6 +317,23 @@ def resolve_run(root: Path, ref: str) -> Run:
         f"no run {ref!r} in {root}. List runs with `kdl runs` (or choose the folder with "
         "--runs-dir / KDL_RUNS_DIR)."
     )
+
+
+def not_removable(run: Run, root: Path) -> str | None:
+    """Why `kdl rm` must not delete `run`'s folder, or None: it removes only a kdl run, a real
+    folder directly inside the runs folder, named as kdl names runs, whose meta.json (when it
+    can be read at all: a damaged run is removable) gives that id."""
+    if run.path.is_symlink():
+        return "is a symbolic link"
+    if run.path.resolve().parent != root.resolve():
+        return f"is not inside the runs folder {root}"
+    if not RUN_ID.fullmatch(run.id):
+        return "is not named as kdl names runs (DATE-TIME-NAME-XXXXXX)"
+    said = run.meta.get("id")
+    if META not in run.problems and said != run.id:
+        return (f"has a {META} that names another run ({quoted(said)})" if said else
+                f"has a {META} that is not a kdl run's (no id)")
+    return None
 
 
 def resolve_runs(root: Path, refs: list[str]) -> list[Run]:

@@ -16,6 +16,7 @@ import datetime as dt
 import functools
 import json
 import os
+import stat
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -53,6 +54,11 @@ class RunWriter:
         self._saving = InBackground()  # the checkpoint being written while training goes on
         self._covering = False  # has it trackers' records to hand over once it is on disk?
         self._folders: dict[Path, int] = {}  # descriptors the checkpoint thread fsyncs
+        if rank == 0:  # what it will write is the run's own, before anything is written
+            for name in layout.OWN_FILES:
+                fsio.refuse_foreign(self.folder / name, stat.S_ISREG)
+            for name in layout.OWN_FOLDERS:
+                fsio.refuse_foreign(self.folder / name, stat.S_ISDIR)
 
     @classmethod
     def create(cls, root: Path, name: str, config_yaml: str) -> RunWriter:
@@ -137,7 +143,7 @@ class RunWriter:
     def log_metrics(self, record: dict[str, Any]) -> None:
         """Buffered: reaches the disk at `flush()` (every epoch and every checkpoint)."""
         if self._metrics is None:
-            self._metrics = open(self.folder / layout.METRICS, "a", encoding="utf-8")  # noqa: SIM115
+            self._metrics = fsio.open_append(self.folder / layout.METRICS)
         self._metrics.write(json.dumps(record) + "\n")
         for tracker in self.trackers:
             tracker.record(record)
@@ -145,7 +151,7 @@ class RunWriter:
     @_rank_zero
     def log(self, line: str) -> None:
         if self._log is None:
-            self._log = open(self.folder / layout.LOG, "a", encoding="utf-8")  # noqa: SIM115
+            self._log = fsio.open_append(self.folder / layout.LOG)
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
         self._log.write(f"{stamp} {line}\n")
         self._log.flush()
@@ -305,19 +311,12 @@ class RunWriter:
     # ------------------------------------------------------------------ samples and eval
 
     @_rank_zero
-    def write_sample(self, name: str, sample: Any, step: int | None = None,
-                     path: Path | None = None) -> Path:
-        """A task's sample as samples/NAME.png (an image grid) or .txt, or at `path`; also into
-        TensorBoard at `step` while training."""
+    def write_sample(self, name: str, sample: Any, step: int | None = None) -> Path:
+        """A task's sample as samples/NAME.png (an image grid) or .txt; also into TensorBoard at
+        `step` while training."""
         suffix = ".png" if sample.images is not None else ".txt"
-        if path is None:
-            (self.folder / layout.SAMPLES).mkdir(exist_ok=True)
-            path = self.folder / layout.SAMPLES / f"{name}{suffix}"
-        if sample.images is not None:
-            data = png_grid(sample.images)
-            fsio.atomic_write(path, data)
-        else:
-            fsio.write_text(path, sample.text)
+        path = fsio.own_folder(self.folder / layout.SAMPLES) / f"{name}{suffix}"
+        fsio.atomic_write(path, sample_bytes(sample))
         if step is not None:
             self.tensorboard(f"samples/{name.split('-')[0]}", sample, step)
         return path
@@ -328,10 +327,10 @@ class RunWriter:
         run in progress is not replaced by a later one), eval/<checkpoint>-<split>.json, the
         latest, and the latest per split in summary.json (where `kdl runs`, `show` and `compare`
         read test.accuracy and the like)."""
-        (self.folder / layout.EVAL).mkdir(exist_ok=True)
+        folder = fsio.own_folder(self.folder / layout.EVAL)
         stem = f"{result['checkpoint']}-{result['split']}"
-        fsio.write_json(self.folder / layout.EVAL / f"{stem}-step{result['step']:07d}.json", result)
-        path = self.folder / layout.EVAL / f"{stem}.json"
+        fsio.write_json(folder / f"{stem}-step{result['step']:07d}.json", result)
+        path = folder / f"{stem}.json"
         fsio.write_json(path, result)
         summary = fsio.read_json(self.folder / layout.SUMMARY)
         scalars = {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))}
@@ -340,6 +339,11 @@ class RunWriter:
             "metrics": scalars}}
         fsio.write_json(self.folder / layout.SUMMARY, summary)
         return path
+
+
+def sample_bytes(sample: Any) -> bytes:
+    """A sample's file: an image grid's PNG, or the text in UTF-8."""
+    return png_grid(sample.images) if sample.images is not None else sample.text.encode()
 
 
 def _sweep_tags(sweep: dict[str, Any] | None) -> dict[str, str]:

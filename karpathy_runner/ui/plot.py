@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 from ..dotted import flatten, is_number, varying_keys
@@ -122,16 +121,17 @@ def draw(found: list[Curves], metric: str, log_y: bool = False, color_by: str | 
     return figure
 
 
-def plot_runs(found: list[Curves], metric: str, out: Path, log_y: bool = False,
-              color_by: str | None = None) -> tuple[Path, str | None]:
-    """Draw the runs' `metric` into the PNG file `out`; also a note naming the runs left out
+def plot_runs(found: list[Curves], metric: str, log_y: bool = False,
+              color_by: str | None = None) -> tuple[bytes, str | None]:
+    """The runs' `metric` drawn as a PNG file's bytes; also a note naming the runs left out
     because they have no `metric` (None when every run is drawn)."""
+    import io
+
     records = [run.metrics() for run in found]
     figure = draw(found, metric, log_y, color_by, records)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, format="png")
-    return out, left_out(found, records, metric)
+    png = io.BytesIO()
+    figure.savefig(png, format="png")
+    return png.getvalue(), left_out(found, records, metric)
 
 
 def left_out(found: list[Curves], records: list[list[dict[str, Any]]], metric: str) -> str | None:
