@@ -34,7 +34,7 @@ from .config.loading import load_config
 from .data import Batches
 from .errors import KdlError
 from .runfolder import fsio, layout
-from .runfolder.checkpoint import load_checkpoint
+from .runfolder.checkpoint import check_vocabulary, load_checkpoint
 from .runfolder.reader import Run, refuse_damaged, resolve_run
 from .runfolder.writer import RunWriter, sample_bytes
 from .tasks import Sample, SampleRequest
@@ -70,6 +70,7 @@ def load_run(runs_root: Path, ref: str, checkpoint: str, device: str) -> Loaded:
     state = load_checkpoint(path)
     exp = build_experiment(cfg, device_override=device, training=False,
                            vocabulary=run.vocabulary())
+    check_vocabulary(state, exp.data.info.vocabulary, path, run.path / layout.VOCAB)
     with checkpoint_must_fit(path):
         for name, model in exp.task.models.items():
             model.load_state_dict(state["models"][name])

@@ -22,7 +22,7 @@ from .errors import KdlError, RunFailed
 from .loop import Trainer
 from .plan import Plan
 from .runfolder import fsio, layout
-from .runfolder.checkpoint import load_checkpoint
+from .runfolder.checkpoint import check_vocabulary, load_checkpoint
 from .runfolder.writer import RunWriter
 from .signals import Stop
 from .trackers.base import Setup
@@ -107,6 +107,7 @@ class Session:
             }, self.command, self._tracking())
             if exp.data.info.vocabulary:
                 writer.write_vocabulary(exp.data.info.vocabulary)
+            writer.encodes_with(exp.data.info.vocabulary)
             writer.log(f"run {writer.id} started: {cfg.name} on {exp.device}")
             self.reporter.message(f"run {writer.id}: {writer.folder}")
             return self._drive(trainer, writer, previous_duration=0.0)
@@ -120,11 +121,13 @@ class Session:
         last = writer.checkpoint("last")
         if last.is_file():
             checkpoint = load_checkpoint(last)
+            check_vocabulary(checkpoint, exp.data.info.vocabulary, last, folder / layout.VOCAB)
             with checkpoint_must_fit(last):
                 trainer.load_state_dict(checkpoint)
             trainer.restore_last_metrics(fsio.read_jsonl(folder / layout.METRICS))
         if exp.data.info.vocabulary and not (folder / layout.VOCAB).is_file():
             writer.write_vocabulary(exp.data.info.vocabulary)  # killed before it was written
+        writer.encodes_with(exp.data.info.vocabulary)
         # the config is rewritten only now: a change the checkpoint cannot take leaves the run as it was
         rewrite = bool(changes) or "pending_config" in writer.meta
         writer.resume(trainer.state.step, self.command, changes, exp.cfg.to_yaml() if rewrite else None,

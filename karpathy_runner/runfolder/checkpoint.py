@@ -3,11 +3,20 @@ own (atomic replace, fsync), and loaded safely.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
 `weights_only=True`: a file carrying a pickled object that would run code is refused.
+
+Its integrity is checked on every load: torch.save writes a zip archive that holds a CRC-32 of
+each of its records, which torch.load does not check, so a byte changed on disk would load as
+a wrong weight. The checksums are written with the bytes and renamed into place with them, so
+a kill can never leave a checkpoint and its checksum out of step (as a checksum kept in another
+file could be). A text run's checkpoint also holds a digest of the vocabulary it was trained
+with: a vocab.json changed since is refused rather than silently encoding other tokens.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import pickle
 import queue
 import threading
@@ -128,6 +137,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise KdlError(f"checkpoint {path} does not exist; the run may not have finished an epoch")
+    damaged = _failed_checksum(path)
+    if damaged:
+        raise KdlError(f"checkpoint {path} is damaged: {damaged} fails its CRC-32 check (bytes changed "
+                       "on disk since it was written). Use the other checkpoint (--checkpoint "
+                       "last|best), restore the file from a backup, or re-run.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -154,6 +168,36 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+def _failed_checksum(path: Path) -> str | None:
+    """The record of the checkpoint's zip archive whose bytes do not match their CRC-32, or
+    None. A file zipfile cannot open is left to torch.load, which says what is wrong with it."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError):
+        return None
+    return f"its record {bad}" if bad is not None else None
+
+
+def vocabulary_digest(tokens: list[str] | None) -> str | None:
+    """What a checkpoint keeps of the vocabulary its run encodes text with (vocab.json)."""
+    return None if tokens is None else hashlib.sha256(json.dumps(tokens).encode()).hexdigest()
+
+
+def check_vocabulary(state: dict[str, Any], tokens: list[str] | None, path: Path,
+                     vocab: Path) -> None:
+    """The vocabulary a run is rebuilt with must be the one its checkpoint `path` was trained
+    with (a checkpoint from before digests were kept says nothing and passes)."""
+    said = state.get("vocabulary")
+    if said is not None and said != vocabulary_digest(tokens):
+        raise KdlError(
+            f"{vocab} is not the vocabulary checkpoint {path} was trained with (its digest differs): "
+            "the text would be encoded with other token ids. Restore vocab.json from a backup, or "
+            "remove it, and kdl builds it again from the training data as the run first did.")
+
+
 KEYS = {"format", "models", "optimizers", "scaler", "loop", "task", "window", "rng"}
 LOOP_KEYS = {"epoch", "batch", "step", "best_value", "best_epoch", "stop_value", "bad_epochs",
              "epoch_sums", "skipped_steps", "stop_reason"}
@@ -165,8 +209,8 @@ def _shape_problem(state: Any) -> str | None:
         return f"it holds a {type(state).__name__}"
     if state.get("format") != FORMAT_VERSION:
         return f"format {state.get('format')!r}"
-    # a run of several processes adds each rank's own state
-    if set(state) - (KEYS | {"ranks"}) or KEYS - set(state):
+    # a run of several processes adds each rank's own state, a text run its vocabulary's digest
+    if set(state) - (KEYS | {"ranks", "vocabulary"}) or KEYS - set(state):
         return f"keys {sorted(map(str, state))}, expected {sorted(KEYS)}"
     loop, models = state["loop"], state["models"]
     if not isinstance(loop, dict) or set(loop) - LOOP_KEYS or {"epoch", "batch", "step"} - set(loop):
@@ -176,6 +220,8 @@ def _shape_problem(state: Any) -> str | None:
         return "a loop position that is not whole numbers"
     if not isinstance(models, dict) or not all(isinstance(m, dict) for m in models.values()):
         return "models that are not state dicts"
+    if not isinstance(state.get("vocabulary", ""), str):
+        return "a vocabulary digest that is not text"
     return None
 
 

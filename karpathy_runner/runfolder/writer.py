@@ -26,7 +26,7 @@ from ..errors import KdlError, RunFailed
 from ..trackers.base import Opening, Setup, Tracker, open_trackers
 from ..ui.pictures import png_grid
 from . import fsio, layout
-from .checkpoint import InBackground, captured, save_checkpoint
+from .checkpoint import InBackground, captured, save_checkpoint, vocabulary_digest
 from .layout import utc_now
 
 Method = TypeVar("Method", bound=Callable[..., Any])
@@ -54,6 +54,7 @@ class RunWriter:
         self._saving = InBackground()  # the checkpoint being written while training goes on
         self._covering = False  # has it trackers' records to hand over once it is on disk?
         self._folders: dict[Path, int] = {}  # descriptors the checkpoint thread fsyncs
+        self._vocabulary: str | None = None  # the digest of the run's vocabulary (encodes_with)
         if rank == 0:  # what it will write is the run's own, before anything is written
             for name in layout.OWN_FILES:
                 fsio.refuse_foreign(self.folder / name, stat.S_ISREG)
@@ -131,6 +132,10 @@ class RunWriter:
     def write_vocabulary(self, vocabulary: list[str]) -> None:
         """vocab.json: the token list the run's data was encoded with, for every later command."""
         fsio.write_json(self.folder / layout.VOCAB, vocabulary)
+
+    def encodes_with(self, vocabulary: list[str] | None) -> None:
+        """The vocabulary the run trains with: its digest goes into every checkpoint."""
+        self._vocabulary = vocabulary_digest(vocabulary)
 
     @_rank_zero
     def update_meta(self, **fields: Any) -> None:
@@ -255,6 +260,8 @@ class RunWriter:
         # the trackers' records so far are this checkpoint's: handed over once it is on disk
         self._tell_trackers(lambda tracker: tracker.checkpointing())
         checkpoint = captured(state)  # this step's state, whatever training does next
+        if self._vocabulary is not None:
+            checkpoint["vocabulary"] = self._vocabulary
         if meta is not None:
             self.meta.update(meta)
             meta_now = fsio.json_bytes(self.meta)  # as it is now: the thread writes it later

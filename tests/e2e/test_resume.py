@@ -97,8 +97,9 @@ def test_resume_needs_only_the_run_folder(tmp_path, monkeypatch):
     folder = only_run(tmp_path / "runs")
     state = final_state(folder)  # everything the loop needs, by name
     # (no scheduler entry: a schedule is a pure function of the step, which "loop" holds)
+    # (and, this run reading text, the digest of the vocabulary it encodes it with)
     assert state.keys() == {"format", "models", "optimizers", "scaler", "loop", "task", "window",
-                            "rng"}
+                            "rng", "vocabulary"}
     assert state["rng"].keys() == {"python", "numpy", "torch", "cuda"}
     assert (state["loop"]["epoch"], state["loop"]["batch"], state["loop"]["step"]) == (0, 5, 5)
     assert {"best_value", "stop_value", "bad_epochs", "epoch_sums"} <= state["loop"].keys()
