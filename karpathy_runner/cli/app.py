@@ -67,6 +67,8 @@ SetOption = Annotated[
 ]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 CsvFlag = Annotated[bool, typer.Option("--csv", help="Print the table as CSV.")]
+ForceFlag = Annotated[bool, typer.Option("--force", help="Start more processes than this "
+                                         "machine has CPU cores or free memory for.")]
 RUN_HELP = "Run id, unique prefix, run folder, 'latest' or a unique run name."
 RUNS_HELP = "Run ids, unique prefixes, run folders, 'latest' or unique run names."
 RunArgument = Annotated[str, typer.Argument(metavar="RUN", help=RUN_HELP)]
@@ -105,3 +107,43 @@ def check_checkpoint(checkpoint: str) -> None:
 def echo(text: str) -> None:
     """Results go to stdout; everything else (logs, progress) goes to stderr."""
     print(text, flush=True)
+
+
+# what one kdl training process holds at its peak: 782 MB resident for configs/digits_cnn.yaml
+# (torch and its libraries are most of it); a bigger model or dataset needs more
+PROCESS_MEMORY = 800 * 2**20
+
+
+def check_processes(count: int, option: str, force: bool) -> None:
+    """Refuse to start `count` training processes at once (`option` asked for them) where this
+    machine has fewer CPU cores than that, or less free memory than they need, unless `force`:
+    past the cores they only slow each other down, past the memory the machine swaps or kills
+    them, and 64 of them at once take a 2-core machine minutes to recover from."""
+    if force or count <= 1:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    available = _available_memory()
+    needed = count * PROCESS_MEMORY
+    if count > cores:
+        why = f"this machine gives kdl {cores} CPU core{'s' if cores > 1 else ''}"
+    elif available is not None and needed > available:
+        why = (f"they need about {needed / 2**30:.1f} GiB of memory ({PROCESS_MEMORY // 2**20} MB "
+               f"each) and {available / 2**30:.1f} GiB is free")
+    else:
+        return
+    most = max(1, min(cores, (available // PROCESS_MEMORY) if available is not None else cores))
+    raise KdlError(f"{option} {count}: {why}, so that many training processes at once would only "
+                   f"slow each other down or run out of memory. Use {option} {most} or fewer, or add "
+                   "--force to start them anyway.")
+
+
+def _available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

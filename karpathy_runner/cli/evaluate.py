@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -99,9 +100,15 @@ def sample(
         fsio.check_output(out)  # before the model loads
     given = frozenset(name for name in SAMPLE_FLAGS if _given(ctx, name))
     request = SampleRequest(seed=seed, n=n, length=length, temperature=temperature, top_k=top_k,
-                            prime=prime, given=given)
+                            prime=prime, given=given, stream=_printed)
     drawn, path = sample_run(root, folder, request, checkpoint, out, device)
-    echo(drawn.text if drawn.images is None else str(path))
+    echo("" if drawn.images is None else str(path))  # (text was printed as it was drawn)
+
+
+def _printed(piece: str) -> None:
+    """A piece of drawn text, printed at once: a long sample shows as it is drawn."""
+    sys.stdout.write(piece)
+    sys.stdout.flush()
 
 
 def _given(ctx: typer.Context, name: str) -> bool:

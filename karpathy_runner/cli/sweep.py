@@ -12,7 +12,7 @@ import typer
 
 from ..errors import KdlError
 from ..runfolder.layout import runs_dir as runs_folder
-from .app import Command, JsonFlag, RunsDir, SetOption, app, echo
+from .app import Command, ForceFlag, JsonFlag, RunsDir, SetOption, app, check_processes, echo
 
 
 @app.command(cls=Command)
@@ -72,6 +72,7 @@ def sweep(
     ] = False,
     runs_dir: RunsDir = None,
     as_json: JsonFlag = False,
+    force: ForceFlag = False,
 ) -> None:
     """Run the Cartesian product of --grid values, or an adaptive search over --space; prints
     the sweep (or study) id as the last stdout line.
@@ -82,6 +83,8 @@ def sweep(
     otherwise, 130 if interrupted.
     """
     base = list(set_ or [])
+    if not emit:
+        check_processes(jobs, "--jobs", force)
     if search is not None or space or halving is not None:
         _refuse_grid_options(grid, skip_existing, emit)
         raise typer.Exit(_search(config, base, search or "tpe", space or [], trials, metric, halving,

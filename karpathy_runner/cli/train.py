@@ -13,7 +13,7 @@ from .. import workers
 from ..errors import KdlError
 from ..runfolder.layout import runs_dir as runs_folder
 from ..runfolder.reader import resolve_run
-from .app import Command, JsonFlag, RunsDir, SetOption, app, echo
+from .app import Command, ForceFlag, JsonFlag, RunsDir, SetOption, app, check_processes, echo
 
 
 @app.command(cls=Command)
@@ -62,6 +62,7 @@ def train(
         Optional[int],  # noqa: UP045
         typer.Option(help="With --nnodes: a free port on it (default 29500; one machine: any free)."),
     ] = None,
+    force: ForceFlag = False,
 ) -> None:
     """Train a model; prints the run id as the last line of stdout.
 
@@ -77,12 +78,15 @@ def train(
     overrides = [*(set_ or []), *([f"name={name}"] if name is not None else []),
                  *([f"train.device={device}"] if device is not None else [])]
     root, tag = runs_folder(runs_dir), json.loads(trial) if trial else None
+    given = nproc_per_node
     if resume is not None and nproc_per_node is None and not workers.in_worker():
         nproc_per_node = _processes_of(root, resume)  # a run resumes with as many processes
     # config and run references are checked before torch loads (seconds): mistakes answer at once;
     # a launcher of several processes checks them before any starts, and locks nothing: of the
     # training processes, rank 0 locks the run it resumes
     launching = nproc_per_node is not None and not workers.in_worker()
+    if launching:  # (a resume given no count takes the run's own, chosen when it started)
+        check_processes(nproc_per_node, "--nproc-per-node", force or given is None)
     plan = plan_train(str(config) if config else None, overrides, root, resume, allow_changes,
                       skip_existing, sweep, lock=not launching and workers.worker_rank() == 0,
                       until_epoch=until_epoch, trial=tag)

@@ -39,6 +39,8 @@ class SampleRequest:
     top_k: int | None = None
     prime: str | None = None
     given: frozenset[str] = frozenset()  # the fields the user set (not left at their defaults)
+    # text: called with each piece as it is drawn (kdl sample prints it at once)
+    stream: Callable[[str], None] | None = None
 
 
 # the `kdl sample` option of each SampleRequest field

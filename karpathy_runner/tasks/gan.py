@@ -21,11 +21,14 @@ import torch.nn.functional as F
 from ..config.models import GANModelConfig
 from ..config.tasks import GANTaskConfig
 from ..data import DataInfo
+from ..errors import KdlError
 from ..models import build_model
+from ..ui.pictures import GRID_PIXELS, grid_capacity, grid_shape
 from .base import Sample, SampleRequest, Task, Updater
 from .steps import StepResult, Totals
 
 GRID_SEED = 0  # the fixed noise of the epoch grids
+SAMPLE_BATCH = 1024  # images `kdl sample` draws at a time
 
 
 class GAN(Task):
@@ -41,6 +44,7 @@ class GAN(Task):
         if cfg.ema_decay is not None:
             self.models["generator_ema"] = copy.deepcopy(networks.generator).requires_grad_(False)
         self.latent_size = model_cfg.latent_size
+        self.image_size = info.image_size
         shape = (1, len(info.mean), 1, 1)
         self.mean = torch.tensor(info.mean, dtype=torch.float32).view(shape)
         self.std = torch.tensor(info.std, dtype=torch.float32).view(shape)
@@ -159,6 +163,21 @@ class GAN(Task):
         return Sample(images=self.generate(self.grid_noise))
 
     def sample(self, request: SampleRequest) -> Sample:
+        """n images from the seed's noise, drawn SAMPLE_BATCH at a time (the generator's
+        activations of a whole large grid at once would not fit in memory)."""
         generator = torch.Generator(device=self.device).manual_seed(request.seed)
-        return Sample(images=self.generate(self._noise(request.n, generator)))
+        noise = self._noise(request.n, generator)
+        return Sample(images=torch.cat([self.generate(part) for part in noise.split(SAMPLE_BATCH)]))
+
+    def check_sample(self, request: SampleRequest) -> None:
+        super().check_sample(request)
+        height, width = self.image_size
+        most = grid_capacity(height, width)
+        if request.n > most:
+            rows, columns = grid_shape(request.n, height, width)
+            raise KdlError(
+                f"-n {request.n}: a grid of {request.n:,} images of {height}x{width} would be "
+                f"{columns:,}x{rows:,} pixels, more than an image viewer opens safely "
+                f"({GRID_PIXELS:,} pixels); one grid holds at most {most:,} of them. Draw fewer, "
+                "or several grids with other --seed values.")
 

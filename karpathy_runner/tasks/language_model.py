@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..config.families import ModelConfig
 from ..config.tasks import LanguageModelConfig
 from ..data import DataInfo
+from ..errors import KdlError
 from ..models import build_model
 from .base import Sample, SampleRequest, Task, Updater
 from .steps import StepResult, Totals
@@ -29,6 +30,10 @@ def _detached(hidden: Any) -> Any:
     if hidden is None:
         return None
     return tuple(h.detach() for h in hidden) if isinstance(hidden, tuple) else hidden.detach()
+
+
+MAX_SAMPLE_LENGTH = 10_000_000  # characters one `kdl sample` draws (their ids held: 80 MB)
+STREAM_EVERY = 256  # characters drawn between two pieces handed to a request's stream
 
 
 class LanguageModel(Task):
@@ -118,18 +123,30 @@ class LanguageModel(Task):
         prime = request.prime or "\n"
         ids = torch.tensor([[self.index.get(char, 0) for char in prime]], device=self.device)
         logits, hidden = self.model(ids)  # (1, len(prime), V)
-        drawn = []
-        for _ in range(request.length):
+        drawn = torch.empty(request.length, dtype=torch.long, device=self.device)
+        stream, shown = request.stream, 0  # (pieces decoded every STREAM_EVERY: one sync each)
+        if stream is not None and request.prime:
+            stream(request.prime)
+        for i in range(request.length):
             scores = logits[0, -1].float() / temperature  # (V,)
             if request.top_k:
                 kth = torch.topk(scores, min(request.top_k, scores.numel())).values[-1]
                 scores = scores.masked_fill(scores < kth, -math.inf)
             char = torch.multinomial(F.softmax(scores, dim=0), 1, generator=generator)  # (1,)
-            drawn.append(char)
+            drawn[i] = char[0]
             logits, hidden = self.model(char.view(1, 1), hidden)
+            if stream is not None and (i + 1 - shown == STREAM_EVERY or i + 1 == request.length):
+                stream(self.decode(drawn[shown:i + 1]))
+                shown = i + 1
         self.model.train(training)
-        text = self.decode(torch.cat(drawn)) if drawn else ""
-        return Sample(text=(request.prime or "") + text)
+        return Sample(text=(request.prime or "") + self.decode(drawn))
+
+    def check_sample(self, request: SampleRequest) -> None:
+        super().check_sample(request)
+        if request.length > MAX_SAMPLE_LENGTH:
+            raise KdlError(f"--length {request.length}: a sample is at most {MAX_SAMPLE_LENGTH:,} "
+                           "characters (drawn one at a time, that alone takes hours). Draw less, "
+                           "or several samples with other --seed values.")
 
     def decode(self, ids: torch.Tensor) -> str:
         return "".join(self.vocabulary[i] for i in ids.tolist())
