@@ -36,7 +36,7 @@ from .errors import KdlError
 from .runfolder import fsio, layout
 from .runfolder.checkpoint import check_vocabulary, load_checkpoint
 from .runfolder.reader import Run, refuse_damaged, resolve_run
-from .runfolder.writer import RunWriter, sample_bytes
+from .runfolder.writer import RunWriter, sample_bytes, sample_parts, sample_suffix
 from .tasks import Sample, SampleRequest
 from .tasks.base import evaluate
 from .updater import autocast_for
@@ -89,7 +89,8 @@ def evaluate_run(
     """Rebuild data and model from the run's config.yaml, load a checkpoint, evaluate a split
     under the run's precision. A task that draws images (a GAN) also has its samples scored
     against the split's images in a classifier's feature space: the run `features`, else
-    Inception-v3 if its weights are in the torch cache."""
+    Inception-v3 if its weights are in the torch cache; where neither is at hand, a task whose
+    scores are optional (a VAE, whose bound is its own measure) reports its own metrics alone."""
     loaded = load_run(runs_root, ref, checkpoint, device)
     writer = RunWriter(loaded.run.path)  # (refuses a run folder it cannot write, before the work)
     exp, cfg = loaded.exp, loaded.exp.cfg
@@ -101,7 +102,8 @@ def evaluate_run(
     autocast = autocast_for(precision, exp.device)
     batches = eval_batches(exp, dataset)
     metrics = evaluate(exp.task, batches, exp.prepare, autocast, detailed=True)
-    if exp.task.draws_images:
+    if exp.task.draws_images and (features is not None or not exp.task.scores_optional
+                                  or inception_weights().is_file()):
         metrics.update(_sample_quality(runs_root, features, exp, batches, autocast))
     elif features is not None:
         raise KdlError(f"--features scores generated images; run {loaded.run.id} is a "
@@ -137,7 +139,7 @@ def _sample_quality(runs_root: Path, features: str | None, exp: Experiment, batc
 
     def generate(n: int) -> Any:
         with autocast():
-            return exp.task.sample(SampleRequest(n=n, seed=next(seeds))).images
+            return exp.task.sample(SampleRequest(n=n, seed=next(seeds), more=False)).images
 
     real = (batch[0] for batch in batches.epoch())
     return {**image_quality(real, generate, extractor, per_class), "features": extractor.description}
@@ -160,9 +162,11 @@ def _classifier(classifier: Loaded, exp: Experiment) -> nn.Module:
 
 
 def sample_run(runs_root: Path, ref: str, request: SampleRequest, checkpoint: str = "best",
-               out: Path | None = None, device: str = "auto") -> tuple[Sample, Path | None]:
+               out: Path | None = None, device: str = "auto") -> tuple[Sample, list[Path]]:
     """`kdl sample`: draw from a run's checkpoint. Images are written (to `out`, else the run's
-    samples/ folder), text only when `out` is given; returns the sample and the file written."""
+    samples/ folder), text only when `out` is given; what the task draws besides (Sample.more)
+    goes beside it, named with its key (OUT-KEY.png). Returns the sample and the files written,
+    its own first."""
     loaded = load_run(runs_root, ref, checkpoint, device)
     task = loaded.exp.task
     # a run folder it cannot write is refused before the work
@@ -173,11 +177,16 @@ def sample_run(runs_root: Path, ref: str, request: SampleRequest, checkpoint: st
                                                       loaded.exp.device), loaded.exp.device)():
         sample = task.sample(request)
     if sample.images is None and out is None:
-        return sample, None
+        return sample, []
     name = f"sample-{checkpoint}-seed{request.seed}-n{request.n}"
-    if out is not None:
-        return sample, fsio.write_output(out, sample_bytes(sample))
-    return sample, (writer or RunWriter(loaded.run.path)).write_sample(name, sample)
+    if out is None:
+        return sample, (writer or RunWriter(loaded.run.path)).write_sample(name, sample)
+    out = Path(out)
+    files = [(out.with_name(f"{out.stem}-{key}{sample_suffix(part)}") if key else out, part)
+             for key, part in sample_parts(sample)]
+    for path, _ in files:  # every path, before any is written
+        fsio.check_output(path)
+    return sample, [fsio.write_output(path, sample_bytes(part)) for path, part in files]
 
 
 

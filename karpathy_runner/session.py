@@ -224,7 +224,7 @@ class Session:
         from .evaluate import inception_weights
 
         exp, lines = self.exp, []
-        if not exp.task.draws_images or inception_weights().is_file():
+        if not exp.task.draws_images or exp.task.scores_optional or inception_weights().is_file():
             if exp.data.test is not None:
                 lines.append(f"test it:   kdl eval {run_id} --split test")
             elif exp.data.val is not None:

@@ -241,3 +241,37 @@ def wait_for(predicate, timeout: float = 60.0, every: float = 0.02) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(every)
+
+
+def assert_resumes_after_random_kill(tmp_path: Path, config: Path, overrides: Iterable[str],
+                                     seed: int, steps: int) -> None:
+    """The exact-resume check every task family gets: train `config` with `overrides` (which
+    should checkpoint every few steps of a `steps`-step run) uninterrupted in-process; then as a
+    real process SIGKILLed at a random moment (a draw of `seed`: after a random number of
+    checkpointed steps, then a random delay), resumed to its end. Weights, optimizer states,
+    metrics and summary must equal the uninterrupted run's."""
+    import random
+
+    arguments = [str(config), *sets(overrides)]
+    with one_thread():
+        straight = kdl("train", *arguments, "--runs-dir", tmp_path / "straight", "--quiet")
+    assert straight.exit_code == 0, straight.stderr
+    draw = random.Random(seed)
+    runs = tmp_path / "killed"
+    target = draw.randint(1, max(1, steps // 2))
+    process = fork(runs, *arguments)
+    step = 0
+    while step < target and process.poll() is None:
+        last = list(runs.glob("*/checkpoints/last.pt"))
+        step = load_checkpoint(last[0])["loop"]["step"] if last else 0
+        time.sleep(0.01)
+    time.sleep(draw.uniform(0.0, 0.05))
+    assert process.poll() is None, f"the run ended before its kill (seed {seed}): " + output(process)
+    process.kill()
+    assert process.wait() == -signal.SIGKILL
+    folder = only_run(runs)
+    killed_at = load_checkpoint(folder / "checkpoints" / "last.pt")["loop"]["step"]
+    assert 0 < killed_at < steps, (seed, killed_at)
+    resumed = fork(runs, "--resume", folder.name)
+    assert resumed.wait(timeout=240) == 0, output(resumed)
+    assert_same_training(folder, tmp_path / "straight" / straight.last_line)

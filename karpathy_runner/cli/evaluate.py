@@ -101,8 +101,9 @@ def sample(
     given = frozenset(name for name in SAMPLE_FLAGS if _given(ctx, name))
     request = SampleRequest(seed=seed, n=n, length=length, temperature=temperature, top_k=top_k,
                             prime=prime, given=given, stream=_printed)
-    drawn, path = sample_run(root, folder, request, checkpoint, out, device)
-    echo("" if drawn.images is None else str(path))  # (text was printed as it was drawn)
+    drawn, paths = sample_run(root, folder, request, checkpoint, out, device)
+    # text was printed as it was drawn; images: the files written, one per line
+    echo("" if drawn.images is None else "\n".join(str(path) for path in paths))
 
 
 def _printed(piece: str) -> None:

@@ -1,5 +1,5 @@
-"""The model families' config branches: conv nets, recurrent nets, DCGAN, the speedrun net,
-torchvision's classifiers."""
+"""The model families' config branches: conv nets, recurrent nets, DCGAN, a VAE, the speedrun
+net, torchvision's classifiers."""
 
 from __future__ import annotations
 
@@ -111,6 +111,29 @@ class GANModelConfig(ModelConfig):
                              "unless spectral_norm.")
     spectral_norm: bool = Field(False, description="Spectral norm on the discriminator's layers (instead "
                                 "of batch norm there).")
+
+
+@register
+class VAEModelConfig(ModelConfig):
+    """A convolutional variational autoencoder sized like DCGAN from the data's image shape: an
+    encoder of strided convolutions down to the mean and log-variance of a Gaussian latent, and a
+    decoder of transposed convolutions back up to a Bernoulli or Gaussian distribution over the
+    pixels."""
+
+    BUILD: ClassVar[str] = "karpathy_runner.models.vae:build"
+
+    name: Literal["vae"] = Field("vae", description="A convolutional VAE.")
+    latent_size: int = Field(16, ge=1, description="Size of the Gaussian latent z.")
+    width: int = Field(32, ge=1, description="Feature maps of the layer next to the image, in the encoder "
+                       "and the decoder; they double at each layer away from it.")
+    batch_norm: bool = Field(True, description="Batch norm after the hidden convolutions of both "
+                             "networks.")
+    decoder: Literal["bernoulli", "gaussian"] = Field(
+        "bernoulli",
+        description="The distribution of each pixel (scaled to [0, 1]) given z: bernoulli (the decoder "
+        "gives logits; the classic choice for MNIST) or gaussian (the decoder gives means, with one "
+        "learned standard deviation per channel).",
+    )
 
 
 @register

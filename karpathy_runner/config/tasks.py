@@ -1,4 +1,5 @@
-"""The task families' config branches: classification, character language modelling, GANs."""
+"""The task families' config branches: classification, character language modelling, GANs,
+VAEs."""
 
 from __future__ import annotations
 
@@ -93,3 +94,26 @@ class GANTaskConfig(TaskConfig):
                                     "average of the generator's weights, which draws the samples; null: "
                                     "samples from the raw generator.")
     grid_size: int = Field(64, ge=1, description="Images in each epoch's sample grid (fixed noise).")
+
+
+@register
+class VAETaskConfig(TaskConfig):
+    """Variational autoencoding: the loss is the negative evidence lower bound (ELBO) in nats per
+    image, a reconstruction term plus beta times the KL divergence of the latent from N(0, I);
+    `kdl eval --features RUN` also scores samples from the prior as it does a GAN's."""
+
+    BUILD: ClassVar[str] = "karpathy_runner.tasks.vae:VAE"
+    MODELS: ClassVar[tuple[str, ...]] = ("model",)
+    # loss: what is trained (beta and the warm-up applied); nelbo = recon + kl: the bound itself
+    METRICS: ClassVar[dict[str, str]] = {"loss": "min", "nelbo": "min", "recon": "min", "kl": "min"}
+    DEFAULT_METRIC: ClassVar[str] = "val.nelbo"
+    TRAINS: ClassVar[dict[str, tuple[str, ...]]] = {"image": ("vae",)}
+
+    name: Literal["vae"] = Field("vae", description="Variational autoencoding of images.")
+    beta: float = Field(1.0, gt=0.0, description="The weight of the KL term in the trained loss (a "
+                        "beta-VAE above 1); the reported nelbo always weighs it 1.")
+    kl_warmup_steps: int = Field(0, ge=0, description="The KL weight rises linearly from 0 to beta over "
+                                 "this many steps (KL annealing); 0: beta from the first step.")
+    grid_size: int = Field(64, ge=1, description="Images in each epoch's grid of samples from the prior "
+                           "(fixed noise); the grid of reconstructions beside it shows 32 training "
+                           "images, each beside its reconstruction.")

@@ -29,7 +29,7 @@ def start_size(side: int) -> tuple[int, int]:
     return s0, k
 
 
-def _init(module: nn.Module) -> None:
+def init_weights(module: nn.Module) -> None:
     if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
         nn.init.normal_(module.weight, 0.0, 0.02)
     elif isinstance(module, nn.BatchNorm2d):
@@ -52,7 +52,7 @@ class Generator(Model):
         layers += [nn.ConvTranspose2d(maps[-1], channels, 4, 2, 1), nn.Tanh()]
         self.net = nn.Sequential(*layers)
         self.latent_size = latent_size
-        self.apply(_init)
+        self.apply(init_weights)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z.view(z.shape[0], -1, 1, 1))  # (B, nz) -> (B, C, side, side) in [-1, 1]
@@ -72,7 +72,7 @@ class Discriminator(Model):
                        *([nn.BatchNorm2d(out)] if norm else []), nn.LeakyReLU(0.2, True)]
         layers.append(nn.Conv2d(maps[-1], 1, s0, 1, 0))  # s0 x s0 -> one logit
         self.net = nn.Sequential(*layers)
-        self.apply(_init)
+        self.apply(init_weights)
         if spectral:
             for i, layer in enumerate(self.net):
                 if isinstance(layer, nn.Conv2d):

@@ -318,15 +318,19 @@ class RunWriter:
     # ------------------------------------------------------------------ samples and eval
 
     @_rank_zero
-    def write_sample(self, name: str, sample: Any, step: int | None = None) -> Path:
-        """A task's sample as samples/NAME.png (an image grid) or .txt; also into TensorBoard at
-        `step` while training."""
-        suffix = ".png" if sample.images is not None else ".txt"
-        path = fsio.own_folder(self.folder / layout.SAMPLES) / f"{name}{suffix}"
-        fsio.atomic_write(path, sample_bytes(sample))
-        if step is not None:
-            self.tensorboard(f"samples/{name.split('-')[0]}", sample, step)
-        return path
+    def write_sample(self, name: str, sample: Any, step: int | None = None) -> list[Path]:
+        """A task's sample as samples/NAME.png (an image grid) or .txt, and each of its `more` as
+        samples/NAME-KEY.png or .txt; also into TensorBoard at `step` while training. Returns the
+        paths written, the sample's first."""
+        folder = fsio.own_folder(self.folder / layout.SAMPLES)
+        paths = []
+        for key, part in sample_parts(sample):
+            path = folder / f"{name}{'-' + key if key else ''}{sample_suffix(part)}"
+            fsio.atomic_write(path, sample_bytes(part))
+            paths.append(path)
+            if step is not None:
+                self.tensorboard(f"samples/{name.split('-')[0]}{'_' + key if key else ''}", part, step)
+        return paths
 
     @_rank_zero
     def write_eval(self, result: dict[str, Any]) -> Path:
@@ -351,6 +355,15 @@ class RunWriter:
 def sample_bytes(sample: Any) -> bytes:
     """A sample's file: an image grid's PNG, or the text in UTF-8."""
     return png_grid(sample.images) if sample.images is not None else sample.text.encode()
+
+
+def sample_suffix(sample: Any) -> str:
+    return ".png" if sample.images is not None else ".txt"
+
+
+def sample_parts(sample: Any) -> list[tuple[str, Any]]:
+    """(key, sample) of a sample ("") and of each of its `more` (by its key), each its own file."""
+    return [("", sample), *sample.more.items()]
 
 
 def _sweep_tags(sweep: dict[str, Any] | None) -> dict[str, str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -21,10 +21,13 @@ from .steps import StepResult, Totals
 
 @dataclass
 class Sample:
-    """What a task draws: a batch of images (uint8 (N, C, H, W)) or text."""
+    """What a task draws: a batch of images (uint8 (N, C, H, W)) or text; and optionally more
+    of them by name, each kept beside it (a VAE's reconstructions beside its samples:
+    samples/epoch-003.png and samples/epoch-003-reconstructions.png)."""
 
     images: torch.Tensor | None = None
     text: str | None = None
+    more: dict[str, Sample] = field(default_factory=dict)
 
 
 @dataclass
@@ -41,6 +44,7 @@ class SampleRequest:
     given: frozenset[str] = frozenset()  # the fields the user set (not left at their defaults)
     # text: called with each piece as it is drawn (kdl sample prints it at once)
     stream: Callable[[str], None] | None = None
+    more: bool = True  # also what the task draws besides (Sample.more); kdl eval needs none
 
 
 # the `kdl sample` option of each SampleRequest field
@@ -68,6 +72,9 @@ class Task:
     draws_images: bool = False  # `kdl eval` scores its samples against the split's images
     can_sample: bool = False  # `kdl sample` draws from it (its `sample`)
     sample_options: tuple[str, ...] = ()  # the SampleRequest fields its `sample` reads, but seed
+    # draws_images: without a classifier at hand to score the samples, `kdl eval` reports the
+    # task's own metrics alone (a VAE's bound) rather than refusing (a GAN's mean nothing alone)
+    scores_optional: bool = False
 
     def __init__(self, cfg: TaskConfig, model_cfg: ModelConfig, info: DataInfo, device: torch.device):
         self.cfg = cfg
@@ -144,7 +151,7 @@ class Task:
         if not self.can_sample:
             raise KdlError(
                 f"a {self.name} run has nothing to sample: `kdl sample` draws from generative runs "
-                "(gan, language_model)"
+                "(gan, language_model, vae)"
             )
         foreign = [SAMPLE_FLAGS[name] for name in SAMPLE_FLAGS
                    if name in request.given and name not in self.sample_options]

@@ -21,14 +21,12 @@ import torch.nn.functional as F
 from ..config.models import GANModelConfig
 from ..config.tasks import GANTaskConfig
 from ..data import DataInfo
-from ..errors import KdlError
 from ..models import build_model
-from ..ui.pictures import GRID_PIXELS, grid_capacity, grid_shape
+from . import drawing
 from .base import Sample, SampleRequest, Task, Updater
 from .steps import StepResult, Totals
 
 GRID_SEED = 0  # the fixed noise of the epoch grids
-SAMPLE_BATCH = 1024  # images `kdl sample` draws at a time
 
 
 class GAN(Task):
@@ -163,21 +161,11 @@ class GAN(Task):
         return Sample(images=self.generate(self.grid_noise))
 
     def sample(self, request: SampleRequest) -> Sample:
-        """n images from the seed's noise, drawn SAMPLE_BATCH at a time (the generator's
-        activations of a whole large grid at once would not fit in memory)."""
+        """n images from the seed's noise, drawn a batch at a time."""
         generator = torch.Generator(device=self.device).manual_seed(request.seed)
-        noise = self._noise(request.n, generator)
-        return Sample(images=torch.cat([self.generate(part) for part in noise.split(SAMPLE_BATCH)]))
+        return Sample(images=drawing.in_batches(self._noise(request.n, generator), self.generate))
 
     def check_sample(self, request: SampleRequest) -> None:
         super().check_sample(request)
-        height, width = self.image_size
-        most = grid_capacity(height, width)
-        if request.n > most:
-            rows, columns = grid_shape(request.n, height, width)
-            raise KdlError(
-                f"-n {request.n}: a grid of {request.n:,} images of {height}x{width} would be "
-                f"{columns:,}x{rows:,} pixels, more than an image viewer opens safely "
-                f"({GRID_PIXELS:,} pixels); one grid holds at most {most:,} of them. Draw fewer, "
-                "or several grids with other --seed values.")
+        drawing.check_grid(request.n, self.image_size)
 

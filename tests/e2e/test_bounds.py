@@ -14,7 +14,7 @@ from test_language_model import corpus, lm_config  # noqa: F401 (corpus: a fixtu
 from test_language_model import train as train_lm
 
 from karpathy_runner.evaluate import sample_run
-from karpathy_runner.tasks import SampleRequest, language_model
+from karpathy_runner.tasks import SampleRequest, drawing, language_model
 from karpathy_runner.tasks import gan as gan_task
 from karpathy_runner.ui.pictures import grid_capacity, grid_shape
 
@@ -50,7 +50,7 @@ def test_images_are_drawn_in_batches_and_at_most_a_grid(tmp_path, gan_yaml, monk
     assert result.exit_code == 0, result.stderr
     drawn: list[int] = []
     generate = gan_task.GAN.generate
-    monkeypatch.setattr(gan_task, "SAMPLE_BATCH", 4)
+    monkeypatch.setattr(drawing, "SAMPLE_BATCH", 4)
     monkeypatch.setattr(gan_task.GAN, "generate",
                         lambda self, noise: drawn.append(len(noise)) or generate(self, noise))
     out = tmp_path / "nine.png"

@@ -123,7 +123,7 @@ def test_samples_never_go_through_a_symlinked_samples_folder(run, tmp_path):
         writer.write_sample("x", Sample(text="abc"))
     assert not any(target.iterdir())
     (run / "samples").unlink()
-    assert writer.write_sample("x", Sample(text="abc")).read_text() == "abc"
+    assert writer.write_sample("x", Sample(text="abc"))[0].read_text() == "abc"
 
 
 def test_rm_removes_only_kdl_runs_in_the_runs_folder(run, tmp_path):
