@@ -29,7 +29,7 @@ def start_size(side: int) -> tuple[int, int]:
     return s0, k
 
 
-def init_weights(module: nn.Module) -> None:
+def _init(module: nn.Module) -> None:
     if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
         nn.init.normal_(module.weight, 0.0, 0.02)
     elif isinstance(module, nn.BatchNorm2d):
@@ -38,7 +38,11 @@ def init_weights(module: nn.Module) -> None:
 
 
 class Generator(Model):
-    def __init__(self, latent_size: int, channels: int, side: int, width: int, batch_norm: bool = True):
+    """z (B, nz) -> images (B, C, side, side): in [-1, 1] through a tanh, or the last layer's
+    values as they are with `tanh=False` (a VAE's decoder)."""
+
+    def __init__(self, latent_size: int, channels: int, side: int, width: int, batch_norm: bool = True,
+                 tanh: bool = True):
         super().__init__()
         s0, k = start_size(side)
         maps = [width * 2 ** (k - 1 - i) for i in range(k)]  # per block, halving toward the image
@@ -49,18 +53,21 @@ class Generator(Model):
         layers = block(nn.ConvTranspose2d(latent_size, maps[0], s0, 1, 0, bias=not batch_norm), maps[0])
         for previous, out in zip(maps, maps[1:], strict=False):  # each doubles the side
             layers += block(nn.ConvTranspose2d(previous, out, 4, 2, 1, bias=not batch_norm), out)
-        layers += [nn.ConvTranspose2d(maps[-1], channels, 4, 2, 1), nn.Tanh()]
+        layers += [nn.ConvTranspose2d(maps[-1], channels, 4, 2, 1), *([nn.Tanh()] if tanh else [])]
         self.net = nn.Sequential(*layers)
         self.latent_size = latent_size
-        self.apply(init_weights)
+        self.apply(_init)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z.view(z.shape[0], -1, 1, 1))  # (B, nz) -> (B, C, side, side) in [-1, 1]
 
 
 class Discriminator(Model):
+    """images (B, C, side, side) -> one logit each (B,), or `outputs` values each (B, outputs)
+    (a VAE's encoder: the mean and log-variance of z)."""
+
     def __init__(self, channels: int, side: int, width: int, batch_norm: bool = True,
-                 spectral: bool = False):
+                 spectral: bool = False, outputs: int = 1):
         super().__init__()
         s0, k = start_size(side)
         maps = [width * 2 ** i for i in range(k)]  # per block, doubling away from the image
@@ -70,16 +77,16 @@ class Discriminator(Model):
         for previous, out in zip(maps, maps[1:], strict=False):  # each halves the side
             layers += [nn.Conv2d(previous, out, 4, 2, 1, bias=not norm),
                        *([nn.BatchNorm2d(out)] if norm else []), nn.LeakyReLU(0.2, True)]
-        layers.append(nn.Conv2d(maps[-1], 1, s0, 1, 0))  # s0 x s0 -> one logit
+        layers.append(nn.Conv2d(maps[-1], outputs, s0, 1, 0))  # s0 x s0 -> one logit (or outputs)
         self.net = nn.Sequential(*layers)
-        self.apply(init_weights)
+        self.apply(_init)
         if spectral:
             for i, layer in enumerate(self.net):
                 if isinstance(layer, nn.Conv2d):
                     self.net[i] = spectral_norm(layer)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images).flatten()  # (B, C, side, side) -> (B,) logits
+        return self.net(images).flatten(1).squeeze(1)  # (B,) logits, or (B, outputs)
 
 
 class DCGAN(Model):
