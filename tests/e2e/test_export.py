@@ -170,3 +170,14 @@ def test_a_bad_format_and_a_missing_onnx_package_are_named(runs, monkeypatch):
                         lambda name: None if name == "onnxscript" else find_spec(name))
     result = kdl("export", found["cnn"], "--format", "onnx", "--runs-dir", root)
     assert result.exit_code == 2 and "pip install 'karpathy-runner[export]'" in result.stderr
+
+
+def test_a_run_with_nothing_to_export_says_so(tmp_path):
+    """A language model has no classifier or generator of images: exit 2, saying what exports."""
+    runs = tmp_path / "runs"
+    run_id = _trained(runs, CONFIGS / "stdlib_char_lstm.yaml", "train.max_steps=2", "train.device=cpu",
+                      "model.hidden_size=16", "model.embedding_size=16")
+    result = kdl("export", run_id, "--format", "torchscript", "--runs-dir", runs)
+    assert result.exit_code == 2
+    assert "language_model run, which has no model to export" in result.stderr
+    assert not (runs / run_id / "export").exists()
