@@ -181,3 +181,22 @@ def test_a_run_with_nothing_to_export_says_so(tmp_path):
     assert result.exit_code == 2
     assert "language_model run, which has no model to export" in result.stderr
     assert not (runs / run_id / "export").exists()
+
+
+def test_an_export_folder_that_is_a_link_is_refused(runs, tmp_path):
+    """export/ is the run's own: a symlink there is refused, nothing written through it."""
+    root, found = runs
+    folder = root / found["cnn"] / "export"
+    kept = tmp_path / "kept"
+    if folder.exists():
+        folder.rename(kept)
+    folder.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir()
+    try:
+        result = kdl("export", found["cnn"], "--format", "torchscript", "--runs-dir", root)
+    finally:
+        folder.unlink()
+        if kept.exists():
+            kept.rename(folder)
+    assert result.exit_code == 2 and "export" in result.stderr and "symbolic link" in result.stderr
+    assert not any((tmp_path / "elsewhere").iterdir())
