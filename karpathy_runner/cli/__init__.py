@@ -12,7 +12,7 @@ from .app import app
 
 # each module adds its commands to the app, in this order in `kdl --help`
 # isort: off
-from . import train, evaluate, sweep, runs  # noqa: E402, F401
+from . import train, evaluate, export, sweep, runs  # noqa: E402, F401
 # isort: on
 
 __all__ = ["app", "main"]

@@ -2,8 +2,9 @@
 makes the network from the family's own branch and the shapes the data reports (`DataInfo`),
 never the whole config. A model file knows nothing about training.
 
-`Model` is the base of kdl's networks: it declares the one hook the training side asks of a
-model, its parameter groups; any torch.nn.Module serves, as one group.
+`Model` is the base of kdl's networks: it declares the hooks asked of a model, its parameter
+groups and its exportable form, with their defaults; any torch.nn.Module serves, as one group,
+exported as it is.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ class Model(nn.Module):
     def lr_groups(self) -> list[tuple[list[nn.Parameter], float]]:
         """(parameters, lr multiplier) pairs: by default every parameter at the optimizer's lr."""
         return [(list(self.parameters()), 1.0)]
+
+    def exportable(self) -> nn.Module:
+        """The same function in a form that torch.export and the ONNX exporter take (`kdl
+        export`): by default the model itself."""
+        return self
 
 
 def build_model(cfg: ModelConfig, info: DataInfo) -> nn.Module:

@@ -63,6 +63,63 @@ class RNNClassifier(Model):
             features = out.mean(1)
         return self.head(self.dropout(features))  # (B, num_classes)
 
+    def exportable(self) -> nn.Module:
+        """Token classifiers: the same function without packed sequences, which torch.export and
+        the ONNX exporter cannot take; image rows are never packed."""
+        return self if self.embedding is None else Unpacked(self)
+
+
+class Unpacked(nn.Module):
+    """An RNNClassifier of tokens run over the padded batch, as exporters take it, giving what
+    packing gives: each layer and direction is its own one-layer cell (the classifier's weights);
+    the forward direction reads the padding only after a sequence's end, and the backward one
+    reads each sequence reversed within its length, so neither sees padding before the state
+    that counts; the final state is read at each sequence's last token, the mean over its
+    length. In eval mode only (no dropout)."""
+
+    def __init__(self, model: RNNClassifier):
+        super().__init__()
+        rnn = model.rnn
+        cell = {nn.LSTM: "lstm", nn.GRU: "gru", nn.RNN: "rnn"}[type(rnn)]
+        self.embedding, self.head, self.pooling = model.embedding, model.head, model.pooling
+        self.cells = nn.ModuleList()
+        for layer in range(rnn.num_layers):
+            for suffix in ("", "_reverse")[:model.directions]:
+                one = make_cell(cell, rnn.hidden_size * model.directions if layer else rnn.input_size,
+                                rnn.hidden_size, 1, 0.0)
+                if cell == "rnn":
+                    one.nonlinearity = rnn.nonlinearity
+                one.load_state_dict({name: getattr(rnn, name.replace("_l0", f"_l{layer}{suffix}"))
+                                     for name, _ in one.named_parameters()})
+                self.cells.append(one)
+        self.directions = model.directions
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        x = self.embedding(tokens)  # (B, T, E)
+        steps = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)  # (1, T)
+        last = (lengths.to(tokens.device) - 1).unsqueeze(1)  # (B, 1)
+        # each sequence reversed within its length, the padding left where it is (its own inverse)
+        reverse = torch.where(steps <= last, last - steps, steps)  # (B, T)
+        for layer in range(len(self.cells) // self.directions):
+            outs, ends = [], []
+            for direction in range(self.directions):
+                cell = self.cells[layer * self.directions + direction]
+                out = cell(_gather(x, reverse) if direction else x)[0]  # (B, T, H)
+                ends.append(_gather(out, last))  # (B, 1, H): the state after the last token
+                outs.append(_gather(out, reverse) if direction else out)
+            x = torch.cat(outs, dim=2)  # (B, T, H * dirs)
+        if self.pooling == "last":
+            features = torch.cat(ends, dim=2).squeeze(1)  # (B, H * dirs)
+        else:
+            valid = (steps <= last).unsqueeze(2).to(x.dtype)  # (B, T, 1)
+            features = (x * valid).sum(1) / lengths.to(x.device, x.dtype).unsqueeze(1)
+        return self.head(features)  # (B, num_classes)
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, T, D) at positions index (B, T') of each row: (B, T', D)."""
+    return x.gather(1, index.unsqueeze(2).expand(-1, -1, x.shape[2]))
+
 
 class RNNLanguageModel(Model):
     def __init__(self, cell: str, vocab_size: int, embedding_size: int, hidden_size: int,

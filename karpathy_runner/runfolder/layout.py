@@ -27,13 +27,14 @@ LOG = "train.log"
 CHECKPOINTS = "checkpoints"
 EVAL = "eval"
 SAMPLES = "samples"
+EXPORT = "export"
 TENSORBOARD = "tb"
 LOCK = ".lock"
 SWEEPS = ".sweeps"  # in the runs folder: the runs each sweep took without making them
 TEMP_SUFFIX = ".tmp"
 # what kdl writes in a run folder: files, and folders of files (a symlink at any is refused)
 OWN_FILES = (CONFIG, META, METRICS, SUMMARY, VOCAB, LOG, LOCK)
-OWN_FOLDERS = (CHECKPOINTS, EVAL, SAMPLES, TENSORBOARD)
+OWN_FOLDERS = (CHECKPOINTS, EVAL, SAMPLES, EXPORT, TENSORBOARD)
 
 
 def runs_dir(option: str | Path | None = None) -> Path:

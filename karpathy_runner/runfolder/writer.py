@@ -333,6 +333,13 @@ class RunWriter:
         return paths
 
     @_rank_zero
+    def write_export(self, name: str, data: bytes) -> Path:
+        """export/NAME: a model `kdl export` wrote (and checked)."""
+        path = fsio.own_folder(self.folder / layout.EXPORT) / name
+        fsio.atomic_write(path, data)
+        return path
+
+    @_rank_zero
     def write_eval(self, result: dict[str, Any]) -> Path:
         """eval/<checkpoint>-<split>-step<N>.json, one per checkpoint step evaluated (an eval of a
         run in progress is not replaced by a later one), eval/<checkpoint>-<split>.json, the

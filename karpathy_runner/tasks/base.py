@@ -1,6 +1,6 @@
 """The base of every task family: `Task`, with every hook the loop and the commands call and its
-default; what tasks draw (`Sample`) when asked (`SampleRequest`); an evaluation pass over a
-split (`evaluate`)."""
+default; what tasks draw (`Sample`) when asked (`SampleRequest`); what `kdl export` writes
+(`Export`); an evaluation pass over a split (`evaluate`)."""
 
 from __future__ import annotations
 
@@ -50,6 +50,25 @@ class SampleRequest:
 # the `kdl sample` option of each SampleRequest field
 SAMPLE_FLAGS = {"n": "-n", "length": "--length", "temperature": "--temperature", "top_k": "--top-k",
                 "prime": "--prime"}
+
+
+@dataclass
+class Export:
+    """What `kdl export` writes of a task: `module` (in eval mode) takes the raw `inputs` (as a
+    user has them: uint8 images, token ids, noise), its preparation included, and gives the
+    outputs; `reference(*inputs)` is what the eager path of the run gives on such inputs (the
+    data's own preparation, then the model), which the written file is checked against.
+    Dimension 0 of every input and output is the batch, of any size; the others are the
+    example's. `metadata` is written into the file (what the inputs and outputs are, the class
+    names, the vocabulary, the image size...)."""
+
+    module: nn.Module
+    inputs: tuple[torch.Tensor, ...]
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    reference: Callable[..., torch.Tensor]
+    metadata: dict[str, Any]
+    examples: str  # what the inputs are, for the check's report: "val images", "noise vectors"
 
 
 class Updater(Protocol):
@@ -144,6 +163,11 @@ class Task:
     def classifier(self) -> nn.Module | None:
         """The model that classifies the data's inputs (logits per class), for `kdl predict` and
         as the feature space of `kdl eval --features`; None: the task has none."""
+        return None
+
+    def export(self, batch: tuple[torch.Tensor, ...], prepare: Prepare) -> Export | None:
+        """What `kdl export` writes, with `batch` (a raw batch of the data, before `prepare`, the
+        data's preparation) as its example inputs; None: the task has nothing to export."""
         return None
 
     def check_sample(self, request: SampleRequest) -> None:

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 
 from ..config.families import ModelConfig
 from ..config.tasks import ClassifyConfig
-from ..data import DataInfo
-from ..models import build_model
-from .base import Sample, Task, Updater
+from ..data import DataInfo, Prepare
+from ..data.image_sets import ImagePrep
+from ..models import Model, build_model
+from .base import Export, Sample, Task, Updater
 from .steps import StepResult, Totals
 
 
@@ -28,6 +29,7 @@ class Classify(Task):
         self.num_classes = info.num_classes
         self.class_names = info.class_names
         self.vocabulary = info.vocabulary
+        self.info = info
         self.label_smoothing = cfg.label_smoothing
         self.eval_flip = cfg.eval_flip
 
@@ -87,3 +89,45 @@ class Classify(Task):
             return Sample(text="\n\n".join(texts))
         return None
 
+
+    def export(self, batch: tuple[torch.Tensor, ...], prepare: Prepare) -> Export:
+        """The classifier with the data's preparation: uint8 images (N, C, H, W) scaled and
+        normalised as in eval (no flip), or token ids (N, T) and their lengths (N,) -> logits."""
+        *inputs, labels = batch
+        model = self.model.exportable() if isinstance(self.model, Model) else self.model
+        info, common = self.info, {"task": self.name, "class_names": list(self.class_names),
+                                   "outputs": {"logits": "float32 (N, classes): softmax for probabilities"}}
+        if self.vocabulary:
+            tokens, lengths = inputs
+            names = ("tokens", "lengths")
+            metadata = {**common, "vocabulary": list(self.vocabulary), "inputs": {
+                "tokens": f"int64 (N, {tokens.shape[1]}): each word's index in the vocabulary (1 for "
+                          "a word not in it), padded with 0 after the text",
+                "lengths": "int64 (N,): the words of each text, 1 up"}}
+        else:
+            names = ("images",)
+            model = _Prepared(model, ImagePrep(info.mean, info.std, (), 0, 0))
+            metadata = {**common, "image_size": list(info.image_size), "channels": info.in_channels,
+                        "mean": list(info.mean), "std": list(info.std), "inputs": {
+                            "images": f"uint8 (N, {info.in_channels}, {info.image_size[0]}, "
+                                      f"{info.image_size[1]}): pixels 0-255, normalised inside"}}
+
+        def reference(*given: torch.Tensor) -> torch.Tensor:
+            return self.model(*prepare((*given, labels[:len(given[0])]), None)[:-1]).float()
+
+        return Export(model.eval(), tuple(inputs), names, ("logits",), reference, metadata,
+                      "texts" if self.vocabulary else "images")
+
+
+class _Prepared(torch.nn.Module):
+    """uint8 images -> the model's logits, scaled and normalised in the one op of ImagePrep, with
+    its constants: what the data's preparation gives in eval, bit for bit."""
+
+    def __init__(self, model: torch.nn.Module, prep: ImagePrep):
+        super().__init__()
+        self.model = model
+        self.register_buffer("scale", prep.scale)
+        self.register_buffer("shift", prep.shift)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(torch.addcmul(self.shift, images.float(), self.scale))

@@ -1,5 +1,6 @@
 """What the tasks that draw images from noise share (GAN, VAE): drawing many images a batch at a
-time, at most as many as one grid holds, and bytes of images from [0, 1]."""
+time, at most as many as one grid holds, bytes of images from [0, 1], and the module `kdl
+export` writes of a generator."""
 
 from __future__ import annotations
 
@@ -34,3 +35,14 @@ def check_grid(n: int, image_size: tuple[int, int]) -> None:
 def to_bytes(images: torch.Tensor) -> torch.Tensor:
     """float images in [0, 1] -> uint8 (0-255), rounded."""
     return (images.float() * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+class InUnitRange(torch.nn.Module):
+    """A generator's network and the map of its output to images in [0, 1] (`kdl export`)."""
+
+    def __init__(self, network: torch.nn.Module, to_unit: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.network, self.to_unit = network, to_unit
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.to_unit(self.network(z).float())

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 
 from ..config.models import GANModelConfig
 from ..config.tasks import GANTaskConfig
-from ..data import DataInfo
+from ..data import DataInfo, Prepare
 from ..models import build_model
 from . import drawing
-from .base import Sample, SampleRequest, Task, Updater
+from .base import Export, Sample, SampleRequest, Task, Updater
 from .steps import StepResult, Totals
 
 GRID_SEED = 0  # the fixed noise of the epoch grids
@@ -168,4 +168,14 @@ class GAN(Task):
     def check_sample(self, request: SampleRequest) -> None:
         super().check_sample(request)
         drawing.check_grid(request.n, self.image_size)
+
+    def export(self, batch: tuple[torch.Tensor, ...], prepare: Prepare) -> Export:
+        """The sampler (the moving average, when there is one): noise -> images in [0, 1]."""
+        noise = torch.randn(len(batch[0]), self.latent_size, generator=torch.Generator().manual_seed(0))
+        module = drawing.InUnitRange(self.sampler, lambda images: (images + 1) / 2).eval()
+        metadata = {"task": self.name, "latent_size": self.latent_size,
+                    "image_size": list(self.image_size), "channels": len(self.mean),
+                    "inputs": {"noise": f"float32 (N, {self.latent_size}): standard normal draws"},
+                    "outputs": {"images": "float32 (N, C, H, W) in [0, 1]: x 255, rounded, for bytes"}}
+        return Export(module, (noise,), ("noise",), ("images",), module, metadata, "noise vectors")
 

@@ -29,10 +29,10 @@ import torch.nn.functional as F
 
 from ..config.models import VAEModelConfig
 from ..config.tasks import VAETaskConfig
-from ..data import DataInfo
+from ..data import DataInfo, Prepare
 from ..models import build_model
 from . import drawing
-from .base import Sample, SampleRequest, Task, Updater
+from .base import Export, Sample, SampleRequest, Task, Updater
 from .steps import StepResult
 
 GRID_SEED = 0  # the fixed noise of the epoch grids
@@ -175,6 +175,19 @@ class VAE(Task):
     def check_sample(self, request: SampleRequest) -> None:
         super().check_sample(request)
         drawing.check_grid(request.n, self.image_size)
+
+    def export(self, batch: tuple[torch.Tensor, ...], prepare: Prepare) -> Export:
+        """The decoder: latents -> expected images in [0, 1] (the prior's draws: samples)."""
+        noise = torch.randn(len(batch[0]), self.latent_size, generator=torch.Generator().manual_seed(0))
+        model = self.model
+        module = drawing.InUnitRange(model.decoder, model.mean_image).eval()
+        metadata = {"task": self.name, "latent_size": self.latent_size, "likelihood": model.likelihood,
+                    "image_size": list(self.image_size), "channels": len(self.mean),
+                    "inputs": {"latents": f"float32 (N, {self.latent_size}): z; standard normal "
+                                          "draws give samples"},
+                    "outputs": {"images": "float32 (N, C, H, W) in [0, 1], the expected image: "
+                                          "x 255, rounded, for bytes"}}
+        return Export(module, (noise,), ("latents",), ("images",), module, metadata, "latent draws")
 
 
 def slerp(start: torch.Tensor, end: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

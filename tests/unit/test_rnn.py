@@ -96,3 +96,19 @@ def test_an_lstm_learns_digits_row_by_row(tmp_path):
     assert result.exit_code == 0, result.stderr
     val = [r for r in metrics(tmp_path / result.last_line) if r["split"] == "val"]
     assert val[-1]["accuracy"] > 0.8  # 8 steps of 8 pixels; chance is 0.1
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_the_exportable_classifier_gives_what_packing_gives(cell, bidirectional, pooling):
+    """kdl export's form of a token classifier (no packed sequences: each layer and direction
+    over the padded batch, the backward one over each text reversed within its length) equals
+    the packed forward, texts of every length in one batch."""
+    torch.manual_seed(0)
+    model = RNNClassifier(cell, 3, 8, layers=2, bidirectional=bidirectional, pooling=pooling,
+                          vocab_size=20, embedding_size=5).eval()
+    lengths = torch.tensor([9, 3, 5, 1, 9, 7])
+    tokens = torch.randint(2, 20, (6, 9)) * (torch.arange(9) < lengths.unsqueeze(1))  # 0 after the end
+    with torch.no_grad():
+        assert torch.allclose(model.exportable()(tokens, lengths), model(tokens, lengths), atol=1e-6)
