@@ -89,7 +89,6 @@ class Classify(Task):
             return Sample(text="\n\n".join(texts))
         return None
 
-
     def export(self, batch: tuple[torch.Tensor, ...], prepare: Prepare) -> Export:
         """The classifier with the data's preparation: uint8 images (N, C, H, W) scaled and
         normalised as in eval (no flip), or token ids (N, T) and their lengths (N,) -> logits."""
