@@ -69,8 +69,7 @@ def train(plan: Plan, runs_root: Path, command: list[str], quiet: bool = False) 
             ranks.barrier()
         return result
     finally:
-        if plan.lock is not None:
-            plan.lock.release()
+        plan.release()
         ranks.close()
 
 

@@ -33,7 +33,7 @@ def train(
     ] = False,
     skip_existing: Annotated[
         bool, typer.Option(help="Reuse a run of the same resolved config: print a completed one's "
-                           "id, resume an interrupted or crashed one.")
+                           "id (waiting for one still training), resume an interrupted or crashed one.")
     ] = False,
     sweep: Annotated[
         Optional[str], typer.Option(help="Tag the run as a point of sweep ID (its --set values).")  # noqa: UP045
@@ -82,14 +82,16 @@ def train(
     if resume is not None and nproc_per_node is None and not workers.in_worker():
         nproc_per_node = _processes_of(root, resume)  # a run resumes with as many processes
     # config and run references are checked before torch loads (seconds): mistakes answer at once;
-    # a launcher of several processes checks them before any starts, and locks nothing: of the
-    # training processes, rank 0 locks the run it resumes
+    # a launcher of several processes checks them before any starts, and locks no run: of the
+    # training processes, rank 0 locks the run it resumes (with --skip-existing the launcher,
+    # of several machines the one of node 0, claims the config for them all)
     launching = nproc_per_node is not None and not workers.in_worker()
     if launching:  # (a resume given no count takes the run's own, chosen when it started)
         check_processes(nproc_per_node, "--nproc-per-node", force or given is None)
     plan = plan_train(str(config) if config else None, overrides, root, resume, allow_changes,
                       skip_existing, sweep, lock=not launching and workers.worker_rank() == 0,
-                      until_epoch=until_epoch, trial=tag)
+                      until_epoch=until_epoch, trial=tag, claim=not workers.in_worker() and node_rank == 0,
+                      say=_say)
     if launching:  # the same command for each process torchrun starts, less the launcher's options
         from .. import distributed
 
@@ -101,8 +103,11 @@ def train(
                   *[flag for flag, on in (("--allow-changes", allow_changes),
                                           ("--skip-existing", skip_existing), ("--quiet", quiet),
                                           ("--json", as_json)) if on]]
-        raise typer.Exit(distributed.launch(worker, nproc_per_node, nnodes, node_rank, master_addr,
-                                            master_port))
+        try:  # the processes train under the launcher's claim (--skip-existing)
+            code = distributed.launch(worker, nproc_per_node, nnodes, node_rank, master_addr, master_port)
+        finally:
+            plan.release()
+        raise typer.Exit(code)
     from .. import session
 
     result = session.train(plan, root, command=["kdl", *sys.argv[1:]], quiet=quiet)
@@ -116,6 +121,11 @@ def train(
 
         distributed.exit_worker(result.exit_code)
     raise typer.Exit(result.exit_code)
+
+
+def _say(line: str) -> None:
+    """A wait of --skip-existing, said even with --quiet: a command that waits says for what."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def _processes_of(root: Path, ref: str) -> int | None:

@@ -1,5 +1,5 @@
 """File operations every writer of a run folder uses: atomic replacement (temp file beside the
-target, fsync, rename, folder fsync), the run lock, stale temp files, and reading JSON and
+target, fsync, rename, folder fsync), locks (a run's, a claim), stale temp files, reading JSON and
 JSONL files that may be damaged without ever raising."""
 
 from __future__ import annotations
@@ -132,50 +132,99 @@ def remove_stale_temps(folder: Path) -> list[Path]:
     return removed
 
 
-class RunLock:
-    """An exclusive lock on a run folder (flock on its .lock file), held while one process
-    trains, resumes or removes the run; the kernel releases it when the process dies, however."""
+class Lock:
+    """An exclusive lock (flock) on the file `path`, held while one process works on `what`; the
+    kernel releases it when the process dies, however. A symlink or anything but a regular file
+    at `path` is refused, never followed or written. `transient`: the holder removes the file as
+    it lets go (a claim's would stay for good), and one that waited takes the file at the path."""
 
-    def __init__(self, folder: Path, what: str | None = None):
-        self.folder = Path(folder)
-        self.what = what or f"run {self.folder.name}"  # what the lock guards, for its message
+    def __init__(self, path: Path, what: str, transient: bool = False):
+        self.path = Path(path)
+        self.what = what
+        self.transient = transient
         self._fd: int | None = None
 
-    def acquire(self) -> RunLock:
-        """Lock the run, or fail naming the process that holds it; then clear stale temp files."""
+    def acquire(self, wait: Callable[[str], None] | None = None) -> Lock:
+        """Take the lock. Held by another process: an error naming it (its pid), or, given
+        `wait`, wait for it to let go, after telling `wait` the holder's pid."""
         import fcntl
 
-        try:
-            fd = os.open(self.folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise KdlError(f"cannot lock {self.what} ({self.folder}): {exc.strerror}. Check that "
-                           "the folder is writable.") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = _lock_holder(fd)
-            os.close(fd)
-            raise KdlError(
-                f"{self.what} is in use by another kdl process (pid {holder}); only one process "
-                f"may work on a {self.what.split()[0]} at a time. Wait for it to end, or stop it "
-                f"(kill {holder}) and try again."
-            ) from None
+        while True:
+            fd = self._open()
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    holder = _lock_holder(fd)
+                    if wait is None:
+                        raise KdlError(
+                            f"{self.what} is in use by another kdl process (pid {holder}); only one "
+                            f"process may work on a {self.what.split()[0]} at a time. Wait for it to "
+                            f"end, or stop it (kill {holder}) and try again.") from None
+                    wait(holder)
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                if self._still_at_path(fd):
+                    break
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)  # its holder removed it as it let go: take the one at the path now
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd
-        remove_stale_temps(self.folder)
         return self
+
+    def _open(self) -> int:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                         | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            refuse_foreign(self.path, stat.S_ISREG)  # a symlink or a folder: said as such
+            raise KdlError(f"cannot lock {self.what} ({self.path}): {exc.strerror}. Check that "
+                           "its folder is writable.") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO, a device, a socket
+            os.close(fd)
+            refuse_foreign(self.path, stat.S_ISREG)
+        return fd
+
+    def _still_at_path(self, fd: int) -> bool:
+        """Is the file locked through `fd` the one at the path (not one a holder removed)? A
+        symlink or other thing put there meanwhile is refused."""
+        try:
+            here = os.lstat(self.path)
+        except FileNotFoundError:
+            return False
+        refuse_foreign(self.path, stat.S_ISREG)
+        mine = os.fstat(fd)
+        return (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
 
     def release(self) -> None:
         if self._fd is not None:
+            if self.transient:  # first: a waiter that gets the lock then sees the file gone
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
 
-    def __enter__(self) -> RunLock:
+    def __enter__(self) -> Lock:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class RunLock(Lock):
+    """The lock of a run folder (its .lock file), held while one process trains, resumes or
+    removes the run; taking it clears the temp files that writers killed mid-write left."""
+
+    def __init__(self, folder: Path, what: str | None = None):
+        self.folder = Path(folder)
+        super().__init__(self.folder / LOCK, what or f"run {self.folder.name}")
+
+    def acquire(self, wait: Callable[[str], None] | None = None) -> RunLock:
+        super().acquire(wait)
+        remove_stale_temps(self.folder)
+        return self
 
 
 def _lock_holder(fd: int) -> str:
@@ -264,17 +313,17 @@ def own_folder(path: Path) -> Path:
 
 
 def refuse_foreign(path: Path, kind: Callable[[int], bool] = lambda mode: True) -> None:
-    """An entry of a run folder that kdl writes: missing, or what kdl made (`kind` of its mode),
-    never a symlink; else an error naming it (nothing written)."""
+    """An entry that kdl writes (in a run folder, a lock): missing, or what kdl made (`kind` of
+    its mode), never a symlink; else an error naming it (nothing written)."""
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return
     if stat.S_ISLNK(mode) or not kind(mode):
         raise KdlError(
-            f"{path} is {_what(path, mode)}, which kdl did not make; it writes a run's files only "
-            f"inside the run folder, never through a link or over what is not its own. Move it "
-            f"away (or remove it: rm {path}) and run the command again. Nothing was written.")
+            f"{path} is {_what(path, mode)}, which kdl did not make; it writes only what it made, "
+            f"never through a link or over what is not its own. Move it away (or remove it: rm "
+            f"{path}) and run the command again. Nothing was written.")
 
 
 def open_append(path: Path) -> IO[str]:

@@ -7,25 +7,52 @@ may so belong to several sweeps, and no run folder is written by a process that 
 
 A search with successive halving also records there each trial it prunes (its run paused at the
 rung where it stopped), so that readers show the run as `pruned`, not as unfinished work.
+
+`kdl train --skip-existing` claims its config first (`claim`): a lock on
+`<runs>/.sweeps/claims/<config hash>.lock`, held while it looks for a run of the config and
+trains or resumes one, so that two sweeps of one grid at once train each point once: the second
+waits, then takes the run the first made.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .fsio import read_jsonl_lines
+from .fsio import Lock, read_jsonl_lines, refuse_foreign
 from .layout import SWEEPS, made_folder, utc_now
 
 TAKEN = ("reused", "resumed")  # how a sweep takes a run it did not make
+CLAIMS = "claims"  # in .sweeps: a lock per config that `kdl train --skip-existing` trains
+
+
+def _folder(root: Path, *names: str) -> Path:
+    """A folder of kdl's in the runs folder (.sweeps, .sweeps/claims), made if missing; a
+    symlink or anything else there is refused (nothing is written through it)."""
+    folder = made_folder(root, root)
+    for name in (SWEEPS, *names):
+        folder = folder / name
+        refuse_foreign(folder, stat.S_ISDIR)
+        made_folder(folder, root)
+    return folder
+
+
+def claim(root: Path, config_hash: str, wait: Callable[[str], None]) -> Lock:
+    """This process's claim on the config `config_hash` in the runs folder `root`. Another
+    process's claim: `wait` hears its pid, then this one waits for it to let go."""
+    path = _folder(root, CLAIMS) / f"{config_hash}.lock"
+    return Lock(path, f"config {config_hash}", transient=True).acquire(wait)
 
 
 def _append(root: Path, sweep: str, entry: dict[str, Any]) -> None:
-    folder = made_folder(root / SWEEPS, root)
     line = json.dumps({**entry, "at": utc_now()}) + "\n"
-    fd = os.open(folder / f"{sweep}.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o666)
+    path = _folder(root) / f"{sweep}.jsonl"
+    refuse_foreign(path, stat.S_ISREG)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
     try:
         os.write(fd, line.encode())
     finally:

@@ -12,8 +12,9 @@ import stat
 from pathlib import Path
 
 import pytest
-from kdl import kdl
+from kdl import CONFIGS, TINY, kdl, train_tiny
 
+from karpathy_runner.config.loading import load_config
 from karpathy_runner.errors import KdlError
 from karpathy_runner.runfolder.writer import RunWriter
 from karpathy_runner.tasks import Sample
@@ -108,6 +109,60 @@ def test_resume_never_appends_through_a_symlinked_log(run, tmp_path):
         assert target.read_text() == kept
         (run / name).unlink()
         (run / name).write_text(kept)
+    assert json.loads((run / "meta.json").read_text())["status"] == "interrupted"
+
+
+def test_a_run_is_never_locked_through_a_symlinked_lock_file(run, tmp_path):
+    target = outside(tmp_path, ".lock", folder=False)
+    (run / ".lock").unlink(missing_ok=True)
+    (run / ".lock").symlink_to(target)
+    refused(kdl("train", "--resume", run.name, "--runs-dir", run.parent), run / ".lock",
+            "symbolic link")
+    assert target.read_text() == "not kdl's\n"
+
+
+@pytest.mark.parametrize("kind", ["symlink", "dangling symlink", "folder", "fifo"])
+def test_skip_existing_claims_a_config_only_in_a_file_of_its_own(tmp_path, kind):
+    """The claim of `kdl train --skip-existing` on its config, `.sweeps/claims/HASH.lock`,
+    is a regular file kdl made: anything else standing there is refused, never followed (nor
+    made where a dangling link points)."""
+    runs = tmp_path / "runs"
+    claim = runs / ".sweeps" / "claims" / f"{load_config(CONFIGS / 'digits_cnn.yaml', TINY).hash()}.lock"
+    claim.parent.mkdir(parents=True)
+    theirs = outside(tmp_path, "theirs", folder=False)
+    if kind == "symlink":
+        claim.symlink_to(theirs)
+    elif kind == "dangling symlink":
+        claim.symlink_to(theirs.with_name("missing"))
+    elif kind == "folder":
+        claim.mkdir()
+    else:
+        os.mkfifo(claim)
+    refused(train_tiny(runs, "--skip-existing"), claim, {"folder": "a folder", "fifo": "a FIFO"}
+            .get(kind, "a symbolic link"))
+    assert not list(runs.glob("2*")) and theirs.read_text() == "not kdl's\n"
+    assert not theirs.with_name("missing").exists()
+
+
+@pytest.mark.parametrize("linked", [".sweeps", ".sweeps/claims"])
+def test_skip_existing_never_makes_its_claims_through_a_symlinked_folder(tmp_path, linked):
+    runs = tmp_path / "runs"
+    target = outside(tmp_path, "theirs", folder=True)
+    (runs / linked).parent.mkdir(parents=True, exist_ok=True)
+    (runs / linked).symlink_to(target)
+    refused(train_tiny(runs, "--skip-existing"), runs / linked, "symbolic link")
+    assert not any(target.iterdir()) and not list(runs.glob("2*"))
+
+
+def test_a_sweep_never_records_a_point_through_a_symlinked_record_file(run, tmp_path):
+    """A sweep that takes the interrupted run as its point records it in .sweeps/S.jsonl: a
+    symlink there is refused, and nothing is resumed."""
+    target = outside(tmp_path, "S.jsonl", folder=False)
+    (run.parent / ".sweeps").mkdir()
+    (run.parent / ".sweeps" / "S.jsonl").symlink_to(target)
+    refused(train_tiny(run.parent, "--set", "train.epochs=1", "--skip-existing", "--sweep", "S"),
+            run.parent / ".sweeps" / "S.jsonl", "symbolic link")
+    assert target.read_text() == "not kdl's\n"
     assert json.loads((run / "meta.json").read_text())["status"] == "interrupted"
 
 

@@ -36,6 +36,7 @@ from stopping import (
 )
 
 import karpathy_runner.runfolder.checkpoint
+from karpathy_runner.errors import KdlError
 from karpathy_runner.runfolder import fsio
 from karpathy_runner.runfolder.checkpoint import InBackground, captured, load_checkpoint
 from karpathy_runner.tasks.classify import Classify
@@ -211,6 +212,29 @@ def test_rm_waits_for_no_one_and_removes_nothing_of_a_locked_run(runs_dir):
         assert folder.is_dir()
     assert kdl("rm", "--yes", folder.name, "--runs-dir", runs).exit_code == 0
     assert not folder.exists()
+
+
+def test_a_claim_removed_as_it_is_let_go_is_never_held_twice(tmp_path):
+    """A claim's file goes with its holder's release. The process that waited for it then holds
+    the lock of a removed file: it must take the file now at the path, or a third process making
+    a new one would hold the claim beside it. (Two descriptors of one file lock each other as two
+    processes do: threads stand in for them.)"""
+    path = tmp_path / "abc.lock"
+    first = fsio.Lock(path, "config abc", transient=True).acquire()
+    waiting, taken = threading.Event(), threading.Event()
+    second = fsio.Lock(path, "config abc", transient=True)
+    waiter = threading.Thread(target=lambda: (second.acquire(lambda pid: waiting.set()), taken.set()))
+    waiter.start()
+    assert waiting.wait(30)
+    time.sleep(0.2)  # into its wait
+    first.release()
+    assert taken.wait(30)
+    with pytest.raises(KdlError, match=rf"config abc is in use by another kdl process \(pid {os.getpid()}\)"):
+        fsio.Lock(path, "config abc", transient=True).acquire()  # a third: the second holds it
+    second.release()
+    waiter.join()
+    assert not path.exists()
+    fsio.Lock(path, "config abc", transient=True).acquire().release()
 
 
 # ----------------------------------------------------------------------------- 5: temp files

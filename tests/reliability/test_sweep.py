@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -148,6 +149,63 @@ def test_a_rerun_of_an_interrupted_sweep_compares_every_point_like_an_uninterrup
     shown = kdl("compare", "--sweep", rerun, "--runs-dir", runs)
     assert "how" in shown.stdout and "reused" in shown.stdout and "resumed" in shown.stdout
     assert kdl("runs", "--sweep", rerun, "--runs-dir", runs, "--json").stdout.count('"id"') == 3
+
+
+def test_two_sweeps_of_one_grid_at_once_train_each_point_once(tmp_path):
+    """Two `kdl sweep --skip-existing` of one grid, started at once over one runs folder: each
+    point is trained by one of them, and the other's process for it waits, then takes the run;
+    so both sweeps hold every point, made by one and reused by the other."""
+    command = [sys.executable, "-m", "karpathy_runner", "sweep", str(CONFIGS / "digits_cnn.yaml"),
+               "--grid", "optimizer.lr=0.01,0.003", *TINY_SETS, "--set", "train.epochs=1",
+               "--jobs", "2", "--skip-existing", "--runs-dir", str(tmp_path)]
+    sweeps = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(2)]
+    ended = [sweep.communicate(timeout=240) for sweep in sweeps]
+    assert [sweep.returncode for sweep in sweeps] == [0, 0], [err for _, err in ended]
+    runs = list(iter_runs(tmp_path))
+    by_point = {run.meta["sweep"]["point"]["optimizer.lr"]: run.id for run in runs}
+    assert len(runs) == len(by_point) == 2  # one run per point, by the sweep that made it
+    assert len({run.meta["config_hash"] for run in runs}) == 2
+    taken = []
+    for out, err in ended:
+        compared = kdl("compare", "--sweep", out.split()[-1], "--json", "--runs-dir", tmp_path)
+        rows = json.loads(compared.stdout)["rows"]
+        taken += [(row["id"], row["how"]) for row in rows]
+        assert sorted(row["id"] for row in rows) == sorted(by_point.values())
+        assert all(run_id in err for run_id in by_point.values())  # the sweep's own table
+    assert sorted(taken) == sorted((run_id, how) for run_id in by_point.values()
+                                   for how in ("made", "reused"))
+    assert not list((tmp_path / ".sweeps" / "claims").iterdir())  # each claim let go and removed
+
+
+def test_skip_existing_waits_for_a_running_run_of_its_config_and_takes_it(tmp_path):
+    """`kdl train --skip-existing` while a run of the same config trains (here stopped, so it
+    stays running however fast the machine): it waits for that run to end and reports it as its
+    own, completed, rather than train a second."""
+    args = [sys.executable, "-m", "karpathy_runner", "train", str(CONFIGS / "digits_cnn.yaml"),
+            *TINY_SETS, "--set", "train.epochs=1", "--runs-dir", str(tmp_path), "--quiet"]
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(run.status == "running" for run in iter_runs(tmp_path)):
+        time.sleep(0.05)
+    first.send_signal(signal.SIGSTOP)
+    try:
+        (run,) = iter_runs(tmp_path)
+        assert run.status == "running"
+        second = subprocess.Popen([*args, "--skip-existing", "--json"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        assert select.select([second.stderr], [], [], 60)[0], "no word of a wait"
+        said = second.stderr.readline()
+        assert f"run {run.id} of this config is in use by another kdl process (pid {first.pid})" in said
+        time.sleep(0.5)
+        assert second.poll() is None  # still waiting
+    finally:
+        first.send_signal(signal.SIGCONT)
+    out, err = second.communicate(timeout=120)
+    assert second.returncode == 0 and first.wait(timeout=120) == 0, err
+    report = json.loads(out)
+    assert (report["id"], report["status"], report["skipped"]) == (run.id, "completed", True)
+    assert [r.id for r in iter_runs(tmp_path)] == [run.id]
 
 
 def test_tensorboard_event_files_are_readable(tmp_path):
