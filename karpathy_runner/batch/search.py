@@ -233,18 +233,8 @@ class Search:
     # --- successive halving: rungs of trials
 
     def halve(self) -> int:
-        from optuna.trial import TrialState
-
         spec = self.spec
-        existing = []
-        for frozen in sorted(self.study.get_trials(deepcopy=False), key=lambda t: t.number):
-            if self.drawn(frozen):
-                existing.append(frozen)
-            else:  # stopped while Optuna drew its values: never ran
-                self.study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
-        members = [TrialRun(t.number, self.params(t), None) for t in existing[: spec.trials]]
-        while len(members) < spec.trials:
-            members.append(self.ask())
+        members = self._members()
         rungs, code = spec.rungs(), 0
         for index, epochs in enumerate(rungs):
             self.attach(members)
@@ -279,6 +269,24 @@ class Search:
             if not members:
                 break
         return code
+
+    def _members(self) -> list[TrialRun]:
+        """The trials of the first rung: those a command before drew, then new ones up to
+        `--trials`. A grid's points wait in the study (WAITING) until a trial is asked."""
+        from optuna.trial import TrialState
+
+        existing = []
+        for frozen in sorted(self.study.get_trials(deepcopy=False), key=lambda t: t.number):
+            if frozen.state == TrialState.WAITING:
+                continue
+            if self.drawn(frozen):
+                existing.append(frozen)
+            else:  # stopped while Optuna drew its values: never ran
+                self.study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
+        members = [TrialRun(t.number, self.params(t), None) for t in existing[: self.spec.trials]]
+        while len(members) < self.spec.trials:
+            members.append(self.ask())
+        return members
 
     def _reached(self, trial: TrialRun, epochs: int) -> bool:
         """Has the trial's run trained `epochs` epochs (or ended before, by early stopping)?"""

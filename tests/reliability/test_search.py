@@ -262,3 +262,20 @@ def test_a_grid_study_asks_every_point_once_in_order(tmp_path):
     search = Search(spec, study, "grid", tmp_path, 1, lambda line: None)
     asked = [search.ask().params for _ in range(4)]
     assert asked == [{"seed": s, "model.channels": c} for s in (0, 1) for c in ([4, 8], [8, 8])]
+
+
+def test_a_grid_search_with_halving_asks_each_point_once(tmp_path):
+    """The grid's points wait in the study (WAITING) until a trial asks for one: halving's first
+    rung leaves them there and asks each in turn (telling a WAITING trial anything is an error)."""
+    from optuna.trial import TrialState
+
+    from karpathy_runner.batch.search import Search
+    from karpathy_runner.batch.space import parse_space
+    from karpathy_runner.batch.study import open_study
+
+    spec = SearchSpec(DIGITS, [], parse_space(["seed=int(0,2)"]), "grid", 3, "val.loss", "minimize",
+                      "hash", "digits", halving=2, min_epochs=1, epochs=2)
+    study = open_study(spec, f"sqlite:///{tmp_path / 'studies.db'}", "grid", seed=0)
+    first_rung = Search(spec, study, "grid", tmp_path, 1, lambda line: None)._members()
+    assert [trial.params for trial in first_rung] == [{"seed": s} for s in (0, 1, 2)]
+    assert [t.state for t in study.get_trials()] == [TrialState.RUNNING] * 3
