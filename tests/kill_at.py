@@ -1,6 +1,6 @@
 """The one hook that stops a `kdl train` process at an exact point: it sends a signal just before
-the process's n-th os.replace onto a file of a given name, so a test stops a run between two
-exact file writes however busy the machine is.
+the process's n-th os.replace onto a file of a given name (`*`: of any file), so a test stops a run
+between two exact file writes however busy the machine is.
 
 Installed two ways: by `signal_before` in a process forked by the test (stopping.fork), or, in a
 process the test cannot fork (torchrun's workers, a sweep's points), at start-up by
@@ -8,7 +8,8 @@ tests/sitehook/sitecustomize.py from the environment: KDL_TEST_SIGNAL=NAME:N:SIG
 TARGET `self`, `parent` (the launcher of a torchrun worker) or `parent-group` (the launcher's
 process group, as a Ctrl-C at a terminal signals it), and an optional fifth field naming a file:
 the first process to signal creates it, and no other process signals after it (of several
-trials of a sweep, one Ctrl-C).
+trials of a sweep, one Ctrl-C). KDL_TEST_SIGNAL_PROCESS=K:FOLDER picks the process: only the K-th
+`kdl train` process to start (each takes the next number by making FOLDER/1, FOLDER/2, ...).
 """
 
 from __future__ import annotations
@@ -17,23 +18,25 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 ENVIRONMENT = "KDL_TEST_SIGNAL"
+PROCESS = "KDL_TEST_SIGNAL_PROCESS"
 
 
 def signal_before(name: str, nth: int, signum: int, target: str = "self", once: str | None = None) -> None:
     """From now on, this process sends `signum` to `target` just before its `nth` replace of a
-    file called `name`."""
+    file called `name` (`*`: any file)."""
     real_replace = os.replace
     seen = 0
 
     def replace(src, dst, *args, **kwargs):
         nonlocal seen
-        if os.path.basename(dst) == name:
+        if name in ("*", os.path.basename(dst)):
             seen += 1
             if seen == nth and _first(once):  # (which thread replaces it: training or checkpoint)
-                print(f"kill_at: {name} {nth} in thread {threading.current_thread().name}",
-                      file=sys.stderr, flush=True)
+                print(f"kill_at: {name} {nth} in thread {threading.current_thread().name}"
+                      + (f" ({os.path.basename(dst)})" if name == "*" else ""), file=sys.stderr, flush=True)
                 _send(signum, target)
         return real_replace(src, dst, *args, **kwargs)
 
@@ -43,9 +46,23 @@ def signal_before(name: str, nth: int, signum: int, target: str = "self", once: 
 def install_from_environment() -> None:
     """The hook KDL_TEST_SIGNAL asks for, if it is set."""
     spec = os.environ.get(ENVIRONMENT)
-    if spec:
+    if spec and _chosen(os.environ.get(PROCESS)):
         name, nth, signum, target, *once = spec.split(":")
         signal_before(name, int(nth), getattr(signal, signum), target, once[0] if once else None)
+
+
+def _chosen(process: str | None) -> bool:
+    """Is this the process KDL_TEST_SIGNAL_PROCESS picks (K:FOLDER: the K-th `kdl train`)?"""
+    if process is None:
+        return True
+    if sys.orig_argv[1:4] != ["-m", "karpathy_runner", "train"]:
+        return False
+    k, folder = process.split(":", 1)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    number = 1
+    while not _first(os.path.join(folder, str(number))):
+        number += 1
+    return number == int(k)
 
 
 def _first(once: str | None) -> bool:

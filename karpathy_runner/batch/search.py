@@ -16,7 +16,9 @@ on to R*ETA epochs, and so on up to train.epochs. A trial is paused and resumed,
 again: it trains with its whole config (the schedule spans train.epochs) and pauses after the
 rung's epochs (`kdl train --until-epoch`), so the trial that survives ends bit for bit as the
 same config trained straight through. Which trials go on is worked out from their run folders
-each time, so an interrupted halving study continues where it was.
+each time, and a rung is decided only once every trial has its value at it (a trial killed on the
+way stays RUNNING; the command exits 1, and run again resumes it), so an interrupted halving study
+ends as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -233,9 +235,9 @@ class Search:
     # --- successive halving: rungs of trials
 
     def halve(self) -> int:
-        spec = self.spec
+        """Train the trials rung by rung, deciding each rung from every trial's value at it."""
+        rungs, code = self.spec.rungs(), 0
         members = self._members()
-        rungs, code = spec.rungs(), 0
         for index, epochs in enumerate(rungs):
             self.attach(members)
             todo = [t for t in members if not self._reached(t, epochs)]
@@ -248,27 +250,47 @@ class Search:
                     return ran
                 code = code or ran
                 self.attach(members)
-            scored = [(self.rung_value(t, epochs), t) for t in members]
-            for value, trial in scored:
-                if value is None:
-                    self.tell(trial.number, trial.run)  # failed: no value to rank it by
-            ranked = sorted(((v, t) for v, t in scored if v is not None),
-                            key=lambda pair: (pair[0] if spec.direction == "minimize" else -pair[0],
-                                              pair[1].number))
-            if index == len(rungs) - 1:
-                for _, trial in ranked:
-                    self.tell(trial.number, trial.run)
-                break
-            keep = max(1, len(ranked) // spec.halving)
-            for _, trial in ranked[keep:]:
-                self.tell(trial.number, trial.run, state="pruned")
-                if trial.run is not None and trial.run.meta.get("status") == "paused":
-                    sweeps.record_pruned(self.root, self.study_name, trial.run.id,
-                                         int(trial.run.meta.get("epochs_done") or 0))
-            members = [t for _, t in ranked[:keep]]
+            missing = [t for t in members if not self._reached(t, epochs)]
+            if missing:  # (a process killed, a run someone else trains): decided on the next command
+                self.log(f"rung {index + 1}/{len(rungs)} is not decided: no value at epoch {epochs} "
+                         f"yet from {', '.join(self._where(t) for t in missing)}, and a rung is "
+                         "decided from every trial's value. Run this command again: it resumes "
+                         "them and decides the rung.")
+                return 1
+            members = self._decide(members, epochs, last=index == len(rungs) - 1)
             if not members:
                 break
         return code
+
+    def _decide(self, members: list[TrialRun], epochs: int, last: bool) -> list[TrialRun]:
+        """Rank the trials of a rung by their value at its epochs: the best 1/ETA go on (the
+        rest are PRUNED), or, at the last rung, each is COMPLETE; a trial without a value FAILs."""
+        scored = [(self.rung_value(t, epochs), t) for t in members]
+        for value, trial in scored:
+            if value is None:
+                self.tell(trial.number, trial.run)  # failed: no value to rank it by
+        ranked = [t for _, t in sorted(
+            ((v, t) for v, t in scored if v is not None),
+            key=lambda pair: (pair[0] if self.spec.direction == "minimize" else -pair[0],
+                              pair[1].number))]
+        if last:
+            for trial in ranked:
+                self.tell(trial.number, trial.run)
+            return []
+        keep = max(1, len(ranked) // self.spec.halving)
+        for trial in ranked[keep:]:
+            self.tell(trial.number, trial.run, state="pruned")
+            if trial.run.meta.get("status") == "paused":
+                sweeps.record_pruned(self.root, self.study_name, trial.run.id,
+                                     int(trial.run.meta.get("epochs_done") or 0))
+        return ranked[:keep]
+
+    @staticmethod
+    def _where(trial: TrialRun) -> str:
+        if trial.run is None:
+            return f"trial {trial.number} (no run)"
+        return (f"trial {trial.number} (run {trial.run.id}, {trial.run.status} after epoch "
+                f"{int(trial.run.meta.get('epochs_done') or 0)})")
 
     def _members(self) -> list[TrialRun]:
         """The trials of the first rung: those a command before drew, then new ones up to
@@ -289,7 +311,9 @@ class Search:
         return members
 
     def _reached(self, trial: TrialRun, epochs: int) -> bool:
-        """Has the trial's run trained `epochs` epochs (or ended before, by early stopping)?"""
+        """Has the trial's run trained `epochs` epochs and paused (or ended: completed, early
+        stopping included, or failed)? A run stopped on the way (killed, interrupted) has not,
+        even past `epochs`: it is resumed, and pauses at once, so a pruned trial's run reads so."""
         run = trial.run
         if run is None:
             return False
