@@ -5,11 +5,14 @@ between two exact file writes however busy the machine is.
 Installed two ways: by `signal_before` in a process forked by the test (stopping.fork), or, in a
 process the test cannot fork (torchrun's workers, a sweep's points), at start-up by
 tests/sitehook/sitecustomize.py from the environment: KDL_TEST_SIGNAL=NAME:N:SIGNAL:TARGET, with
-TARGET `self`, `parent` (the launcher of a torchrun worker) or `parent-group` (the launcher's
-process group, as a Ctrl-C at a terminal signals it), and an optional fifth field naming a file:
-the first process to signal creates it, and no other process signals after it (of several
-trials of a sweep, one Ctrl-C). KDL_TEST_SIGNAL_PROCESS=K:FOLDER picks the process: only the K-th
-`kdl train` process to start (each takes the next number by making FOLDER/1, FOLDER/2, ...).
+TARGET `self`, `parent` (the launcher of a torchrun worker, a sweep) or `parent-group` (the
+launcher's process group, as a Ctrl-C at a terminal signals it), and an optional fifth field naming
+a file: the first process to signal creates it, and no other process signals after it (of several
+trials of a sweep, one Ctrl-C). Two more variables pick the process and what it does after:
+KDL_TEST_SIGNAL_PROCESS=K:FOLDER, only the K-th `kdl train` process to start (each takes the next
+number by making FOLDER/1, FOLDER/2, ...); KDL_TEST_SIGNAL_LINGER=SECONDS, the process waits that
+long after signalling before it goes on (a trial that killed its sweep is still running when the
+sweep's command is run again).
 """
 
 from __future__ import annotations
@@ -18,15 +21,18 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 ENVIRONMENT = "KDL_TEST_SIGNAL"
 PROCESS = "KDL_TEST_SIGNAL_PROCESS"
+LINGER = "KDL_TEST_SIGNAL_LINGER"
 
 
-def signal_before(name: str, nth: int, signum: int, target: str = "self", once: str | None = None) -> None:
+def signal_before(name: str, nth: int, signum: int, target: str = "self", once: str | None = None,
+                  linger: float = 0.0) -> None:
     """From now on, this process sends `signum` to `target` just before its `nth` replace of a
-    file called `name` (`*`: any file)."""
+    file called `name` (`*`: any file), and goes on `linger` seconds later."""
     real_replace = os.replace
     seen = 0
 
@@ -38,6 +44,7 @@ def signal_before(name: str, nth: int, signum: int, target: str = "self", once: 
                 print(f"kill_at: {name} {nth} in thread {threading.current_thread().name}"
                       + (f" ({os.path.basename(dst)})" if name == "*" else ""), file=sys.stderr, flush=True)
                 _send(signum, target)
+                time.sleep(linger)
         return real_replace(src, dst, *args, **kwargs)
 
     os.replace = replace
@@ -48,7 +55,8 @@ def install_from_environment() -> None:
     spec = os.environ.get(ENVIRONMENT)
     if spec and _chosen(os.environ.get(PROCESS)):
         name, nth, signum, target, *once = spec.split(":")
-        signal_before(name, int(nth), getattr(signal, signum), target, once[0] if once else None)
+        signal_before(name, int(nth), getattr(signal, signum), target, once[0] if once else None,
+                      float(os.environ.get(LINGER, "0")))
 
 
 def _chosen(process: str | None) -> bool:

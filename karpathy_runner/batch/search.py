@@ -18,7 +18,8 @@ rung's epochs (`kdl train --until-epoch`), so the trial that survives ends bit f
 same config trained straight through. Which trials go on is worked out from their run folders
 each time, and a rung is decided only once every trial has its value at it (a trial killed on the
 way stays RUNNING; the command exits 1, and run again resumes it), so an interrupted halving study
-ends as an uninterrupted one.
+ends as an uninterrupted one. The trials' processes hold the study's trials lock: the command run
+again after one was killed waits for the trials it left running.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from ..runfolder import fsio, layout, sweeps
 from ..runfolder.reader import Run, iter_runs, rung_of
 from ..ui.tables import epoch_rows
 from .space import check_space, parse_space
-from .study import SearchSpec, default_storage, metric_direction, open_study, study_lock
+from .study import SearchSpec, default_storage, metric_direction, open_study, study_lock, trials_lock
 from .sweep import Point, Sweep, shown, yaml_value
 
 SEARCHES = ("tpe", "random", "grid")
@@ -88,13 +89,13 @@ def run_search(spec: SearchSpec, root: Path, storage: str | None, study_name: st
     time; one command per study on this machine."""
     name = study_name or spec.study_name()
     url = storage or default_storage(root)
-    with study_lock(root, name):
+    with study_lock(root, name), trials_lock(root, name, log) as trials:
         study = open_study(spec, url, name, spec.seed)
         done = len(study.get_trials(deepcopy=False))
         rungs = f", halving by {spec.halving} over epochs {spec.rungs()}" if spec.halving else ""
         log(f"study {name}: {spec.search} search, {done} of {spec.trials} trials so far, {jobs} at "
             f"a time{rungs}; {spec.direction} {spec.metric}; storage {url}")
-        runner = Search(spec, study, name, root, jobs, log, fail_fast)
+        runner = Search(spec, study, name, root, jobs, log, fail_fast, inherited=(trials,))
         code = runner.halve() if spec.halving else runner.run()
         rows = runner.results()
         best = runner.best(rows)
@@ -117,9 +118,10 @@ class Search:
     """Drives a study: starts, resumes and reports trials, `jobs` at a time."""
 
     def __init__(self, spec: SearchSpec, study: Any, study_name: str, root: Path, jobs: int,
-                 log: Callable[[str], None], fail_fast: bool = False):
+                 log: Callable[[str], None], fail_fast: bool = False, inherited: tuple[int, ...] = ()):
         self.spec, self.study, self.study_name = spec, study, study_name
         self.root, self.jobs, self.log, self.fail_fast = root, jobs, log, fail_fast
+        self.inherited = inherited  # descriptors every trial process holds: the trials' lock
         self.host = socket.gethostname()
 
     # --- trials and their runs
@@ -217,7 +219,7 @@ class Search:
             return None
 
         return Sweep([], self.jobs, self.fail_fast, self.log, more=more, finished=self._finished,
-                     total=self.spec.trials).run()
+                     total=self.spec.trials, inherited=self.inherited).run()
 
     def _size(self) -> int:
         """Trials the study has, less those dropped before Optuna drew all their values."""
@@ -245,7 +247,7 @@ class Search:
                      + (f", {len(todo)} to train" if len(todo) != len(members) else ""))
             if todo:
                 ran = Sweep([self.point(t, epochs) for t in todo], self.jobs, self.fail_fast,
-                            self.log, total=len(todo)).run()
+                            self.log, total=len(todo), inherited=self.inherited).run()
                 if ran == 130 or (ran and self.fail_fast):
                     return ran
                 code = code or ran

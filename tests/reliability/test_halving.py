@@ -1,18 +1,19 @@
-"""Successive halving interrupted at any moment: a trial killed in a rung, the sweep stopped before
-each of its decisions. Each time, the same command run again ends with the study an uninterrupted
-command makes: the same rung decisions, the same best, each trial's state and value, and each
-trial's run where it stopped, its records bit for bit."""
+"""Successive halving interrupted at any moment: a trial killed in a rung, the sweep killed while
+a trial trains, the sweep stopped before each of its decisions. Each time, the same command run
+again ends with the study an uninterrupted command makes: the same rung decisions, the same best,
+each trial's state and value, and each trial's run where it stopped, its records bit for bit."""
 
 from __future__ import annotations
 
 import random
+import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
 from kdl import TINY, Result, kdl
 from stopping import metrics, sets
-from studies import DIGITS, hooked, study_trials, trial_runs
+from studies import DIGITS, hooked, study_trials, sweep_process, trial_runs
 
 from karpathy_runner.batch.search import Search
 
@@ -27,6 +28,7 @@ PROCESSES = 4
 # (meta.json's epochs_done after the epoch's checkpoints): config.yaml, meta.json, last.pt x3 and
 # best.pt in a first rung; metrics.jsonl, meta.json and the checkpoints in a resumed one
 MOMENTS = 7
+WRITES = 9  # all of them: then summary.json and the meta.json of its end (paused or completed)
 
 
 def sweep(runs: Path) -> Result:
@@ -81,6 +83,28 @@ def test_a_trial_killed_at_a_random_moment_of_a_rung_is_resumed_and_the_study_en
 
     again = sweep(runs)
     assert again.exit_code == 0, (said, again.stderr)
+    assert outcome(runs, again) == uninterrupted, said
+
+
+def test_a_sweep_killed_while_a_trial_trains_waits_for_it_when_run_again(tmp_path, monkeypatch,
+                                                                          uninterrupted):
+    """The killed sweep's trial goes on (seconds more, here) to the end of its rung; the same
+    command run again waits for it, then goes on from its run as it left it."""
+    seed = random.randrange(2**32)
+    draw = random.Random(seed)
+    process, moment = draw.randint(1, PROCESSES), draw.randint(1, WRITES)
+    said = f"seed {seed}: the sweep killed by trial process {process} before its file replacement {moment}"
+    runs = tmp_path / "runs"
+    killed = sweep_process(runs, *SEARCH, env=hooked(
+        KDL_TEST_SIGNAL=f"*:{moment}:SIGKILL:parent", KDL_TEST_SIGNAL_LINGER="3",
+        KDL_TEST_SIGNAL_PROCESS=f"{process}:{tmp_path / 'started'}"))
+    assert killed.returncode == -signal.SIGKILL, (said, killed.stderr)
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    again = sweep(runs)
+    assert again.exit_code == 0, (said, again.stderr)
+    assert "waiting for the trial processes an earlier command left running" in again.stderr, (
+        said, again.stderr)
     assert outcome(runs, again) == uninterrupted, said
 
 
