@@ -1,14 +1,18 @@
 """The one hook that stops a `kdl train` process at an exact point: it sends a signal just before
-the process's n-th os.replace onto a file of a given name, so a test stops a run between two
-exact file writes however busy the machine is.
+the process's n-th os.replace onto a file of a given name (`*`: of any file), so a test stops a run
+between two exact file writes however busy the machine is.
 
 Installed two ways: by `signal_before` in a process forked by the test (stopping.fork), or, in a
 process the test cannot fork (torchrun's workers, a sweep's points), at start-up by
 tests/sitehook/sitecustomize.py from the environment: KDL_TEST_SIGNAL=NAME:N:SIGNAL:TARGET, with
-TARGET `self`, `parent` (the launcher of a torchrun worker) or `parent-group` (the launcher's
-process group, as a Ctrl-C at a terminal signals it), and an optional fifth field naming a file:
-the first process to signal creates it, and no other process signals after it (of several
-trials of a sweep, one Ctrl-C).
+TARGET `self`, `parent` (the launcher of a torchrun worker, a sweep) or `parent-group` (the
+launcher's process group, as a Ctrl-C at a terminal signals it), and an optional fifth field naming
+a file: the first process to signal creates it, and no other process signals after it (of several
+trials of a sweep, one Ctrl-C). Two more variables pick the process and what it does after:
+KDL_TEST_SIGNAL_PROCESS=K:FOLDER, only the K-th `kdl train` process to start (each takes the next
+number by making FOLDER/1, FOLDER/2, ...); KDL_TEST_SIGNAL_LINGER=SECONDS, the process waits that
+long after signalling before it goes on (a trial that killed its sweep is still running when the
+sweep's command is run again).
 """
 
 from __future__ import annotations
@@ -17,24 +21,30 @@ import os
 import signal
 import sys
 import threading
+import time
+from pathlib import Path
 
 ENVIRONMENT = "KDL_TEST_SIGNAL"
+PROCESS = "KDL_TEST_SIGNAL_PROCESS"
+LINGER = "KDL_TEST_SIGNAL_LINGER"
 
 
-def signal_before(name: str, nth: int, signum: int, target: str = "self", once: str | None = None) -> None:
+def signal_before(name: str, nth: int, signum: int, target: str = "self", once: str | None = None,
+                  linger: float = 0.0) -> None:
     """From now on, this process sends `signum` to `target` just before its `nth` replace of a
-    file called `name`."""
+    file called `name` (`*`: any file), and goes on `linger` seconds later."""
     real_replace = os.replace
     seen = 0
 
     def replace(src, dst, *args, **kwargs):
         nonlocal seen
-        if os.path.basename(dst) == name:
+        if name in ("*", os.path.basename(dst)):
             seen += 1
             if seen == nth and _first(once):  # (which thread replaces it: training or checkpoint)
-                print(f"kill_at: {name} {nth} in thread {threading.current_thread().name}",
-                      file=sys.stderr, flush=True)
+                print(f"kill_at: {name} {nth} in thread {threading.current_thread().name}"
+                      + (f" ({os.path.basename(dst)})" if name == "*" else ""), file=sys.stderr, flush=True)
                 _send(signum, target)
+                time.sleep(linger)
         return real_replace(src, dst, *args, **kwargs)
 
     os.replace = replace
@@ -43,9 +53,24 @@ def signal_before(name: str, nth: int, signum: int, target: str = "self", once: 
 def install_from_environment() -> None:
     """The hook KDL_TEST_SIGNAL asks for, if it is set."""
     spec = os.environ.get(ENVIRONMENT)
-    if spec:
+    if spec and _chosen(os.environ.get(PROCESS)):
         name, nth, signum, target, *once = spec.split(":")
-        signal_before(name, int(nth), getattr(signal, signum), target, once[0] if once else None)
+        signal_before(name, int(nth), getattr(signal, signum), target, once[0] if once else None,
+                      float(os.environ.get(LINGER, "0")))
+
+
+def _chosen(process: str | None) -> bool:
+    """Is this the process KDL_TEST_SIGNAL_PROCESS picks (K:FOLDER: the K-th `kdl train`)?"""
+    if process is None:
+        return True
+    if sys.orig_argv[1:4] != ["-m", "karpathy_runner", "train"]:
+        return False
+    k, folder = process.split(":", 1)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    number = 1
+    while not _first(os.path.join(folder, str(number))):
+        number += 1
+    return number == int(k)
 
 
 def _first(once: str | None) -> bool:

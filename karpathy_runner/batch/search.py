@@ -16,7 +16,10 @@ on to R*ETA epochs, and so on up to train.epochs. A trial is paused and resumed,
 again: it trains with its whole config (the schedule spans train.epochs) and pauses after the
 rung's epochs (`kdl train --until-epoch`), so the trial that survives ends bit for bit as the
 same config trained straight through. Which trials go on is worked out from their run folders
-each time, so an interrupted halving study continues where it was.
+each time, and a rung is decided only once every trial has its value at it (a trial killed on the
+way stays RUNNING; the command exits 1, and run again resumes it), so an interrupted halving study
+ends as an uninterrupted one. The trials' processes hold the study's trials lock: the command run
+again after one was killed waits for the trials it left running.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from ..runfolder import fsio, layout, sweeps
 from ..runfolder.reader import Run, iter_runs, rung_of
 from ..ui.tables import epoch_rows
 from .space import check_space, parse_space
-from .study import SearchSpec, default_storage, metric_direction, open_study, study_lock
+from .study import SearchSpec, default_storage, metric_direction, open_study, study_lock, trials_lock
 from .sweep import Point, Sweep, shown, yaml_value
 
 SEARCHES = ("tpe", "random", "grid")
@@ -86,13 +89,13 @@ def run_search(spec: SearchSpec, root: Path, storage: str | None, study_name: st
     time; one command per study on this machine."""
     name = study_name or spec.study_name()
     url = storage or default_storage(root)
-    with study_lock(root, name):
+    with study_lock(root, name), trials_lock(root, name, log) as trials:
         study = open_study(spec, url, name, spec.seed)
         done = len(study.get_trials(deepcopy=False))
         rungs = f", halving by {spec.halving} over epochs {spec.rungs()}" if spec.halving else ""
         log(f"study {name}: {spec.search} search, {done} of {spec.trials} trials so far, {jobs} at "
             f"a time{rungs}; {spec.direction} {spec.metric}; storage {url}")
-        runner = Search(spec, study, name, root, jobs, log, fail_fast)
+        runner = Search(spec, study, name, root, jobs, log, fail_fast, inherited=(trials,))
         code = runner.halve() if spec.halving else runner.run()
         rows = runner.results()
         best = runner.best(rows)
@@ -115,9 +118,10 @@ class Search:
     """Drives a study: starts, resumes and reports trials, `jobs` at a time."""
 
     def __init__(self, spec: SearchSpec, study: Any, study_name: str, root: Path, jobs: int,
-                 log: Callable[[str], None], fail_fast: bool = False):
+                 log: Callable[[str], None], fail_fast: bool = False, inherited: tuple[int, ...] = ()):
         self.spec, self.study, self.study_name = spec, study, study_name
         self.root, self.jobs, self.log, self.fail_fast = root, jobs, log, fail_fast
+        self.inherited = inherited  # descriptors every trial process holds: the trials' lock
         self.host = socket.gethostname()
 
     # --- trials and their runs
@@ -215,7 +219,7 @@ class Search:
             return None
 
         return Sweep([], self.jobs, self.fail_fast, self.log, more=more, finished=self._finished,
-                     total=self.spec.trials).run()
+                     total=self.spec.trials, inherited=self.inherited).run()
 
     def _size(self) -> int:
         """Trials the study has, less those dropped before Optuna drew all their values."""
@@ -233,19 +237,9 @@ class Search:
     # --- successive halving: rungs of trials
 
     def halve(self) -> int:
-        from optuna.trial import TrialState
-
-        spec = self.spec
-        existing = []
-        for frozen in sorted(self.study.get_trials(deepcopy=False), key=lambda t: t.number):
-            if self.drawn(frozen):
-                existing.append(frozen)
-            else:  # stopped while Optuna drew its values: never ran
-                self.study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
-        members = [TrialRun(t.number, self.params(t), None) for t in existing[: spec.trials]]
-        while len(members) < spec.trials:
-            members.append(self.ask())
-        rungs, code = spec.rungs(), 0
+        """Train the trials rung by rung, deciding each rung from every trial's value at it."""
+        rungs, code = self.spec.rungs(), 0
+        members = self._members()
         for index, epochs in enumerate(rungs):
             self.attach(members)
             todo = [t for t in members if not self._reached(t, epochs)]
@@ -253,35 +247,75 @@ class Search:
                      + (f", {len(todo)} to train" if len(todo) != len(members) else ""))
             if todo:
                 ran = Sweep([self.point(t, epochs) for t in todo], self.jobs, self.fail_fast,
-                            self.log, total=len(todo)).run()
+                            self.log, total=len(todo), inherited=self.inherited).run()
                 if ran == 130 or (ran and self.fail_fast):
                     return ran
                 code = code or ran
                 self.attach(members)
-            scored = [(self.rung_value(t, epochs), t) for t in members]
-            for value, trial in scored:
-                if value is None:
-                    self.tell(trial.number, trial.run)  # failed: no value to rank it by
-            ranked = sorted(((v, t) for v, t in scored if v is not None),
-                            key=lambda pair: (pair[0] if spec.direction == "minimize" else -pair[0],
-                                              pair[1].number))
-            if index == len(rungs) - 1:
-                for _, trial in ranked:
-                    self.tell(trial.number, trial.run)
-                break
-            keep = max(1, len(ranked) // spec.halving)
-            for _, trial in ranked[keep:]:
-                self.tell(trial.number, trial.run, state="pruned")
-                if trial.run is not None and trial.run.meta.get("status") == "paused":
-                    sweeps.record_pruned(self.root, self.study_name, trial.run.id,
-                                         int(trial.run.meta.get("epochs_done") or 0))
-            members = [t for _, t in ranked[:keep]]
+            missing = [t for t in members if not self._reached(t, epochs)]
+            if missing:  # (a process killed, a run someone else trains): decided on the next command
+                self.log(f"rung {index + 1}/{len(rungs)} is not decided: no value at epoch {epochs} "
+                         f"yet from {', '.join(self._where(t) for t in missing)}, and a rung is "
+                         "decided from every trial's value. Run this command again: it resumes "
+                         "them and decides the rung.")
+                return 1
+            members = self._decide(members, epochs, last=index == len(rungs) - 1)
             if not members:
                 break
         return code
 
+    def _decide(self, members: list[TrialRun], epochs: int, last: bool) -> list[TrialRun]:
+        """Rank the trials of a rung by their value at its epochs: the best 1/ETA go on (the
+        rest are PRUNED), or, at the last rung, each is COMPLETE; a trial without a value FAILs."""
+        scored = [(self.rung_value(t, epochs), t) for t in members]
+        for value, trial in scored:
+            if value is None:
+                self.tell(trial.number, trial.run)  # failed: no value to rank it by
+        ranked = [t for _, t in sorted(
+            ((v, t) for v, t in scored if v is not None),
+            key=lambda pair: (pair[0] if self.spec.direction == "minimize" else -pair[0],
+                              pair[1].number))]
+        if last:
+            for trial in ranked:
+                self.tell(trial.number, trial.run)
+            return []
+        keep = max(1, len(ranked) // self.spec.halving)
+        for trial in ranked[keep:]:
+            self.tell(trial.number, trial.run, state="pruned")
+            if trial.run.meta.get("status") == "paused":
+                sweeps.record_pruned(self.root, self.study_name, trial.run.id,
+                                     int(trial.run.meta.get("epochs_done") or 0))
+        return ranked[:keep]
+
+    @staticmethod
+    def _where(trial: TrialRun) -> str:
+        if trial.run is None:
+            return f"trial {trial.number} (no run)"
+        return (f"trial {trial.number} (run {trial.run.id}, {trial.run.status} after epoch "
+                f"{int(trial.run.meta.get('epochs_done') or 0)})")
+
+    def _members(self) -> list[TrialRun]:
+        """The trials of the first rung: those a command before drew, then new ones up to
+        `--trials`. A grid's points wait in the study (WAITING) until a trial is asked."""
+        from optuna.trial import TrialState
+
+        existing = []
+        for frozen in sorted(self.study.get_trials(deepcopy=False), key=lambda t: t.number):
+            if frozen.state == TrialState.WAITING:
+                continue
+            if self.drawn(frozen):
+                existing.append(frozen)
+            else:  # stopped while Optuna drew its values: never ran
+                self.study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
+        members = [TrialRun(t.number, self.params(t), None) for t in existing[: self.spec.trials]]
+        while len(members) < self.spec.trials:
+            members.append(self.ask())
+        return members
+
     def _reached(self, trial: TrialRun, epochs: int) -> bool:
-        """Has the trial's run trained `epochs` epochs (or ended before, by early stopping)?"""
+        """Has the trial's run trained `epochs` epochs and paused (or ended: completed, early
+        stopping included, or failed)? A run stopped on the way (killed, interrupted) has not,
+        even past `epochs`: it is resumed, and pauses at once, so a pruned trial's run reads so."""
         run = trial.run
         if run is None:
             return False

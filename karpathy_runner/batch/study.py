@@ -1,12 +1,16 @@
 """A search's study: what a `kdl sweep --search` command asks for (`SearchSpec`: the same spec is
 the same study), its Optuna storage (an SQLite file in the runs folder, or any database several
-machines share), its sampler, and the lock that lets one command drive it on this machine."""
+machines share), its sampler, and its locks: one command drives it on this machine, and waits
+first for the trials a killed command left running."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +21,8 @@ from ..errors import KdlError, quoted
 from ..runfolder import fsio, layout
 from .space import Dimension
 
-STUDIES = ".studies"  # in the runs folder: the default storage and each study's lock
+STUDIES = ".studies"  # in the runs folder: the default storage and each study's locks
+TRIALS_LOCK = "trials.lock"  # in the study's folder there: held by the trials' processes
 
 
 @dataclass
@@ -122,3 +127,27 @@ def study_lock(root: Path, study_name: str) -> fsio.RunLock:
     return fsio.RunLock(folder, what=f"study {study_name}").acquire()
 
 
+@contextlib.contextmanager
+def trials_lock(root: Path, study_name: str, log: Callable[[str], None]) -> Iterator[int]:
+    """The lock of the study's trial processes, held while any of them runs: this command takes
+    it (a descriptor) and its trials inherit it, so the kernel drops it once the last of them
+    ends. A command killed leaves its trials running; the next waits here for them to end before
+    it reads their runs, rather than resume or start them a second time beside them."""
+    import fcntl
+
+    path = layout.made_folder(root / STUDIES / study_name, root) / TRIALS_LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise KdlError(f"cannot lock the trials of study {study_name} ({path}): {exc.strerror}. "
+                       "Check that the folder is writable.") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"study {study_name}: waiting for the trial processes an earlier command left "
+                "running (it was killed, they went on) to end")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)

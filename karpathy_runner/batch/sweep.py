@@ -166,11 +166,13 @@ class Sweep:
     """Runs points as `python -m karpathy_runner train ...` processes, at most `jobs` at once.
 
     `more()` gives the next point when the list runs out (None: no more for now), as a search
-    asks for its next trial; `finished(point)` hears of each point that ends (once it is logged)."""
+    asks for its next trial; `finished(point)` hears of each point that ends (once it is logged);
+    each point's process holds the `inherited` descriptors (a search's lock on its trials)."""
 
     def __init__(self, points: list[Point], jobs: int, fail_fast: bool, log: Any,
                  more: Callable[[], Point | None] | None = None,
-                 finished: Callable[[Point], None] | None = None, total: int | None = None):
+                 finished: Callable[[Point], None] | None = None, total: int | None = None,
+                 inherited: tuple[int, ...] = ()):
         self.points = points
         self.jobs = max(jobs, 1)
         self.fail_fast = fail_fast
@@ -178,6 +180,7 @@ class Sweep:
         self.more = more or (lambda: None)
         self.finished = finished or (lambda point: None)
         self.total = total or len(points)
+        self.inherited = inherited
         self.stopping = False
 
     def run(self) -> int:
@@ -236,7 +239,7 @@ class Sweep:
         point.process = subprocess.Popen(
             [sys.executable, "-m", "karpathy_runner", *point.argv],
             stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True,
-            env=self._environment(),
+            env=self._environment(), pass_fds=self.inherited,
         )
         point.status = "running"
         self.log(f"{self._where(point)} started  {point.label()}")

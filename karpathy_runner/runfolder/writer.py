@@ -119,11 +119,14 @@ class RunWriter:
     @_rank_zero
     def finish(self, status: str, error: str | None, duration: float, summary: dict[str, Any]) -> None:
         """summary.json, then meta.json: the status written last commits the run's end, so a
-        kill in between leaves a run that is still `running` (crashed) and resumes to the end."""
+        kill in between leaves a run that is still `running` (crashed) and resumes to the end.
+        meta.json's best is the summary's too, as the checkpoint has it: a kill after the last
+        checkpoint, before its meta.json, leaves the epoch before's there for the resume to set."""
         evals = fsio.read_json(self.folder / layout.SUMMARY).get("eval")  # from `kdl eval` meanwhile
         fsio.write_json(self.folder / layout.SUMMARY, {**summary, **({"eval": evals} if evals else {})})
         self.update_meta(status=status, ended_at=utc_now(), duration_s=round(duration, 3),
-                         error=error, epochs_done=summary["epochs_done"], step=summary["steps"])
+                         error=error, epochs_done=summary["epochs_done"], step=summary["steps"],
+                         best=summary["best"])
         self.log(f"run {status}" + (f": {error}" if error else ""))
         files = [self.folder / layout.CONFIG, self.folder / layout.SUMMARY]
         self._tell_trackers(lambda tracker: tracker.finish(status, files))

@@ -100,6 +100,8 @@ def test_a_kill_before_any_of_the_final_writes_resumes_to_the_same_files(runs_di
         assert_same_training(folder, baseline)
         meta = read_json(folder / "meta.json")
         assert meta["status"] == "completed" and meta["epochs_done"] == 2, tail[i]
+        # the best that kdl runs shows and a search tells its study: the checkpoint's
+        assert meta["best"] == read_json(baseline / "meta.json")["best"], tail[i]
         assert not list(folder.rglob("*.tmp")), tail[i]
 
 

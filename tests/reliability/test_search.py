@@ -6,46 +6,17 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import optuna
 import pytest
-from kdl import CONFIGS, TINY, kdl
+from kdl import TINY, kdl
 from stopping import assert_same_training, read_json, sets
+from studies import DIGITS, hooked, study_trials, sweep_process, trial_runs
 
 from karpathy_runner.batch.study import SearchSpec
 from karpathy_runner.runfolder.reader import Run, iter_runs, rung_of
 
-DIGITS = CONFIGS / "digits_cnn.yaml"
-HOOK = Path(__file__).parent.parent / "sitehook"  # signals the sweep at an exact point of a trial
-
 pytestmark = pytest.mark.usefixtures("single_thread")  # trials are compared with a run made here
-
-
-def study_trials(runs: Path, study: str) -> list[optuna.trial.FrozenTrial]:
-    storage = f"sqlite:///{runs / '.studies' / 'studies.db'}"
-    return optuna.load_study(study_name=study, storage=storage).get_trials()
-
-
-def trial_runs(runs: Path, study: str) -> dict[int, Run]:
-    found = [run for run in iter_runs(runs) if (run.meta.get("sweep") or {}).get("id") == study]
-    by_trial = {run.meta["sweep"]["trial"]: run for run in found}
-    assert len(by_trial) == len(found), "two run folders for one trial"
-    return by_trial
-
-
-def sweep_process(runs: Path, *args: str, env: dict[str, str] | None = None
-                  ) -> subprocess.CompletedProcess:
-    """`kdl sweep` as a real process, as a shell runs it (its trials are processes too), in a
-    process group of its own, as a terminal's foreground job."""
-    command = [sys.executable, "-m", "karpathy_runner", "sweep", str(DIGITS), *args,
-               "--runs-dir", str(runs)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-                          start_new_session=True)
 
 
 # ----------------------------------------------------------------------------- refused at once
@@ -123,8 +94,7 @@ def test_a_tpe_study_stopped_by_ctrl_c_is_continued_by_the_same_command(tmp_path
             *sets([*TINY, "train.epochs=3"])]
     # the first trial to finish its second epoch sends the sweep's process group a SIGINT, as a
     # Ctrl-C at the terminal does: it reaches the sweep, which passes one on to each trial
-    hook = {"PYTHONPATH": os.pathsep.join([str(HOOK), os.environ.get("PYTHONPATH", "")]),
-            "KDL_TEST_SIGNAL": f"last.pt:2:SIGINT:parent-group:{tmp_path / 'signalled'}"}
+    hook = hooked(KDL_TEST_SIGNAL=f"last.pt:2:SIGINT:parent-group:{tmp_path / 'signalled'}")
     first = sweep_process(runs, *args, env=hook)
     assert first.returncode == 130, first.stderr
     # one SIGINT per trial: each stops after its step with a checkpoint (two would stop it at once)
@@ -262,3 +232,20 @@ def test_a_grid_study_asks_every_point_once_in_order(tmp_path):
     search = Search(spec, study, "grid", tmp_path, 1, lambda line: None)
     asked = [search.ask().params for _ in range(4)]
     assert asked == [{"seed": s, "model.channels": c} for s in (0, 1) for c in ([4, 8], [8, 8])]
+
+
+def test_a_grid_search_with_halving_asks_each_point_once(tmp_path):
+    """The grid's points wait in the study (WAITING) until a trial asks for one: halving's first
+    rung leaves them there and asks each in turn (telling a WAITING trial anything is an error)."""
+    from optuna.trial import TrialState
+
+    from karpathy_runner.batch.search import Search
+    from karpathy_runner.batch.space import parse_space
+    from karpathy_runner.batch.study import open_study
+
+    spec = SearchSpec(DIGITS, [], parse_space(["seed=int(0,2)"]), "grid", 3, "val.loss", "minimize",
+                      "hash", "digits", halving=2, min_epochs=1, epochs=2)
+    study = open_study(spec, f"sqlite:///{tmp_path / 'studies.db'}", "grid", seed=0)
+    first_rung = Search(spec, study, "grid", tmp_path, 1, lambda line: None)._members()
+    assert [trial.params for trial in first_rung] == [{"seed": s} for s in (0, 1, 2)]
+    assert [t.state for t in study.get_trials()] == [TrialState.RUNNING] * 3
