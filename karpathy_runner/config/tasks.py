@@ -93,3 +93,21 @@ class GANTaskConfig(TaskConfig):
                                     "average of the generator's weights, which draws the samples; null: "
                                     "samples from the raw generator.")
     grid_size: int = Field(64, ge=1, description="Images in each epoch's sample grid (fixed noise).")
+
+
+@register
+class SegmentConfig(TaskConfig):
+    """Semantic segmentation: per-pixel cross-entropy with the ignore index 255 left out; pixel
+    accuracy and mean IoU (intersection over union, averaged over the classes present in the
+    labels or the predictions); per-class IoU in eval."""
+
+    BUILD: ClassVar[str] = "karpathy_runner.tasks.segment:Segment"
+    MODELS: ClassVar[tuple[str, ...]] = ("model",)
+    METRICS: ClassVar[dict[str, str]] = {"loss": "min", "pixel_accuracy": "max", "miou": "max"}
+    DEFAULT_METRIC: ClassVar[str] = "val.miou"
+    TRAINS: ClassVar[dict[str, tuple[str, ...]]] = {"segmentation": ("unet", "fcn", "deeplabv3", "lraspp")}
+
+    name: Literal["segment"] = Field("segment", description="Semantic segmentation: a class for every "
+                                     "pixel.")
+    aux_weight: float = Field(0.5, ge=0.0, description="The weight of the auxiliary head's loss, for "
+                              "models that have one (model.aux_loss: true).")
