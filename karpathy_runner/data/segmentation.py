@@ -114,7 +114,7 @@ def _read_pair(image_path: Path, mask_path: Path, size: int) -> tuple[np.ndarray
     """(image (S, S, 3), mask (S, S), which of the 256 values the mask holds)."""
     from PIL import Image
 
-    image = _read_image(image_path, size)
+    image = _read_image(image_path)
     try:
         with open_image(str(mask_path)) as opened:
             opened.load()
@@ -137,7 +137,7 @@ def _read_pair(image_path: Path, mask_path: Path, size: int) -> tuple[np.ndarray
     return np.asarray(image).copy(), np.asarray(mask).copy(), found
 
 
-def _read_image(path: Path, size: int) -> Any:
+def _read_image(path: Path) -> Any:
     try:
         with open_image(str(path)) as opened:
             return opened.convert("RGB")
@@ -265,7 +265,7 @@ class MaskInputs:
     def batch(self, items: Sequence[str | Path]) -> tuple[torch.Tensor, ...]:
         from PIL import Image
 
-        pictures = [_read_image(Path(item), self.size) for item in items]
+        pictures = [_read_image(Path(item)) for item in items]
         sizes = torch.tensor([[picture.height, picture.width] for picture in pictures])
         resized = [np.asarray(p.resize((self.size, self.size), Image.Resampling.BILINEAR)) for p in pictures]
         images = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).contiguous()

@@ -111,9 +111,21 @@ def test_predict_refuses_options_a_segmentation_ignores_and_a_link_as_out(shapes
     assert not list((tmp_path / "elsewhere").iterdir())
 
 
-def test_a_classifier_refuses_out(trained, tmp_path):
+def test_a_classifier_predicts_as_it_did_and_refuses_out(trained, tmp_path):
+    """Classification's predictions through the hook's default: the input, then each class with
+    its probability to 3 places (tab-separated); JSON to 6 places; --out is not its option."""
     image, _ = square_pair(0, 8, 4)
     image.save(tmp_path / "a.png")
+    shown = kdl("predict", trained.name, tmp_path / "a.png", "--top-k", "3", "--runs-dir", trained.parent)
+    as_json = kdl("predict", trained.name, tmp_path / "a.png", "--top-k", "3", "--json", "--runs-dir",
+                  trained.parent)
+    record = json.loads(as_json.stdout)
+    assert record.keys() == {"run", "checkpoint", "predictions"}
+    (prediction,) = record["predictions"]
+    assert prediction.keys() == {"input", "classes"} and len(prediction["classes"]) == 3
+    assert all(c.keys() == {"class", "probability"} for c in prediction["classes"])
+    assert shown.stdout == "\t".join([str(tmp_path / "a.png"), *(f"{c['class']} {c['probability']:.3f}"
+                                                               for c in prediction["classes"])]) + "\n"
     result = kdl("predict", trained.name, tmp_path / "a.png", "--out", tmp_path / "o", "--runs-dir",
                  trained.parent)
     assert result.exit_code == 2 and "--out does not apply to a classify run" in result.stderr

@@ -46,3 +46,29 @@ def test_full_weights_come_from_the_torch_cache_with_heads_for_the_datas_classes
     build_model(cfg, INFO)
     assert "not in the torch cache" in capsys.readouterr().err
     assert list(tmp_path.rglob("*.pth")) == []
+
+
+def test_an_auxiliary_heads_loss_counts_aux_weight_times_and_ignored_pixels_never():
+    from karpathy_runner.config.tasks import SegmentConfig
+    from karpathy_runner.tasks.segment import Segment
+
+    task = Segment(SegmentConfig(aux_weight=0.25), UNetConfig(channels=[4, 8]), INFO, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    out, aux = torch.randn(2, 2, 4, 3, 3, generator=generator)  # (B, classes, H, W) each
+    masks = torch.randint(0, 4, (2, 3, 3), generator=generator)
+    masks[0, 0] = 255
+    task.models["model"] = lambda x: {"out": out, "aux": aux}
+    losses = []
+
+    class Updater:
+        def autocast(self):
+            return torch.autocast("cpu", enabled=False)
+
+        def step(self, name, loss):
+            losses.append(loss)
+
+    result = task.train_step((torch.zeros(2, 3, 3, 3), masks), 0, Updater())
+    ce = torch.nn.functional.cross_entropy
+    expected = ce(out, masks, ignore_index=255) + 0.25 * ce(aux, masks, ignore_index=255)
+    assert torch.allclose(losses[0], expected)
+    assert float(result.sums["labelled"]) == 15  # 18 pixels, 3 ignored
