@@ -77,3 +77,72 @@ def write_csv(path: Path, header: list[str], rows: list[list], delimiter: str = 
         writer.writerow(header)
         writer.writerows(rows)
     return path
+
+
+def voc_palette() -> list[int]:
+    """Pascal VOC's colour map, computed here as its devkit does (bits of the class index spread
+    over the high bits of R, G, B), independently of kdl's copy."""
+    palette = []
+    for index in range(256):
+        rgb, value = [0, 0, 0], index
+        for shift in range(7, -1, -1):
+            for channel in range(3):
+                rgb[channel] |= ((value >> channel) & 1) << shift
+            value >>= 3
+        palette += rgb
+    return palette
+
+
+def square_pair(index: int, size: int, num_classes: int) -> tuple[Image.Image, np.ndarray]:
+    """An image and its mask of class indices: background 0 with a square of class
+    1 + index % (num_classes - 1), coloured by its class (so that a model can learn it), and a
+    one-pixel border of the ignore index 255 around the square, as VOC outlines its objects."""
+    rng = np.random.default_rng(index)
+    mask = np.zeros((size, size), dtype=np.uint8)
+    side = max(3, size // 3)
+    top, left = (int(v) for v in rng.integers(1, size - side - 1, 2))
+    cls = 1 + index % (num_classes - 1)
+    mask[top - 1:top + side + 1, left - 1:left + side + 1] = 255
+    mask[top:top + side, left:left + side] = cls
+    pixels = np.full((size, size, 3), 40, dtype=np.uint8)
+    pixels[mask == cls] = [(cls * 80) % 256, 255 - (cls * 50) % 256, (cls * 120) % 256]
+    return Image.fromarray(pixels), mask
+
+
+def write_mask_png(path: Path, mask: np.ndarray) -> None:
+    """A palette PNG (mode P, VOC's colours) whose pixel values are the class indices."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture = Image.new("P", (mask.shape[1], mask.shape[0]))
+    picture.putdata(mask.ravel().tolist())
+    picture.putpalette(voc_palette())
+    picture.save(path)
+
+
+def write_voc(folder: Path, counts: dict[str, int], size: int = 20, num_classes: int = 21) -> Path:
+    """A Pascal VOC folder (VOCdevkit/VOC2012 layout): JPEGImages/*.jpg, SegmentationClass/*.png
+    palette masks, ImageSets/Segmentation/<split>.txt; images named like VOC's (2007_000032), the
+    splits' names apart."""
+    for number, (split, count) in enumerate(counts.items()):
+        names = []
+        for index in range(count):
+            name = f"{2007 + number}_{index:06d}"
+            names.append(name)
+            image, mask = square_pair(1000 * number + index, size, num_classes)
+            (folder / "JPEGImages").mkdir(parents=True, exist_ok=True)
+            image.save(folder / "JPEGImages" / f"{name}.jpg", quality=95)
+            write_mask_png(folder / "SegmentationClass" / f"{name}.png", mask)
+        listing = folder / "ImageSets" / "Segmentation" / f"{split}.txt"
+        listing.parent.mkdir(parents=True, exist_ok=True)
+        listing.write_text("".join(f"{name}\n" for name in names))
+    return folder
+
+
+def write_mask_folder(root: Path, count: int, size: int = 20, num_classes: int = 3) -> Path:
+    """A plain images/ + masks/ folder pair: PNG images and grey (mode L) masks of class indices."""
+    for index in range(count):
+        image, mask = square_pair(index, size, num_classes)
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "masks").mkdir(parents=True, exist_ok=True)
+        image.save(root / "images" / f"img{index:03d}.png")
+        Image.fromarray(mask, mode="L").save(root / "masks" / f"img{index:03d}.png")
+    return root

@@ -36,6 +36,14 @@ RANDOM = [
     "train.early_stopping.patience=5",
 ]
 STEPS_PER_EPOCH = 21  # 1,293 digits training images in batches of 64
+# the same for a tiny segmentation of the shapes (configs/shapes_segment.yaml): 16x16 images, the
+# same crop and flip drawn for an image and its mask, batch norm, 84 images: 21 steps an epoch too
+SEGMENT_RANDOM = [
+    "data.image_size=16", "data.train_images=84", "data.val_images=8", "data.test_images=0",
+    "data.batch_size=4", "model.channels=[4,8]", "data.augment=[crop,flip]", "data.crop_padding=2",
+    "train.epochs=2", "train.device=cpu", "train.deterministic=true", "train.checkpoint_every_steps=4",
+    "train.log_every_steps=3", "train.early_stopping.patience=5",
+]
 VOLATILE = {"time", "samples_per_s", "duration_s"}  # wall-clock fields: the only ones allowed to differ
 
 
@@ -230,6 +238,11 @@ def fork(runs: Path, *args: str, kill_at: tuple[str, int, str] | None = None,
 
 def train_command(*overrides: str) -> list[str]:
     return [str(CONFIGS / "digits_cnn.yaml"), *sets(overrides)]
+
+
+def segment_command(shapes: Path, *overrides: str) -> list[str]:
+    """The tiny segmentation run of SEGMENT_RANDOM, its shapes drawn into (or read from) `shapes`."""
+    return [str(CONFIGS / "shapes_segment.yaml"), *sets([*SEGMENT_RANDOM, f"data.root={shapes}", *overrides])]
 
 
 def output(process: subprocess.Popen) -> str:

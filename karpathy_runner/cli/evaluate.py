@@ -120,31 +120,41 @@ def _given(ctx: typer.Context, name: str) -> bool:
 
 @app.command(cls=Command)
 def predict(
+    ctx: typer.Context,
     run: RunArgument,
     inputs: Annotated[
         list[str],
-        typer.Argument(metavar="INPUT...", help="Image files or folders (image classifiers); texts, "
-                                                "or files of one text per line (text classifiers)."),
+        typer.Argument(metavar="INPUT...", help="Image files or folders (image classifiers, "
+                                                "segmentations); texts, or files of one text per line "
+                                                "(text classifiers)."),
     ],
-    top_k: Annotated[int, typer.Option(min=1, help="Show the K likeliest classes.")] = 1,
+    top_k: Annotated[int, typer.Option(min=1, help="Classifiers: show the K likeliest classes.")] = 1,
+    out: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(metavar="DIR", help="Folder for the files predictions write (a segmentation's "
+                                         "masks as PNG); default: predictions/RUN_ID."),
+    ] = None,
     checkpoint: CheckpointOption = "best",
     device: Annotated[str, typer.Option(help="Device to predict on.")] = "auto",
     runs_dir: RunsDir = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Classify new images or texts with a classification run, through its own preprocessing
-    and vocabulary: one line per input with its likeliest classes and their probabilities."""
+    """Predict for new images or texts with a run, through its own preprocessing and vocabulary:
+    one line per input, with a classifier's likeliest classes and their probabilities, or the
+    mask file a segmentation wrote and the share of each class in it."""
     check_checkpoint(checkpoint)
     from ..predict import predict_run
+    from ..tasks import PREDICT_FLAGS
 
-    found, predictions = predict_run(runs_folder(runs_dir), run, inputs, top_k, checkpoint, device)
+    given = frozenset(name for name in PREDICT_FLAGS if _given(ctx, name))
+    found, predictions = predict_run(runs_folder(runs_dir), run, inputs, top_k, checkpoint, device,
+                                     out, given)
     if as_json:
         echo(json.dumps({"run": found.id, "checkpoint": checkpoint, "predictions": [
-            {"input": p.input, "classes": [{"class": name, "probability": round(prob, 6)}
-                                           for name, prob in p.classes]} for p in predictions]}))
+            {"input": p.input, **p.record} for p in predictions]}))
         return
     for p in predictions:
-        echo("\t".join([p.input, *(f"{name} {prob:.3f}" for name, prob in p.classes)]))
+        echo("\t".join([p.input, *p.fields]))
 
 
 @app.command(cls=Command)

@@ -193,3 +193,113 @@ class CharDataConfig(DataConfig):
                 "data.path: data.name char_text needs a text file, e.g. --set data.path=book.txt"
             )
         return self
+
+
+class SegmentationData(DataConfig):
+    """What the segmentation data families share: images and their masks of class indices,
+    resized to one square size and held in memory, batches augmented on the device."""
+
+    KIND: ClassVar[str] = "segmentation"
+    EVAL_BATCH_MIN: ClassVar[int] = 1  # a batch of masks' logits is large: as in training unless set
+
+    batch_size: int = Field(16, ge=1, description="Training images per batch (per optimizer step).")
+    eval_batch_size: int | None = Field(None, ge=1, description="Images per evaluation batch; null: "
+                                        "batch_size.")
+    augment: list[Literal["crop", "flip"]] = Field(
+        default_factory=list,
+        description="Training augmentations, the same for an image and its mask: crop (a random crop "
+        "of the image padded with crop_padding pixels on each side: black in the image, the ignore "
+        "index 255 in the mask), flip (a horizontal flip, half the time).",
+    )
+    crop_padding: int = Field(8, ge=0, description="crop: pixels added on each side before the random "
+                              "crop back to the image's size.")
+
+    def memory_problem(self, info: Any, memory: int) -> str | None:
+        """The crop's padded batch in fp32, as for image classification: a huge padding is a
+        config error, not an allocator's traceback."""
+        padding = self.crop_padding if "crop" in self.augment else 0
+        side = info.image_size[0] + 2 * padding
+        padded = self.batch_size * 4 * side * side  # 3 colour planes and the mask
+        if not padding or padded * 4 * 3 <= memory:
+            return None
+        return (f"data.crop_padding: {padding} pads each batch of {self.batch_size} images to "
+                f"{side}x{side}, about {padded * 12 / 2**30:,.0f} GiB, more than the "
+                f"{memory / 2**30:,.0f} GiB here; a padding of an eighth of the image is usual.")
+
+
+@register
+class SegmentationDataConfig(SegmentationData):
+    """Semantic segmentation data: Pascal VOC (torchvision downloads it) or a user's folder of
+    images/ and masks/. A mask is a PNG of class indices, 255 where no class counts."""
+
+    BUILD: ClassVar[str] = "karpathy_runner.data.segmentation:build"
+
+    name: Literal["voc", "segmentation_folder"] = Field(
+        "voc",
+        description="The dataset: voc (Pascal VOC's segmentation split: 21 classes, background "
+        "included; root/VOCdevkit/VOC<year>, downloaded by torchvision); segmentation_folder (a user's "
+        "root/images/<name>.jpg|png with root/masks/<name>.png).",
+    )
+    root: str = Field("data", description="voc: the folder that holds VOCdevkit/ (or gets it); "
+                      "segmentation_folder: the folder that holds images/ and masks/.")
+    year: Literal["2007", "2008", "2009", "2010", "2011", "2012"] = Field(
+        "2012", description="voc: which year's release.")
+    download: bool = Field(True, description="voc: download the release into root when it is missing "
+                           "(2 GB for 2012); false: a missing one is an error naming what is expected.")
+    image_size: int = Field(256, ge=16, le=4096, description="The side every image and mask is resized "
+                            "to (square; masks by nearest neighbour) and the metrics are measured at.")
+    class_names: list[str] | None = Field(
+        None, description="segmentation_folder: the names of classes 0, 1, ...; null: the class "
+        "indices. voc: its own 21 names.")
+    num_classes: int | None = Field(
+        None, ge=2, le=255, description="segmentation_folder: how many classes the masks hold (indices "
+        "0 .. num_classes-1; 255 is ignored); null: len(class_names), else the largest index in the "
+        "masks plus one.")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="segmentation_folder: the share of "
+                                "the pairs held out at random for validation (voc has its own val list); "
+                                "0: no val split.")
+    split_seed: Seed = Field(0, description="The seed of the random validation split, apart from the "
+                             "run's seed: every run seed sees the same val set.")
+
+    def missing_split(self, split: str) -> str:
+        if split == "val" and self.name == "segmentation_folder":
+            return super().missing_split(split)
+        return (f"this dataset has no {split} split"
+                + ("; Pascal VOC's test masks are not published: use val" if self.name == "voc" else ""))
+
+    @model_validator(mode="after")
+    def _classes(self) -> SegmentationDataConfig:
+        names, count = self.class_names, self.num_classes
+        if names is not None and count is not None and len(names) != count:
+            raise ValueError(f"data.class_names has {len(names)} names but data.num_classes is {count}; "
+                             "give one name per class, or leave one of them out")
+        if names is not None and len(names) < 2:
+            raise ValueError("data.class_names: a segmentation needs two or more classes (the "
+                             "background is one)")
+        return self
+
+
+@register
+class ShapesDataConfig(SegmentationData):
+    """Offline segmentation data: images of rectangles, ellipses and triangles of several colours
+    and sizes, drawn from data_seed and written once into root in Pascal VOC's layout (JPEG images,
+    palette PNG masks, ImageSets lists, box annotations as VOC XML and COCO JSON), then read back
+    as any VOC folder is. Classes: background, rectangle, ellipse, triangle."""
+
+    BUILD: ClassVar[str] = "karpathy_runner.data.shapes:build"
+
+    name: Literal["shapes"] = Field("shapes", description="The generated shapes dataset.")
+    root: str = Field("data/shapes", description="The folder the images are written to once and read "
+                      "from after; kdl never writes over a folder it did not make (kdl-shapes.json "
+                      "marks its own).")
+    data_seed: Seed = Field(0, description="The seed the images are drawn from, apart from the run's "
+                            "seed: every run seed sees the same images.")
+    train_images: int = Field(2000, ge=1, le=1_000_000, description="Images in the train split.")
+    val_images: int = Field(200, ge=1, le=1_000_000, description="Images in the val split.")
+    test_images: int = Field(200, ge=0, le=1_000_000, description="Images in the test split (0: none).")
+    image_size: int = Field(64, ge=16, le=1024, description="The images' side in pixels (square).")
+    max_shapes: int = Field(4, ge=1, le=8, description="At most this many shapes per image (at least "
+                            "one), none overlapping.")
+
+    def missing_split(self, split: str) -> str:
+        return "data.test_images is 0; set data.test_images > 0 to have one"

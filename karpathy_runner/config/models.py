@@ -208,3 +208,78 @@ class TorchvisionConfig(ModelConfig):
         if not FREEZE_PATTERN.match(freeze):
             raise ValueError(f"must be none, backbone or until:<layer> (e.g. until:layer2), got {freeze!r}")
         return freeze
+
+
+@register
+class UNetConfig(ModelConfig):
+    """A small U-Net for segmentation from scratch: per level two 3x3 convs (batch norm, ReLU),
+    a 2x2 max pool down; back up by 2x2 transposed convs, each level joined with the encoder's
+    features of its size; a 1x1 conv to the class logits at every pixel."""
+
+    BUILD: ClassVar[str] = "karpathy_runner.models.unet:build"
+
+    name: Literal["unet"] = Field("unet", description="The U-Net for semantic segmentation.")
+    channels: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [16, 32, 64, 128],
+        description="Output channels of each level, the first at full resolution, each next at half "
+        "(at least two levels).",
+    )
+    batch_norm: bool = Field(True, description="Batch norm after each conv (which then has no bias).")
+
+    @field_validator("channels")
+    @classmethod
+    def _levels(cls, channels: list[int]) -> list[int]:
+        if len(channels) < 2:
+            raise ValueError("needs at least two levels, e.g. [16, 32, 64, 128]")
+        return channels
+
+
+SEGMENTATION_ARCHS = {"fcn": ("resnet50", "resnet101"), "deeplabv3": ("resnet50", "resnet101",
+                      "mobilenet_v3_large"), "lraspp": ("mobilenet_v3_large",)}
+
+
+@register
+class TorchvisionSegmentationConfig(ModelConfig):
+    """torchvision's segmentation models (torchvision.models.segmentation) with their last
+    convolutions replaced for the data's classes: FCN, DeepLabV3 and LR-ASPP on their backbones.
+    Pretrained weights are read from the torch cache; missing ones are downloaded only with
+    download: true, else the model starts from random weights and says so on stderr."""
+
+    BUILD: ClassVar[str] = "karpathy_runner.models.segmentation:build"
+
+    name: Literal["fcn", "deeplabv3", "lraspp"] = Field(
+        "deeplabv3", description="The architecture: fcn, deeplabv3 or lraspp (torchvision's).")
+    backbone: Literal["resnet50", "resnet101", "mobilenet_v3_large"] = Field(
+        "mobilenet_v3_large", description="The backbone: resnet50 or resnet101 (fcn, deeplabv3), "
+        "mobilenet_v3_large (deeplabv3, lraspp).")
+    weights: Literal["full", "backbone", "none"] = Field(
+        "full",
+        description="full: torchvision's weights of the whole model (trained on COCO with VOC's 21 "
+        "classes); backbone: the backbone's ImageNet weights; none: random weights.",
+    )
+    download: bool = Field(False, description="Download weights missing from the torch cache; false: "
+                           "use what is cached (the backbone's when the whole model's is missing), "
+                           "else random weights, with a note on stderr.")
+    aux_loss: bool = Field(False, description="fcn, deeplabv3: train an auxiliary head on the backbone's "
+                           "third stage too (its loss weighted by task.aux_weight).")
+    backbone_lr_scale: float = Field(1.0, gt=0.0, description="The backbone's lr is optimizer.lr times "
+                                     "this; the heads' is optimizer.lr.")
+
+    @model_validator(mode="after")
+    def _pair(self) -> TorchvisionSegmentationConfig:
+        backbones = SEGMENTATION_ARCHS[self.name]
+        if self.backbone not in backbones:
+            raise ValueError(f"model.backbone: torchvision has no {self.name} on {self.backbone}; "
+                             f"choose {' or '.join(backbones)}")
+        if self.aux_loss and self.name == "lraspp":
+            raise ValueError("model.aux_loss: lraspp has no auxiliary head; set model.aux_loss: false")
+        return self
+
+    def preprocessing(self) -> Any:
+        """Pretrained weights expect ImageNet's normalisation (the sizes are the data's own)."""
+        if self.weights == "none":
+            return None
+        return importlib.import_module("karpathy_runner.models.segmentation").preprocessing()
+
+    def shapes_only(self) -> TorchvisionSegmentationConfig:
+        return self.model_copy(update={"weights": "none"})

@@ -1,5 +1,5 @@
 """The task families' config branches: classification, character language modelling, GANs,
-VAEs."""
+VAEs, semantic segmentation."""
 
 from __future__ import annotations
 
@@ -117,3 +117,21 @@ class VAETaskConfig(TaskConfig):
     grid_size: int = Field(64, ge=1, description="Images in each epoch's grid of samples from the prior "
                            "(fixed noise); the grid of reconstructions beside it shows 32 training "
                            "images, each beside its reconstruction.")
+
+
+@register
+class SegmentConfig(TaskConfig):
+    """Semantic segmentation: per-pixel cross-entropy with the ignore index 255 left out; pixel
+    accuracy and mean IoU (intersection over union, averaged over the classes present in the
+    labels or the predictions); per-class IoU in eval."""
+
+    BUILD: ClassVar[str] = "karpathy_runner.tasks.segment:Segment"
+    MODELS: ClassVar[tuple[str, ...]] = ("model",)
+    METRICS: ClassVar[dict[str, str]] = {"loss": "min", "pixel_accuracy": "max", "miou": "max"}
+    DEFAULT_METRIC: ClassVar[str] = "val.miou"
+    TRAINS: ClassVar[dict[str, tuple[str, ...]]] = {"segmentation": ("unet", "fcn", "deeplabv3", "lraspp")}
+
+    name: Literal["segment"] = Field("segment", description="Semantic segmentation: a class for every "
+                                     "pixel.")
+    aux_weight: float = Field(0.5, ge=0.0, description="The weight of the auxiliary head's loss, for "
+                              "models that have one (model.aux_loss: true).")

@@ -21,7 +21,8 @@ What the loop asks of a task, and what it gets back:
   loop adds step results up on the device and hands the host totals to `summarize`.
 - Hooks, all optional, whose results the loop writes through the run writer:
   `example_inputs(batch)` once when a run starts (TensorBoard), `on_epoch_end(epoch)` after each
-  epoch (samples/epoch-NNN.png or .txt), `sample(request)` for `kdl sample`. And two that keep
+  epoch (samples/epoch-NNN.png or .txt), `sample(request)` for `kdl sample`, `predict(batch,
+  items, request)` for `kdl predict` (by default the classifier's likeliest classes). And two that keep
   state across batches: `on_epoch_start(epoch)` (not called when a run resumes mid-epoch) and
   `on_eval_start()`; what such state must survive a resume goes in `state_dict()`, which every
   checkpoint holds.
@@ -37,10 +38,20 @@ import torch
 
 from ..config.families import ModelConfig, TaskConfig, builder
 from ..data import DataInfo
-from .base import SAMPLE_FLAGS, Sample, SampleRequest, Task, Updater
+from .base import (
+    PREDICT_FLAGS,
+    SAMPLE_FLAGS,
+    Prediction,
+    PredictRequest,
+    Sample,
+    SampleRequest,
+    Task,
+    Updater,
+)
 from .steps import StepResult, Totals
 
-__all__ = ["SAMPLE_FLAGS", "Sample", "SampleRequest", "StepResult", "Task", "Totals", "Updater", "build_task"]
+__all__ = ["PREDICT_FLAGS", "SAMPLE_FLAGS", "PredictRequest", "Prediction", "Sample", "SampleRequest",
+           "StepResult", "Task", "Totals", "Updater", "build_task"]
 
 
 def build_task(cfg: TaskConfig, model_cfg: ModelConfig, info: DataInfo, device: torch.device) -> Task:

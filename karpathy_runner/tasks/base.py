@@ -1,12 +1,14 @@
 """The base of every task family: `Task`, with every hook the loop and the commands call and its
-default; what tasks draw (`Sample`) when asked (`SampleRequest`); what `kdl export` writes
-(`Export`); an evaluation pass over a split (`evaluate`)."""
+default; what tasks draw (`Sample`) when asked (`SampleRequest`); what they say of new inputs
+(`Prediction`) when asked (`PredictRequest`); what `kdl export` writes (`Export`); an
+evaluation pass over a split (`evaluate`)."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -71,6 +73,32 @@ class Export:
     examples: str  # what the inputs are, for the check's report: "val images", "noise vectors"
 
 
+@dataclass
+class PredictRequest:
+    """What `kdl predict` asks for; each task uses the fields that apply to it (its
+    `predict_options`)."""
+
+    top_k: int = 1  # classes: how many of the likeliest to show
+    given: frozenset[str] = frozenset()  # the options the user set (PREDICT_FLAGS' keys)
+    # writes a file of a prediction (a mask, a drawing) by name into the folder kdl predict
+    # writes to (--out) and returns its path; a name used twice gets a number
+    write: Callable[[str, bytes], Path] | None = None
+
+
+# the `kdl predict` option of each PredictRequest field ("out": where `write` writes)
+PREDICT_FLAGS = {"top_k": "--top-k", "out": "--out"}
+
+
+@dataclass
+class Prediction:
+    """What `kdl predict` shows for one input: `fields` follow it on its line (tab-separated),
+    `record` joins it in its JSON object."""
+
+    input: str  # a file path or a text
+    fields: list[str]
+    record: dict[str, Any]
+
+
 class Updater(Protocol):
     """What the trainer offers a task's step (see trainer.Updater)."""
 
@@ -94,6 +122,7 @@ class Task:
     # draws_images: without a classifier at hand to score the samples, `kdl eval` reports the
     # task's own metrics alone (a VAE's bound) rather than refusing (a GAN's mean nothing alone)
     scores_optional: bool = False
+    predict_options: tuple[str, ...] = ("top_k",)  # the PREDICT_FLAGS its `predict` uses
 
     def __init__(self, cfg: TaskConfig, model_cfg: ModelConfig, info: DataInfo, device: torch.device):
         self.cfg = cfg
@@ -102,6 +131,7 @@ class Task:
         # metric -> "min" | "max": which way is better (stored in meta.json)
         self.metrics: dict[str, str] = dict(type(cfg).METRICS)
         self.device = device
+        self.class_names: list[str] = list(info.class_names)
 
     def param_groups(self, model: str) -> list[dict[str, Any]]:
         """The parameter groups of one trainable model, each with its lr multiplier: one group,
@@ -169,6 +199,39 @@ class Task:
         """What `kdl export` writes, with `batch` (a raw batch of the data, before `prepare`, the
         data's preparation) as its example inputs; None: the task has nothing to export."""
         return None
+
+    def predicts(self) -> bool:
+        """Whether `kdl predict` works with this task's runs (its `predict`): by default when
+        it has a classifier."""
+        return self.classifier() is not None
+
+    @torch.no_grad()
+    def predict(self, batch: tuple[torch.Tensor, ...], items: list[str], request: PredictRequest
+                ) -> list[Prediction]:
+        """`kdl predict` on a prepared batch of new inputs (`items`, as given): by default the
+        classifier's `top_k` likeliest classes of each, with their probabilities."""
+        *inputs, _ = batch
+        probabilities = self.classifier()(*inputs).float().softmax(dim=1)  # (B, num_classes)
+        values, indices = probabilities.topk(min(request.top_k, probabilities.shape[1]), dim=1)
+        predictions = []
+        for item, row, index in zip(items, values.tolist(), indices.tolist(), strict=True):
+            classes = [(self.class_names[i], p) for i, p in zip(index, row, strict=True)]
+            predictions.append(Prediction(
+                item, [f"{name} {p:.3f}" for name, p in classes],
+                {"classes": [{"class": name, "probability": round(p, 6)} for name, p in classes]}))
+        return predictions
+
+    def check_predict(self, request: PredictRequest) -> None:
+        """Refuse `kdl predict` options this task's `predict` would ignore."""
+        foreign = [PREDICT_FLAGS[name] for name in PREDICT_FLAGS
+                   if name in request.given and name not in self.predict_options]
+        if foreign:
+            own = ", ".join(PREDICT_FLAGS[name] for name in self.predict_options) or "none"
+            raise KdlError(
+                f"kdl predict: {' and '.join(foreign)} {'does' if len(foreign) == 1 else 'do'} not "
+                f"apply to a {self.name} run; its options are {own}. Leave "
+                f"{'it' if len(foreign) == 1 else 'them'} out."
+            )
 
     def check_sample(self, request: SampleRequest) -> None:
         """Refuse a request for what this task cannot draw, or with options it would ignore."""

@@ -161,11 +161,15 @@ def print_eval(result: dict[str, Any]) -> None:
     console.print(format_metrics(headline), markup=False)
     if metrics.get("features"):
         console.print(f"samples scored in the feature space of {metrics['features']}", markup=False)
-    per_class = metrics.get("per_class_accuracy")
-    if per_class:
-        table = rich_table(title="per-class accuracy")
+    # every per_class_<measure> map of class name -> value (a classifier's accuracy, a
+    # segmentation's IoU) as a table of its own
+    for key, per_class in metrics.items():
+        if not (key.startswith("per_class_") and isinstance(per_class, dict) and per_class):
+            continue
+        measure = key.removeprefix("per_class_")
+        table = rich_table(title=f"per-class {measure}")
         table.add_column("class")
-        table.add_column("accuracy", justify="right")
+        table.add_column(measure, justify="right")
         for name, value in per_class.items():
             table.add_row(str(name), number(value))
         console.print(table)

@@ -17,12 +17,14 @@ from stopping import (
     metrics,
     only_run,
     read_json,
+    segment_command,
     sets,
     signal_at,
     train,
 )
 
 from karpathy_runner.tasks.classify import Classify
+from karpathy_runner.tasks.segment import Segment
 
 SCHEDULES = {
     "onecycle": ["scheduler.name=onecycle"],
@@ -35,16 +37,17 @@ SCHEDULES = {
 pytestmark = pytest.mark.usefixtures("single_thread")  # as the kdl processes run
 
 
-def uninterrupted(runs, overrides):
-    result = train(runs, *overrides)
+def uninterrupted(runs, overrides, start=train):
+    result = start(runs, *overrides)
     assert result.exit_code == 0, result.stderr
     return runs / result.last_line
 
 
-def resumed_run(monkeypatch, runs, overrides, stops):
-    """Train, stopped by SIGINT at each of `stops`, resuming each time until the run completes."""
-    signal_at(monkeypatch, stops)
-    result = train(runs, *overrides)
+def resumed_run(monkeypatch, runs, overrides, stops, start=train, task=Classify):
+    """Train (`start`: digits with RANDOM), stopped by SIGINT at each of `stops` (from inside
+    the `task` class's step), resuming each time until the run completes."""
+    signal_at(monkeypatch, stops, task=task)
+    result = start(runs, *overrides)
     folder = runs / result.last_line
     for stop in stops:
         assert result.exit_code == 130, result.stderr
@@ -87,6 +90,19 @@ def test_stopped_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, schedul
     # no step logged twice, none missing
     train_steps = [r["step"] for r in metrics(folder) if r["split"] == "train"]
     assert train_steps == list(range(3, 2 * STEPS_PER_EPOCH + 1, 3))
+
+
+def test_a_segmentation_run_stopped_and_resumed_equals_uninterrupted(tmp_path, monkeypatch):
+    """The segment task (the same crop and flip for an image and its mask, batch norm, a
+    confusion matrix in every val): stopped mid-epoch, at an epoch's end and in the next one."""
+    def start(runs, *overrides):
+        return kdl("train", *segment_command(tmp_path / "shapes", *overrides), "--runs-dir", runs, "--quiet")
+
+    baseline = uninterrupted(tmp_path / "straight", [], start)
+    stops = [5, STEPS_PER_EPOCH, STEPS_PER_EPOCH + 7]
+    folder = resumed_run(monkeypatch, tmp_path / "stopped", [], stops, start, Segment)
+    assert_same_training(folder, baseline)
+    assert [r["step"] for r in read_json(folder / "meta.json")["resumes"]] == stops
 
 
 def test_resume_needs_only_the_run_folder(tmp_path, monkeypatch):

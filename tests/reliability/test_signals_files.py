@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kdl import CONFIGS, kdl
+from kdl import kdl
 from stopping import (
     RANDOM,
     STEPS_PER_EPOCH,
@@ -31,7 +31,7 @@ from stopping import (
     only_run,
     output,
     read_json,
-    sets,
+    segment_command,
     signal_at,
     train,
     train_command,
@@ -203,22 +203,23 @@ def test_dataloader_workers_ignore_interrupts(tmp_path):
     assert stop.signum is None and stop.heard() is None
 
 
-def test_sigkill_at_random_moments_then_resume_ends_like_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("task", ["classify", "segment"])
+def test_sigkill_at_random_moments_then_resume_ends_like_an_uninterrupted_run(tmp_path, task):
     """Kill a real `kdl train` three times in a row at random moments (a seeded draw: a few
     checkpoints into each process, then a random delay), resuming each time. Meanwhile the test
     keeps loading last.pt and runs `kdl eval` on the training run: every read finds a complete
     checkpoint. After each kill `kdl runs` says crashed; the run ends with the uninterrupted
-    run's weights and metrics."""
-    overrides = [*RANDOM, "train.epochs=8"]
+    run's weights and metrics. For each task: digits classified, shapes segmented."""
     # 3 kills use at most 3 * (16 + a few) steps of them, and the second process trains on while
     # the test evaluates it: room enough that it is never done before its kill
     total = 8 * STEPS_PER_EPOCH
-    baseline = kdl("train", CONFIGS / "digits_cnn.yaml", *sets(overrides),
-                   "--runs-dir", tmp_path / "straight", "--quiet")
+    command = (train_command(*RANDOM, "train.epochs=8") if task == "classify"
+               else segment_command(tmp_path / "shapes", "train.epochs=8"))
+    baseline = kdl("train", *command, "--runs-dir", tmp_path / "straight", "--quiet")
     assert baseline.exit_code == 0, baseline.stderr
     runs = tmp_path / "runs"
     draw = random.Random(20240601)
-    process = fork(runs, *train_command(*overrides))
+    process = fork(runs, *command)
     step, kills, evals = 0, 0, 0
     while kills < 3:
         target = step + draw.randint(4, 16)

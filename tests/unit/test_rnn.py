@@ -10,7 +10,9 @@ import torch
 from kdl import CONFIGS, kdl
 from stopping import metrics
 
+from karpathy_runner.config.families import MODELS
 from karpathy_runner.config.models import RNNConfig
+from karpathy_runner.config.root import Config  # noqa: F401  (every family registered, plugins too)
 from karpathy_runner.models import build_model
 from karpathy_runner.models.rnn import RNNClassifier, RNNLanguageModel
 
@@ -77,7 +79,8 @@ def test_weight_tying_shares_one_matrix():
     ("model={name: lstm, tie_weights: true}", ["model.tie_weights", "embedding_size == model.hidden_size"]),
     ("model={name: lstm, embedding_size: 8, hidden_size: 8, tie_weights: true}",
      ["model.tie_weights: only a language model"]),
-    ("model={name: transformer}", ["unknown model 'transformer'", "Valid names: cnn, gan, gru, lstm, rnn"]),
+    ("model={name: transformer}", ["unknown model 'transformer'",
+                                   f"Valid names: {', '.join(MODELS.names())}"]),
     ("model.bidirectional=true", ["model.bidirectional: a language model predicts each next character "
                                   "from the ones before it only"]),
 ])
