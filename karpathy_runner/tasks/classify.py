@@ -105,7 +105,7 @@ class Classify(Task):
                 "lengths": "int64 (N,): the words of each text, 1 up"}}
         else:
             names = ("images",)
-            model = _Prepared(model, ImagePrep(info.mean, info.std, (), 0, 0))
+            model = Prepared(model, ImagePrep(info.mean, info.std, (), 0, 0))
             metadata = {**common, "image_size": list(info.image_size), "channels": info.in_channels,
                         "mean": list(info.mean), "std": list(info.std), "inputs": {
                             "images": f"uint8 (N, {info.in_channels}, {info.image_size[0]}, "
@@ -118,7 +118,7 @@ class Classify(Task):
                       "texts" if self.vocabulary else "images")
 
 
-class _Prepared(torch.nn.Module):
+class Prepared(torch.nn.Module):
     """uint8 images -> the model's logits, scaled and normalised in the one op of ImagePrep, with
     its constants: what the data's preparation gives in eval, bit for bit."""
 
@@ -129,4 +129,5 @@ class _Prepared(torch.nn.Module):
         self.register_buffer("shift", prep.shift)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(torch.addcmul(self.shift, images.float(), self.scale))
+        outputs = self.model(torch.addcmul(self.shift, images.float(), self.scale))
+        return outputs["out"] if isinstance(outputs, dict) else outputs  # (torchvision's segmenters)

@@ -25,10 +25,12 @@ import torch.nn.functional as F
 
 from ..config.families import ModelConfig
 from ..config.tasks import SegmentConfig
-from ..data import DataInfo
+from ..data import DataInfo, Prepare
+from ..data.image_sets import ImagePrep
 from ..data.segmentation import IGNORE_INDEX, voc_palette
 from ..models import build_model
-from .base import Prediction, PredictRequest, Task, Updater
+from .base import Export, Prediction, PredictRequest, Task, Updater
+from .classify import Prepared
 from .steps import StepResult, Totals
 
 
@@ -40,6 +42,7 @@ class Segment(Task):
         self.models = {"model": build_model(model_cfg, info)}
         self.num_classes = info.num_classes
         self.aux_weight = cfg.aux_weight
+        self.info = info
 
     @property
     def model(self) -> torch.nn.Module:
@@ -121,6 +124,27 @@ class Segment(Task):
                 {"mask": str(path), "classes": [{"class": name, "share": round(share, 6)}
                                                 for share, name in found]}))
         return predictions
+
+    # ------------------------------------------------------------------ kdl export
+
+    def export(self, batch: tuple[torch.Tensor, ...], prepare: Prepare) -> Export:
+        """The model with the data's preparation: uint8 images (N, C, S, S), normalised inside as
+        in eval, -> logits (N, classes, S, S); a pixel's class is their argmax."""
+        images, masks = batch[:2]
+        info = self.info
+        module = Prepared(self.model, ImagePrep(info.mean, info.std, (), 0, 0)).eval()
+        height, width = info.image_size
+        metadata = {"task": self.name, "class_names": list(self.class_names), "image_size": [height, width],
+                    "channels": info.in_channels, "mean": list(info.mean), "std": list(info.std),
+                    "inputs": {"images": f"uint8 (N, {info.in_channels}, {height}, {width}): pixels "
+                                         "0-255, resized to that size first, normalised inside"},
+                    "outputs": {"logits": f"float32 (N, {self.num_classes}, {height}, {width}): "
+                                          "argmax over dimension 1 for each pixel's class"}}
+
+        def reference(*given: torch.Tensor) -> torch.Tensor:
+            return self._logits(prepare((given[0], masks[:len(given[0])]), None)[0])[0].float()
+
+        return Export(module, (images,), ("images",), ("logits",), reference, metadata, "images")
 
 
 def pixel_loss(logits: torch.Tensor, masks: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,8 @@ def _trained(runs, config, *overrides):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A digits CNN, a bidirectional LSTM on texts (mean of its states, as shipped), a GAN, a VAE."""
+    """A digits CNN, a bidirectional LSTM on texts (mean of its states, as shipped), a GAN, a VAE,
+    a U-Net segmenting the shapes."""
     root = tmp_path_factory.mktemp("export")
     runs = root / "runs"
     texts(root / "texts.csv")
@@ -51,6 +52,10 @@ def runs(tmp_path_factory):
         config = root / f"{name}.yaml"
         config.write_text(TINY_YAML.format(name=name, model=model))
         found[name] = _trained(runs, config)
+    found["segment"] = _trained(runs, CONFIGS / "shapes_segment.yaml", f"data.root={root / 'shapes'}",
+                                "data.image_size=16", "data.train_images=16", "data.val_images=8",
+                                "data.test_images=0", "data.batch_size=8", "model.channels=[4,8]", "train.epochs=1",
+                                "train.device=cpu")
     return runs, found
 
 
@@ -78,7 +83,7 @@ def _load(path):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("family", ["cnn", "lstm", "gan", "vae"])
+@pytest.mark.parametrize("family", ["cnn", "lstm", "gan", "vae", "segment"])
 def test_each_family_exports_in_each_format_and_matches_the_eager_model(runs, family, fmt):
     root, found = runs
     result = kdl("export", found[family], "--format", fmt, "--runs-dir", root)
@@ -96,6 +101,9 @@ def test_each_family_exports_in_each_format_and_matches_the_eager_model(runs, fa
 
     metadata = export.read_metadata(path)
     assert metadata["run"] == found[family] and metadata["format"] == fmt
+    if family == "segment":
+        assert metadata["class_names"] == ["background", "rectangle", "ellipse", "triangle"]
+        assert metadata["image_size"] == [16, 16] and eager.shape[1:] == (4, 16, 16)
     if family in ("cnn", "lstm"):
         assert metadata["class_names"] == (["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
                                            if family == "cnn" else ["bad", "good"])
