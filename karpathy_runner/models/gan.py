@@ -96,7 +96,9 @@ class DCGAN(Model):
         self.discriminator = discriminator
 
 
-def build(cfg: GANModelConfig, info: DataInfo) -> DCGAN:
+def side_of(info: DataInfo, model: str) -> int:
+    """The side of the data's images, which must be one DCGAN's sizing builds (`model`: how the
+    error names the model)."""
     height, width = info.image_size
     try:
         if height != width:
@@ -104,10 +106,15 @@ def build(cfg: GANModelConfig, info: DataInfo) -> DCGAN:
         start_size(height)
     except ValueError:
         raise KdlError(
-            f"model.name: gan (DCGAN) cannot build {height}x{width} images: it makes square images "
+            f"model.name: {model} cannot build {height}x{width} images: it makes square images "
             "whose side is 4 to 7 times a power of two, at least 8 (8, 12, 16, 28, 32, 64, ...). "
             "For data.name: image_folder set data.image_size to 32 or 64."
         ) from None
+    return height
+
+
+def build(cfg: GANModelConfig, info: DataInfo) -> DCGAN:
+    height = side_of(info, "gan (DCGAN)")
     return DCGAN(
         Generator(cfg.latent_size, info.in_channels, height, cfg.width, cfg.batch_norm),
         Discriminator(info.in_channels, height, cfg.width, cfg.batch_norm, cfg.spectral_norm),

@@ -16,9 +16,8 @@ from torch import nn
 
 from ..config.models import VAEModelConfig
 from ..data import DataInfo
-from ..errors import KdlError
 from . import Model
-from .gan import Discriminator, Generator, start_size
+from .gan import Discriminator, Generator, side_of
 
 
 class VAE(Model):
@@ -46,15 +45,4 @@ class VAE(Model):
 
 
 def build(cfg: VAEModelConfig, info: DataInfo) -> VAE:
-    height, width = info.image_size
-    try:
-        if height != width:
-            raise ValueError(height)
-        start_size(height)
-    except ValueError:
-        raise KdlError(
-            f"model.name: vae cannot build {height}x{width} images: like DCGAN it makes square "
-            "images whose side is 4 to 7 times a power of two, at least 8 (8, 12, 16, 28, 32, 64, "
-            "...). For data.name: image_folder set data.image_size to 32 or 64."
-        ) from None
-    return VAE(info.in_channels, height, cfg)
+    return VAE(info.in_channels, side_of(info, "vae (sized as DCGAN)"), cfg)

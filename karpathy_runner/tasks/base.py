@@ -223,15 +223,7 @@ class Task:
 
     def check_predict(self, request: PredictRequest) -> None:
         """Refuse `kdl predict` options this task's `predict` would ignore."""
-        foreign = [PREDICT_FLAGS[name] for name in PREDICT_FLAGS
-                   if name in request.given and name not in self.predict_options]
-        if foreign:
-            own = ", ".join(PREDICT_FLAGS[name] for name in self.predict_options) or "none"
-            raise KdlError(
-                f"kdl predict: {' and '.join(foreign)} {'does' if len(foreign) == 1 else 'do'} not "
-                f"apply to a {self.name} run; its options are {own}. Leave "
-                f"{'it' if len(foreign) == 1 else 'them'} out."
-            )
+        self._refuse_foreign("kdl predict", PREDICT_FLAGS, request.given, self.predict_options, "")
 
     def check_sample(self, request: SampleRequest) -> None:
         """Refuse a request for what this task cannot draw, or with options it would ignore."""
@@ -240,14 +232,21 @@ class Task:
                 f"a {self.name} run has nothing to sample: `kdl sample` draws from generative runs "
                 "(gan, language_model, vae)"
             )
-        foreign = [SAMPLE_FLAGS[name] for name in SAMPLE_FLAGS
-                   if name in request.given and name not in self.sample_options]
+        self._refuse_foreign("kdl sample", SAMPLE_FLAGS, request.given, self.sample_options,
+                             f", which draws {self.draws}")
+
+    def _refuse_foreign(self, command: str, flags: dict[str, str], given: frozenset[str],
+                        own: tuple[str, ...], what: str) -> None:
+        """Refuse the options of `flags` that were `given` but are not among this task's `own`
+        (`what`: what the run does, said after its name)."""
+        foreign = [flags[name] for name in flags if name in given and name not in own]
         if foreign:
-            own = ", ".join(SAMPLE_FLAGS[name] for name in self.sample_options) or "none"
+            options = ", ".join(flags[name] for name in own) or "none"
+            also = " (and --seed)" if command == "kdl sample" else ""
             raise KdlError(
-                f"kdl sample: {' and '.join(foreign)} {'does' if len(foreign) == 1 else 'do'} not "
-                f"apply to a {self.name} run, which draws {self.draws}; its options are {own} "
-                f"(and --seed). Leave {'it' if len(foreign) == 1 else 'them'} out."
+                f"{command}: {' and '.join(foreign)} {'does' if len(foreign) == 1 else 'do'} not "
+                f"apply to a {self.name} run{what}; its options are {options}{also}. Leave "
+                f"{'it' if len(foreign) == 1 else 'them'} out."
             )
 
     @property

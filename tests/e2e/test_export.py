@@ -54,8 +54,8 @@ def runs(tmp_path_factory):
         found[name] = _trained(runs, config)
     found["segment"] = _trained(runs, CONFIGS / "shapes_segment.yaml", f"data.root={root / 'shapes'}",
                                 "data.image_size=16", "data.train_images=16", "data.val_images=8",
-                                "data.test_images=0", "data.batch_size=8", "model.channels=[4,8]", "train.epochs=1",
-                                "train.device=cpu")
+                                "data.test_images=0", "data.batch_size=8", "model.channels=[4,8]",
+                                "train.epochs=1", "train.device=cpu")
     return runs, found
 
 

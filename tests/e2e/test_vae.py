@@ -196,7 +196,7 @@ def test_eval_reports_the_bound_alone_or_with_sample_scores(tmp_path, vae_yaml, 
     (["model.width=0"], ["model.width"]),
     (["data.name=imdb"], ["no task trains model.name 'vae' on data.name 'imdb'"]),
     (["data.name=image_folder", "data.image_size=30", "data.batch_size=2"],
-     ["model.name: vae cannot build 30x30 images", "data.image_size"]),
+     ["model.name: vae (sized as DCGAN) cannot build 30x30 images", "data.image_size"]),
 ])
 def test_a_vae_that_cannot_be_built_exits_2(tmp_path, vae_yaml, sets_, fragments):
     write_folder(tmp_path / "photos", "train", per_class=3)
