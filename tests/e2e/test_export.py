@@ -18,6 +18,9 @@ from karpathy_runner.evaluate import load_run
 from karpathy_runner.tasks import drawing
 
 FORMATS = ("torchscript", "exported-program", "onnx")
+# the exporters of torch.export and ONNX take seconds a model: the fast layer traces only
+FORMAT_CASES = [pytest.param(fmt, marks=[] if fmt == "torchscript" else [pytest.mark.slow])
+                for fmt in FORMATS]
 TINY_YAML = """# kdl train {name}.yaml
 name: tiny_{name}
 data: {{name: digits, batch_size: 64}}
@@ -82,7 +85,7 @@ def _load(path):
     return torch.jit.load(str(path))
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", FORMAT_CASES)
 @pytest.mark.parametrize("family", ["cnn", "lstm", "gan", "vae", "segment"])
 def test_each_family_exports_in_each_format_and_matches_the_eager_model(runs, family, fmt):
     root, found = runs
@@ -127,7 +130,7 @@ def test_the_images_the_file_takes_are_raw_bytes_scaled_inside(runs, tmp_path):
     assert torch.equal(torch.jit.load(str(out))(inputs[0]), eager)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", FORMAT_CASES)
 def test_an_export_that_drifts_from_the_eager_model_is_an_error(runs, fmt, monkeypatch, tmp_path):
     """A file whose outputs are off by 1e-2 (added to the exported generator only) fails the
     check: exit 2, the difference said, nothing written."""
