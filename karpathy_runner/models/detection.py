@@ -1,0 +1,61 @@
+"""torchvision's detection models: Faster R-CNN (MobileNetV3 FPN), RetinaNet (ResNet-50 FPN)
+and SSDlite (MobileNetV3), built for the data's classes (label 0 the background).
+
+The backbone's ImageNet weights are read from the torch cache; a missing file is downloaded
+only when the config asks (model.download), else the model starts from random weights and says
+so on stderr. The model normalises its inputs itself (torchvision's transform), by the data's
+mean and std, and resizes them: R-CNN and RetinaNet to model.min_size (the data's size unless
+set), SSDlite to its 320.
+
+In training the network takes (images, targets) and returns its losses by name; in eval it
+returns each image's detections (boxes, labels, scores) at the image's own size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import sys
+from typing import Any
+
+from torch import nn
+
+from ..config.models import TorchvisionDetectionConfig
+from ..data import DataInfo
+from ..errors import KdlError
+from .segmentation import cached_file
+
+
+def build(cfg: TorchvisionDetectionConfig, info: DataInfo) -> nn.Module:
+    from torchvision.models import get_model_builder
+
+    builder = get_model_builder(cfg.name)
+    backbone = _backbone_weights(cfg, builder)
+    size = cfg.min_size or info.image_size[0]
+    options: dict[str, Any] = {"image_mean": list(info.mean), "image_std": list(info.std),
+                               "detections_per_img": cfg.detections_per_image}
+    if cfg.name == "ssdlite320_mobilenet_v3_large":
+        options["score_thresh"] = cfg.score_threshold
+    else:
+        options.update(min_size=size, max_size=size)
+        threshold = "box_score_thresh" if cfg.name.startswith("fasterrcnn") else "score_thresh"
+        options[threshold] = cfg.score_threshold
+    try:  # torch.hub says "Downloading: ..." on stdout, whose last line is the run id: stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            return builder(weights=None, weights_backbone=backbone, num_classes=info.num_classes, **options)
+    except (RuntimeError, OSError) as exc:  # the download: no network, a bad file
+        raise KdlError(f"model.download: could not get the ImageNet weights of {cfg.name}'s backbone "
+                       f"({str(exc).strip().splitlines()[0]}). Check the network, or set model.download: "
+                       "false to start from random weights.") from exc
+
+
+def _backbone_weights(cfg: TorchvisionDetectionConfig, builder: Any) -> Any:
+    if cfg.weights == "none":
+        return None
+    weights = inspect.signature(builder).parameters["weights_backbone"].default
+    if cfg.download or cached_file(weights).is_file():
+        return weights
+    print(f"note: the ImageNet weights of {cfg.name}'s backbone are not in the torch cache "
+          f"({cached_file(weights)}): the model starts from random weights. Set model.download: true to "
+          "fetch them (or put the file there).", file=sys.stderr, flush=True)
+    return None
