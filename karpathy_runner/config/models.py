@@ -305,6 +305,12 @@ class TorchvisionDetectionConfig(ModelConfig):
     min_size: int | None = Field(None, ge=16, description="The side torchvision's transform resizes "
                                  "images to (R-CNN, RetinaNet; SSDlite resizes to 320); null: the "
                                  "data's image size, so small images stay small.")
+    proposals_per_image: int = Field(300, ge=1, description="fasterrcnn: the region proposals kept per "
+                                     "image after non-maximum suppression (of three times as many "
+                                     "scored); torchvision's 2000 suit large images with many objects.")
+    rois_per_image: int = Field(128, ge=1, description="fasterrcnn: the proposals sampled per training "
+                                "image for the box head's loss (torchvision's 512); the head's cost "
+                                "grows with it.")
     detections_per_image: int = Field(100, ge=1, description="The most boxes kept per image after "
                                       "non-maximum suppression (mAR@100 counts up to 100).")
     score_threshold: float = Field(0.05, ge=0.0, lt=1.0, description="Detections scoring below this "

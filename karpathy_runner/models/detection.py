@@ -40,13 +40,34 @@ def build(cfg: TorchvisionDetectionConfig, info: DataInfo) -> nn.Module:
         options.update(min_size=size, max_size=size)
         threshold = "box_score_thresh" if cfg.name.startswith("fasterrcnn") else "score_thresh"
         options[threshold] = cfg.score_threshold
+    if cfg.name.startswith("fasterrcnn"):
+        options.update(rpn_pre_nms_top_n_train=3 * cfg.proposals_per_image,
+                       rpn_pre_nms_top_n_test=3 * cfg.proposals_per_image,
+                       rpn_post_nms_top_n_train=cfg.proposals_per_image,
+                       rpn_post_nms_top_n_test=cfg.proposals_per_image,
+                       box_batch_size_per_image=cfg.rois_per_image)
     try:  # torch.hub says "Downloading: ..." on stdout, whose last line is the run id: stderr
         with contextlib.redirect_stdout(sys.stderr):
-            return builder(weights=None, weights_backbone=backbone, num_classes=info.num_classes, **options)
+            net = builder(weights=None, weights_backbone=backbone, num_classes=info.num_classes, **options)
     except (RuntimeError, OSError) as exc:  # the download: no network, a bad file
         raise KdlError(f"model.download: could not get the ImageNet weights of {cfg.name}'s backbone "
                        f"({str(exc).strip().splitlines()[0]}). Check the network, or set model.download: "
                        "false to start from random weights.") from exc
+    if cfg.name.startswith("fasterrcnn"):
+        net.rpn.anchor_generator = scaled_anchors(net.rpn.anchor_generator, size)
+    return net
+
+
+def scaled_anchors(generator: Any, size: int) -> Any:
+    """torchvision's anchors (sides 32 to 512 px) suit images of 320 px and more; smaller ones
+    get them scaled by size / 320 (at least 4 px), so that 64 px images with 10 px objects have
+    anchors of 6 to 102 px. The same number per location: the RPN head's shapes are kept."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+    if size >= 320:
+        return generator
+    sizes = tuple(tuple(max(4, round(side * size / 320)) for side in level) for level in generator.sizes)
+    return AnchorGenerator(sizes, generator.aspect_ratios)
 
 
 def _backbone_weights(cfg: TorchvisionDetectionConfig, builder: Any) -> Any:
