@@ -303,3 +303,50 @@ class ShapesDataConfig(SegmentationData):
 
     def missing_split(self, split: str) -> str:
         return "data.test_images is 0; set data.test_images > 0 to have one"
+
+    annotations: Literal["masks", "boxes"] = Field(
+        "masks", description="What the images are labelled with: masks (a class for every pixel, for "
+        "the segment task) or boxes (each shape's box and class from the VOC XML files, for the detect "
+        "task).")
+
+    @classmethod
+    def kind_of(cls, values: dict[str, Any]) -> str:
+        return "detection" if values.get("annotations") == "boxes" else cls.KIND
+
+
+@register
+class DetectionDataConfig(SegmentationData):
+    """Object detection data: images with boxes and their classes, as COCO instances JSON or
+    Pascal VOC XML. Images are resized to one square size (the boxes with them) and held in
+    memory; an image without boxes is trained on as background."""
+
+    KIND: ClassVar[str] = "detection"
+    BUILD: ClassVar[str] = "karpathy_runner.data.detection:build"
+
+    name: Literal["coco", "voc_detection"] = Field(
+        "coco",
+        description="The dataset: coco (COCO instances JSON files: train_annotations with the images in "
+        "train_images, and the same for val); voc_detection (a Pascal VOC folder, root/VOCdevkit/VOC<year> "
+        "or root itself: JPEGImages/, Annotations/<name>.xml, ImageSets/Main/{train,val}.txt).",
+    )
+    root: str = Field("data", description="voc_detection: the folder that holds VOCdevkit/VOC<year>/ "
+                      "(or JPEGImages/ and Annotations/ itself); coco: the folder the relative paths "
+                      "below are read from.")
+    year: Literal["2007", "2008", "2009", "2010", "2011", "2012"] = Field(
+        "2012", description="voc_detection: which year's release under root/VOCdevkit.")
+    train_annotations: str = Field("annotations/instances_train2017.json", description="coco: the "
+                                   "training split's instances JSON.")
+    train_images: str = Field("train2017", description="coco: the folder of the training images.")
+    val_annotations: str | None = Field("annotations/instances_val2017.json", description="coco: the "
+                                        "validation split's instances JSON; null: no val split.")
+    val_images: str = Field("val2017", description="coco: the folder of the validation images.")
+    image_size: int = Field(320, ge=16, le=4096, description="The side every image is resized to "
+                            "(square; its boxes scaled with it).")
+    max_images: int | None = Field(None, ge=1, description="Read at most this many images of each "
+                                   "split (the first, in the file's order); null: all.")
+    batch_size: int = Field(8, ge=1, description="Training images per batch (per optimizer step).")
+
+    def missing_split(self, split: str) -> str:
+        if split == "val" and self.name == "coco":
+            return "data.val_annotations is null; set it to a COCO instances JSON to have one"
+        return f"this dataset has no {split} split"

@@ -283,3 +283,38 @@ class TorchvisionSegmentationConfig(ModelConfig):
 
     def shapes_only(self) -> TorchvisionSegmentationConfig:
         return self.model_copy(update={"weights": "none"})
+
+
+@register
+class TorchvisionDetectionConfig(ModelConfig):
+    """torchvision's detection models (torchvision.models.detection) for the data's classes:
+    Faster R-CNN, RetinaNet and SSDlite. The backbone's ImageNet weights are read from the torch
+    cache when there (or downloaded with download: true); else the model starts from random
+    weights and says so on stderr."""
+
+    BUILD: ClassVar[str] = "karpathy_runner.models.detection:build"
+
+    name: Literal["fasterrcnn_mobilenet_v3_large_fpn", "retinanet_resnet50_fpn",
+                  "ssdlite320_mobilenet_v3_large"] = Field(
+        "fasterrcnn_mobilenet_v3_large_fpn", description="The architecture, as torchvision names it.")
+    weights: Literal["backbone", "none"] = Field(
+        "backbone", description="backbone: the backbone's ImageNet weights (when cached, or with "
+        "download: true); none: random weights.")
+    download: bool = Field(False, description="Download weights missing from the torch cache; false: "
+                           "random weights, with a note on stderr.")
+    min_size: int | None = Field(None, ge=16, description="The side torchvision's transform resizes "
+                                 "images to (R-CNN, RetinaNet; SSDlite resizes to 320); null: the "
+                                 "data's image size, so small images stay small.")
+    proposals_per_image: int = Field(300, ge=1, description="fasterrcnn: the region proposals kept per "
+                                     "image after non-maximum suppression (of three times as many "
+                                     "scored); torchvision's 2000 suit large images with many objects.")
+    rois_per_image: int = Field(128, ge=1, description="fasterrcnn: the proposals sampled per training "
+                                "image for the box head's loss (torchvision's 512); the head's cost "
+                                "grows with it.")
+    detections_per_image: int = Field(100, ge=1, description="The most boxes kept per image after "
+                                      "non-maximum suppression (mAR@100 counts up to 100).")
+    score_threshold: float = Field(0.05, ge=0.0, lt=1.0, description="Detections scoring below this "
+                                   "are dropped.")
+
+    def shapes_only(self) -> TorchvisionDetectionConfig:
+        return self.model_copy(update={"weights": "none"})

@@ -135,3 +135,21 @@ class SegmentConfig(TaskConfig):
                                      "pixel.")
     aux_weight: float = Field(0.5, ge=0.0, description="The weight of the auxiliary head's loss, for "
                               "models that have one (model.aux_loss: true).")
+
+
+@register
+class DetectConfig(TaskConfig):
+    """Object detection: torchvision's detection losses summed (classification and box
+    regression, and the proposals' for Faster R-CNN); COCO's mAP (averaged over IoU 0.5 to
+    0.95), mAP@0.5, mAP@0.75 and mAR@100 in evaluation, per-class AP in a detailed eval."""
+
+    BUILD: ClassVar[str] = "karpathy_runner.tasks.detect:Detect"
+    MODELS: ClassVar[tuple[str, ...]] = ("model",)
+    METRICS: ClassVar[dict[str, str]] = {"loss": "min", "map": "max", "map_50": "max", "map_75": "max",
+                                         "mar_100": "max"}
+    DEFAULT_METRIC: ClassVar[str] = "val.map"
+    TRAINS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "detection": ("fasterrcnn_mobilenet_v3_large_fpn", "retinanet_resnet50_fpn",
+                      "ssdlite320_mobilenet_v3_large")}
+
+    name: Literal["detect"] = Field("detect", description="Object detection: boxes and their classes.")

@@ -52,6 +52,11 @@ SPLITS = ("train", "val", "test")
 def build(cfg: ShapesDataConfig, seed: int, vocabulary: list[str] | None,
           preprocessing: Preprocessing | None) -> DataBundle:
     folder = ensure(cfg)
+    if cfg.annotations == "boxes":  # the detect task: the boxes of the VOC XML files
+        from .detection import voc_bundle
+
+        return voc_bundle(folder, CLASSES, cfg, seed, tuple(split if _count(cfg, split) else None
+                                                            for split in SPLITS))
     fix = f"{folder} is damaged: remove it, and kdl draws it again"
     splits = {split: read_pairs(voc_pairs(folder, split), cfg.image_size, len(CLASSES), fix)[0]
               for split in SPLITS if _count(cfg, split)}
