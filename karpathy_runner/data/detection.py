@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -101,25 +102,42 @@ def coco_records(annotations: Path, images: Path, categories: list[int] | None, 
                        "images, annotations and categories") from None
     ids = categories if categories is not None else sorted(declared)
     label_of = {category: label for label, category in enumerate(ids, start=1)}
-    records = {int(e["id"]): (Annotated(images / e["file_name"], [], []), int(e["width"]), int(e["height"]))
-               for e in entries}
-    for note in notes:
-        category = int(note["category_id"])
-        if category not in label_of:
-            raise KdlError(f"{annotations}: annotation {note.get('id')} has category_id {category}, which "
-                           f"is not among the categories {ids[:10]}{'...' if len(ids) > 10 else ''}"
-                           + (" of the training file" if categories is not None else " it declares")
-                           + ". Fix the id or declare the category")
-        found = records.get(int(note["image_id"]))
-        if found is None or note.get("iscrowd", 0):
-            continue  # an image left out by max_images; a crowd region is no object to find
-        record, width, height = found
-        x, y, w, h = (float(v) for v in note["bbox"])
-        box = (x, y, x + w, y + h)
-        check_box(box, width, height, f"{annotations} (annotation {note.get('id')}, {record.image.name})")
-        record.boxes.append(box)
-        record.labels.append(label_of[category])
+    try:
+        records = {int(e["id"]): (Annotated(images / e["file_name"], [], []), int(e["width"]),
+                                  int(e["height"])) for e in entries}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise KdlError(f"{annotations}: an image entry lacks a usable {exc}; each has an id, a file_name, "
+                       "a width and a height") from None
+    for index, note in enumerate(notes):
+        try:
+            _coco_note(note, records, label_of, ids, categories, annotations)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            name = note.get("id") if isinstance(note, dict) else f"number {index + 1}"
+            raise KdlError(f"{annotations}: annotation {name} lacks a usable {exc}; each has an "
+                           "image_id, a category_id and a bbox [x, y, width, height]") from None
     return [record for record, _, _ in records.values()], ids, [declared.get(i, str(i)) for i in ids]
+
+
+def _coco_note(note: dict[str, Any], records: dict[int, tuple[Annotated, int, int]],
+               label_of: dict[int, int], ids: list[int], categories: list[int] | None,
+               annotations: Path) -> None:
+    """One COCO annotation added to its image's record (crowd regions and images left out by
+    max_images skipped); an unknown category or a bad box is an error naming the file."""
+    category = int(note["category_id"])
+    if category not in label_of:
+        raise KdlError(f"{annotations}: annotation {note.get('id')} has category_id {category}, which "
+                       f"is not among the categories {ids[:10]}{'...' if len(ids) > 10 else ''}"
+                       + (" of the training file" if categories is not None else " it declares")
+                       + ". Fix the id or declare the category")
+    found = records.get(int(note["image_id"]))
+    if found is None or note.get("iscrowd", 0):
+        return  # an image left out by max_images; a crowd region is no object to find
+    record, width, height = found
+    x, y, w, h = (float(v) for v in note["bbox"])
+    box = (x, y, x + w, y + h)
+    check_box(box, width, height, f"{annotations} (annotation {note.get('id')}, {record.image.name})")
+    record.boxes.append(box)
+    record.labels.append(label_of[category])
 
 
 def voc_records(folder: Path, split: str, classes: list[str], limit: int | None) -> list[Annotated]:

@@ -114,11 +114,15 @@ def test_coco_json_trains_with_an_image_without_boxes_and_refuses_bad_annotation
     assert 0.0 <= summary["final"]["val.map"] <= 1.0
     first = dict(train["annotations"][0])
     for bad, said in [({"category_id": 9}, "category_id 9"), ({"bbox": [3, 3, 0, 5]}, "is empty"),
-                      ({"bbox": [20, 20, 30, 5]}, "reaches outside its 32x32 image")]:
+                      ({"bbox": [20, 20, 30, 5]}, "reaches outside its 32x32 image"),
+                      ({"bbox": None}, "lacks a usable"), ({"bbox": [1, 2]}, "lacks a usable")]:
         write([{**first, **bad}, *train["annotations"][1:]])
         refused = train_coco(tmp_path, shapes)
         assert refused.exit_code == 2, refused.stderr
         assert str(path) in refused.stderr and said in refused.stderr and "Traceback" not in refused.stderr
+    write([{k: v for k, v in first.items() if k != "bbox"}, *train["annotations"][1:]])
+    refused = train_coco(tmp_path, shapes)
+    assert refused.exit_code == 2 and "lacks a usable 'bbox'" in refused.stderr, refused.stderr
 
 
 def test_a_voc_box_outside_its_image_names_the_xml_file(tmp_path):
