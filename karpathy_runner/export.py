@@ -74,9 +74,9 @@ def export_run(runs_root: Path, ref: str, fmt: str, checkpoint: str = "best",
             warnings.simplefilter("ignore")  # torch.jit's deprecation, the exporters' notes
             WRITERS[fmt](spec, written, json.dumps(metadata))
             runner = LOADERS[fmt](written)
-            difference = None if runner is None else _difference(spec, runner)
+            difference, largest = (None, 0.0) if runner is None else _difference(spec, runner)
         data = written.read_bytes()
-    if difference is not None and difference > RELATIVE_TOLERANCE * max(1.0, _largest(spec)):
+    if difference is not None and difference > RELATIVE_TOLERANCE * max(1.0, largest):
         raise KdlError(
             f"the exported {fmt} model drifts from the eager model: its outputs differ by up to "
             f"{difference:.3g} on {len(spec.inputs[0])} {spec.examples}, beyond the tolerance of "
@@ -88,23 +88,20 @@ def export_run(runs_root: Path, ref: str, fmt: str, checkpoint: str = "best",
     return Exported(path, difference or 0.0, len(spec.inputs[0]), spec.examples, difference is not None)
 
 
-def _largest(spec: Export) -> float:
-    with torch.no_grad():
-        return float(spec.reference(*spec.inputs).abs().max())
-
-
-def _difference(spec: Export, runner: Runner) -> float:
+def _difference(spec: Export, runner: Runner) -> tuple[float, float]:
     """The largest absolute difference from the eager outputs, on the example inputs and on the
-    first few of them (a smaller batch: the batch size is free)."""
+    first few of them (a smaller batch: the batch size is free); and the largest eager output of
+    the example inputs (the tolerance's scale)."""
     smaller = max(1, len(spec.inputs[0]) // 3)
-    largest = 0.0
+    difference, scale = 0.0, None
     for inputs in (spec.inputs, tuple(x[:smaller] for x in spec.inputs)):
         got, want = runner(*inputs), spec.reference(*inputs)
         if got.shape != want.shape:
             raise KdlError(f"the exported model gives outputs of shape {tuple(got.shape)} for "
                            f"{tuple(want.shape)}; report the run's model")
-        largest = max(largest, float((got.float() - want.float()).abs().max()))
-    return largest
+        difference = max(difference, float((got.float() - want.float()).abs().max()))
+        scale = float(want.abs().max()) if scale is None else scale  # (the example inputs')
+    return difference, scale
 
 
 def _batch_dims(spec: Export) -> tuple[dict[int, object], ...]:

@@ -75,10 +75,8 @@ class VAE(Task):
 
     # ------------------------------------------------------------------ the bound
 
-    def _terms(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
-                                                                      torch.Tensor]:
-        """(recon, kl) per image (B,) of images x in [0, 1], with z = mu + sigma * noise; and the
-        decoder's output."""
+    def _terms(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(recon, kl) per image (B,) of images x in [0, 1], with z = mu + sigma * noise."""
         model = self.model
         mu, logvar = model(x)
         z = mu + torch.exp(0.5 * logvar) * noise
@@ -89,7 +87,7 @@ class VAE(Task):
             log_scale = model.log_scale.view(1, -1, 1, 1)
             recon = 0.5 * ((x - output.float()) * torch.exp(-log_scale)) ** 2 + log_scale + HALF_LOG_2PI
         kl = 0.5 * (mu.float() ** 2 + logvar.float().exp() - 1 - logvar.float())
-        return recon.flatten(1).sum(1), kl.sum(1), output
+        return recon.flatten(1).sum(1), kl.sum(1)
 
     def _beta(self, step: int) -> float:
         warmup = self.cfg.kl_warmup_steps
@@ -108,7 +106,7 @@ class VAE(Task):
             self.shown = drawing.to_bytes(x[:SHOWN]).cpu()
         with updater.autocast():
             mu_shape = (x.shape[0], self.latent_size)
-            recon, kl, _ = self._terms(x, torch.randn(mu_shape, device=x.device))
+            recon, kl = self._terms(x, torch.randn(mu_shape, device=x.device))
             loss = (recon + self._beta(step) * kl).mean()
         updater.step("model", loss)
         return self._result(x.shape[0], recon, kl, loss)
@@ -122,7 +120,7 @@ class VAE(Task):
     def eval_step(self, batch: tuple[torch.Tensor, ...], detailed: bool = False) -> StepResult:
         x = self._pixels(batch[0])
         noise = torch.randn(x.shape[0], self.latent_size, generator=self.eval_generator, device=x.device)
-        recon, kl, _ = self._terms(x, noise)
+        recon, kl = self._terms(x, noise)
         return self._result(x.shape[0], recon, kl, (recon + self.cfg.beta * kl).mean())
 
     def state_dict(self) -> dict[str, Any]:
