@@ -63,10 +63,15 @@ def export_run(runs_root: Path, ref: str, fmt: str, checkpoint: str = "best",
     exp = loaded.exp
     dataset = exp.data.val or exp.data.test or exp.data.train
     exp.task.train(False)
-    spec = exp.task.export(dataset.get_batch(torch.arange(min(len(dataset), EXAMPLES))), exp.prepare)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script's deprecation (a scripted detector)
+        spec = exp.task.export(dataset.get_batch(torch.arange(min(len(dataset), EXAMPLES))), exp.prepare)
     if spec is None:
         raise KdlError(f"run {loaded.run.id} is a {exp.task.name} run, which has no model to export: "
-                       "kdl export writes classifiers and generators")
+                       "kdl export writes classifiers, generators, segmenters and detectors")
+    if fmt not in spec.formats:
+        raise KdlError(f"--format {fmt}: a {exp.task.name} run's model exports only as "
+                       f"{' or '.join(spec.formats)}: {spec.why_only}")
     metadata = {**spec.metadata, "run": loaded.run.id, "checkpoint": checkpoint, "format": fmt}
     with tempfile.TemporaryDirectory() as folder:
         written = Path(folder) / f"model{SUFFIXES[fmt]}"
@@ -112,8 +117,10 @@ def _batch_dims(spec: Export) -> tuple[dict[int, object], ...]:
 
 
 def _torchscript(spec: Export, path: Path, metadata: str) -> None:
-    traced = torch.jit.trace(spec.module, spec.inputs, check_trace=False)
-    torch.jit.save(traced, str(path), _extra_files={METADATA: metadata})
+    module = spec.module
+    if not isinstance(module, torch.jit.ScriptModule):
+        module = torch.jit.trace(module, spec.inputs, check_trace=False)
+    torch.jit.save(module, str(path), _extra_files={METADATA: metadata})
 
 
 def _load_torchscript(path: Path) -> Runner:

@@ -62,7 +62,8 @@ class Export:
     data's own preparation, then the model), which the written file is checked against.
     Dimension 0 of every input and output is the batch, of any size; the others are the
     example's. `metadata` is written into the file (what the inputs and outputs are, the class
-    names, the vocabulary, the image size...)."""
+    names, the vocabulary, the image size...). A `module` that is already TorchScript (scripted,
+    where tracing cannot follow its data-dependent code) is written as it is."""
 
     module: nn.Module
     inputs: tuple[torch.Tensor, ...]
@@ -71,6 +72,8 @@ class Export:
     reference: Callable[..., torch.Tensor]
     metadata: dict[str, Any]
     examples: str  # what the inputs are, for the check's report: "val images", "noise vectors"
+    formats: tuple[str, ...] = ("torchscript", "exported-program", "onnx")  # what can take it
+    why_only: str = ""  # when not every format: why the others cannot
 
 
 @dataclass

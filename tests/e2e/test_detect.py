@@ -1,7 +1,7 @@
 """Object detection through the unchanged command line: the shapes' boxes trained with Faster
-R-CNN, its mAP metrics recorded and per-class AP evaluated, boxes predicted as JSON and drawn;
-the shapes folder's COCO instances JSON read (an image without boxes trained on as background);
-an empty or out-of-image box and an unknown category id refused naming their file; stopped and
+R-CNN, its mAP metrics recorded and per-class AP evaluated, boxes predicted as JSON and drawn, the
+detector exported; the shapes folder's COCO instances JSON read (an image without boxes trained on
+as background); an empty or out-of-image box and an unknown category id refused naming their file; stopped and
 resumed equals uninterrupted."""
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ import yaml
 from kdl import CONFIGS, kdl
 from PIL import Image
 from stopping import assert_resumes_after_random_kill, read_json, sets
+
+from karpathy_runner import export
+from karpathy_runner.data.detection import BoxInputs
 
 # the shapes detection quick start, shrunk: 32x32 images, 16 of them, Faster R-CNN at 32 pixels
 TINY = ["data.image_size=32", "data.train_images=16", "data.val_images=8", "data.test_images=4",
@@ -72,10 +75,15 @@ def test_eval_reports_per_class_ap_on_the_test_split(shapes_run):
     assert {"map", "map_50", "map_75", "mar_100"} <= metrics.keys()
 
 
-def test_predict_prints_boxes_at_the_inputs_size_and_draws_them(shapes_run, tmp_path):
-    shapes = shapes_run.parent.parent / "shapes" / "JPEGImages"
-    with Image.open(shapes / "val_000000.jpg") as image:
+def _wide(shapes_run: Path, tmp_path: Path) -> Path:
+    """A val image resized to 48x40: not the run's 32x32."""
+    with Image.open(shapes_run.parent.parent / "shapes" / "JPEGImages" / "val_000000.jpg") as image:
         image.resize((48, 40)).save(tmp_path / "wide.jpg")
+    return tmp_path / "wide.jpg"
+
+
+def test_predict_prints_boxes_at_the_inputs_size_and_draws_them(shapes_run, tmp_path):
+    _wide(shapes_run, tmp_path)
     out = tmp_path / "drawn"
     result = kdl("predict", shapes_run.name, tmp_path / "wide.jpg", "--out", out, "--json",
                  "--runs-dir", shapes_run.parent)
@@ -91,6 +99,57 @@ def test_predict_prints_boxes_at_the_inputs_size_and_draws_them(shapes_run, tmp_
     top = kdl("predict", shapes_run.name, tmp_path / "wide.jpg", "--top-k", "2", "--runs-dir",
               shapes_run.parent)
     assert top.exit_code == 2 and "--top-k does not apply to a detect run" in top.stderr
+
+
+def test_export_scripts_the_detector_whose_boxes_predict_scales_to_each_input(shapes_run, tmp_path):
+    """`kdl export` writes TorchScript only (the other formats refused, saying why); the file,
+    given an input resized to the run's 32 px, finds the boxes `kdl predict` prints for that
+    input at its own 48x40, scaled by 48/32 and 40/32."""
+    runs = shapes_run.parent
+    for fmt in ("exported-program", "onnx"):
+        refused = kdl("export", shapes_run.name, "--format", fmt, "--runs-dir", runs)
+        assert refused.exit_code == 2 and "exports only as torchscript" in refused.stderr
+    out = tmp_path / "detector.pt"
+    result = kdl("export", shapes_run.name, "--format", "torchscript", "--out", out, "--runs-dir", runs)
+    assert result.exit_code == 0, result.stderr
+    assert "against the eager model on 8 images" in result.stderr
+    metadata = export.read_metadata(out)
+    assert metadata["class_names"] == ["background", *CLASSES] and metadata["image_size"] == [32, 32]
+
+    wide = _wide(shapes_run, tmp_path)
+    predicted = kdl("predict", shapes_run.name, wide, "--json", "--out", tmp_path / "drawn",
+                    "--runs-dir", runs)
+    assert predicted.exit_code == 0, predicted.stderr
+    (prediction,) = json.loads(predicted.stdout)["predictions"]
+    with torch.no_grad():
+        (found,) = torch.jit.load(str(out))(BoxInputs(32).batch([wide])[0])
+    found = found[found[:, 5] > 0]  # (K, 6): the rows with a detection
+    assert len(found) == len(prediction["boxes"]) > 0
+    scale = torch.tensor([48 / 32, 40 / 32] * 2)
+    for row, box in zip(found, prediction["boxes"], strict=True):
+        assert box["class"] == CLASSES[int(row[5]) - 1]
+        assert box["score"] == pytest.approx(float(row[4]), abs=1e-4)
+        assert box["box"] == pytest.approx((row[:4] * scale).tolist(), abs=0.051)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["retinanet_resnet50_fpn", "ssdlite320_mobilenet_v3_large"])
+def test_retinanet_and_ssdlite_train_evaluate_predict_and_export(shapes_run, tmp_path, model):
+    """The other two detectors through the same commands: two steps, scored on val, a prediction,
+    an export (their thresholds and resizing set by the model's own keys)."""
+    (tmp_path / "shapes").symlink_to(shapes_run.parent.parent / "shapes")
+    result = train_detect(tmp_path, f"model.name={model}", "train.max_steps=2")
+    assert result.exit_code == 0, result.stderr
+    run = tmp_path / "runs" / result.last_line
+    (val,) = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+              if r["split"] == "val"]
+    assert {"map", "map_50", "map_75", "mar_100"} <= val.keys()
+    predicted = kdl("predict", run.name, _wide(shapes_run, tmp_path), "--json", "--out", tmp_path / "drawn",
+                    "--runs-dir", run.parent)
+    assert predicted.exit_code == 0, predicted.stderr
+    assert (tmp_path / "drawn" / "wide.png").is_file()
+    exported = kdl("export", run.name, "--format", "torchscript", "--runs-dir", run.parent)
+    assert exported.exit_code == 0, exported.stderr
 
 
 def test_coco_json_trains_with_an_image_without_boxes_and_refuses_bad_annotations(shapes_run, tmp_path):
