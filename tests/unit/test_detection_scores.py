@@ -23,8 +23,8 @@ def _image(found, truth):
 
 
 def test_map_is_coco_arithmetic_on_detections_made_by_hand():
-    """Squares: one found exactly (score 0.9), one found at IoU 0.64 (a box of 8x8 inside its
-    10x10, score 0.8). Discs: one box, never found, and a false disc on an image of none.
+    """Squares: one found exactly (score 0.9), one found at IoU 0.64 (a box of 8x8 in the corner
+    of its 10x10, score 0.8; read as x, y, width, height they would overlap by 0.87). Discs: one box, never found, and a false disc on an image of none.
       IoU 0.5 to 0.6 (3 thresholds): both squares match, precision 1 at recall 1: AP 1.
       IoU 0.65 to 0.95 (7): the 0.9 matches, the 0.8 does not: precision 1 up to recall 0.5,
         0 after: 51 of the 101 recall points, AP 51/101.
@@ -33,7 +33,7 @@ def test_map_is_coco_arithmetic_on_detections_made_by_hand():
     Over the two classes: mAP 0.3267, mAP@0.5 0.5, mAP@0.75 51/101/2 = 0.2525, mAR@100 0.325."""
     scored = [
         _image([([10, 10, 20, 20], 1, 0.9)], [([10, 10, 20, 20], 1), ([30, 30, 50, 50], 2)]),
-        _image([([0, 0, 8, 8], 1, 0.8)], [([0, 0, 10, 10], 1)]),
+        _image([([20, 20, 28, 28], 1, 0.8)], [([20, 20, 30, 30], 1)]),
         _image([([5, 5, 15, 15], 2, 0.7)], []),
     ]
     squares = (3 + 7 * 51 / 101) / 10
@@ -47,10 +47,11 @@ def test_map_is_coco_arithmetic_on_detections_made_by_hand():
 
 def test_a_higher_scored_false_detection_lowers_precision_at_every_recall():
     """A false square scored above both true ones: the precision is 1/2 at recall 1/2 and 2/3 at
-    recall 1 at IoU 0.5, interpolated to 2/3 everywhere: AP 2/3."""
+    recall 1 at IoU 0.5, interpolated to 2/3 everywhere: AP 2/3. A disc found where the split
+    has none has no AP (None), and leaves the mean alone."""
     scored = [
         _image([([10, 10, 20, 20], 1, 0.9), ([40, 40, 60, 60], 1, 0.95)], [([10, 10, 20, 20], 1)]),
-        _image([([0, 0, 10, 10], 1, 0.8)], [([0, 0, 10, 10], 1)]),
+        _image([([0, 0, 10, 10], 1, 0.8), ([30, 30, 40, 40], 2, 0.6)], [([0, 0, 10, 10], 1)]),
     ]
     metrics = scores(scored, NAMES, detailed=True)
     assert metrics["map_50"] == pytest.approx(2 / 3, abs=1e-4)
