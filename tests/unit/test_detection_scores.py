@@ -24,7 +24,8 @@ def _image(found, truth):
 
 def test_map_is_coco_arithmetic_on_detections_made_by_hand():
     """Squares: one found exactly (score 0.9), one found at IoU 0.64 (a box of 8x8 in the corner
-    of its 10x10, score 0.8; read as x, y, width, height they would overlap by 0.87). Discs: one box, never found, and a false disc on an image of none.
+    of its 10x10, score 0.8; read as x, y, width, height they would overlap by 0.87). Discs: one
+    box, never found, and a false disc on an image of none.
       IoU 0.5 to 0.6 (3 thresholds): both squares match, precision 1 at recall 1: AP 1.
       IoU 0.65 to 0.95 (7): the 0.9 matches, the 0.8 does not: precision 1 up to recall 0.5,
         0 after: 51 of the 101 recall points, AP 51/101.
