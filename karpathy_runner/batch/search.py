@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 
 from ..errors import KdlError
 from ..runfolder import fsio, layout, sweeps
+from ..runfolder.layout import host_name
 from ..runfolder.reader import Run, iter_runs, rung_of
 from ..ui.tables import epoch_rows
 from .space import check_space, parse_space
@@ -122,7 +122,7 @@ class Search:
         self.spec, self.study, self.study_name = spec, study, study_name
         self.root, self.jobs, self.log, self.fail_fast = root, jobs, log, fail_fast
         self.inherited = inherited  # descriptors every trial process holds: the trials' lock
-        self.host = socket.gethostname()
+        self.host = host_name()
 
     # --- trials and their runs
 
