@@ -37,7 +37,15 @@ from ..runfolder.layout import host_name
 from ..runfolder.reader import Run, iter_runs, rung_of
 from ..ui.tables import epoch_rows
 from .space import check_space, parse_space
-from .study import SearchSpec, default_storage, metric_direction, open_study, study_lock, trials_lock
+from .study import (
+    SearchSpec,
+    default_storage,
+    metric_direction,
+    open_study,
+    shown_url,
+    study_lock,
+    trials_lock,
+)
 from .sweep import Point, Sweep, shown, yaml_value
 
 SEARCHES = ("tpe", "random", "grid")
@@ -77,7 +85,7 @@ class Outcome:
     """A search command's end: the study, its trials as rows, the best, the exit code."""
 
     search: Search
-    storage: str
+    storage: str  # its password hidden
     rows: list[dict[str, Any]]
     best: dict[str, Any] | None
     code: int
@@ -94,12 +102,12 @@ def run_search(spec: SearchSpec, root: Path, storage: str | None, study_name: st
         done = len(study.get_trials(deepcopy=False))
         rungs = f", halving by {spec.halving} over epochs {spec.rungs()}" if spec.halving else ""
         log(f"study {name}: {spec.search} search, {done} of {spec.trials} trials so far, {jobs} at "
-            f"a time{rungs}; {spec.direction} {spec.metric}; storage {url}")
+            f"a time{rungs}; {spec.direction} {spec.metric}; storage {shown_url(url)}")
         runner = Search(spec, study, name, root, jobs, log, fail_fast, inherited=(trials,))
         code = runner.halve() if spec.halving else runner.run()
         rows = runner.results()
         best = runner.best(rows)
-    return Outcome(runner, url, rows, best, 1 if code == 0 and best is None else code)
+    return Outcome(runner, shown_url(url), rows, best, 1 if code == 0 and best is None else code)
 
 
 # ----------------------------------------------------------------------------- trials

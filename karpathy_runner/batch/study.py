@@ -10,6 +10,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,24 +79,22 @@ def default_storage(root: Path) -> str:
     return f"sqlite:///{(folder / 'studies.db').resolve()}"
 
 
+def shown_url(url: str) -> str:
+    """A storage URL as kdl prints it: its password hidden."""
+    return re.sub(r"(://[^:/@]*):.*@", r"\1:***@", url, count=1)
+
+
 def open_study(spec: SearchSpec, storage: str, study_name: str, seed: int) -> Any:
     """The study `study_name` in `storage`, made if new; refused if it was made for another search.
     Its sampler is seeded with `seed` and the number of trials so far, so a command that
     continues a study does not draw the first trials' values again."""
     import optuna
-    from sqlalchemy.exc import SQLAlchemyError
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
+    with _storage_errors(storage):
         study = optuna.create_study(storage=storage, study_name=study_name, load_if_exists=True,
                                     direction=spec.direction, sampler=_sampler(spec, seed))
         made = study.user_attrs.get("kdl")
-    except (ImportError, ValueError, optuna.exceptions.OptunaError, SQLAlchemyError) as exc:
-        # not a URL, an unknown dialect, a file that is no database, a folder, a missing parent
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        raise KdlError(f"study storage {quoted(storage)}: Optuna cannot open it "
-                       f"({quoted(reason)[1:-1]}). Give --storage a database URL such as "
-                       "sqlite:///studies.db (its folder must exist) or postgresql://user@host/db") from None
     if made is None:
         study.set_user_attr("kdl", {**spec.identity(), "config_path": str(spec.config)})
         if spec.search == "grid":  # every point queued once, in order; asked trials take them
@@ -103,12 +102,38 @@ def open_study(spec: SearchSpec, storage: str, study_name: str, seed: int) -> An
                 study.enqueue_trial(dict(zip([d.key for d in spec.space], values, strict=True)))
     elif {k: made.get(k) for k in spec.identity()} != spec.identity():
         raise KdlError(
-            f"study {study_name} in {storage} was made by another search (config "
+            f"study {study_name} in {shown_url(storage)} was made by another search (config "
             f"{made.get('config_path')}, space {' '.join(made.get('space') or [])}, search "
             f"{made.get('search')}); give another --study name, or the same options to continue it"
         )
     study.sampler = _sampler(spec, (seed * 1_000_003 + len(study.get_trials(deepcopy=False))) % 2**32)
     return study
+
+
+@contextlib.contextmanager
+def _storage_errors(storage: str) -> Iterator[None]:
+    """Optuna's and the database's errors as one paragraph naming the storage (its password
+    hidden) and the fix."""
+    import optuna
+    from sqlalchemy.exc import OperationalError, SQLAlchemyError
+
+    try:
+        yield
+    except (ImportError, ValueError, optuna.exceptions.OptunaError, SQLAlchemyError) as exc:
+        # not a URL, an unknown dialect, a file that is no database, a folder, a missing parent;
+        # no driver for the database; a server that does not answer or refuses the login
+        reason = quoted(str(getattr(exc, "orig", None) or exc).strip().splitlines()[0])[1:-1]
+        shown = quoted(shown_url(storage))
+        if isinstance(exc, ImportError):
+            raise KdlError(f"study storage {shown}: its database driver is not installed ({reason}). "
+                           "For postgresql:// URLs: pip install 'karpathy-runner[postgres]'") from None
+        if isinstance(exc, OperationalError) and not storage.startswith("sqlite"):
+            raise KdlError(f"study storage {shown}: cannot connect ({reason}). Check that the "
+                           "database server runs and takes connections from this machine, and the "
+                           "URL's user, password and database (createdb makes one)") from None
+        raise KdlError(f"study storage {shown}: Optuna cannot open it ({reason}). Give --storage a "
+                       "database URL such as sqlite:///studies.db (its folder must exist) or "
+                       "postgresql://user:password@host/db") from None
 
 
 def _sampler(spec: SearchSpec, seed: int) -> Any:
