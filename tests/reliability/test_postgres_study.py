@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import optuna
@@ -96,10 +97,19 @@ def test_two_machines_share_a_study_and_each_resumes_only_its_own_trials(tmp_pat
     assert sorted(t.user_attrs["host"] for t in trials) == ["a", "a", "a", "b"]
 
 
-def test_commands_opening_a_new_study_at_once_make_it_once(server):
+def test_commands_opening_a_new_study_at_once_make_it_once(server, monkeypatch):
     """Four machines' commands open one new study on a new database at the same moment: the
-    database lets one make its tables and the study, and the grid's points are queued once."""
+    database lets one make its tables and the study; it queues the grid's points (slowly, here)
+    while the others wait for it, and the points are queued once."""
     storage = server.createdb("at_once")
+    enqueue, queued_by = optuna.Study.enqueue_trial, []
+
+    def slowly(*args: object, **kwargs: object) -> None:
+        queued_by.append(threading.current_thread().name)
+        time.sleep(0.3)
+        enqueue(*args, **kwargs)
+
+    monkeypatch.setattr(optuna.Study, "enqueue_trial", slowly)
     spec = SearchSpec(DIGITS, [], parse_space(["seed=int(0,3)"]), "grid", 4, "val.loss", "minimize",
                       "hash", "digits")
     start, opened, failed = threading.Barrier(4), [], []
@@ -117,11 +127,12 @@ def test_commands_opening_a_new_study_at_once_make_it_once(server):
     for thread in threads:
         thread.join()
     assert not failed and len(opened) == 4
+    assert len(queued_by) == 4 and len(set(queued_by)) == 1
     trials = optuna.load_study(study_name=STUDY, storage=storage).get_trials()
     assert [t.state.name for t in trials] == ["WAITING"] * 4
 
 
-def test_the_last_grid_point_goes_to_one_machine(server, monkeypatch):
+def test_the_last_grid_point_goes_to_one_machine(tmp_path, server, monkeypatch):
     """Machine b sees a point queued, and machine a takes it before b asks: b's trial gets no
     values and runs nothing, so no point runs twice."""
     storage = server.createdb("last_point")
@@ -130,7 +141,7 @@ def test_the_last_grid_point_goes_to_one_machine(server, monkeypatch):
     searches = {}
     for host in "ab":
         monkeypatch.setenv("KDL_HOST", host)
-        searches[host] = Search(spec, open_study(spec, storage, STUDY, seed=0), STUDY, Path("."), 1,
+        searches[host] = Search(spec, open_study(spec, storage, STUDY, seed=0), STUDY, tmp_path, 1,
                                 lambda line: None)
     a, b = searches["a"], searches["b"]
     assert a.ask().params == {"seed": 0}
@@ -163,14 +174,14 @@ def test_a_storage_that_refuses_the_connection_is_named_without_its_password(
     assert "wrong-pass" not in result.stderr
 
 
-def test_a_halving_study_with_another_machines_trials_is_refused(server, monkeypatch):
+def test_a_halving_study_with_another_machines_trials_is_refused(tmp_path, server, monkeypatch):
     """Its rungs are decided from every trial's value: one machine drives it."""
     storage = server.createdb("halving")
     spec = SearchSpec(DIGITS, [], parse_space(["seed=int(0,3)"]), "random", 4, "val.loss",
                       "minimize", "hash", "digits", halving=2, min_epochs=1, epochs=2)
     for host in ("b", "a"):
         monkeypatch.setenv("KDL_HOST", host)
-        search = Search(spec, open_study(spec, storage, STUDY, seed=0), STUDY, Path("."), 1,
+        search = Search(spec, open_study(spec, storage, STUDY, seed=0), STUDY, tmp_path, 1,
                         lambda line: None)
         if host == "b":
             search.ask()
