@@ -9,7 +9,9 @@ is a normal `kdl train` process and run folder, tagged with the study and its tr
 A study outlives its command. Ctrl-C stops the running trials with a checkpoint; the same command
 run again finds them by their tag, resumes them, and asks Optuna only for the trials still
 missing. On one machine one command drives a study at a time (a lock in the runs folder); on
-several machines sharing a storage, each resumes only the trials it started.
+several machines sharing a storage, each records itself on the trials it asks for (its host name
+or KDL_HOST) and resumes only those: another machine's unfinished trial may be training there.
+A grid's points wait in the study until a trial takes one, so none runs twice.
 
 Successive halving (`--halving ETA --min-epochs R`) trains every trial R epochs, the best 1/ETA
 on to R*ETA epochs, and so on up to train.epochs. A trial is paused and resumed, never trained
@@ -19,14 +21,14 @@ same config trained straight through. Which trials go on is worked out from thei
 each time, and a rung is decided only once every trial has its value at it (a trial killed on the
 way stays RUNNING; the command exits 1, and run again resumes it), so an interrupted halving study
 ends as an uninterrupted one. The trials' processes hold the study's trials lock: the command run
-again after one was killed waits for the trials it left running.
+again after one was killed waits for the trials it left running. One machine drives a halving
+study, as its rungs are decided from every trial's value.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +36,20 @@ from typing import Any
 
 from ..errors import KdlError
 from ..runfolder import fsio, layout, sweeps
+from ..runfolder.layout import host_name
 from ..runfolder.reader import Run, iter_runs, rung_of
 from ..ui.tables import epoch_rows
 from .space import check_space, parse_space
-from .study import SearchSpec, default_storage, metric_direction, open_study, study_lock, trials_lock
+from .study import (
+    GRID_POINT,
+    SearchSpec,
+    default_storage,
+    metric_direction,
+    open_study,
+    shown_url,
+    study_lock,
+    trials_lock,
+)
 from .sweep import Point, Sweep, shown, yaml_value
 
 SEARCHES = ("tpe", "random", "grid")
@@ -77,7 +89,7 @@ class Outcome:
     """A search command's end: the study, its trials as rows, the best, the exit code."""
 
     search: Search
-    storage: str
+    storage: str  # its password hidden
     rows: list[dict[str, Any]]
     best: dict[str, Any] | None
     code: int
@@ -89,17 +101,18 @@ def run_search(spec: SearchSpec, root: Path, storage: str | None, study_name: st
     time; one command per study on this machine."""
     name = study_name or spec.study_name()
     url = storage or default_storage(root)
-    with study_lock(root, name), trials_lock(root, name, log) as trials:
-        study = open_study(spec, url, name, spec.seed)
+    host = host_name()
+    with study_lock(root, name, host), trials_lock(root, name, host, log) as trials:
+        study = open_study(spec, url, name, spec.seed, log)
         done = len(study.get_trials(deepcopy=False))
         rungs = f", halving by {spec.halving} over epochs {spec.rungs()}" if spec.halving else ""
         log(f"study {name}: {spec.search} search, {done} of {spec.trials} trials so far, {jobs} at "
-            f"a time{rungs}; {spec.direction} {spec.metric}; storage {url}")
+            f"a time{rungs}; {spec.direction} {spec.metric}; storage {shown_url(url)}")
         runner = Search(spec, study, name, root, jobs, log, fail_fast, inherited=(trials,))
         code = runner.halve() if spec.halving else runner.run()
         rows = runner.results()
         best = runner.best(rows)
-    return Outcome(runner, url, rows, best, 1 if code == 0 and best is None else code)
+    return Outcome(runner, shown_url(url), rows, best, 1 if code == 0 and best is None else code)
 
 
 # ----------------------------------------------------------------------------- trials
@@ -122,7 +135,7 @@ class Search:
         self.spec, self.study, self.study_name = spec, study, study_name
         self.root, self.jobs, self.log, self.fail_fast = root, jobs, log, fail_fast
         self.inherited = inherited  # descriptors every trial process holds: the trials' lock
-        self.host = socket.gethostname()
+        self.host = host_name()
 
     # --- trials and their runs
 
@@ -148,11 +161,30 @@ class Search:
         for trial in trials:
             trial.run = have.get(trial.number)
 
-    def ask(self) -> TrialRun:
-        trial = self.study.ask({d.key: d.distribution() for d in self.spec.space})
-        trial.set_user_attr("host", self.host)
-        return TrialRun(trial.number, {d.key: d.value(trial.params[d.key]) for d in self.spec.space},
-                        None)
+    def ask(self) -> TrialRun | None:
+        """A new trial of this machine, its values drawn (a grid's: the next point queued in the
+        study); None once a grid's points are all taken."""
+        from optuna.trial import TrialState
+
+        grid = self.spec.search == "grid"
+        if grid and not self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            return None
+        trial = self.study.ask()
+        trial.set_user_attr("host", self.host)  # first: a kill while it draws leaves a trial of ours
+        if grid and GRID_POINT not in trial.user_attrs:  # another machine took the last point
+            self.study.tell(trial.number, state=TrialState.FAIL)  # since the line above: no values
+            return None
+        return TrialRun(trial.number, {d.key: d.value(d.suggest(trial)) for d in self.spec.space}, None)
+
+    def drop(self, frozen: Any) -> None:
+        """A trial stopped while Optuna drew its values never ran: FAIL, its grid point queued
+        again for the next trial."""
+        from optuna.trial import TrialState
+
+        self.study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
+        if GRID_POINT in frozen.user_attrs:
+            point = frozen.user_attrs[GRID_POINT]
+            self.study.enqueue_trial(point, user_attrs={GRID_POINT: point})
 
     def point(self, trial: TrialRun, until: int | None) -> Point:
         """The `kdl train` command of a trial: started with its values, or its run resumed."""
@@ -196,7 +228,7 @@ class Search:
         for frozen in mine:  # left running by a command that stopped: resume or collect them
             if not self.drawn(frozen):
                 self.log(f"trial {frozen.number} was stopped while Optuna drew its values: dropped")
-                self.study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
+                self.drop(frozen)
                 continue
             trial = TrialRun(frozen.number, self.params(frozen), have.get(frozen.number))
             status = trial.run.status if trial.run else None
@@ -214,9 +246,8 @@ class Search:
         def more() -> Point | None:
             if queue:
                 return self.point(queue.pop(0), None)
-            if self._size() < self.spec.trials:
-                return self.point(self.ask(), None)
-            return None
+            asked = self.ask() if self._size() < self.spec.trials else None
+            return None if asked is None else self.point(asked, None)
 
         return Sweep([], self.jobs, self.fail_fast, self.log, more=more, finished=self._finished,
                      total=self.spec.trials, inherited=self.inherited).run()
@@ -239,6 +270,7 @@ class Search:
     def halve(self) -> int:
         """Train the trials rung by rung, deciding each rung from every trial's value at it."""
         rungs, code = self.spec.rungs(), 0
+        self._alone()
         members = self._members()
         for index, epochs in enumerate(rungs):
             self.attach(members)
@@ -305,12 +337,25 @@ class Search:
                 continue
             if self.drawn(frozen):
                 existing.append(frozen)
-            else:  # stopped while Optuna drew its values: never ran
-                self.study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
+            elif frozen.state == TrialState.RUNNING:  # stopped while Optuna drew its values
+                self.drop(frozen)
         members = [TrialRun(t.number, self.params(t), None) for t in existing[: self.spec.trials]]
-        while len(members) < self.spec.trials:
-            members.append(self.ask())
+        while len(members) < self.spec.trials and (trial := self.ask()) is not None:
+            members.append(trial)
+        self._alone()  # again: a machine that started at the same moment has asked too
         return members
+
+    def _alone(self) -> None:
+        """A rung is decided from every trial's value, so one machine drives a halving study
+        (its trials' hosts say which); another's command is refused."""
+        hosts = {t.user_attrs.get("host") for t in self.study.get_trials(deepcopy=False)}
+        others = sorted(str(h) for h in hosts - {self.host, None})
+        if others:
+            raise KdlError(
+                f"study {self.study_name} has trials of another machine ({', '.join(others)}; this "
+                f"is {self.host}): successive halving decides each rung from every trial's value, so "
+                f"one machine drives a halving study. Run this command on {others[0]} (or with "
+                f"KDL_HOST={others[0]}, if its trials' runs are here), or give --study a new name")
 
     def _reached(self, trial: TrialRun, epochs: int) -> bool:
         """Has the trial's run trained `epochs` epochs and paused (or ended: completed, early

@@ -26,18 +26,13 @@ class Dimension:
     values: tuple[Any, ...]  # (low, high), or the choices as YAML values
     text: str  # as given on the command line
 
-    def distribution(self) -> Any:
-        from optuna.distributions import (
-            CategoricalDistribution,
-            FloatDistribution,
-            IntDistribution,
-        )
-
+    def suggest(self, trial: Any) -> Any:
+        """The value Optuna draws for this key in `trial` (a queued trial: its queued value)."""
         if self.kind == "choice":  # Optuna's choices are scalars; ours may be lists: their text
-            return CategoricalDistribution([yaml_value(v) for v in self.values])
+            return trial.suggest_categorical(self.key, [yaml_value(v) for v in self.values])
         if self.kind == "int":
-            return IntDistribution(*self.values)
-        return FloatDistribution(*self.values, log=self.kind == "loguniform")
+            return trial.suggest_int(self.key, *self.values)
+        return trial.suggest_float(self.key, *self.values, log=self.kind == "loguniform")
 
     def value(self, sampled: Any) -> Any:
         """The config value of what Optuna sampled (a choice goes back from its text)."""

@@ -1,7 +1,9 @@
 """A search's study: what a `kdl sweep --search` command asks for (`SearchSpec`: the same spec is
 the same study), its Optuna storage (an SQLite file in the runs folder, or any database several
 machines share), its sampler, and its locks: one command drives it on this machine, and waits
-first for the trials a killed command left running."""
+first for the trials a killed command left running. Machines that share the study may share the
+runs folder too: each locks its own folder of the study there (named by its host name or
+KDL_HOST), and the command that makes a new study sets it up while the others wait."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import hashlib
 import itertools
 import json
 import os
+import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +27,9 @@ from .space import Dimension
 
 STUDIES = ".studies"  # in the runs folder: the default storage and each study's locks
 TRIALS_LOCK = "trials.lock"  # in the study's folder there: held by the trials' processes
+GRID_POINT = "grid point"  # a grid trial's user attribute: its point, queued when the study was made
+TRIES = 5  # to open a storage whose tables other commands are making at the same moment
+RECORD_WAIT_S = 10.0  # without a new trial, for the command that made a study to record it
 
 
 @dataclass
@@ -78,42 +85,108 @@ def default_storage(root: Path) -> str:
     return f"sqlite:///{(folder / 'studies.db').resolve()}"
 
 
-def open_study(spec: SearchSpec, storage: str, study_name: str, seed: int) -> Any:
+def shown_url(url: str) -> str:
+    """A storage URL as kdl prints it: its password hidden."""
+    return re.sub(r"(://[^:/@]*):.*@", r"\1:***@", url, count=1)
+
+
+def open_study(spec: SearchSpec, storage: str, study_name: str, seed: int,
+               log: Callable[[str], None] = lambda line: None) -> Any:
     """The study `study_name` in `storage`, made if new; refused if it was made for another search.
     Its sampler is seeded with `seed` and the number of trials so far, so a command that
     continues a study does not draw the first trials' values again."""
     import optuna
-    from sqlalchemy.exc import SQLAlchemyError
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        study = optuna.create_study(storage=storage, study_name=study_name, load_if_exists=True,
-                                    direction=spec.direction, sampler=_sampler(spec, seed))
-        made = study.user_attrs.get("kdl")
-    except (ImportError, ValueError, optuna.exceptions.OptunaError, SQLAlchemyError) as exc:
-        # not a URL, an unknown dialect, a file that is no database, a folder, a missing parent
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        raise KdlError(f"study storage {quoted(storage)}: Optuna cannot open it "
-                       f"({quoted(reason)[1:-1]}). Give --storage a database URL such as "
-                       "sqlite:///studies.db (its folder must exist) or postgresql://user@host/db") from None
-    if made is None:
-        study.set_user_attr("kdl", {**spec.identity(), "config_path": str(spec.config)})
-        if spec.search == "grid":  # every point queued once, in order; asked trials take them
-            for values in itertools.product(*(d.grid() for d in spec.space)):
-                study.enqueue_trial(dict(zip([d.key for d in spec.space], values, strict=True)))
-    elif {k: made.get(k) for k in spec.identity()} != spec.identity():
+    with _storage_errors(storage):
+        study, new = _made_or_loaded(spec, storage, study_name, _sampler(spec, seed))
+        made = None if new else _record(study, study_name, log)
+        if made is None:  # new, or made by something other than kdl
+            if spec.search == "grid":  # every point queued once, in order; asked trials take them
+                for values in itertools.product(*(d.grid() for d in spec.space)):
+                    point = dict(zip([d.key for d in spec.space], values, strict=True))
+                    study.enqueue_trial(point, user_attrs={GRID_POINT: point}, skip_if_exists=not new)
+            # last: another machine's command opening the study waits for this record
+            study.set_user_attr("kdl", {**spec.identity(), "config_path": str(spec.config)})
+        trials = len(study.get_trials(deepcopy=False))
+    if made is not None and {k: made.get(k) for k in spec.identity()} != spec.identity():
         raise KdlError(
-            f"study {study_name} in {storage} was made by another search (config "
+            f"study {study_name} in {shown_url(storage)} was made by another search (config "
             f"{made.get('config_path')}, space {' '.join(made.get('space') or [])}, search "
             f"{made.get('search')}); give another --study name, or the same options to continue it"
         )
-    study.sampler = _sampler(spec, (seed * 1_000_003 + len(study.get_trials(deepcopy=False))) % 2**32)
+    study.sampler = _sampler(spec, (seed * 1_000_003 + trials) % 2**32)
     return study
 
 
+def _made_or_loaded(spec: SearchSpec, storage: str, study_name: str, sampler: Any) -> tuple[Any, bool]:
+    """The study, and whether this command made it. Of the commands that open a new study at one
+    moment (the same command started on several machines), the database lets one make it; and
+    lets one make its tables in a new database, the others failing on the way: they try again."""
+    import optuna
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    attempt = 0
+    while True:
+        try:
+            try:
+                return optuna.create_study(storage=storage, study_name=study_name, sampler=sampler,
+                                           direction=spec.direction), True
+            except optuna.exceptions.DuplicatedStudyError:
+                return optuna.load_study(study_name=study_name, storage=storage, sampler=sampler), False
+        except (IntegrityError, ProgrammingError):  # another command's tables, made meanwhile
+            attempt += 1
+            if attempt == TRIES:
+                raise
+            time.sleep(0.2 * attempt)
+
+
+def _record(study: Any, study_name: str, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """The kdl record of a study another command made; it writes the record once it has queued a
+    grid's points, so this waits while it does (its trials still growing). None: no record comes
+    (the study was made by other means, or its command was killed first)."""
+    waited, trials = 0.0, -1
+    while (made := study.user_attrs.get("kdl")) is None and waited < RECORD_WAIT_S:
+        now = len(study.get_trials(deepcopy=False))
+        if now != trials:
+            if trials < 0:
+                log(f"study {study_name}: waiting for the command that made it to set it up")
+            waited, trials = 0.0, now
+        time.sleep(0.2)
+        waited += 0.2
+    return made
+
+
+@contextlib.contextmanager
+def _storage_errors(storage: str) -> Iterator[None]:
+    """Optuna's and the database's errors as one paragraph naming the storage (its password
+    hidden) and the fix."""
+    import optuna
+    from sqlalchemy.exc import OperationalError, SQLAlchemyError
+
+    try:
+        yield
+    except (ImportError, ValueError, optuna.exceptions.OptunaError, SQLAlchemyError) as exc:
+        # not a URL, an unknown dialect, a file that is no database, a folder, a missing parent;
+        # no driver for the database; a server that does not answer or refuses the login
+        reason = quoted(str(getattr(exc, "orig", None) or exc).strip().splitlines()[0])[1:-1]
+        shown = quoted(shown_url(storage))
+        if isinstance(exc, ImportError):
+            raise KdlError(f"study storage {shown}: its database driver is not installed ({reason}). "
+                           "For postgresql:// URLs: pip install 'karpathy-runner[postgres]'") from None
+        if isinstance(exc, OperationalError) and not storage.startswith("sqlite"):
+            raise KdlError(f"study storage {shown}: cannot connect ({reason}). Check that the "
+                           "database server runs and takes connections from this machine, and the "
+                           "URL's user, password and database (createdb makes one)") from None
+        raise KdlError(f"study storage {shown}: Optuna cannot open it ({reason}). Give --storage a "
+                       "database URL such as sqlite:///studies.db (its folder must exist) or "
+                       "postgresql://user:password@host/db") from None
+
+
 def _sampler(spec: SearchSpec, seed: int) -> Any:
-    """TPE or random; a grid's points are queued in the study (Optuna's GridSampler stops a
-    study from inside `optimize`, which kdl does not use)."""
+    """TPE or random; a grid's points are queued in the study and its trials take them, never a
+    value of the sampler's (Optuna's GridSampler stops a study from inside `optimize`, which kdl
+    does not use)."""
     import optuna
 
     if spec.search in ("random", "grid"):
@@ -121,21 +194,26 @@ def _sampler(spec: SearchSpec, seed: int) -> Any:
     return optuna.samplers.TPESampler(seed=seed)
 
 
-def study_lock(root: Path, study_name: str) -> fsio.RunLock:
+def study_folder(root: Path, study_name: str, host: str) -> Path:
+    """The study's folder of this machine in the runs folder, for its locks: machines that share
+    a runs folder each drive the study, and lock only their own trials."""
+    return layout.made_folder(root / STUDIES / study_name / host, root)
+
+
+def study_lock(root: Path, study_name: str, host: str) -> fsio.RunLock:
     """One command per study on this machine: it owns the study's unfinished trials here."""
-    folder = layout.made_folder(root / STUDIES / study_name, root)
-    return fsio.RunLock(folder, what=f"study {study_name}").acquire()
+    return fsio.RunLock(study_folder(root, study_name, host), what=f"study {study_name} on {host}").acquire()
 
 
 @contextlib.contextmanager
-def trials_lock(root: Path, study_name: str, log: Callable[[str], None]) -> Iterator[int]:
+def trials_lock(root: Path, study_name: str, host: str, log: Callable[[str], None]) -> Iterator[int]:
     """The lock of the study's trial processes, held while any of them runs: this command takes
     it (a descriptor) and its trials inherit it, so the kernel drops it once the last of them
     ends. A command killed leaves its trials running; the next waits here for them to end before
     it reads their runs, rather than resume or start them a second time beside them."""
     import fcntl
 
-    path = layout.made_folder(root / STUDIES / study_name, root) / TRIALS_LOCK
+    path = study_folder(root, study_name, host) / TRIALS_LOCK
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:

@@ -13,6 +13,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from .. import __version__
 from ..errors import KdlError
+from ..runfolder.layout import host_name
 
 
 class Command(TyperCommand):
@@ -97,6 +98,7 @@ def _main(
 ) -> None:
     """Run classic deep-learning experiments from YAML configs: CNNs on images, RNN/LSTM/GRU on
     sequences and text (classifiers and character language models), GANs."""
+    host_name()  # a KDL_HOST kdl cannot use is refused before a command records it anywhere
 
 
 def check_checkpoint(checkpoint: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,19 @@ OWN_FOLDERS = (CHECKPOINTS, EVAL, SAMPLES, EXPORT, TENSORBOARD)
 def runs_dir(option: str | Path | None = None) -> Path:
     """--runs-dir, else $KDL_RUNS_DIR, else ./runs."""
     return Path(option or os.environ.get("KDL_RUNS_DIR") or DEFAULT_RUNS_DIR)
+
+
+def host_name() -> str:
+    """This machine's name as kdl records it (a run's meta.json, a study's trials): $KDL_HOST, else
+    the host name. KDL_HOST names a machine whose host name does not tell it apart (containers that
+    share one) or is not stable (a cluster job that may land on another node); two machines
+    sharing a runs folder or a study must not share a name."""
+    name = os.environ.get("KDL_HOST") or socket.gethostname()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):  # it names a folder, too
+        raise KdlError(f"KDL_HOST={name!r} is not a machine name kdl can use: give letters, digits, "
+                       "'.', '_' or '-' (at most 100, the first a letter or digit), or unset it to "
+                       "use the host name")
+    return name
 
 
 def utc_now() -> str:
@@ -104,7 +118,7 @@ def run_environment(command: list[str]) -> dict[str, Any]:
     return {
         "command": command,
         "cwd": os.getcwd(),
-        "host": socket.gethostname(),
+        "host": host_name(),
         "pid": pid,
         "pid_started": process_start_time(pid),
         "python": platform.python_version(),

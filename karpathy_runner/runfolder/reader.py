@@ -7,7 +7,6 @@ import datetime as dt
 import json
 import os
 import re
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 from ..dotted import dotted_get
 from ..errors import KdlError, quoted
 from .fsio import is_record, read_bytes, read_object, read_records
-from .layout import CHECKPOINTS, CONFIG, META, METRICS, SUMMARY, VOCAB, process_start_time
+from .layout import CHECKPOINTS, CONFIG, META, METRICS, SUMMARY, VOCAB, host_name, process_start_time
 from .sweeps import pruned
 
 # the types of the meta.json and summary.json keys that readers use; a key of another type is
@@ -247,7 +246,7 @@ def _parse_utc(stamp: Any) -> dt.datetime | None:
 
 def _process_alive(meta: dict[str, Any]) -> bool:
     pid = meta.get("pid")
-    if not pid or meta.get("host") != socket.gethostname():
+    if not pid or meta.get("host") != host_name():
         return True  # another machine's process: we cannot tell, trust the file
     try:
         os.kill(int(pid), 0)

@@ -243,5 +243,15 @@ def test_a_channel_that_never_varies_is_not_divided_by_zero():
     assert std[0] > 0.1 and std[1] == std[2] == 0.001
 
 
+@pytest.mark.parametrize("host", ["../elsewhere", "a b", "-a", "x" * 101])
+def test_a_machine_name_kdl_cannot_use_is_refused_by_every_command(runs_dir, monkeypatch, host):
+    monkeypatch.setenv("KDL_HOST", host)  # it names a folder of the runs folder, too
+    for command in (["runs"], ["train", CONFIG, "--set", "train.max_steps=1"]):
+        result = kdl(*command)
+        assert result.exit_code == 2 and "Traceback" not in result.stderr
+        assert f"KDL_HOST={host!r} is not a machine name" in result.stderr and "unset it" in result.stderr
+    assert not runs_dir.exists()
+
+
 def test_at_least_25_cases():
     assert len(CASES) >= 25 and len({c[0] for c in CASES}) == len(CASES)

@@ -249,3 +249,19 @@ def test_a_grid_search_with_halving_asks_each_point_once(tmp_path):
     first_rung = Search(spec, study, "grid", tmp_path, 1, lambda line: None)._members()
     assert [trial.params for trial in first_rung] == [{"seed": s} for s in (0, 1, 2)]
     assert [t.state for t in study.get_trials()] == [TrialState.RUNNING] * 3
+
+
+def test_a_grid_point_whose_trial_was_stopped_while_drawn_is_queued_again(tmp_path):
+    """A command killed while Optuna drew a trial's values took the point from the queue: the
+    trial is dropped (FAIL, never run) and its point queued again, so the grid keeps it."""
+    from karpathy_runner.batch.search import Search
+    from karpathy_runner.batch.space import parse_space
+    from karpathy_runner.batch.study import open_study
+
+    spec = SearchSpec(DIGITS, [], parse_space(["seed=int(0,2)"]), "grid", 3, "val.loss", "minimize",
+                      "hash", "digits", halving=2, min_epochs=1, epochs=2)
+    study = open_study(spec, f"sqlite:///{tmp_path / 'studies.db'}", "grid", seed=0)
+    search = Search(spec, study, "grid", tmp_path, 1, lambda line: None)
+    study.ask().set_user_attr("host", search.host)  # point 0 taken, then the kill: no values
+    assert sorted(trial.params["seed"] for trial in search._members()) == [0, 1, 2]
+    assert [t.state.name for t in study.get_trials()] == ["FAIL"] + ["RUNNING"] * 3
