@@ -214,7 +214,9 @@ def build_trainer(exp: Experiment, writer: RunWriter, reporter: Reporter,
         seed_everything(mixed_seed(cfg.seed, ranks.rank), cfg.train.deterministic)
     optimizers = {name: build_optimizer(cfg.optimizer_for(name), task.param_groups(name))
                   for name in task.trainable}
-    task.wrap(ranks.wrap)
+    # wrapped after the parameter groups are made: a family may find its batch norms by type
+    # there (speedrun's), and SyncBatchNorm keeps their parameters
+    task.wrap(lambda model: ranks.wrap(model, cfg.train.sync_batch_norm))
     train_batches = Batches(exp.data.train, cfg.data.batch_size, seed=cfg.seed,
                             shuffle=not task.ordered_batches, rank=ranks.rank, world=ranks.world,
                             **streaming(exp))

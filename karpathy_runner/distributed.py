@@ -17,7 +17,8 @@ which starts every rank from rank 0's weights and buffers and averages the gradi
 N) during the backward pass; each rank's loss is weighted by its share of the batch
 (`loss_scale`), so the average is the gradient of the mean over the whole batch, a
 single-process step. Batch norm normalises each rank's share, and DDP gives every rank rank 0's
-buffers (running statistics) at each forward. Only rank 0 writes the run folder.
+buffers (running statistics) at each forward; `train.sync_batch_norm` normalises over the whole
+batch instead (torch's SyncBatchNorm: CUDA only). Only rank 0 writes the run folder.
 """
 
 from __future__ import annotations
@@ -94,13 +95,16 @@ class Ranks:
             torch.distributed.all_reduce(values)
         return values
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, sync_batch_norm: bool = False) -> nn.Module:
         """What a training forward of `model` goes through: the model itself for one process;
         for several, its DistributedDataParallel wrapper (rank 0's weights and buffers on every
         rank as it is made), whose forward readies the gradient averaging of the backward pass
-        that follows."""
+        that follows. `sync_batch_norm`: its batch norms become SyncBatchNorm first, holding the
+        same parameters and buffers (so its optimizer and checkpoints are unchanged)."""
         if self.world == 1:
             return model
+        if sync_batch_norm:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         # DDP's default for buffers: rank 0's on every rank at each forward, one model as a
         # single process carries it (batch-norm statistics, the spectral norm's vectors its
         # forward uses). find_unused_parameters off: a backward reaches all of a wrapped model's

@@ -293,3 +293,21 @@ def test_a_last_batch_with_fewer_items_than_processes_is_left_out_on_every_rank(
     two, one = final_state(only_run(tmp_path / "two")), final_state(only_run(tmp_path / "one"))
     for name, weight in one["models"]["model"].items():
         torch.testing.assert_close(two["models"]["model"][name], weight, rtol=1e-5, atol=1e-6)
+
+
+def test_sync_batch_norm_is_refused_on_the_cpu_and_reaches_the_models(tmp_path):
+    """torch's SyncBatchNorm syncs CUDA tensors only: several CPU processes refuse
+    train.sync_batch_norm before any folder exists. Let through, torch's own check fails as the
+    models are wrapped: the option made their batch norms SyncBatchNorm."""
+    runs = tmp_path / "runs"
+    asked = ["model.channels=[8,16]", "train.sync_batch_norm=true", "train.device=cpu"]
+    refused = two_workers(runs, CONFIGS / "digits_cnn.yaml", *asked)
+    assert [code for _, code, _ in refused] == [2, 2]
+    assert "train.sync_batch_norm: true, but these 2 processes train on the CPU" in refused[0][2]
+    assert not runs.exists() or not any(runs.iterdir())
+
+    def let_through() -> None:
+        session._check_processes = lambda cfg, ranks, device: None
+
+    for _, code, error in two_workers(runs, CONFIGS / "digits_cnn.yaml", *asked, patch=let_through):
+        assert code is None and "SyncBatchNorm layers only work with GPU modules" in error, error
