@@ -17,6 +17,7 @@ import pytest
 import torch
 from kdl import CONFIGS, kdl
 from stopping import (
+    assert_same_tensors,
     assert_same_training,
     final_state,
     launch,
@@ -311,3 +312,30 @@ def test_sync_batch_norm_is_refused_on_the_cpu_and_reaches_the_models(tmp_path):
 
     for _, code, error in two_workers(runs, CONFIGS / "digits_cnn.yaml", *asked, patch=let_through):
         assert code is None and "SyncBatchNorm layers only work with GPU modules" in error, error
+
+
+def test_two_machines_of_one_process_train_as_one_machine_of_two(two_processes, tmp_path):
+    """torchrun over two "machines" (two launchers here, one rendezvous): global rank 0 runs on
+    the machine of --node-rank 0 and writes the run into its runs folder, and its launcher
+    prints the id; the other machine writes nothing (on real machines the runs folder must be
+    one they share: a resume reads the checkpoint on each). The weights are those of one
+    machine of two processes, bit for bit."""
+    port = str(_free_port())
+    nodes = [launch(tmp_path / f"node{rank}", *train_command(*PLAIN), "--nproc-per-node", "1",
+                    "--nnodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1",
+                    "--master-port", port, start_new_session=True) for rank in range(2)]
+    try:
+        for node in nodes:
+            assert node.wait(timeout=240) == 0, output(node)
+    finally:  # a launcher left waiting for the other must not outlive the test
+        for node in nodes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.pid, signal.SIGKILL)
+    folder = only_run(tmp_path / "node0")
+    assert output(nodes[0]).strip().splitlines()[-1] == folder.name
+    assert folder.name not in output(nodes[1])
+    assert not any((tmp_path / "node1").iterdir())
+    meta = read_json(folder / "meta.json")
+    assert meta["status"] == "completed" and (meta["processes"], meta["nodes"]) == (2, 2)
+    assert_same_tensors(final_state(folder)["models"],
+                        final_state(only_run(two_processes[0] / "together"))["models"])
