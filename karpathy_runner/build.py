@@ -207,13 +207,16 @@ def versions(device: torch.device) -> dict[str, Any]:
 def build_trainer(exp: Experiment, writer: RunWriter, reporter: Reporter,
                   ranks: Ranks = SINGLE) -> Trainer:
     """One optimizer and schedule per trainable model, the batches, handed to the one loop.
-    Several processes start from rank 0's weights, each with its own random stream (dropout)."""
+    Several processes each train the models through a DDP wrapper, which starts them from rank
+    0's weights, each with its own random stream (dropout)."""
     cfg, task = exp.cfg, exp.task
-    ranks.broadcast_models(list(task.models.values()))
     if ranks.rank:
         seed_everything(mixed_seed(cfg.seed, ranks.rank), cfg.train.deterministic)
     optimizers = {name: build_optimizer(cfg.optimizer_for(name), task.param_groups(name))
                   for name in task.trainable}
+    # wrapped after the parameter groups are made: a family may find its batch norms by type
+    # there (speedrun's), and SyncBatchNorm keeps their parameters
+    task.wrap(lambda model: ranks.wrap(model, cfg.train.sync_batch_norm))
     train_batches = Batches(exp.data.train, cfg.data.batch_size, seed=cfg.seed,
                             shuffle=not task.ordered_batches, rank=ranks.rank, world=ranks.world,
                             **streaming(exp))

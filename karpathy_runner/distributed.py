@@ -9,10 +9,16 @@ after this step, skip this step) go over a gloo group even under nccl, so they n
 the GPU.
 
 `data.batch_size` is the global batch: each optimizer step consumes one batch of the (seed,
-epoch) permutation, and rank r takes its items r, r + N, r + 2N, ... (`shard`). Gradients are
-averaged across ranks weighted by each rank's share of the batch (so a step equals the
-single-process step on the whole batch), and batch-norm statistics are averaged after every
-step, so every rank holds the same model at every step. Only rank 0 writes the run folder.
+epoch) permutation, and rank r takes its items r, r + N, r + 2N, ... (`shard`). Shards differ
+by one item at most, and a last batch with fewer items than ranks is left out (`Batches`), so
+every rank runs every step with at least one item: no rank waits alone in a collective, and no
+DDP `join` is needed. Each trained model goes through torch's DistributedDataParallel (`wrap`),
+which starts every rank from rank 0's weights and buffers and averages the gradients (sum /
+N) during the backward pass; each rank's loss is weighted by its share of the batch
+(`loss_scale`), so the average is the gradient of the mean over the whole batch, a
+single-process step. Batch norm normalises each rank's share, and DDP gives every rank rank 0's
+buffers (running statistics) at each forward; `train.sync_batch_norm` normalises over the whole
+batch instead (torch's SyncBatchNorm: CUDA only). Only rank 0 writes the run folder.
 """
 
 from __future__ import annotations
@@ -89,30 +95,32 @@ class Ranks:
             torch.distributed.all_reduce(values)
         return values
 
-    def average_gradients(self, params: list[torch.Tensor]) -> None:
-        """Each parameter's gradient summed over the ranks and divided by their number, in one
-        flat all-reduce (each rank's loss is already weighted by its share: `loss_scale`)."""
+    def wrap(self, model: nn.Module, sync_batch_norm: bool = False) -> nn.Module:
+        """What a training forward of `model` goes through: the model itself for one process;
+        for several, its DistributedDataParallel wrapper (rank 0's weights and buffers on every
+        rank as it is made), whose forward readies the gradient averaging of the backward pass
+        that follows. `sync_batch_norm`: its batch norms become SyncBatchNorm first, holding the
+        same parameters and buffers (so its optimizer and checkpoints are unchanged)."""
         if self.world == 1:
-            return
-        grads = [p.grad for p in params if p.grad is not None]
-        if grads:
-            _all_reduce_mean(grads)
+            return model
+        if sync_batch_norm:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # DDP's default for buffers: rank 0's on every rank at each forward, one model as a
+        # single process carries it (batch-norm statistics, the spectral norm's vectors its
+        # forward uses). find_unused_parameters off: a backward reaches all of a wrapped model's
+        # parameters or none (a phase that holds it fixed, a skipped step), which DDP allows
+        # without searching the graph at every forward
+        return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
 
-    def average_buffers(self, models: list[nn.Module]) -> None:
-        """Batch-norm running statistics (float buffers) averaged over the ranks."""
-        if self.world == 1:
-            return
-        buffers = [b for m in models for b in m.buffers() if b.is_floating_point()]
-        if buffers:
-            _all_reduce_mean(buffers)
-
-    def broadcast_models(self, models: list[nn.Module]) -> None:
-        """Rank 0's weights and buffers on every rank (as DDP starts)."""
+    def broadcast_buffers(self, models: list[nn.Module]) -> None:
+        """Rank 0's buffers on every rank. Between forwards each rank holds the statistics of its
+        own share (DDP gives rank 0's at the next one): made the same before every rank
+        evaluates, so all take the same decisions (best checkpoint, early stopping)."""
         if self.world == 1:
             return
         for model in models:
-            for tensor in [*model.parameters(), *model.buffers()]:
-                torch.distributed.broadcast(tensor.data, src=0)
+            for buffer in model.buffers():
+                torch.distributed.broadcast(buffer, src=0)
 
     def share(self, obj: Any) -> Any:
         """Rank 0's `obj` (a picklable value) on every rank."""
@@ -152,17 +160,6 @@ def exit_worker(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-def _all_reduce_mean(tensors: list[torch.Tensor]) -> None:
-    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
-    torch.distributed.all_reduce(flat)
-    flat /= torch.distributed.get_world_size()
-    offset = 0
-    with torch.no_grad():
-        for t in tensors:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
 
 
 def start(device: str) -> tuple[Ranks, str | None]:

@@ -152,8 +152,7 @@ class Trainer:
             self._set_lr(state.step)
             # forward, backward, update: the task's own step, through the updater
             self.updater.begin_step()
-            if self.ranks.world > 1:  # (one process: always 1)
-                self.updater.loss_scale = self.ranks.loss_scale(self._batch_items(state.batch))
+            self.updater.loss_scale = self.ranks.loss_scale(self._batch_items(state.batch))  # (alone: 1)
             prepared = self.feed.prepare(batch, self.ranks.draw(state.step))
             result = self.task.train_step(prepared, state.step, self.updater)
             self.updater.end_step()
@@ -223,6 +222,7 @@ class Trainer:
 
     def _validate(self, **marks: Any) -> dict[str, float]:
         """The val split's metrics, recorded in metrics.jsonl at this step (with `marks`)."""
+        self.ranks.broadcast_buffers(list(self.task.models.values()))  # every rank: rank 0's model
         val = evaluate(self.task, self.feed.val, self.feed.prepare, self.updater.autocast)
         self._record("val", {**marks, **val})
         return val

@@ -15,7 +15,7 @@ from typing import Any
 
 from . import distributed
 from .build import Experiment, build_experiment, build_trainer, checkpoint_must_fit, versions
-from .config.root import SCHEMA_MAJOR
+from .config.root import SCHEMA_MAJOR, Config
 from .distributed import Ranks
 from .dotted import flatten
 from .errors import KdlError, RunFailed
@@ -52,12 +52,7 @@ def train(plan: Plan, runs_root: Path, command: list[str], quiet: bool = False) 
             reporter.message(f"run {plan.done.id} has this config and is {plan.done.status}: skipped")
             return TrainResult(plan.done.id, plan.done.path, plan.done.status, 0,
                                plan.done.summary(), skipped=True, rank=ranks.rank)
-        if plan.cfg.data.batch_size < ranks.world:
-            raise KdlError(
-                f"data.batch_size is {plan.cfg.data.batch_size}, the global batch, but {ranks.world} "
-                f"processes train: set data.batch_size to at least {ranks.world} (a multiple of it "
-                "gives every process the same share)"
-            )
+        _check_processes(plan.cfg, ranks, device)
         exp = build_experiment(plan.cfg, device, vocabulary=plan.run.vocabulary() if plan.run else None)
         session = Session(exp, command, reporter, Stop(), ranks, plan.until_epoch)
         with session.stop.installed():  # before the folder exists: no moment of a run is unguarded
@@ -71,6 +66,22 @@ def train(plan: Plan, runs_root: Path, command: list[str], quiet: bool = False) 
     finally:
         plan.release()
         ranks.close()
+
+
+def _check_processes(cfg: Config, ranks: Ranks, device: str | None) -> None:
+    """Refuse what several processes cannot train, before anything is built or written."""
+    if cfg.data.batch_size < ranks.world:
+        raise KdlError(
+            f"data.batch_size is {cfg.data.batch_size}, the global batch, but {ranks.world} "
+            f"processes train: set data.batch_size to at least {ranks.world} (a multiple of it "
+            "gives every process the same share)"
+        )
+    if cfg.train.sync_batch_norm and ranks.world > 1 and not (device or "").startswith("cuda"):
+        raise KdlError(
+            f"train.sync_batch_norm: true, but these {ranks.world} processes train on the CPU, and "
+            "torch's SyncBatchNorm works on CUDA GPUs only: set train.sync_batch_norm: false (each "
+            "process then normalises its own share of the batch)"
+        )
 
 
 @dataclass

@@ -1,6 +1,6 @@
-"""The update of one step: precision (autocast, fp16's gradient scaler), backward, gradient
-averaging across processes, clipping, the optimizer step, and the non-finite policy (skip the
-whole step and undo what it already changed)."""
+"""The update of one step: precision (autocast, fp16's gradient scaler), backward (with several
+processes, DistributedDataParallel averages the gradients during it), clipping, the optimizer
+step, and the non-finite policy (skip the whole step and undo what it already changed)."""
 
 from __future__ import annotations
 
@@ -66,10 +66,10 @@ class Updater:
         if self.skip_nonfinite and not self.ranks.all_true(bool(torch.isfinite(loss.detach()))):
             self.skipped = True  # undone at end_step, after whatever the task still runs
             return
-        # backward (then the gradients averaged over the ranks, if several)
+        # backward (averaging the gradients over the ranks, if several: the task's forward went
+        # through the model's DDP wrapper)
         self.scaler.scale(loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward()
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.ranks.average_gradients(params)
         # clip
         if self.grad_clip is not None:
             self.scaler.unscale_(optimizer)
@@ -86,7 +86,6 @@ class Updater:
         if self.skipped:
             for undo in reversed(self._undo):
                 undo()
-        self.ranks.average_buffers(self.models)
         if self._stepped:
             self.scaler.update()
 

@@ -69,11 +69,11 @@ class ToyPair(Task):
         # phase 1: update the head on the encoder's features, held fixed
         with updater.autocast():
             features = encoder(self._poisoned(x, step, 1)).detach()  # (B, classes)
-            head_loss = F.cross_entropy(head(features), y)
+            head_loss = F.cross_entropy(self.wrapped("head")(features), y)
         updater.step("head", head_loss)
         # phase 2: update the encoder through the updated head
         with updater.autocast():
-            logits = head(encoder(self._poisoned(x, step, 2)))
+            logits = head(self.wrapped("encoder")(self._poisoned(x, step, 2)))
             loss = F.cross_entropy(logits, y)
         updater.step("encoder", loss)
         correct = (logits.detach().argmax(1) == y).sum()

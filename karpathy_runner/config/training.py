@@ -187,6 +187,13 @@ class TrainConfig(Branch):
         description="torch.compile the models in place, so checkpoint keys stay the same; the first "
         "step (which compiles) is timed apart: train.log and meta.json's compile_s.",
     )
+    sync_batch_norm: bool = Field(
+        False,
+        description="With several processes (--nproc-per-node): batch norm normalises over the whole "
+        "global batch (torch's SyncBatchNorm), as one process would, not each process's share; its "
+        "running statistics are then the global batch's. CUDA GPUs only (refused on the CPU). One "
+        "process: no effect.",
+    )
     channels_last: bool | None = Field(
         None,
         description="Conv weights and activations in channels-last layout; null: on for conv nets on "

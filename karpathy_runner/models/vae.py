@@ -30,7 +30,15 @@ class VAE(Model):
         if cfg.decoder == "gaussian":  # log standard deviation of every pixel of a channel
             self.log_scale = nn.Parameter(torch.zeros(channels))
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, noise: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The whole pass, one forward (as data-parallel training needs): images (B, C, H, W)
+        in [0, 1] -> (mu, logvar) of q(z | x), and the decoder's output for z = mu + sigma *
+        noise (B, nz), the reparameterisation trick."""
+        mu, logvar = self.encode(images)
+        return mu, logvar, self.decoder(mu + torch.exp(0.5 * logvar) * noise)
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The encoder alone: images (B, C, H, W) in [0, 1] -> (mu, logvar) of q(z | x)."""
         mu, logvar = self.encoder(images * 2 - 1).chunk(2, dim=1)  # (B, nz) each
         return mu, logvar

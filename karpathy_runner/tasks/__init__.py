@@ -14,9 +14,12 @@ What the loop asks of a task, and what it gets back:
   splits a model's parameters into groups, each with an `lr_scale` (a backbone at 0.1x). Each
   group's lr is the schedule's value times its scale.
 - `train_step(batch, step, updater) -> StepResult`: forward, then `updater.step(name, loss)` once
-  per optimizer, in order (a GAN: discriminator, then generator). The updater does backward,
-  clipping, the optimizer step and the precision policy; with `train.on_nonfinite: skip_step`
-  a non-finite loss skips the whole step, undoing any update already made in it.
+  per optimizer, in order (a GAN: discriminator, then generator). The forward of the model a
+  phase trains goes through `wrapped(name)` (with several processes, its DDP wrapper, which
+  averages its gradients; a backward reaches all of its trainable parameters or none). The
+  updater does backward, clipping, the optimizer step and the precision policy; with
+  `train.on_nonfinite: skip_step` a non-finite loss skips the whole step, undoing any update
+  already made in it.
 - `eval_step(batch, detailed) -> StepResult` and `summarize(totals, detailed) -> metrics`: the
   loop adds step results up on the device and hands the host totals to `summarize`.
 - Hooks, all optional, whose results the loop writes through the run writer:

@@ -135,6 +135,7 @@ class Task:
         self.metrics: dict[str, str] = dict(type(cfg).METRICS)
         self.device = device
         self.class_names: list[str] = list(info.class_names)
+        self._wrapped: dict[str, nn.Module] = {}  # `wrap`'s, by trainable model
 
     def param_groups(self, model: str) -> list[dict[str, Any]]:
         """The parameter groups of one trainable model, each with its lr multiplier: one group,
@@ -147,6 +148,19 @@ class Task:
         trainable = [([p for p in params if p.requires_grad], scale) for params, scale in groups]
         return [{"params": params, "lr_scale": scale, **({"decay_scale": 1.0 / scale} if at_base else {})}
                 for params, scale in trainable if params]
+
+    def wrap(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Each trainable model's training forward goes through `wrap(model)` from now on: with
+        several processes, its DistributedDataParallel wrapper. The models themselves, which
+        checkpoints hold, stay in `models`."""
+        self._wrapped = {name: wrap(self.models[name]) for name in self.trainable}
+
+    def wrapped(self, name: str) -> nn.Module:
+        """What a training step calls for the forward of model `name` when that phase trains it:
+        DDP averages a model's gradients over the processes only in a backward that follows a
+        forward through its wrapper. A model held fixed in a phase, eval and sampling call
+        `models[name]`."""
+        return self._wrapped.get(name, self.models[name])
 
     def to(self, device: torch.device) -> None:
         for model in self.models.values():

@@ -44,7 +44,7 @@ class Classify(Task):
         *inputs, y = batch
         # forward
         with updater.autocast():
-            logits = self.model(*inputs)  # (B, num_classes)
+            logits = self.wrapped("model")(*inputs)  # (B, num_classes)
             loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         # backward and update
         updater.step("model", loss)

@@ -53,7 +53,7 @@ class Detect(Task):
         x, boxes, labels = batch[:3]
         # forward
         with updater.autocast():
-            losses = self.model(list(x), targets(boxes, labels))
+            losses = self.wrapped("model")(list(x), targets(boxes, labels))
             loss = sum(losses.values())
         # backward and update
         updater.step("model", loss)

@@ -89,7 +89,11 @@ class GAN(Task):
     # ------------------------------------------------------------------ steps
 
     def train_step(self, batch: tuple[torch.Tensor, ...], step: int, updater: Updater) -> StepResult:
-        generator, discriminator = self.models["generator"], self.models["discriminator"]
+        # G and D through their wrappers (`wrapped`: with several processes, DDP averages a
+        # model's gradients in a backward after such a forward). G's forward is in phase 1, but
+        # its gradients come in phase 2's backward (phase 1's stops at fake.detach()), or not at
+        # all between G's updates (d_steps > 1), which DDP allows
+        generator, discriminator = self.wrapped("generator"), self.wrapped("discriminator")
         real = self._symmetric(batch[0])  # (B, C, H, W)
         # phase 1: update D on real images and on the generator's, held fixed
         with updater.autocast():
@@ -98,10 +102,11 @@ class GAN(Task):
             fake_logits = discriminator(fake.detach())
             d_loss = self._d_loss(real_logits, fake_logits)
         updater.step("discriminator", d_loss)
-        # phase 2: every d_steps steps, update G through the updated D
+        # phase 2: every d_steps steps, update G through the updated D, held fixed: D called
+        # directly, so none of its gradients (unused: its optimizer has stepped) are averaged
         if step % self.cfg.d_steps == 0:
             with updater.autocast():
-                g_loss = self._g_loss(discriminator(fake))
+                g_loss = self._g_loss(self.models["discriminator"](fake))
             updater.step("generator", g_loss)
             if not updater.skipped:
                 self._update_ema()

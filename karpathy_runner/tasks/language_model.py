@@ -64,7 +64,7 @@ class LanguageModel(Task):
         x, y = batch  # (B, T) inputs and next-character targets
         # forward, from the state the previous batch left (or zeros)
         with updater.autocast():
-            logits, hidden = self.model(x, self._start(self.hidden, x))  # (B, T, V)
+            logits, hidden = self.wrapped("model")(x, self._start(self.hidden, x))  # (B, T, V)
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
         # backward and update
         updater.step("model", loss)

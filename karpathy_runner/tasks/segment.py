@@ -48,9 +48,11 @@ class Segment(Task):
     def model(self) -> torch.nn.Module:
         return self.models["model"]
 
-    def _logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(logits (B, num_classes, H, W), the auxiliary head's or None)."""
-        outputs = self.model(x)
+    def _logits(self, x: torch.Tensor, network: torch.nn.Module | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits (B, num_classes, H, W), the auxiliary head's or None), from the model or
+        `network` (a training step's: its wrapper)."""
+        outputs = (self.model if network is None else network)(x)
         if isinstance(outputs, dict):  # torchvision's models
             return outputs["out"], outputs.get("aux")
         return outputs, None
@@ -60,7 +62,7 @@ class Segment(Task):
         labelled = masks != IGNORE_INDEX  # (B, H, W)
         # forward
         with updater.autocast():
-            logits, aux = self._logits(x)
+            logits, aux = self._logits(x, self.wrapped("model"))
             loss = pixel_loss(logits, masks, labelled)
             if aux is not None:
                 loss = loss + self.aux_weight * pixel_loss(aux, masks, labelled)

@@ -75,12 +75,12 @@ class VAE(Task):
 
     # ------------------------------------------------------------------ the bound
 
-    def _terms(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(recon, kl) per image (B,) of images x in [0, 1], with z = mu + sigma * noise."""
+    def _terms(self, x: torch.Tensor, noise: torch.Tensor, network: torch.nn.Module | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(recon, kl) per image (B,) of images x in [0, 1], with z = mu + sigma * noise; the pass
+        through the model, or `network` (a training step's: its wrapper)."""
         model = self.model
-        mu, logvar = model(x)
-        z = mu + torch.exp(0.5 * logvar) * noise
-        output = model.decode(z)
+        mu, logvar, output = (model if network is None else network)(x, noise)
         if model.likelihood == "bernoulli":
             recon = F.binary_cross_entropy_with_logits(output.float(), x, reduction="none")
         else:
@@ -106,7 +106,7 @@ class VAE(Task):
             self.shown = drawing.to_bytes(x[:SHOWN]).cpu()
         with updater.autocast():
             mu_shape = (x.shape[0], self.latent_size)
-            recon, kl = self._terms(x, torch.randn(mu_shape, device=x.device))
+            recon, kl = self._terms(x, torch.randn(mu_shape, device=x.device), self.wrapped("model"))
             loss = (recon + self._beta(step) * kl).mean()
         updater.step("model", loss)
         return self._result(x.shape[0], recon, kl, loss)
@@ -145,7 +145,7 @@ class VAE(Task):
         """uint8 images -> uint8 reconstructions through the posterior means, in eval mode."""
         model, training = self.model, self.model.training
         model.train(False)
-        mu, _ = model(images.to(self.device).float() / 255)
+        mu, _ = model.encode(images.to(self.device).float() / 255)
         model.train(training)
         return self.decode(mu)
 

@@ -63,7 +63,7 @@ def info(side: int, channels: int) -> DataInfo:
 @pytest.mark.parametrize("channels", [1, 3])
 def test_encoder_and_decoder_fit_every_supported_size(side, channels):
     model = build_model(VAEModelConfig(latent_size=5, width=4), info(side, channels))
-    mu, logvar = model(torch.rand(2, channels, side, side))
+    mu, logvar = model.encode(torch.rand(2, channels, side, side))
     assert mu.shape == logvar.shape == (2, 5)
     assert model.decode(mu).shape == (2, channels, side, side)
 
@@ -78,7 +78,7 @@ def test_the_bound_is_the_negative_elbo_of_torch_distributions(decoder):
         model.log_scale.data.fill_(-1.3)
     x, noise = torch.rand(5, 1, 8, 8), torch.randn(5, 3)
     recon, kl = task._terms(x, noise)
-    mu, logvar = model(x)
+    mu, logvar = model.encode(x)
     sigma = torch.exp(0.5 * logvar)
     output = model.decode(mu + sigma * noise)
     likelihood = (Bernoulli(logits=output, validate_args=False) if decoder == "bernoulli"

@@ -8,22 +8,31 @@ import multiprocessing
 import os
 import re
 import signal
+import socket
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from kdl import CONFIGS, kdl
 from stopping import (
+    assert_same_tensors,
     assert_same_training,
     final_state,
     launch,
+    one_thread,
     only_run,
     output,
     read_json,
+    sets,
     train_command,
     wait_for,
 )
 
+from karpathy_runner import session
 from karpathy_runner.distributed import Ranks
+from karpathy_runner.errors import KdlError
 from karpathy_runner.plan import plan_train
 
 # no dropout and no batch norm: what makes two processes on half batches do exactly the
@@ -198,3 +207,135 @@ def test_skip_step_is_decided_by_all_ranks_together(tmp_path):
             if worker.is_alive():
                 worker.kill()
     assert sorted(results.get(timeout=5) for _ in workers) == [(0, True, True), (1, True, True)]
+
+
+# ----------------------------------------------------------------------------- forked workers
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _worker_rank(rank: int, port: int, runs: Path, config: str, overrides: list[str],
+                 patch: Callable[[], None] | None, results: multiprocessing.Queue) -> None:
+    """Rank `rank` of two torchrun workers of `kdl train CONFIG --set OVERRIDES`, as
+    `python -m karpathy_runner` runs one (session.train): its exit code and summary, or what it
+    raised (a refusal's exit code, or None)."""
+    torch.set_num_threads(1)  # forked: as OMP_NUM_THREADS=1 does for a launched worker
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                       "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    if patch is not None:
+        patch()
+    try:
+        plan = plan_train(config, overrides, runs, lock=rank == 0, claim=False)
+        result = session.train(plan, runs, ["kdl", "train", config], quiet=True)
+        results.put((rank, result.exit_code, result.summary))
+    except Exception as exc:
+        results.put((rank, exc.exit_code if isinstance(exc, KdlError) else None, str(exc)))
+
+
+def two_workers(runs: Path, config: Path, *overrides: str, patch: Callable[[], None] | None = None
+                ) -> list[tuple[int, int, Any]]:
+    """Two training processes forked from this one (no torch import each: seconds sooner than
+    torchrun's), each one's (rank, exit code, summary or refusal) in rank order. `patch` runs in
+    each before it trains."""
+    context = multiprocessing.get_context("fork")
+    results, port = context.Queue(), _free_port()
+    workers = [context.Process(target=_worker_rank, args=(rank, port, runs, str(config), list(overrides),
+                                                          patch, results)) for rank in range(2)]
+    for worker in workers:
+        worker.start()
+    try:
+        for worker in workers:
+            worker.join(timeout=120)
+            assert worker.exitcode == 0, "a rank hung or failed"
+    finally:  # a rank left waiting in a collective must not outlive the test
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+    return sorted((results.get(timeout=5) for _ in workers), key=lambda result: result[0])
+
+
+@pytest.mark.parametrize("config, overrides", [
+    ("digits_cnn.yaml", ["model.channels=[8,16]", "model.batch_norm=true"]),
+    # G trains every other step: its forward through its wrapper without a backward between
+    ("digits_gan.yaml", ["model.width=8", "model.latent_size=4", "task.d_steps=2"]),
+    ("digits_vae.yaml", ["model.width=8"]),
+], ids=["cnn", "gan", "vae"])
+def test_every_rank_evaluates_the_model_rank_0_saves(tmp_path, config, overrides):
+    """Batch norm: between forwards each rank holds its own share's running statistics (DDP
+    gives every rank rank 0's at the next forward); before a validation every rank takes rank
+    0's, so all compute the checkpointed model's metrics and take the same decisions (best
+    checkpoint, early stopping). The weights agree because every trained model's gradients are
+    averaged: a GAN's two phases, a VAE's decoder."""
+    (_, code0, summary0), (_, code1, summary1) = two_workers(
+        tmp_path / "runs", CONFIGS / config, *overrides, "train.epochs=1", "train.device=cpu",
+        "data.batch_size=63")
+    assert code0 == code1 == 0, (summary0, summary1)
+    val = {k: v for k, v in summary0["final"].items() if k.startswith("val.")}
+    assert val and val == {k: v for k, v in summary1["final"].items() if k.startswith("val.")}
+
+
+def test_a_last_batch_with_fewer_items_than_processes_is_left_out_on_every_rank(tmp_path):
+    """1,294 digits in global batches of 431: three batches of 216 + 215 items (each rank's loss
+    weighted by its share) and a fourth of one item, which would leave rank 1 nothing to forward
+    while DDP waits for its gradients. Both ranks leave it out and take the same 3 steps, to the
+    weights of one process trained on those three batches."""
+    plain = [*PLAIN[:3], "data.batch_size=431", "train.device=cpu", "train.epochs=1",
+             "scheduler.name=none"]
+    results = two_workers(tmp_path / "two", CONFIGS / "digits_cnn.yaml", *plain)
+    assert [(code, summary["steps"]) for _, code, summary in results] == [(0, 3), (0, 3)], results
+    with one_thread():
+        alone = kdl("train", CONFIGS / "digits_cnn.yaml", *sets([*plain, "train.max_steps=3"]),
+                    "--runs-dir", tmp_path / "one", "--quiet")
+    assert alone.exit_code == 0, alone.stderr
+    two, one = final_state(only_run(tmp_path / "two")), final_state(only_run(tmp_path / "one"))
+    for name, weight in one["models"]["model"].items():
+        torch.testing.assert_close(two["models"]["model"][name], weight, rtol=1e-5, atol=1e-6)
+
+
+def test_sync_batch_norm_is_refused_on_the_cpu_and_reaches_the_models(tmp_path):
+    """torch's SyncBatchNorm syncs CUDA tensors only: several CPU processes refuse
+    train.sync_batch_norm before any folder exists. Let through, torch's own check fails as the
+    models are wrapped: the option made their batch norms SyncBatchNorm."""
+    runs = tmp_path / "runs"
+    asked = ["model.channels=[8,16]", "train.sync_batch_norm=true", "train.device=cpu"]
+    refused = two_workers(runs, CONFIGS / "digits_cnn.yaml", *asked)
+    assert [code for _, code, _ in refused] == [2, 2]
+    assert "train.sync_batch_norm: true, but these 2 processes train on the CPU" in refused[0][2]
+    assert not runs.exists() or not any(runs.iterdir())
+
+    def let_through() -> None:
+        session._check_processes = lambda cfg, ranks, device: None
+
+    for _, code, error in two_workers(runs, CONFIGS / "digits_cnn.yaml", *asked, patch=let_through):
+        assert code is None and "SyncBatchNorm layers only work with GPU modules" in error, error
+
+
+def test_two_machines_of_one_process_train_as_one_machine_of_two(two_processes, tmp_path):
+    """torchrun over two "machines" (two launchers here, one rendezvous): global rank 0 runs on
+    the machine of --node-rank 0 and writes the run into its runs folder, and its launcher
+    prints the id; the other machine writes nothing (on real machines the runs folder must be
+    one they share: a resume reads the checkpoint on each). The weights are those of one
+    machine of two processes, bit for bit."""
+    port = str(_free_port())
+    nodes = [launch(tmp_path / f"node{rank}", *train_command(*PLAIN), "--nproc-per-node", "1",
+                    "--nnodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1",
+                    "--master-port", port, start_new_session=True) for rank in range(2)]
+    try:
+        for node in nodes:
+            assert node.wait(timeout=240) == 0, output(node)
+    finally:  # a launcher left waiting for the other must not outlive the test
+        for node in nodes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.pid, signal.SIGKILL)
+    folder = only_run(tmp_path / "node0")
+    assert output(nodes[0]).strip().splitlines()[-1] == folder.name
+    assert folder.name not in output(nodes[1])
+    assert not any((tmp_path / "node1").iterdir())
+    meta = read_json(folder / "meta.json")
+    assert meta["status"] == "completed" and (meta["processes"], meta["nodes"]) == (2, 2)
+    assert_same_tensors(final_state(folder)["models"],
+                        final_state(only_run(two_processes[0] / "together"))["models"])
