@@ -122,6 +122,24 @@ class Ranks:
             for buffer in model.buffers():
                 torch.distributed.broadcast(buffer, src=0)
 
+    def check_same(self, params: list[torch.Tensor]) -> None:
+        """Refuse to go on from weights that differ between the ranks: a model trained outside its
+        DDP wrapper (a task's step calling `models[name]`, not `wrapped(name)`) gets its
+        gradients averaged on no rank, and each rank drifts its own way. One fingerprint a rank,
+        the sum of the weights in float64: DDP's averaged gradients keep them equal bit for bit."""
+        if self.world == 1 or not params:
+            return
+        fingerprint = torch.stack([p.detach().double().sum() for p in params]).sum().cpu()
+        spread = torch.stack([fingerprint, -fingerprint])  # the largest and minus the smallest
+        torch.distributed.all_reduce(spread, op=torch.distributed.ReduceOp.MAX, group=self.control)
+        if float(spread[0]) != -float(spread[1]):
+            raise KdlError(
+                "the training processes' weights differ: a model was trained without its "
+                "DistributedDataParallel wrapper, so its gradients were never averaged. A task's "
+                "train_step must call each model it trains through self.wrapped(name) (see "
+                "docs/extending.md); nothing of this step was saved"
+            )
+
     def share(self, obj: Any) -> Any:
         """Rank 0's `obj` (a picklable value) on every rank."""
         if self.world == 1:

@@ -428,21 +428,20 @@ class Trainer:
         saved = len(state.get("ranks") or [state])
         if saved != self.ranks.world:
             how = f" --nproc-per-node {saved}" if saved > 1 else ""
-            raise KdlError(
-                f"this checkpoint was written by a run of {saved} process(es); resume it with as "
-                f"many: kdl train --resume {self.run.id}{how} (the same --nnodes too)"
-            )
+            raise KdlError(f"this checkpoint was written by a run of {saved} process(es); resume it "
+                           f"with as many: kdl train --resume {self.run.id}{how} (the same --nnodes too)")
         return state["ranks"][self.ranks.rank] if "ranks" in state else state
 
     def _save(self, *which: str, meta: dict[str, Any] | None = None) -> None:
         """Flush metrics, then write the checkpoint(s) (and then `meta` into meta.json), in the
-        background while training goes on; never with non-finite weights."""
+        background while training goes on; never with non-finite weights, nor ranks' that differ."""
         if self.window:
             self._check_finite(reduce_window(self.window, self.ranks.sum)[1])
         # every parameter looked at on its device, then one answer read: one sync on a GPU
         params = [p for m in self.task.models.values() for p in m.parameters()]
         if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
             self._nonfinite(self.state.step - 1, "the weights")
+        self.ranks.check_same(params)
         self.run.save_checkpoint(which, self.state_dict(), meta)
 
 

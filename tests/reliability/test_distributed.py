@@ -278,6 +278,24 @@ def test_every_rank_evaluates_the_model_rank_0_saves(tmp_path, config, overrides
     assert val and val == {k: v for k, v in summary1["final"].items() if k.startswith("val.")}
 
 
+def test_a_model_trained_outside_its_wrapper_stops_the_run_before_a_checkpoint(tmp_path):
+    """A family whose step calls `models[name]` instead of `wrapped(name)` trains each rank on its
+    own share, unaveraged: at the first checkpoint every rank sees that the weights differ and
+    stops with exit 2 naming the fix, before anything is saved."""
+    def unwrapped() -> None:
+        from karpathy_runner.tasks import Task
+
+        Task.wrapped = lambda self, name: self.models[name]
+
+    runs = tmp_path / "runs"
+    results = two_workers(runs, CONFIGS / "digits_cnn.yaml", *PLAIN[:3], "train.epochs=1",
+                          "train.device=cpu", "data.batch_size=63", patch=unwrapped)
+    assert [(code, summary["status"]) for _, code, summary in results] == [(2, "failed")] * 2, results
+    folder = only_run(runs)
+    assert "must call each model it trains through self.wrapped(name)" in (folder / "train.log").read_text()
+    assert not any(folder.glob("checkpoints/*.pt"))
+
+
 def test_a_last_batch_with_fewer_items_than_processes_is_left_out_on_every_rank(tmp_path):
     """1,294 digits in global batches of 431: three batches of 216 + 215 items (each rank's loss
     weighted by its share) and a fourth of one item, which would leave rank 1 nothing to forward
