@@ -35,7 +35,7 @@ RANDOM = [
     "train.log_every_steps=3",
     "train.early_stopping.patience=5",
 ]
-STEPS_PER_EPOCH = 21  # 1,293 digits training images in batches of 64
+STEPS_PER_EPOCH = 21  # 1,294 digits training images in batches of 64
 # the same for a tiny segmentation of the shapes (configs/shapes_segment.yaml): 16x16 images, the
 # same crop and flip drawn for an image and its mask, batch norm, 84 images: 21 steps an epoch too
 SEGMENT_RANDOM = [
