@@ -69,19 +69,19 @@ def train(plan: Plan, runs_root: Path, command: list[str], quiet: bool = False) 
 
 
 def _check_processes(cfg: Config, ranks: Ranks, device: str | None) -> None:
-    """Refuse what several processes cannot train, before anything is built or written."""
+    """Refuse what several processes cannot train, before anything is built or written: every
+    rank refuses together, after the others have joined (none left joining a group that is gone)."""
+    problem = None
     if cfg.data.batch_size < ranks.world:
-        raise KdlError(
-            f"data.batch_size is {cfg.data.batch_size}, the global batch, but {ranks.world} "
-            f"processes train: set data.batch_size to at least {ranks.world} (a multiple of it "
-            "gives every process the same share)"
-        )
-    if cfg.train.sync_batch_norm and ranks.world > 1 and not (device or "").startswith("cuda"):
-        raise KdlError(
-            f"train.sync_batch_norm: true, but these {ranks.world} processes train on the CPU, and "
-            "torch's SyncBatchNorm works on CUDA GPUs only: set train.sync_batch_norm: false (each "
-            "process then normalises its own share of the batch)"
-        )
+        problem = (f"data.batch_size is {cfg.data.batch_size}, the global batch, but {ranks.world} "
+                   f"processes train: set data.batch_size to at least {ranks.world} (a multiple of it "
+                   "gives every process the same share)")
+    elif cfg.train.sync_batch_norm and ranks.world > 1 and not (device or "").startswith("cuda"):
+        problem = (f"train.sync_batch_norm: true, but these {ranks.world} processes train on the CPU, "
+                   "and torch's SyncBatchNorm works on CUDA GPUs only: set train.sync_batch_norm: false "
+                   "(each process then normalises its own share of the batch)")
+    if not ranks.all_true(problem is None):
+        raise KdlError(problem or "another training process refused this config (its error says why)")
 
 
 @dataclass
