@@ -101,10 +101,25 @@ def create_run_folder(root: Path, name: str) -> Path:
 
 
 def process_start_time(pid: int) -> int | None:
+    fields = _stat(pid)
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[19])
-    except (OSError, IndexError, ValueError):
+        return int(fields[19]) if fields else None
+    except (IndexError, ValueError):
+        return None
+
+
+def is_zombie(pid: int) -> bool:
+    """Whether process `pid` has ended but not been reaped yet (a killed process whose parent
+    died with it waits for init): it still answers a signal 0, but runs nothing."""
+    fields = _stat(pid)
+    return bool(fields) and fields[0] == "Z"
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command's name (state first); None off Linux."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
         return None
 
 

@@ -14,7 +14,17 @@ from typing import Any
 from ..dotted import dotted_get
 from ..errors import KdlError, quoted
 from .fsio import is_record, read_bytes, read_object, read_records
-from .layout import CHECKPOINTS, CONFIG, META, METRICS, SUMMARY, VOCAB, host_name, process_start_time
+from .layout import (
+    CHECKPOINTS,
+    CONFIG,
+    META,
+    METRICS,
+    SUMMARY,
+    VOCAB,
+    host_name,
+    is_zombie,
+    process_start_time,
+)
 from .sweeps import pruned
 
 # the types of the meta.json and summary.json keys that readers use; a key of another type is
@@ -254,7 +264,7 @@ def _process_alive(meta: dict[str, Any]) -> bool:
         return False
     except PermissionError:
         return True
-    return _same_process(int(pid), meta.get("pid_started"))
+    return not is_zombie(int(pid)) and _same_process(int(pid), meta.get("pid_started"))
 
 
 def _same_process(pid: int, started: Any) -> bool:

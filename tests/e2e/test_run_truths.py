@@ -147,3 +147,21 @@ def test_confusion_rows_name_a_digit_once_and_a_named_class_with_its_index(capsy
     assert [cells(line) for line in digits[-2:]] == [["0", "1", "1"], ["1", "1", "1"]]
     assert [cells(line) for line in named[-2:]] == [["0 cat", "1", "1"], ["1 dog", "1", "1"]]
 
+
+
+def test_a_run_whose_process_ended_unreaped_is_crashed_not_running(runs_dir):
+    """A killed run whose parent died with it is a zombie until init reaps it: it answers a
+    signal 0 but runs nothing. kdl calls the run crashed, so a search or --skip-existing resumes
+    it, instead of waiting on it as running."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        while not layout.is_zombie(pid):  # (the child's exit takes a moment)
+            pass
+        folder = make_run(runs_dir, status="running", pid=pid)
+        meta = json.loads((folder / "meta.json").read_text())
+        (folder / "meta.json").write_text(json.dumps({**meta, "pid_started": layout.process_start_time(pid)}))
+        assert json.loads(kdl("runs", "--json").stdout)[0]["status"] == "crashed"
+    finally:
+        os.waitpid(pid, 0)
