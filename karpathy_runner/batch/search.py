@@ -38,7 +38,7 @@ from ..runfolder.reader import Run, iter_runs, rung_of
 from ..ui.tables import epoch_rows
 from .space import check_space, parse_space
 from .study import SearchSpec, default_storage, metric_direction, open_study, study_lock, trials_lock
-from .sweep import Point, Sweep, shown, yaml_value
+from .sweep import Point, Processes, Sweep, shown, yaml_value
 
 SEARCHES = ("tpe", "random", "grid")
 
@@ -95,7 +95,8 @@ def run_search(spec: SearchSpec, root: Path, storage: str | None, study_name: st
         rungs = f", halving by {spec.halving} over epochs {spec.rungs()}" if spec.halving else ""
         log(f"study {name}: {spec.search} search, {done} of {spec.trials} trials so far, {jobs} at "
             f"a time{rungs}; {spec.direction} {spec.metric}; storage {url}")
-        runner = Search(spec, study, name, root, jobs, log, fail_fast, inherited=(trials,))
+        pool = Processes(jobs, inherited=(trials,))  # a trial's process holds the lock
+        runner = Search(spec, study, name, root, jobs, log, fail_fast, pool)
         code = runner.halve() if spec.halving else runner.run()
         rows = runner.results()
         best = runner.best(rows)
@@ -118,10 +119,10 @@ class Search:
     """Drives a study: starts, resumes and reports trials, `jobs` at a time."""
 
     def __init__(self, spec: SearchSpec, study: Any, study_name: str, root: Path, jobs: int,
-                 log: Callable[[str], None], fail_fast: bool = False, inherited: tuple[int, ...] = ()):
+                 log: Callable[[str], None], fail_fast: bool = False, launcher: Any = None):
         self.spec, self.study, self.study_name = spec, study, study_name
         self.root, self.jobs, self.log, self.fail_fast = root, jobs, log, fail_fast
-        self.inherited = inherited  # descriptors every trial process holds: the trials' lock
+        self.launcher = launcher or Processes(jobs)  # where trials run
         self.host = socket.gethostname()
 
     # --- trials and their runs
@@ -219,7 +220,7 @@ class Search:
             return None
 
         return Sweep([], self.jobs, self.fail_fast, self.log, more=more, finished=self._finished,
-                     total=self.spec.trials, inherited=self.inherited).run()
+                     total=self.spec.trials, launcher=self.launcher).run()
 
     def _size(self) -> int:
         """Trials the study has, less those dropped before Optuna drew all their values."""
@@ -247,7 +248,7 @@ class Search:
                      + (f", {len(todo)} to train" if len(todo) != len(members) else ""))
             if todo:
                 ran = Sweep([self.point(t, epochs) for t in todo], self.jobs, self.fail_fast,
-                            self.log, total=len(todo), inherited=self.inherited).run()
+                            self.log, total=len(todo), launcher=self.launcher).run()
                 if ran == 130 or (ran and self.fail_fast):
                     return ran
                 code = code or ran
