@@ -36,6 +36,8 @@ from ..errors import KdlError
 from ..runfolder import fsio, layout, sweeps
 from ..runfolder.reader import Run, iter_runs, rung_of
 from ..ui.tables import epoch_rows
+from .jobs import JobPool
+from .launch import Launcher
 from .space import check_space, parse_space
 from .study import SearchSpec, default_storage, metric_direction, open_study, study_lock, trials_lock
 from .sweep import Point, Processes, Sweep, shown, yaml_value
@@ -84,9 +86,10 @@ class Outcome:
 
 
 def run_search(spec: SearchSpec, root: Path, storage: str | None, study_name: str | None,
-               jobs: int, fail_fast: bool, log: Callable[[str], None]) -> Outcome:
+               jobs: int, fail_fast: bool, log: Callable[[str], None],
+               launcher: Launcher | None = None) -> Outcome:
     """Open (or continue) the study and run its trials until it has `spec.trials`, `jobs` at a
-    time; one command per study on this machine."""
+    time, each a process here or a job of `launcher`; one command per study on this machine."""
     name = study_name or spec.study_name()
     url = storage or default_storage(root)
     with study_lock(root, name), trials_lock(root, name, log) as trials:
@@ -95,7 +98,8 @@ def run_search(spec: SearchSpec, root: Path, storage: str | None, study_name: st
         rungs = f", halving by {spec.halving} over epochs {spec.rungs()}" if spec.halving else ""
         log(f"study {name}: {spec.search} search, {done} of {spec.trials} trials so far, {jobs} at "
             f"a time{rungs}; {spec.direction} {spec.metric}; storage {url}")
-        pool = Processes(jobs, inherited=(trials,))  # a trial's process holds the lock
+        pool = (JobPool(launcher, root, name) if launcher and launcher.jobs
+                else Processes(jobs, inherited=(trials,)))  # a trial's process holds the lock
         runner = Search(spec, study, name, root, jobs, log, fail_fast, pool)
         code = runner.halve() if spec.halving else runner.run()
         rows = runner.results()
@@ -122,7 +126,7 @@ class Search:
                  log: Callable[[str], None], fail_fast: bool = False, launcher: Any = None):
         self.spec, self.study, self.study_name = spec, study, study_name
         self.root, self.jobs, self.log, self.fail_fast = root, jobs, log, fail_fast
-        self.launcher = launcher or Processes(jobs)  # where trials run
+        self.launcher = launcher or Processes(jobs)  # where trials run: processes or jobs
         self.host = socket.gethostname()
 
     # --- trials and their runs
@@ -203,7 +207,7 @@ class Search:
             status = trial.run.status if trial.run else None
             if status in ("completed", "failed"):
                 self.tell(trial.number, trial.run)
-            elif status == "running":
+            elif status == "running" and not self.launcher.active(trial.number):
                 self.log(f"trial {trial.number}: its run {trial.run.id} is still running (pid "
                          f"{trial.run.meta.get('pid')}); run this command again once it ends")
             else:

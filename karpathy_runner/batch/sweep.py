@@ -7,6 +7,7 @@ killed takes nothing else with it; each is tagged with the sweep id and its poin
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import itertools
 import json
 import os
@@ -33,6 +34,12 @@ STATUS_BY_EXIT = {0: "completed", 1: "failed", 2: "bad config", 130: "interrupte
 
 def new_sweep_id() -> str:
     return f"sweep-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+def lasting_sweep_id(name: str, config_hash: str, points: list[dict[str, Any]]) -> str:
+    """The id of a sweep whose points are jobs: the same config and grid, the same id."""
+    identity = json.dumps({"config": config_hash, "points": points}, sort_keys=True)
+    return f"sweep-{name}-{hashlib.sha256(identity.encode()).hexdigest()[:8]}"
 
 
 def split_values(text: str) -> list[str]:
@@ -94,15 +101,17 @@ def check_point(config: Path, base: list[str], point: dict[str, Any], option: st
 
 
 def plan_grid(config: Path, base: list[str], grid: list[str], runs_dir: Path | None,
-              skip_existing: bool) -> tuple[str, list[Point]]:
-    """A grid sweep's id and points, every point's config checked before anything runs."""
+              skip_existing: bool, lasting: bool = False) -> tuple[str, list[Point]]:
+    """A grid sweep's id and points, every point's config checked before anything runs.
+    `lasting`: the sweep outlives its command (its points are jobs), and its id comes from the
+    config and the grid, so that the same command run again finds it."""
     from ..config.loading import load_config
 
     values = grid_points(parse_grid(grid))
-    load_config(config, base)  # the config and its --set values first: their errors are theirs
+    cfg = load_config(config, base)  # the config and its --set values first: their errors are theirs
     for point in values:  # then every point's, before anything runs: its errors are the grid's
         check_point(config, base, point)
-    sweep_id = new_sweep_id()
+    sweep_id = lasting_sweep_id(cfg.name, cfg.hash(), values) if lasting else new_sweep_id()
     return sweep_id, [
         Point(i, point, train_argv(str(config), base + point_sets(point), sweep_id,
                                    str(runs_dir) if runs_dir else None, skip_existing))
@@ -139,6 +148,7 @@ class Point:
     error: str = ""
     process: subprocess.Popen | None = field(default=None, repr=False)
     files: tuple[IO[str], IO[str]] | None = field(default=None, repr=False)
+    job: Any = field(default=None, repr=False)  # its submitit job (jobs.JobPool)
     started: float = 0.0
     name: str = ""  # shown in the log instead of its place in the list (a search's trial)
 
@@ -164,7 +174,7 @@ def emit(points: list[Point]) -> str:
 
 class Sweep:
     """Runs points through a launcher, at most `jobs` at once: by default `Processes`, each a
-    `python -m karpathy_runner train ...` process here.
+    `python -m karpathy_runner train ...` process here (jobs.JobPool: each a submitit job).
 
     `more()` gives the next point when the list runs out (None: no more for now), as a search
     asks for its next trial; `finished(point)` hears of each point that ends (once it is logged)."""
@@ -202,6 +212,9 @@ class Sweep:
                         self._stop(running, signal.SIGTERM, "--fail-fast: stopping the sweep")
                 time.sleep(self.launcher.poll_s)
         except KeyboardInterrupt:
+            if self.launcher.detached:  # its jobs are not this command's to stop
+                self.log(self.launcher.leave(running))
+                return 130
             self._stop(running, signal.SIGINT, "interrupted: letting running points checkpoint "
                                                "(Ctrl-C again to stop them now)")
             self._wait(running)
@@ -260,6 +273,7 @@ class Processes:
     machine, its output in temp files; each holds the `inherited` descriptors (a search's lock
     on its trials)."""
 
+    detached = False  # a point's process stops with the sweep's command
     poll_s = 0.05
 
     def __init__(self, jobs: int, inherited: tuple[int, ...] = ()):
@@ -278,6 +292,11 @@ class Processes:
             env=self._environment(), pass_fds=self.inherited,
         )
         return "started"
+
+    def active(self, key: int) -> bool:
+        """Is point `key` running already, started by an earlier command? Not as this pool
+        knows: it knows only the processes it started."""
+        return False
 
     def ended(self, point: Point) -> bool:
         return point.process.poll() is not None
