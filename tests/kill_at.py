@@ -5,8 +5,9 @@ between two exact file writes however busy the machine is.
 Installed two ways: by `signal_before` in a process forked by the test (stopping.fork), or, in a
 process the test cannot fork (torchrun's workers, a sweep's points), at start-up by
 tests/sitehook/sitecustomize.py from the environment: KDL_TEST_SIGNAL=NAME:N:SIGNAL:TARGET, with
-TARGET `self`, `parent` (the launcher of a torchrun worker, a sweep) or `parent-group` (the
-launcher's process group, as a Ctrl-C at a terminal signals it), and an optional fifth field naming
+TARGET `self`, `parent` (the launcher of a torchrun worker, a sweep), `parent-group` (the
+launcher's process group, as a Ctrl-C at a terminal signals it) or `job` (the parent, then this
+process: a job's two processes, as Slurm signals a job), and an optional fifth field naming
 a file: the first process to signal creates it, and no other process signals after it (of several
 trials of a sweep, one Ctrl-C). Two more variables pick the process and what it does after:
 KDL_TEST_SIGNAL_PROCESS=K:FOLDER, only the K-th `kdl train` process to start (each takes the next
@@ -86,5 +87,8 @@ def _first(once: str | None) -> bool:
 def _send(signum: int, target: str) -> None:
     if target == "parent-group":  # as a terminal's Ctrl-C: the launcher's whole group
         os.killpg(os.getpgid(os.getppid()), signum)
+    elif target == "job":  # as Slurm signals a job: every process of it
+        os.kill(os.getppid(), signum)
+        os.kill(os.getpid(), signum)
     else:
         os.kill(os.getppid() if target == "parent" else os.getpid(), signum)
