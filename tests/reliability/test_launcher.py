@@ -74,27 +74,28 @@ def test_grid_points_run_as_jobs_and_a_rerun_resumes_the_killed_one(tmp_path, mo
     assert_same_training(resumed.path, made[twin].path)
 
 
-def test_a_rerun_waits_for_the_job_an_earlier_command_left_running(tmp_path, monkeypatch):
-    """The command killed while its job trains (as a login session lost): the job goes on, and
-    the same command run again waits for it rather than submit the point a second time."""
+def test_a_rerun_waits_for_the_trial_job_an_earlier_command_left_running(tmp_path, monkeypatch):
+    """The command killed while its trial's job trains (as a login session lost): the job goes
+    on, and the same command run again waits for it rather than submit the trial again."""
     runs = tmp_path / "runs"
-    grid = ["--grid", "seed=0", *sets(SHORT), *JOBS]
+    search = ["--space", "seed=int(0,9)", "--trials", "1", *sets(SHORT), *JOBS]
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HOOK), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("KDL_TEST_SIGNAL", "last.pt:1:SIGCONT:self")  # a harmless signal, then
     monkeypatch.setenv("KDL_TEST_SIGNAL_LINGER", "3")  # the run waits: its job outlives the command
-    command = subprocess.Popen([sys.executable, "-m", "karpathy_runner", "sweep", str(DIGITS), *grid,
+    command = subprocess.Popen([sys.executable, "-m", "karpathy_runner", "sweep", str(DIGITS), *search,
                                 "--runs-dir", str(runs)], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
     wait_for(lambda: list(runs.glob("2*/meta.json")))
     command.kill()
     command.wait()
     monkeypatch.delenv("KDL_TEST_SIGNAL")
-    again = kdl("sweep", DIGITS, *grid, "--runs-dir", runs)
+    again = kdl("sweep", DIGITS, *search, "--runs-dir", runs)
     assert again.exit_code == 0, again.stderr
     assert "(RUNNING), submitted before" in again.stderr and "submitted job" not in again.stderr
+    assert [t.state.name for t in study_trials(runs, again.last_line)] == ["COMPLETE"]
     [run] = iter_runs(runs)
     assert run.status == "completed" and "resumes" not in run.meta
-    [row] = status(runs, *grid)
+    [row] = status(runs, *search)
     assert (row["state"], row["run"]) == ("COMPLETED", run.id)
 
 
