@@ -7,7 +7,8 @@ process the test cannot fork (torchrun's workers, a sweep's points), at start-up
 tests/sitehook/sitecustomize.py from the environment: KDL_TEST_SIGNAL=NAME:N:SIGNAL:TARGET, with
 TARGET `self`, `parent` (the launcher of a torchrun worker, a sweep), `parent-group` (the
 launcher's process group, as a Ctrl-C at a terminal signals it) or `parent-and-self` (a sweep and
-its trial, as a machine going down stops both), and an optional fifth field naming
+its trial, as a machine going down stops both, or a job's two processes, as Slurm signals a
+job), and an optional fifth field naming
 a file: the first process to signal creates it, and no other process signals after it (of several
 trials of a sweep, one Ctrl-C). Two more variables pick the process and what it does after:
 KDL_TEST_SIGNAL_PROCESS=K:FOLDER, only the K-th `kdl train` process to start (each takes the next

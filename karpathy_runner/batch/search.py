@@ -36,9 +36,10 @@ from typing import Any
 
 from ..errors import KdlError
 from ..runfolder import fsio, layout, sweeps
-from ..runfolder.layout import host_name
 from ..runfolder.reader import Run, iter_runs, rung_of
 from ..ui.tables import epoch_rows
+from .jobs import JobPool
+from .launch import Launcher
 from .space import check_space, parse_space
 from .study import (
     GRID_POINT,
@@ -50,7 +51,7 @@ from .study import (
     study_lock,
     trials_lock,
 )
-from .sweep import Point, Sweep, shown, yaml_value
+from .sweep import Point, Processes, Sweep, shown, yaml_value
 
 SEARCHES = ("tpe", "random", "grid")
 
@@ -96,19 +97,22 @@ class Outcome:
 
 
 def run_search(spec: SearchSpec, root: Path, storage: str | None, study_name: str | None,
-               jobs: int, fail_fast: bool, log: Callable[[str], None]) -> Outcome:
+               jobs: int, fail_fast: bool, log: Callable[[str], None],
+               launcher: Launcher | None = None) -> Outcome:
     """Open (or continue) the study and run its trials until it has `spec.trials`, `jobs` at a
-    time; one command per study on this machine."""
+    time, each a process here or a job of `launcher`; one command per study on this machine."""
     name = study_name or spec.study_name()
     url = storage or default_storage(root)
-    host = host_name()
+    host = layout.host_name()
     with study_lock(root, name, host), trials_lock(root, name, host, log) as trials:
         study = open_study(spec, url, name, spec.seed, log)
         done = len(study.get_trials(deepcopy=False))
         rungs = f", halving by {spec.halving} over epochs {spec.rungs()}" if spec.halving else ""
         log(f"study {name}: {spec.search} search, {done} of {spec.trials} trials so far, {jobs} at "
             f"a time{rungs}; {spec.direction} {spec.metric}; storage {shown_url(url)}")
-        runner = Search(spec, study, name, root, jobs, log, fail_fast, inherited=(trials,))
+        pool = (JobPool(launcher, root, name) if launcher and launcher.jobs
+                else Processes(jobs, inherited=(trials,)))  # a trial's process holds the lock
+        runner = Search(spec, study, name, root, jobs, log, fail_fast, pool)
         code = runner.halve() if spec.halving else runner.run()
         rows = runner.results()
         best = runner.best(rows)
@@ -131,11 +135,11 @@ class Search:
     """Drives a study: starts, resumes and reports trials, `jobs` at a time."""
 
     def __init__(self, spec: SearchSpec, study: Any, study_name: str, root: Path, jobs: int,
-                 log: Callable[[str], None], fail_fast: bool = False, inherited: tuple[int, ...] = ()):
+                 log: Callable[[str], None], fail_fast: bool = False, launcher: Any = None):
         self.spec, self.study, self.study_name = spec, study, study_name
         self.root, self.jobs, self.log, self.fail_fast = root, jobs, log, fail_fast
-        self.inherited = inherited  # descriptors every trial process holds: the trials' lock
-        self.host = host_name()
+        self.launcher = launcher or Processes(jobs)  # where trials run: processes or jobs
+        self.host = layout.host_name()
 
     # --- trials and their runs
 
@@ -234,7 +238,7 @@ class Search:
             status = trial.run.status if trial.run else None
             if status in ("completed", "failed"):
                 self.tell(trial.number, trial.run)
-            elif status == "running":
+            elif status == "running" and not self.launcher.active(trial.number):
                 self.log(f"trial {trial.number}: its run {trial.run.id} is still running (pid "
                          f"{trial.run.meta.get('pid')}); run this command again once it ends")
             else:
@@ -250,7 +254,7 @@ class Search:
             return None if asked is None else self.point(asked, None)
 
         return Sweep([], self.jobs, self.fail_fast, self.log, more=more, finished=self._finished,
-                     total=self.spec.trials, inherited=self.inherited).run()
+                     total=self.spec.trials, launcher=self.launcher).run()
 
     def _size(self) -> int:
         """Trials the study has, less those dropped before Optuna drew all their values."""
@@ -279,7 +283,7 @@ class Search:
                      + (f", {len(todo)} to train" if len(todo) != len(members) else ""))
             if todo:
                 ran = Sweep([self.point(t, epochs) for t in todo], self.jobs, self.fail_fast,
-                            self.log, total=len(todo), inherited=self.inherited).run()
+                            self.log, total=len(todo), launcher=self.launcher).run()
                 if ran == 130 or (ran and self.fail_fast):
                     return ran
                 code = code or ran

@@ -7,6 +7,7 @@ killed takes nothing else with it; each is tagged with the sweep id and its poin
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import itertools
 import json
 import os
@@ -33,6 +34,12 @@ STATUS_BY_EXIT = {0: "completed", 1: "failed", 2: "bad config", 130: "interrupte
 
 def new_sweep_id() -> str:
     return f"sweep-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+def lasting_sweep_id(name: str, config_hash: str, points: list[dict[str, Any]]) -> str:
+    """The id of a sweep whose points are jobs: the same config and grid, the same id."""
+    identity = json.dumps({"config": config_hash, "points": points}, sort_keys=True)
+    return f"sweep-{name}-{hashlib.sha256(identity.encode()).hexdigest()[:8]}"
 
 
 def split_values(text: str) -> list[str]:
@@ -94,15 +101,17 @@ def check_point(config: Path, base: list[str], point: dict[str, Any], option: st
 
 
 def plan_grid(config: Path, base: list[str], grid: list[str], runs_dir: Path | None,
-              skip_existing: bool) -> tuple[str, list[Point]]:
-    """A grid sweep's id and points, every point's config checked before anything runs."""
+              skip_existing: bool, lasting: bool = False) -> tuple[str, list[Point]]:
+    """A grid sweep's id and points, every point's config checked before anything runs.
+    `lasting`: the sweep outlives its command (its points are jobs), and its id comes from the
+    config and the grid, so that the same command run again finds it."""
     from ..config.loading import load_config
 
     values = grid_points(parse_grid(grid))
-    load_config(config, base)  # the config and its --set values first: their errors are theirs
+    cfg = load_config(config, base)  # the config and its --set values first: their errors are theirs
     for point in values:  # then every point's, before anything runs: its errors are the grid's
         check_point(config, base, point)
-    sweep_id = new_sweep_id()
+    sweep_id = lasting_sweep_id(cfg.name, cfg.hash(), values) if lasting else new_sweep_id()
     return sweep_id, [
         Point(i, point, train_argv(str(config), base + point_sets(point), sweep_id,
                                    str(runs_dir) if runs_dir else None, skip_existing))
@@ -139,6 +148,7 @@ class Point:
     error: str = ""
     process: subprocess.Popen | None = field(default=None, repr=False)
     files: tuple[IO[str], IO[str]] | None = field(default=None, repr=False)
+    job: Any = field(default=None, repr=False)  # its submitit job (jobs.JobPool)
     started: float = 0.0
     name: str = ""  # shown in the log instead of its place in the list (a search's trial)
 
@@ -163,16 +173,16 @@ def emit(points: list[Point]) -> str:
 
 
 class Sweep:
-    """Runs points as `python -m karpathy_runner train ...` processes, at most `jobs` at once.
+    """Runs points through a launcher, at most `jobs` at once: by default `Processes`, each a
+    `python -m karpathy_runner train ...` process here (jobs.JobPool: each a submitit job).
 
     `more()` gives the next point when the list runs out (None: no more for now), as a search
-    asks for its next trial; `finished(point)` hears of each point that ends (once it is logged);
-    each point's process holds the `inherited` descriptors (a search's lock on its trials)."""
+    asks for its next trial; `finished(point)` hears of each point that ends (once it is logged)."""
 
     def __init__(self, points: list[Point], jobs: int, fail_fast: bool, log: Any,
                  more: Callable[[], Point | None] | None = None,
                  finished: Callable[[Point], None] | None = None, total: int | None = None,
-                 inherited: tuple[int, ...] = ()):
+                 launcher: Any = None):
         self.points = points
         self.jobs = max(jobs, 1)
         self.fail_fast = fail_fast
@@ -180,7 +190,7 @@ class Sweep:
         self.more = more or (lambda: None)
         self.finished = finished or (lambda point: None)
         self.total = total or len(points)
-        self.inherited = inherited
+        self.launcher = launcher or Processes(self.jobs)
         self.stopping = False
 
     def run(self) -> int:
@@ -195,13 +205,16 @@ class Sweep:
                     running.append(self._start(point))
                 if not running:
                     break
-                for point in [p for p in running if p.process.poll() is not None]:
+                for point in [p for p in running if self.launcher.ended(p)]:
                     running.remove(point)
                     self._finish(point)
                     if point.status != "completed" and self.fail_fast and not self.stopping:
                         self._stop(running, signal.SIGTERM, "--fail-fast: stopping the sweep")
-                time.sleep(0.05)
+                time.sleep(self.launcher.poll_s)
         except KeyboardInterrupt:
+            if self.launcher.detached:  # its jobs are not this command's to stop
+                self.log(self.launcher.leave(running))
+                return 130
             self._stop(running, signal.SIGINT, "interrupted: letting running points checkpoint "
                                                "(Ctrl-C again to stop them now)")
             self._wait(running)
@@ -215,11 +228,11 @@ class Sweep:
         them at once (they resume from their last checkpoint)."""
         try:
             for point in running:
-                point.process.wait()
+                self.launcher.wait(point)
         except KeyboardInterrupt:
             self._stop(running, signal.SIGINT, "interrupted again: stopping the points now")
             for point in running:
-                point.process.wait()
+                self.launcher.wait(point)
         for point in running:
             self._finish(point)
 
@@ -230,10 +243,47 @@ class Sweep:
         return point
 
     def _start(self, point: Point) -> Point:
+        point.started = time.time()
+        how = self.launcher.start(point)
+        point.status = "running"
+        self.log(f"{self._where(point)} {how}  {point.label()}")
+        return point
+
+    def _finish(self, point: Point) -> None:
+        self.launcher.finish(point)
+        point.seconds = time.time() - point.started
+        self.log(f"{self._where(point)} {point.status:<10} {point.label()} -> "
+                 f"{point.run_id or '-'} ({point.seconds:.1f}s)")
+        if point.status != "completed" and point.error:
+            self.log("    " + point.error.splitlines()[-1])
+        self.finished(point)
+
+    def _where(self, point: Point) -> str:
+        return f"[{point.name}]" if point.name else f"[{point.index + 1}/{self.total}]"
+
+    def _stop(self, running: list[Point], signum: int, why: str) -> None:
+        self.stopping = True
+        self.log(why)
+        for point in running:
+            self.launcher.stop(point, signum)
+
+
+class Processes:
+    """The local pool: each point a `python -m karpathy_runner train ...` process on this
+    machine, its output in temp files; each holds the `inherited` descriptors (a search's lock
+    on its trials)."""
+
+    detached = False  # a point's process stops with the sweep's command
+    poll_s = 0.05
+
+    def __init__(self, jobs: int, inherited: tuple[int, ...] = ()):
+        self.jobs = jobs
+        self.inherited = inherited
+
+    def start(self, point: Point) -> str:
         out = tempfile.TemporaryFile("w+")
         err = tempfile.TemporaryFile("w+")
         point.files = (out, err)
-        point.started = time.time()
         # in a session of its own: a Ctrl-C at the terminal reaches the sweep alone, which passes
         # one SIGINT on (two would stop a point at once, without its checkpoint)
         point.process = subprocess.Popen(
@@ -241,27 +291,32 @@ class Sweep:
             stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True,
             env=self._environment(), pass_fds=self.inherited,
         )
-        point.status = "running"
-        self.log(f"{self._where(point)} started  {point.label()}")
-        return point
+        return "started"
 
-    def _finish(self, point: Point) -> None:
-        point.exit_code = point.process.returncode
-        point.seconds = time.time() - point.started
+    def active(self, key: int) -> bool:
+        """Is point `key` running already, started by an earlier command? Not as this pool
+        knows: it knows only the processes it started."""
+        return False
+
+    def ended(self, point: Point) -> bool:
+        return point.process.poll() is not None
+
+    def finish(self, point: Point) -> None:
         out, err = point.files
         out.seek(0)
         err.seek(0)
-        lines = out.read().strip().splitlines()
-        point.run_id = lines[-1] if lines else None
-        point.error = err.read().strip()
+        point.exit_code = point.process.returncode
+        point.run_id, point.error = last_line(out.read()), err.read().strip()
         out.close()
         err.close()
         point.status = STATUS_BY_EXIT.get(point.exit_code, f"exit {point.exit_code}")
-        self.log(f"{self._where(point)} {point.status:<10} {point.label()} -> "
-                 f"{point.run_id or '-'} ({point.seconds:.1f}s)")
-        if point.status != "completed" and point.error:
-            self.log("    " + point.error.splitlines()[-1])
-        self.finished(point)
+
+    def stop(self, point: Point, signum: int) -> None:
+        if point.process.poll() is None:
+            point.process.send_signal(signum)
+
+    def wait(self, point: Point) -> None:
+        point.process.wait()
 
     def _environment(self) -> dict[str, str]:
         """The points' environment: with several at once and no OMP_NUM_THREADS of the user's,
@@ -272,15 +327,11 @@ class Sweep:
             environment["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.jobs))
         return environment
 
-    def _where(self, point: Point) -> str:
-        return f"[{point.name}]" if point.name else f"[{point.index + 1}/{self.total}]"
 
-    def _stop(self, running: list[Point], signum: int, why: str) -> None:
-        self.stopping = True
-        self.log(why)
-        for point in running:
-            if point.process.poll() is None:
-                point.process.send_signal(signum)
+def last_line(text: str) -> str | None:
+    """The last line `kdl train` printed on stdout: its run id (None: it printed none)."""
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else None
 
 
 def results(points: list[Point], runs_dir: Path) -> list[dict[str, Any]]:

@@ -49,8 +49,11 @@ def claim(root: Path, config_hash: str, wait: Callable[[str], None]) -> Lock:
 
 
 def _append(root: Path, sweep: str, entry: dict[str, Any]) -> None:
+    _append_to(_folder(root) / f"{sweep}.jsonl", entry)
+
+
+def _append_to(path: Path, entry: dict[str, Any]) -> None:
     line = json.dumps({**entry, "at": utc_now()}) + "\n"
-    path = _folder(root) / f"{sweep}.jsonl"
     refuse_foreign(path, stat.S_ISREG)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
     try:
@@ -83,3 +86,27 @@ def taken(root: Path, sweep: str) -> dict[str, str]:
     records = read_jsonl_lines(root / SWEEPS / f"{sweep}.jsonl")
     return {r["run"]: r["how"] for r in records
             if isinstance(r.get("run"), str) and r.get("how") in TAKEN}
+
+
+JOBS = "jobs"  # in .sweeps/<sweep id>: submitit's folder, and (.jsonl) the record of its jobs
+
+
+def sweep_folder(root: Path, sweep: str) -> Path:
+    """The folder of a sweep whose points are jobs, made if missing (its lock, its jobs)."""
+    return _folder(root, sweep)
+
+
+def jobs_folder(root: Path, sweep: str) -> Path:
+    """The folder of the sweep's jobs, made if missing (submitit writes there)."""
+    return _folder(root, sweep, JOBS)
+
+
+def record_job(root: Path, sweep: str, entry: dict[str, Any]) -> None:
+    """Record a job submitted for a point of `sweep` (its key, its job id, its launcher)."""
+    _append_to(_folder(root, sweep) / f"{JOBS}.jsonl", entry)
+
+
+def recorded_jobs(root: Path, sweep: str) -> list[dict[str, Any]]:
+    """The jobs submitted for `sweep`, oldest first (no file: none)."""
+    return [r for r in read_jsonl_lines(root / SWEEPS / sweep / f"{JOBS}.jsonl")
+            if isinstance(r.get("job"), str) and type(r.get("key")) is int]
