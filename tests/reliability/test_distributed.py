@@ -192,21 +192,8 @@ def _skip_step_rank(rank: int, init_file: str, results: multiprocessing.Queue) -
 def test_skip_step_is_decided_by_all_ranks_together(tmp_path):
     """on_nonfinite: skip_step with a non-finite loss on one rank only: every rank skips the
     step (none waits alone in the gradient all-reduce) and no weight moves anywhere."""
-    context = multiprocessing.get_context("fork")  # no torch import per rank: a second or two
-    results = context.Queue()
-    workers = [context.Process(target=_skip_step_rank, args=(rank, str(tmp_path / "init"), results))
-               for rank in range(2)]
-    for worker in workers:
-        worker.start()
-    try:
-        for worker in workers:
-            worker.join(timeout=60)
-            assert worker.exitcode == 0, "a rank hung or failed"
-    finally:  # a rank left waiting in a collective must not outlive the test
-        for worker in workers:
-            if worker.is_alive():
-                worker.kill()
-    assert sorted(results.get(timeout=5) for _ in workers) == [(0, True, True), (1, True, True)]
+    results = forked_ranks(_skip_step_rank, lambda rank: (rank, str(tmp_path / "init")), timeout=60)
+    assert sorted(results) == [(0, True, True), (1, True, True)]
 
 
 # ----------------------------------------------------------------------------- forked workers
@@ -241,21 +228,30 @@ def two_workers(runs: Path, config: Path, *overrides: str, patch: Callable[[], N
     """Two training processes forked from this one (no torch import each: seconds sooner than
     torchrun's), each one's (rank, exit code, summary or refusal) in rank order. `patch` runs in
     each before it trains."""
+    port = _free_port()
+    results = forked_ranks(_worker_rank, lambda rank: (rank, port, runs, str(config), list(overrides), patch),
+                           timeout=120)
+    return sorted(results, key=lambda result: result[0])
+
+
+def forked_ranks(target: Callable[..., None], args: Callable[[int], tuple[Any, ...]], timeout: float
+                 ) -> list[Any]:
+    """What two processes forked from this one (no torch import each: seconds sooner than
+    torchrun's) put on their queue: `target(*args(rank), queue)` in each."""
     context = multiprocessing.get_context("fork")
-    results, port = context.Queue(), _free_port()
-    workers = [context.Process(target=_worker_rank, args=(rank, port, runs, str(config), list(overrides),
-                                                          patch, results)) for rank in range(2)]
+    results = context.Queue()
+    workers = [context.Process(target=target, args=(*args(rank), results)) for rank in range(2)]
     for worker in workers:
         worker.start()
     try:
         for worker in workers:
-            worker.join(timeout=120)
+            worker.join(timeout=timeout)
             assert worker.exitcode == 0, "a rank hung or failed"
     finally:  # a rank left waiting in a collective must not outlive the test
         for worker in workers:
             if worker.is_alive():
                 worker.kill()
-    return sorted((results.get(timeout=5) for _ in workers), key=lambda result: result[0])
+    return [results.get(timeout=5) for _ in workers]
 
 
 @pytest.mark.parametrize("config, overrides", [
