@@ -194,6 +194,7 @@ def test_a_voc_box_outside_its_image_names_the_xml_file(tmp_path):
     assert refused.exit_code == 2 and str(xml) in refused.stderr and "reaches outside" in refused.stderr
 
 
+@pytest.mark.slow  # 17 s: the detector trained three times over
 def test_stopped_and_resumed_equals_uninterrupted(tmp_path):
     overrides = [*TINY, f"data.root={tmp_path / 'shapes'}", "data.augment=[crop,flip]", "data.crop_padding=4",
                  "data.test_images=0", "train.epochs=2", "train.deterministic=true",
