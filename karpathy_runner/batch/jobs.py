@@ -28,7 +28,7 @@ from typing import Any
 
 from ..errors import KdlError
 from ..runfolder import fsio, sweeps
-from ..runfolder.layout import process_start_time
+from ..runfolder.layout import process_running, process_start_time
 from ..runfolder.reader import Run, iter_runs
 from .launch import INSTALL, Launcher, executor
 from .sweep import STATUS_BY_EXIT, Point, Sweep, last_line, point_sets, shown
@@ -144,11 +144,7 @@ class JobView:
         state = self.job.state
         if state != "NO PROCESS AND NO RESULT":  # submitted by this process: it knows
             return state == "RUNNING"
-        try:
-            os.kill(int(self.job_id), 0)
-        except (ProcessLookupError, PermissionError, ValueError):
-            return False
-        return process_start_time(int(self.job_id)) == self.record.get("pid_started")
+        return self.job_id.isdigit() and process_running(int(self.job_id), self.record.get("pid_started"))
 
 
 def recorded(root: Path, sweep_id: str) -> dict[int, JobView]:

@@ -37,6 +37,7 @@ import numpy as np
 
 from ..config.data import ShapesDataConfig
 from ..errors import KdlError
+from ..runfolder.layout import process_running
 from .base import DataBundle, Preprocessing
 from .image_sets import channel_stats
 from .segmentation import bundle, read_pairs, voc_pairs, voc_palette
@@ -138,18 +139,8 @@ def _remove_stale(root: Path) -> None:
     for temp in root.parent.glob(f".{root.name}.tmp-*"):
         with contextlib.suppress(ValueError, IndexError):
             pid = int(temp.name.rsplit(".tmp-", 1)[1].split("-")[0])
-            if pid != os.getpid() and not _alive(pid):
+            if pid != os.getpid() and not process_running(pid):
                 shutil.rmtree(temp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # someone else's process
-        return True
-    return True
 
 
 def _move_into_place(temp: Path, root: Path, wanted: dict[str, Any]) -> None:

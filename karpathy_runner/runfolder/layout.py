@@ -101,18 +101,23 @@ def create_run_folder(root: Path, name: str) -> Path:
 
 
 def process_start_time(pid: int) -> int | None:
-    fields = _stat(pid)
+    return _start_time(_stat(pid))
+
+
+def process_running(pid: int, started: int | None = None) -> bool:
+    """Whether process `pid` runs: it exists, has not ended unreaped (a zombie, killed with its
+    parent and waiting for init, answers a signal 0 but runs nothing), and, given `started` (its
+    start time as `process_start_time` read it), is that process, not a later one of its pid."""
     try:
-        return int(fields[19]) if fields else None
-    except (IndexError, ValueError):
-        return None
-
-
-def is_zombie(pid: int) -> bool:
-    """Whether process `pid` has ended but not been reaped yet (a killed process whose parent
-    died with it waits for init): it still answers a signal 0, but runs nothing."""
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process: it exists, and /proc still tells its state and start
     fields = _stat(pid)
-    return bool(fields) and fields[0] == "Z"
+    if not fields:  # no /proc: the signal's answer
+        return True
+    return fields[0] != "Z" and (started is None or _start_time(fields) in (None, started))
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -122,6 +127,12 @@ def _stat(pid: int) -> list[str] | None:
     except (OSError, IndexError):
         return None
 
+
+def _start_time(fields: list[str] | None) -> int | None:
+    try:
+        return int(fields[19]) if fields else None
+    except (IndexError, ValueError):
+        return None
 
 
 def run_environment(command: list[str]) -> dict[str, Any]:

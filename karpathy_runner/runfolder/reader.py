@@ -22,8 +22,7 @@ from .layout import (
     SUMMARY,
     VOCAB,
     host_name,
-    is_zombie,
-    process_start_time,
+    process_running,
 )
 from .sweeps import pruned
 
@@ -258,22 +257,7 @@ def _process_alive(meta: dict[str, Any]) -> bool:
     pid = meta.get("pid")
     if not pid or meta.get("host") != host_name():
         return True  # another machine's process: we cannot tell, trust the file
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return not is_zombie(int(pid)) and _same_process(int(pid), meta.get("pid_started"))
-
-
-def _same_process(pid: int, started: Any) -> bool:
-    """Guard against pid reuse: compare the process start time recorded at launch."""
-    if started is None:
-        return True
-    now = process_start_time(pid)
-    return now is None or now == started
-
+    return process_running(int(pid), meta.get("pid_started"))
 
 
 def iter_runs(root: Path) -> Iterator[Run]:

@@ -157,8 +157,7 @@ def test_a_run_whose_process_ended_unreaped_is_crashed_not_running(runs_dir):
     if pid == 0:
         os._exit(0)
     try:
-        while not layout.is_zombie(pid):  # (the child's exit takes a moment)
-            pass
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # it has ended, and stays unreaped
         folder = make_run(runs_dir, status="running", pid=pid)
         meta = json.loads((folder / "meta.json").read_text())
         (folder / "meta.json").write_text(json.dumps({**meta, "pid_started": layout.process_start_time(pid)}))
