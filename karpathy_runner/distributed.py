@@ -96,21 +96,26 @@ class Ranks:
         return values
 
     def wrap(self, model: nn.Module, sync_batch_norm: bool = False) -> nn.Module:
-        """What a training forward of `model` goes through: the model itself for one process;
-        for several, its DistributedDataParallel wrapper (rank 0's weights and buffers on every
-        rank as it is made), whose forward readies the gradient averaging of the backward pass
-        that follows. `sync_batch_norm`: its batch norms become SyncBatchNorm first, holding the
-        same parameters and buffers (so its optimizer and checkpoints are unchanged)."""
-        if self.world == 1:
+        """What a training forward of `model` goes through: the model itself for one process
+        that torchrun did not start; for torchrun's processes, a world of one too (what a user
+        of `--nproc-per-node 1` expects: DDP's own costs, measured in bench/ddp.py), its
+        DistributedDataParallel wrapper (rank 0's weights and buffers on every rank as it is
+        made), whose forward readies the gradient averaging of the backward pass that follows.
+        `sync_batch_norm`, with several processes: its batch norms become SyncBatchNorm first,
+        holding the same parameters and buffers (so its optimizer and checkpoints are unchanged);
+        over one process it would be plain batch norm."""
+        if self.backend is None:
             return model
-        if sync_batch_norm:
+        if sync_batch_norm and self.world > 1:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         # DDP's default for buffers: rank 0's on every rank at each forward, one model as a
         # single process carries it (batch-norm statistics, the spectral norm's vectors its
         # forward uses). find_unused_parameters off: a backward reaches all of a wrapped model's
         # parameters or none (a phase that holds it fixed, a skipped step), which DDP allows
-        # without searching the graph at every forward
-        return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
+        # without searching the graph at every forward. The gradients are views into DDP's
+        # buckets: no copy into them and back at each step (bench/ddp_step.py), half the memory
+        return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False,
+                                                         gradient_as_bucket_view=True)
 
     def broadcast_buffers(self, models: list[nn.Module]) -> None:
         """Rank 0's buffers on every rank. Between forwards each rank holds the statistics of its

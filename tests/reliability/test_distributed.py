@@ -205,14 +205,14 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _worker_rank(rank: int, port: int, runs: Path, config: str, overrides: list[str],
+def _worker_rank(rank: int, world: int, port: int, runs: Path, config: str, overrides: list[str],
                  patch: Callable[[], None] | None, results: multiprocessing.Queue) -> None:
-    """Rank `rank` of two torchrun workers of `kdl train CONFIG --set OVERRIDES`, as
+    """Rank `rank` of `world` torchrun workers of `kdl train CONFIG --set OVERRIDES`, as
     `python -m karpathy_runner` runs one (session.train): its exit code and summary, or what it
     raised (a refusal's exit code, or None)."""
     torch.set_num_threads(1)  # forked: as OMP_NUM_THREADS=1 does for a launched worker
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-                       "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     if patch is not None:
         patch()
     try:
@@ -223,24 +223,24 @@ def _worker_rank(rank: int, port: int, runs: Path, config: str, overrides: list[
         results.put((rank, exc.exit_code if isinstance(exc, KdlError) else None, str(exc)))
 
 
-def two_workers(runs: Path, config: Path, *overrides: str, patch: Callable[[], None] | None = None
-                ) -> list[tuple[int, int, Any]]:
-    """Two training processes forked from this one (no torch import each: seconds sooner than
-    torchrun's), each one's (rank, exit code, summary or refusal) in rank order. `patch` runs in
-    each before it trains."""
+def two_workers(runs: Path, config: Path, *overrides: str, patch: Callable[[], None] | None = None,
+                world: int = 2) -> list[tuple[int, int, Any]]:
+    """Two (or `world`) training processes forked from this one (no torch import each: seconds
+    sooner than torchrun's), each one's (rank, exit code, summary or refusal) in rank order.
+    `patch` runs in each before it trains."""
     port = _free_port()
-    results = forked_ranks(_worker_rank, lambda rank: (rank, port, runs, str(config), list(overrides), patch),
-                           timeout=120)
+    results = forked_ranks(_worker_rank, lambda rank: (rank, world, port, runs, str(config), list(overrides),
+                                                       patch), timeout=120, world=world)
     return sorted(results, key=lambda result: result[0])
 
 
-def forked_ranks(target: Callable[..., None], args: Callable[[int], tuple[Any, ...]], timeout: float
-                 ) -> list[Any]:
-    """What two processes forked from this one (no torch import each: seconds sooner than
-    torchrun's) put on their queue: `target(*args(rank), queue)` in each."""
+def forked_ranks(target: Callable[..., None], args: Callable[[int], tuple[Any, ...]], timeout: float,
+                 world: int = 2) -> list[Any]:
+    """What two (or `world`) processes forked from this one (no torch import each: seconds sooner
+    than torchrun's) put on their queue: `target(*args(rank), queue)` in each."""
     context = multiprocessing.get_context("fork")
     results = context.Queue()
-    workers = [context.Process(target=target, args=(*args(rank), results)) for rank in range(2)]
+    workers = [context.Process(target=target, args=(*args(rank), results)) for rank in range(world)]
     for worker in workers:
         worker.start()
     try:
@@ -326,6 +326,38 @@ def test_sync_batch_norm_is_refused_on_the_cpu_and_reaches_the_models(tmp_path):
 
     for _, code, error in two_workers(runs, CONFIGS / "digits_cnn.yaml", *asked, patch=let_through):
         assert code is None and "SyncBatchNorm layers only work with GPU modules" in error, error
+
+
+def test_one_torchrun_process_trains_through_ddp_to_the_plain_runs_weights(tmp_path):
+    """torchrun with one process (how a one-GPU DDP run is launched) trains each model through
+    DistributedDataParallel as any number of processes does, to the weights of the run without
+    torchrun, bit for bit (DDP's average over one process is the gradient itself). Over one
+    process train.sync_batch_norm is batch norm: it trains on the CPU too."""
+    asked = ["model.channels=[8,16]", "model.batch_norm=true", "train.sync_batch_norm=true",
+             "train.device=cpu", "train.epochs=1", "train.max_steps=6", "data.batch_size=64"]
+    wrapped = tmp_path / "wrapped"
+
+    def record_wrappers() -> None:
+        made = torch.nn.parallel.DistributedDataParallel.__init__
+
+        def init(self, module, *args, **kwargs) -> None:
+            with wrapped.open("a") as file:
+                file.write(" ".join(type(m).__name__ for m in module.modules() if "Norm" in type(m).__name__))
+                file.write("\n")
+            made(self, module, *args, **kwargs)
+
+        torch.nn.parallel.DistributedDataParallel.__init__ = init
+
+    [(_, code, summary)] = two_workers(tmp_path / "torchrun", CONFIGS / "digits_cnn.yaml", *asked,
+                                       patch=record_wrappers, world=1)
+    assert (code, summary["steps"]) == (0, 6), summary
+    assert wrapped.read_text() == "BatchNorm2d BatchNorm2d\n"  # one wrapper, plain batch norms
+    with one_thread():
+        alone = kdl("train", CONFIGS / "digits_cnn.yaml", *sets(asked), "--runs-dir", tmp_path / "alone",
+                    "--quiet")
+    assert alone.exit_code == 0, alone.stderr
+    assert_same_tensors(final_state(only_run(tmp_path / "torchrun"))["models"],
+                        final_state(only_run(tmp_path / "alone"))["models"])
 
 
 def test_two_machines_of_one_process_train_as_one_machine_of_two(two_processes, tmp_path):
