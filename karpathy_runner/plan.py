@@ -4,6 +4,7 @@ config or run-reference mistake is reported in a fraction of a second."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,8 @@ from .runfolder import layout, sweeps
 from .runfolder.fsio import Lock, RunLock
 from .runfolder.reader import Run, iter_runs, refuse_damaged, resolve_run
 from .trackers.base import check_installed
+
+ELSEWHERE_POLL_S = 5.0  # how often --skip-existing looks at a run another machine trains
 
 
 @dataclass
@@ -134,9 +137,11 @@ def _point(overrides: list[str]) -> dict[str, Any]:
 def _existing_run(runs_root: Path, cfg: Config, wait: Callable[[str], None] | None
                   ) -> tuple[Run | None, RunLock | None]:
     """The newest run of the same experiment (config hash) that is not failed or damaged. Given
-    `wait` (the process that would train it), a run still training is waited for and looked at
-    again once it ends, and the lock of a run to resume comes with it, held."""
+    `wait` (the process that would train it), a run still training, here or on another machine
+    whose heartbeat says so, is waited for and looked at again once it ends, and the lock of a
+    run to resume comes with it, held."""
     wanted = cfg.hash()
+    told = False
     while True:
         run = next((run for run in sorted(iter_runs(runs_root), key=lambda r: r.id, reverse=True)
                     if run.status not in ("failed", "damaged")
@@ -147,7 +152,15 @@ def _existing_run(runs_root: Path, cfg: Config, wait: Callable[[str], None] | No
             f"run {run.id} of this config is in use by another kdl process (pid {pid}): waiting "
             "for it to end, to take the run (--skip-existing)"))
         run = Run(run.path)  # as it ended
-        if run.status in ("completed", "running"):  # (running: another machine's process)
+        if run.status == "running" and run.meta.get("heartbeat_s"):  # another machine trains it
+            held.release()
+            if not told:
+                wait(f"run {run.id} of this config is training ({run.process}): waiting for it to "
+                     "end, or for its heartbeat to stop, to take the run (--skip-existing)")
+                told = True
+            time.sleep(ELSEWHERE_POLL_S)
+            continue
+        if run.status in ("completed", "running"):  # (running: an older kdl on another machine)
             held.release()
             return run, None
         if run.status not in ("failed", "damaged"):
@@ -160,7 +173,11 @@ def _resume_config(run: Run, overrides: list[str], allow_changes: bool
     """The config a resume continues with, and its changes; refuses what cannot be resumed."""
     refuse_damaged(run)
     if run.status == "running":
-        raise KdlError(f"run {run.id} is still running (pid {run.meta.get('pid')}); stop it first")
+        every = run.meta.get("heartbeat_s")
+        elsewhere = run.meta.get("host") != layout.host_name() and every
+        raise KdlError(f"run {run.id} is still running ({run.process}); stop it first" + (
+            f". If that machine or its job died, the run reads crashed once its heartbeat has been "
+            f"silent for {round(layout.STALE_BEATS * every)} s: resume it then" if elsewhere else ""))
     pending = run.meta.get("pending_config")
     if isinstance(pending, str):  # a change recorded, then a kill before it was applied: apply it
         raw = parse_yaml(pending, f"{run.path / layout.META} (pending_config)")

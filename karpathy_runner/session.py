@@ -183,8 +183,10 @@ class Session:
         duration = previous_duration + time.time() - began
         summary = _summary(trainer, status, duration)
         try:
-            writer.finish(status, error, duration, summary)
-            writer.close()
+            try:
+                writer.finish(status, error, duration, summary)
+            finally:  # its threads (checkpoints, heartbeat) end whatever the disk said
+                writer.close()
         except OSError as exc:  # e.g. the disk filled up: say so, keep the original error first
             status, exit_code = "failed", exit_code or 1
             error = (error + " " if error else "") + (

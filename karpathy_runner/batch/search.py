@@ -239,8 +239,8 @@ class Search:
             if status in ("completed", "failed"):
                 self.tell(trial.number, trial.run)
             elif status == "running" and not self.launcher.active(trial.number):
-                self.log(f"trial {trial.number}: its run {trial.run.id} is still running (pid "
-                         f"{trial.run.meta.get('pid')}); run this command again once it ends")
+                self.log(f"trial {trial.number}: its run {trial.run.id} runs ({trial.run.process}); "
+                         "run this command again once it ends, or (if its machine died) reads crashed")
             else:
                 queue.append(trial)
         if queue:

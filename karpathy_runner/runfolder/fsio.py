@@ -169,8 +169,13 @@ class Lock:
                 os.close(fd)
                 raise
             os.close(fd)  # its holder removed it as it let go: take the one at the path now
+        # the holder's pid, for the messages of those that wait; the file's time is left as it
+        # was: it is the heartbeat of the run's training process (layout.Heartbeat), which a
+        # process that only looks at the run must not renew
+        held = os.fstat(fd)
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
+        os.utime(fd, ns=(held.st_atime_ns, held.st_mtime_ns))
         self._fd = fd
         return self
 

@@ -11,6 +11,8 @@ import datetime as dt
 import os
 import re
 import socket
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +102,59 @@ def create_run_folder(root: Path, name: str) -> Path:
 
 
 
+# A training process touches its run's .lock every HEARTBEAT_S seconds (meta.json's heartbeat_s):
+# on another machine, which cannot look its pid up, that is how its run reads `running`; one
+# that missed STALE_BEATS beats is gone (killed, out of memory, its node failed), and its run
+# `crashed`. The machines' clocks must agree to within the margin (NTP does).
+HEARTBEAT_S = 15
+STALE_BEATS = 8
+
+
+class Heartbeat:
+    """Keeps the modification time of `path` (the run's .lock, which the run's process holds)
+    fresh from a daemon thread until `stop`. The file is never opened (closing a descriptor of
+    it could drop the lock where flock is emulated by POSIX locks), and a symlink swapped in is
+    touched itself, never what it points to."""
+
+    def __init__(self, path: Path, every: float = HEARTBEAT_S):
+        self._path = path
+        self._every = every
+        self._stopped = threading.Event()
+        self._beat()
+        self._thread = threading.Thread(target=self._run, name=f"kdl-heartbeat {path.parent.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        try:
+            os.utime(self._path, follow_symlinks=False)
+        except OSError:  # a full or read-only disk for a moment: the next beat tries again
+            pass
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._every):
+            self._beat()
+
+    def stop(self) -> None:
+        if not self._stopped.is_set():
+            self._stopped.set()
+            self._thread.join()
+
+
+def beating(folder: Path, meta: dict[str, Any]) -> bool:
+    """Does the process of a `running` run on another machine still beat (its .lock touched in
+    the last STALE_BEATS heartbeats)? A run of a kdl without the heartbeat (no heartbeat_s in
+    its meta.json) cannot tell: it is taken at its word."""
+    every = meta.get("heartbeat_s")
+    if type(every) not in (int, float) or every <= 0:
+        return True
+    try:
+        touched = os.stat(folder / LOCK, follow_symlinks=False).st_mtime
+    except OSError:
+        return False
+    return time.time() - touched < STALE_BEATS * every
+
+
 def process_start_time(pid: int) -> int | None:
     return _start_time(_stat(pid))
 
@@ -147,6 +202,7 @@ def run_environment(command: list[str]) -> dict[str, Any]:
         "host": host_name(),
         "pid": pid,
         "pid_started": process_start_time(pid),
+        "heartbeat_s": HEARTBEAT_S,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "executable": sys.executable,

@@ -21,6 +21,7 @@ from .layout import (
     METRICS,
     SUMMARY,
     VOCAB,
+    beating,
     host_name,
     process_running,
 )
@@ -30,9 +31,9 @@ from .sweeps import pruned
 # damage, dropped so that no reader meets it
 META_TYPES: dict[str, type | tuple[type, ...]] = {
     "id": str, "name": str, "status": str, "model": str, "dataset": str, "task": str,
-    "created_at": str, "host": str, "pid": int, "epochs": int, "epochs_done": int, "step": int,
-    "duration_s": (int, float), "best": dict, "sweep": dict, "versions": dict,
-    "metric_modes": dict, "resumes": list, "command": list,
+    "created_at": str, "host": str, "pid": int, "heartbeat_s": (int, float), "epochs": int,
+    "epochs_done": int, "step": int, "duration_s": (int, float), "best": dict, "sweep": dict,
+    "versions": dict, "metric_modes": dict, "resumes": list, "command": list,
 }
 SUMMARY_TYPES: dict[str, type | tuple[type, ...]] = {"final": dict, "best": dict}
 PID_MAX = 2**31 - 1  # a process id is a positive pid_t
@@ -131,11 +132,17 @@ class Run:
         status = self.meta.get("status", "unknown")
         if self.damage:
             return "damaged"
-        if status == "running" and not _process_alive(self.meta):
+        if status == "running" and not _process_alive(self.meta, self.path):
             return "crashed"
         if status == "paused" and self._pruned():
             return "pruned"
         return status
+
+    @property
+    def process(self) -> str:
+        """The run's process as messages name it: "pid N", and " on HOST" if another machine's."""
+        host = self.meta.get("host")
+        return f"pid {self.meta.get('pid')}" + (f" on {host}" if host and host != host_name() else "")
 
     def _pruned(self) -> bool:
         tag = self.meta.get("sweep")
@@ -253,10 +260,12 @@ def _parse_utc(stamp: Any) -> dt.datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
 
 
-def _process_alive(meta: dict[str, Any]) -> bool:
+def _process_alive(meta: dict[str, Any], folder: Path) -> bool:
     pid = meta.get("pid")
-    if not pid or meta.get("host") != host_name():
-        return True  # another machine's process: we cannot tell, trust the file
+    if not pid:
+        return True
+    if meta.get("host") != host_name():  # another machine's process: its heartbeat tells
+        return beating(folder, meta)
     return process_running(int(pid), meta.get("pid_started"))
 
 

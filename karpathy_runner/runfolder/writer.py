@@ -55,6 +55,7 @@ class RunWriter:
         self._covering = False  # has it trackers' records to hand over once it is on disk?
         self._folders: dict[Path, int] = {}  # descriptors the checkpoint thread fsyncs
         self._vocabulary: str | None = None  # the digest of the run's vocabulary (encodes_with)
+        self._heartbeat: layout.Heartbeat | None = None  # while it trains: its .lock kept fresh
         if rank == 0:  # what it will write is the run's own, before anything is written
             for name in layout.OWN_FILES:
                 fsio.refuse_foreign(self.folder / name, stat.S_ISREG)
@@ -92,6 +93,7 @@ class RunWriter:
                          **layout.run_environment(command))
         (self.folder / layout.METRICS).touch()  # present from the start, even with no record yet
         self._open_trackers(tracking)
+        self._heartbeat = layout.Heartbeat(self.folder / layout.LOCK, layout.HEARTBEAT_S)
 
     @_rank_zero
     def resume(self, step: int, command: list[str], changes: dict[str, Any],
@@ -103,7 +105,7 @@ class RunWriter:
         kept = self._keep_metrics_up_to(step)
         environment = layout.run_environment(command)
         live = {"status": "running",
-                **{k: environment[k] for k in ("command", "host", "pid", "pid_started")}}
+                **{k: environment[k] for k in ("command", "host", "pid", "pid_started", "heartbeat_s")}}
         record = {"at": utc_now(), "step": step, "command": command, "changes": changes}
         self.meta["resumes"] = [*self.meta.get("resumes", []), record]
         if config_yaml is not None:
@@ -115,6 +117,7 @@ class RunWriter:
             self.meta.pop("pending_config")
         self.update_meta(**live, **fields)
         self._open_trackers(tracking, resumed_at=step, history=kept)
+        self._heartbeat = layout.Heartbeat(self.folder / layout.LOCK, layout.HEARTBEAT_S)
 
     @_rank_zero
     def finish(self, status: str, error: str | None, duration: float, summary: dict[str, Any]) -> None:
@@ -190,6 +193,9 @@ class RunWriter:
 
     def close(self) -> None:
         self._saving.close()  # (its thread is done with metrics.jsonl and the folders)
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
         for handle in (self._metrics, self._log):
             if handle is not None and not handle.closed:
                 handle.close()

@@ -9,6 +9,8 @@ import itertools
 import json
 import os
 import stat
+import threading
+import time
 
 import pytest
 from kdl import kdl, train_tiny
@@ -164,3 +166,121 @@ def test_a_run_whose_process_ended_unreaped_is_crashed_not_running(runs_dir):
         assert json.loads(kdl("runs", "--json").stdout)[0]["status"] == "crashed"
     finally:
         os.waitpid(pid, 0)
+
+
+def _another_machines_run(runs_dir, **meta: object):
+    """A `running` run of a process on another machine (its pid cannot be looked up here)."""
+    folder = make_run(runs_dir, status="running", pid=12345)
+    written = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**written, "host": "node-a", **meta}))
+    (folder / ".lock").write_text("12345")
+    return folder
+
+
+def _shown_status(folder) -> str:
+    return {r["id"]: r["status"] for r in json.loads(kdl("runs", "--json").stdout)}[folder.name]
+
+
+def _age(path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then), follow_symlinks=False)
+
+
+def test_another_machines_run_is_running_while_its_heartbeat_beats_then_crashed(runs_dir):
+    """Another machine's process is known by its heartbeat, the time of its run's .lock: fresh,
+    the run is running; silent for STALE_BEATS beats (its job killed, its node lost), crashed,
+    and a resume or --skip-existing takes it. A run of a kdl without the heartbeat (no
+    heartbeat_s) is taken at its word, as before."""
+    beating = _another_machines_run(runs_dir, heartbeat_s=15)
+    assert _shown_status(beating) == "running"
+    _age(beating / ".lock", layout.STALE_BEATS * 15 - 5)
+    assert _shown_status(beating) == "running"
+    _age(beating / ".lock", layout.STALE_BEATS * 15 + 5)
+    assert _shown_status(beating) == "crashed"
+    (beating / ".lock").unlink()
+    assert _shown_status(beating) == "crashed"
+    older = _another_machines_run(runs_dir)
+    _age(older / ".lock", 3600)
+    assert _shown_status(older) == "running"
+
+
+def test_a_resume_of_a_run_another_machine_trains_names_the_machine_and_when_it_may_go_on(runs_dir):
+    folder = _another_machines_run(runs_dir, heartbeat_s=15)
+    refused = kdl("train", "--resume", folder.name)
+    assert refused.exit_code == 2
+    assert (f"run {folder.name} is still running (pid 12345 on node-a); stop it first. If that "
+            "machine or its job died, the run reads crashed once its heartbeat has been silent for "
+            "120 s: resume it then") in " ".join(refused.stderr.split())
+
+
+def test_only_the_training_process_beats_a_process_that_takes_the_lock_to_look_does_not(tmp_path):
+    """The heartbeat touches the .lock every beat from its own thread until stopped, never
+    through a symlink put in its place; taking the lock (a --skip-existing that looks, a resume
+    that refuses) leaves its time as it was, or it would keep a dead machine's run alive."""
+    lock = tmp_path / ".lock"
+    held = fsio.RunLock(tmp_path).acquire()
+    _age(lock, 600)
+    held.release()
+    fsio.RunLock(tmp_path).acquire().release()
+    assert time.time() - lock.stat().st_mtime > 590
+    heartbeat = layout.Heartbeat(lock, every=0.05)
+    try:
+        assert time.time() - lock.stat().st_mtime < 5
+        _age(lock, 600)
+        deadline = time.monotonic() + 10
+        while time.time() - lock.stat().st_mtime > 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert time.time() - lock.stat().st_mtime < 5  # beaten again, by the thread
+    finally:
+        heartbeat.stop()
+    _age(lock, 600)
+    time.sleep(0.2)
+    assert time.time() - lock.stat().st_mtime > 590  # stopped: no more beats
+    target = tmp_path / "elsewhere"
+    target.write_text("")
+    _age(target, 600)
+    lock.unlink()
+    lock.symlink_to(target)
+    layout.Heartbeat(lock, every=60).stop()
+    assert time.time() - target.stat().st_mtime > 590
+
+
+def test_a_training_process_beats_while_it_trains_and_stops_as_it_ends(tmp_path, monkeypatch):
+    """A fresh run and its resume each keep their .lock's time fresh while they train (aged
+    here from another thread, and beaten fresh again), record the beat in meta.json, and stop
+    beating as they end."""
+    monkeypatch.setattr(layout, "HEARTBEAT_S", 0.05)
+    beaten: list[bool] = []
+
+    def age_then_watch(stop: threading.Event) -> None:
+        while not stop.is_set() and not list(tmp_path.glob("2*/.lock")):
+            time.sleep(0.005)
+        if stop.is_set():
+            return
+        [lock] = tmp_path.glob("2*/.lock")
+        _age(lock, 600)
+        while not stop.is_set():
+            if time.time() - lock.stat().st_mtime < 5:
+                beaten.append(True)
+                return
+            time.sleep(0.005)
+
+    for args in (["--set", "train.epochs=1"], None):
+        stop = threading.Event()
+        watcher = threading.Thread(target=age_then_watch, args=(stop,))
+        watcher.start()
+        if args is None:  # the resume, to epoch 2
+            [folder] = tmp_path.glob("2*")
+            _age(folder / ".lock", 600)
+            result = kdl("train", "--resume", folder.name, "--set", "train.epochs=2", "--allow-changes",
+                         "--runs-dir", tmp_path, "--quiet")
+        else:
+            result = train_tiny(tmp_path, *args)
+        stop.set()
+        watcher.join()
+        assert result.exit_code == 0, result.stderr
+        [folder] = tmp_path.glob("2*")
+        assert json.loads((folder / "meta.json").read_text())["heartbeat_s"] == 0.05
+        assert f"kdl-heartbeat {folder.name}" not in [t.name for t in threading.enumerate()]
+    assert beaten == [True, True]
+

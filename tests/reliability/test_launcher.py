@@ -9,6 +9,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -16,9 +18,9 @@ from kdl import TINY, kdl
 from stopping import RANDOM, assert_same_training, sets, wait_for
 from studies import DIGITS, HOOK, study_trials, trial_runs
 
-from karpathy_runner.runfolder import sweeps
+from karpathy_runner.runfolder import layout, sweeps
 from karpathy_runner.runfolder.fsio import RunLock
-from karpathy_runner.runfolder.reader import iter_runs
+from karpathy_runner.runfolder.reader import Run, iter_runs
 
 SHORT = [*RANDOM, "train.max_steps=12"]  # checkpoints at steps 4, 8 and 12
 TWO_EPOCHS = [*TINY, "data.batch_size=256"]  # 6 steps an epoch
@@ -72,6 +74,73 @@ def test_grid_points_run_as_jobs_and_a_rerun_resumes_the_killed_one(tmp_path, mo
     assert resumed.meta["command"][:3] == ["kdl", "train", str(DIGITS)]  # the local pool's command
     assert sorted(p.name for p in resumed.path.iterdir()) == sorted(p.name for p in made[twin].path.iterdir())
     assert_same_training(resumed.path, made[twin].path)
+
+
+def _training(runs: Path) -> bool:
+    """Does a `kdl train --skip-existing` of this runs folder run (a job's child)?"""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            words = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--skip-existing" in words and str(runs).encode() in words:
+            return True
+    return False
+
+
+def test_a_job_killed_without_warning_on_one_node_is_resumed_by_its_resubmission_on_another(
+        tmp_path, monkeypatch):
+    """A point's job dies at once on node a (SIGKILL: out of memory, a node lost): its run reads
+    running there still. The rerun on node b (KDL_HOST) resubmits it. Node b cannot look node
+    a's pid up; the run's heartbeat (its .lock's time) says the process lives, so the job waits
+    for it, neither training the run twice nor counting the point done. Once the heartbeat is
+    silent past its limit (aged here, not waited for) the run reads crashed, and the job resumes
+    it to the end."""
+    runs = tmp_path / "runs"
+    grid = ["--grid", "name=only", *sets(SHORT), *JOBS]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HOOK), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("KDL_TEST_SIGNAL", "last.pt:2:SIGKILL:self")
+    monkeypatch.setenv("KDL_HOST", "node-a")
+    assert kdl("sweep", DIGITS, *grid, "--runs-dir", runs).exit_code == 1
+    [run] = iter_runs(runs)
+    # on node a its pid tells: crashed
+    assert (run.meta["status"], run.status, run.meta["host"]) == ("running", "crashed", "node-a")
+
+    monkeypatch.delenv("KDL_TEST_SIGNAL")
+    monkeypatch.setenv("KDL_HOST", "node-b")
+    assert Run(run.path).status == "running"  # as node b sees it: node a's process may live
+    waited, stop = threading.Event(), threading.Event()
+
+    def silence_the_heartbeat_once_the_job_waits() -> None:
+        since, deadline = None, time.monotonic() + 90  # (the job waits forever without it)
+        while not stop.is_set() and time.monotonic() < deadline:
+            if _training(runs) and json.loads((run.path / "meta.json").read_text())["host"] == "node-a":
+                since = since or time.monotonic()
+                if time.monotonic() - since > 3:  # alive 3 s without taking the run: waiting
+                    waited.set()
+                    break
+            else:
+                since = None
+            time.sleep(0.1)
+        old = time.time() - layout.STALE_BEATS * layout.HEARTBEAT_S - 1
+        os.utime(run.path / ".lock", (old, old))
+
+    watcher = threading.Thread(target=silence_the_heartbeat_once_the_job_waits)
+    watcher.start()
+    try:
+        again = kdl("sweep", DIGITS, *grid, "--runs-dir", runs)
+    finally:
+        stop.set()
+        watcher.join()
+    assert again.exit_code == 0, again.stderr
+    assert waited.is_set(), "the resubmitted job did not wait for the run node a's heartbeat kept"
+    logs = "".join(p.read_text() for p in runs.glob(".sweeps/*/jobs/*_log.err"))
+    assert f"run {run.id} of this config is training (pid {run.meta['pid']} on node-a): waiting" in logs
+    [resumed] = iter_runs(runs)
+    assert (resumed.status, resumed.meta["host"], resumed.meta["step"]) == ("completed", "node-b", 12)
+    assert [r["step"] for r in resumed.meta["resumes"]] == [4]  # (killed writing the second)
+    [row] = status(runs, *grid)
+    assert (row["state"], row["status"]) == ("COMPLETED", "completed")
 
 
 def test_a_rerun_waits_for_the_trial_job_an_earlier_command_left_running(tmp_path, monkeypatch):

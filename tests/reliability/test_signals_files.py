@@ -365,6 +365,8 @@ def test_full_disk_when_updating_meta_is_a_clear_failure(tmp_path, monkeypatch):
     assert "No space left on device" in result.stderr and "Traceback" not in result.stderr
     assert "meta.json" in result.stderr and "--resume" in result.stderr
     assert final_state(tmp_path / result.last_line)["loop"]["epoch"] == 1
+    # the writer's threads ended all the same: no heartbeat keeps the failed run alive
+    assert f"kdl-heartbeat {result.last_line}" not in [t.name for t in threading.enumerate()]
 
 
 def test_unwritable_runs_folder_is_a_clear_error(tmp_path):
