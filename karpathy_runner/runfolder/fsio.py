@@ -154,7 +154,13 @@ class Lock:
             try:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:
+                except OSError as exc:
+                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # not held: refused
+                        raise KdlError(
+                            f"cannot lock {self.what} ({self.path}): its file system does not lock "
+                            f"files ({exc.strerror}), and kdl keeps to one process per "
+                            f"{self.what.split()[0]} with flock. Mount it with file locks (Lustre: "
+                            "-o flock), or choose a folder on a file system that has them") from None
                     holder = _lock_holder(fd)
                     if wait is None:
                         raise KdlError(

@@ -16,6 +16,7 @@ import datetime as dt
 import functools
 import json
 import os
+import shutil
 import stat
 import sys
 from collections.abc import Callable, Iterator
@@ -68,7 +69,11 @@ class RunWriter:
         process, with its config."""
         folder = layout.create_run_folder(root, name)
         writer = cls(folder)
-        writer.lock = fsio.RunLock(folder).acquire()
+        try:
+            writer.lock = fsio.RunLock(folder).acquire()
+        except KdlError:  # (a file system without locks) the folder just made, and nothing in it
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         writer.write_config(config_yaml)
         return writer
 

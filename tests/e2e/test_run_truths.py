@@ -5,6 +5,7 @@ elapsed time of a running run, a comparison readable at 80 columns, confusion ta
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import itertools
 import json
 import os
@@ -284,3 +285,20 @@ def test_a_training_process_beats_while_it_trains_and_stops_as_it_ends(tmp_path,
         assert f"kdl-heartbeat {folder.name}" not in [t.name for t in threading.enumerate()]
     assert beaten == [True, True]
 
+
+def test_a_runs_folder_on_a_file_system_without_locks_is_a_clear_error(tmp_path, monkeypatch):
+    """Lustre mounted without -o flock answers flock with ENOSYS: not "held by another process"
+    (pid unknown), but an exit 2 that says the file system has no locks and how to get them, and
+    the run folder just made is taken away again."""
+    import fcntl
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    result = train_tiny(tmp_path / "runs", "--set", "train.epochs=1")
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    said = " ".join(result.stderr.split())
+    assert "its file system does not lock files (Function not implemented)" in said
+    assert "Mount it with file locks (Lustre: -o flock)" in said
+    assert not any((tmp_path / "runs").iterdir())
