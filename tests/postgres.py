@@ -30,6 +30,20 @@ PASSWORD = "s3cret-Pass"
 class Server:
     port: int
     account: dict[str, Any]  # subprocess's user, group and extra_groups: who runs the server
+    data: Path | None = None  # its data folder, and its log
+    log: Path | None = None
+
+    def start(self) -> None:
+        import pgserver
+
+        pgserver.pg_ctl(["-w", "-o", f"-h 127.0.0.1 -p {self.port} -k ''", "-l", str(self.log), "start"],
+                        pgdata=self.data, timeout=60, **self.account)
+
+    def stop(self) -> None:
+        """At once, as a server that goes down does: its connections are cut."""
+        import pgserver
+
+        pgserver.pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=self.data, **self.account)
 
     def url(self, database: str, password: str = PASSWORD) -> str:
         return f"postgresql://{USER}:{password}@127.0.0.1:{self.port}/{database}"
@@ -56,19 +70,19 @@ def postgres_server() -> Iterator[Server]:
         (folder / "password").write_text(PASSWORD + "\n")
         for path in (folder, folder / "password") if account else ():
             os.chown(path, account["user"], account["group"])
-        port = free_port()
+        server = Server(free_port(), account, data, log)
         try:
             pgserver.initdb(["-U", USER, "--auth=scram-sha-256", f"--pwfile={folder / 'password'}",
                              "--encoding=utf8"], pgdata=data, **account)
-            pgserver.pg_ctl(["-w", "-o", f"-h 127.0.0.1 -p {port} -k ''", "-l", str(log), "start"],
-                            pgdata=data, timeout=60, **account)
+            server.start()
         except (OSError, subprocess.SubprocessError) as exc:
             said = log.read_text()[-500:] if log.exists() else ""
             pytest.skip(f"PostgreSQL from pgserver's wheel cannot start here: {exc} {said}")
         try:
-            yield Server(port, account)
+            yield server
         finally:
-            pgserver.pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=data, **account)
+            with contextlib.suppress(OSError, subprocess.SubprocessError):  # (a test stopped it)
+                server.stop()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -48,6 +48,7 @@ from .study import (
     metric_direction,
     open_study,
     shown_url,
+    storage_lost,
     study_lock,
     trials_lock,
 )
@@ -104,7 +105,7 @@ def run_search(spec: SearchSpec, root: Path, storage: str | None, study_name: st
     name = study_name or spec.study_name()
     url = storage or default_storage(root)
     host = layout.host_name()
-    with study_lock(root, name, host), trials_lock(root, name, host, log) as trials:
+    with study_lock(root, name, host), trials_lock(root, name, host, log) as trials, storage_lost(url):
         study = open_study(spec, url, name, spec.seed, log)
         done = len(study.get_trials(deepcopy=False))
         rungs = f", halving by {spec.halving} over epochs {spec.rungs()}" if spec.halving else ""

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..config.root import Config
 from ..config.root import metric_direction as direction_of
-from ..errors import KdlError, quoted
+from ..errors import KdlError, RunFailed, quoted
 from ..runfolder import fsio, layout
 from .space import Dimension
 
@@ -29,6 +29,7 @@ STUDIES = ".studies"  # in the runs folder: the default storage and each study's
 TRIALS_LOCK = "trials.lock"  # in the study's folder there: held by the trials' processes
 GRID_POINT = "grid point"  # a grid trial's user attribute: its point, queued when the study was made
 TRIES = 5  # to open a storage whose tables other commands are making at the same moment
+CONNECT_TIMEOUT_S = 10  # for a PostgreSQL server that does not answer
 RECORD_WAIT_S = 10.0  # without a new trial, for the command that made a study to record it
 
 
@@ -119,6 +120,18 @@ def open_study(spec: SearchSpec, storage: str, study_name: str, seed: int,
     return study
 
 
+def _storage(url: str) -> Any:
+    """What Optuna opens for `url`: the URL; for a PostgreSQL server, a storage that gives up
+    connecting after CONNECT_TIMEOUT_S (libpq waits as long as the system does: minutes, for a
+    host that drops the packets) unless the URL sets its own connect_timeout."""
+    if not url.startswith("postgresql") or "connect_timeout=" in url:
+        return url
+    import optuna
+
+    timeout = {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}}
+    return optuna.storages.RDBStorage(url, engine_kwargs=timeout)
+
+
 def _made_or_loaded(spec: SearchSpec, storage: str, study_name: str, sampler: Any) -> tuple[Any, bool]:
     """The study, and whether this command made it. Of the commands that open a new study at one
     moment (the same command started on several machines), the database lets one make it; and
@@ -129,11 +142,12 @@ def _made_or_loaded(spec: SearchSpec, storage: str, study_name: str, sampler: An
     attempt = 0
     while True:
         try:
+            opened = _storage(storage)  # (a storage makes its tables as it opens)
             try:
-                return optuna.create_study(storage=storage, study_name=study_name, sampler=sampler,
+                return optuna.create_study(storage=opened, study_name=study_name, sampler=sampler,
                                            direction=spec.direction), True
             except optuna.exceptions.DuplicatedStudyError:
-                return optuna.load_study(study_name=study_name, storage=storage, sampler=sampler), False
+                return optuna.load_study(study_name=study_name, storage=opened, sampler=sampler), False
         except (IntegrityError, ProgrammingError):  # another command's tables, made meanwhile
             attempt += 1
             if attempt == TRIES:
@@ -181,6 +195,25 @@ def _storage_errors(storage: str) -> Iterator[None]:
         raise KdlError(f"study storage {shown}: Optuna cannot open it ({reason}). Give --storage a "
                        "database URL such as sqlite:///studies.db (its folder must exist) or "
                        "postgresql://user:password@host/db") from None
+
+
+@contextlib.contextmanager
+def storage_lost(storage: str) -> Iterator[None]:
+    """The database gone while a search runs (its server stopped, the network lost): one
+    paragraph, exit 1, and the way on. The runs are files, kept; the study's record of them is
+    where the database left it, and the same command, once the database answers, resumes it."""
+    from optuna.exceptions import StorageInternalError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield
+    except (SQLAlchemyError, StorageInternalError) as exc:  # (Optuna's wraps the database's)
+        cause = exc.__cause__ if isinstance(exc.__cause__, SQLAlchemyError) else exc
+        reason = quoted(str(getattr(cause, "orig", None) or cause).strip().splitlines()[0])[1:-1]
+        raise RunFailed(f"study storage {quoted(shown_url(storage))}: the database stopped "
+                        f"answering during the search ({reason}). The trials' runs are kept: once "
+                        "the database answers again, run the same command: it resumes the "
+                        "unfinished trials") from None
 
 
 def _sampler(spec: SearchSpec, seed: int) -> Any:

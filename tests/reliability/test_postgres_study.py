@@ -4,7 +4,10 @@ runs folder. They share the trials, none twice; each resumes only its own."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +18,7 @@ import optuna
 import pytest
 from kdl import TINY, kdl
 from postgres import Server, free_port, postgres_server
-from stopping import sets
+from stopping import sets, wait_for
 from studies import DIGITS, hooked, trial_runs
 
 from karpathy_runner.batch.search import Search
@@ -191,3 +194,63 @@ def test_a_halving_study_with_another_machines_trials_is_refused(tmp_path, serve
     assert f"study {STUDY} has trials of another machine (b; this is a)" in said
     assert "one machine drives a halving study" in said and "KDL_HOST=b" in said
     assert len(search.study.get_trials()) == 1  # nothing asked, nothing run
+
+
+def test_a_server_that_takes_the_connection_and_never_answers_is_given_up_in_seconds(tmp_path):
+    """A host that accepts the connection but says nothing (a hung server, a proxy with nothing
+    behind it) would keep libpq waiting as long as the system lets it: kdl gives up after
+    CONNECT_TIMEOUT_S with the usual paragraph."""
+    pytest.importorskip("psycopg", reason="psycopg is not installed: pip install -e '.[test]'")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the connections; nobody reads or answers
+        url = Server(silent.getsockname()[1], {}).url("postgres")
+        started = time.monotonic()
+        command = subprocess.run([sys.executable, "-m", "karpathy_runner", "sweep", str(DIGITS), *GRID,
+                                  "--storage", url, "--runs-dir", str(tmp_path)],
+                                 capture_output=True, text=True, timeout=60)
+    assert command.returncode == 2 and "Traceback" not in command.stderr, command.stderr
+    said = " ".join(command.stderr.split())
+    assert "cannot connect" in said and "timeout expired" in said
+    assert time.monotonic() - started < 45
+
+
+def test_a_database_lost_during_a_search_is_one_paragraph_and_the_same_command_resumes(tmp_path):
+    """The server goes down while the first trial trains: the search ends with exit 1 and one
+    paragraph, no traceback; the trial's process finishes its run. The server back, the same
+    command takes that run for the trial, trains the other, and the study ends with both."""
+    with postgres_server() as own:
+        storage = own.createdb("lost")
+        runs = tmp_path / "runs"
+        two = ["--search", "grid", "--space", "seed=int(0,1)", "--jobs", "1", *sets(TINY)]
+        command = [sys.executable, "-m", "karpathy_runner", "sweep", str(DIGITS), *two,
+                   "--storage", storage, "--study", "lost", "--runs-dir", str(runs)]
+        lingering = hooked(KDL_TEST_SIGNAL="last.pt:1:SIGCONT:self", KDL_TEST_SIGNAL_LINGER="4")
+        search = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1", **lingering},
+                                  start_new_session=True)
+        try:
+            wait_for(lambda: list(runs.glob("2*/checkpoints/last.pt")) or search.poll() is not None,
+                     timeout=120)
+            own.stop()
+            code, stderr = ended(search)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(search.pid, signal.SIGKILL)
+        said = " ".join(stderr.split())
+        assert code == 1 and "Traceback" not in stderr, stderr
+        assert ("study storage 'postgresql://kdl:***@127.0.0.1:" in said
+                and "the database stopped answering during the search" in said
+                and "run the same command: it resumes the unfinished trials" in said), said
+        [first] = (Run(path) for path in runs.glob("2*"))
+        wait_for(lambda: Run(first.path).status == "completed", timeout=60)
+
+        own.start()
+        again = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert again.returncode == 0, again.stderr
+        trials = optuna.load_study(study_name="lost", storage=storage).get_trials()
+        assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+        runs_now = [Run(path) for path in sorted(runs.glob("2*"))]
+        assert len(runs_now) == 2 and first.id in [r.id for r in runs_now]
+        assert "resumes" not in Run(first.path).meta  # taken as its process finished it
