@@ -241,7 +241,7 @@ class Search:
                 self.tell(trial.number, trial.run)
             elif status == "running" and not self.launcher.active(trial.number):
                 self.log(f"trial {trial.number}: its run {trial.run.id} runs ({trial.run.process}); "
-                         "run this command again once it ends, or (if its machine died) reads crashed")
+                         "run this command again once it ends, or reads crashed (its machine died)")
             else:
                 queue.append(trial)
         if queue:
