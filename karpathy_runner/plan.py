@@ -148,24 +148,35 @@ def _existing_run(runs_root: Path, cfg: Config, wait: Callable[[str], None] | No
                     and run.meta.get("config_hash") == wanted), None)
         if run is None or wait is None or run.status == "completed":
             return run, None
-        held = RunLock(run.path).acquire(lambda pid, run=run: wait(
-            f"run {run.id} of this config is in use by another kdl process (pid {pid}): waiting "
-            "for it to end, to take the run (--skip-existing)"))
-        run = Run(run.path)  # as it ended
-        if run.status == "running" and run.meta.get("heartbeat_s"):  # another machine trains it
-            held.release()
-            if not told:
-                wait(f"run {run.id} of this config is training ({run.process}): waiting for it to "
-                     "end, or for its heartbeat to stop, to take the run (--skip-existing)")
-                told = True
-            time.sleep(ELSEWHERE_POLL_S)
-            continue
-        if run.status in ("completed", "running"):  # (running: an older kdl on another machine)
-            held.release()
-            return run, None
-        if run.status not in ("failed", "damaged"):
-            return run, held
-        held.release()  # it failed: look again
+        # another machine trains it, its heartbeat says: looked at again later, its lock left
+        # alone (taking it clears temp files, and where locks are not shared between machines
+        # it would be granted)
+        if not _beating_elsewhere(run):
+            held = RunLock(run.path).acquire(lambda pid, run=run: wait(
+                f"run {run.id} of this config is in use by another kdl process (pid {pid}): "
+                "waiting for it to end, to take the run (--skip-existing)"))
+            run = Run(run.path)  # as it ended
+            if not _beating_elsewhere(run):
+                if run.status in ("completed", "running"):  # (running: an older kdl elsewhere)
+                    held.release()
+                    return run, None
+                if run.status not in ("failed", "damaged"):
+                    return run, held
+                held.release()  # it failed: look again
+                continue
+            held.release()  # another machine's process died a moment ago: it still beats
+        if not told:
+            wait(f"run {run.id} of this config is training ({run.process}): waiting for it to "
+                 "end, or for its heartbeat to stop, to take the run (--skip-existing)")
+            told = True
+        time.sleep(ELSEWHERE_POLL_S)
+
+
+def _beating_elsewhere(run: Run) -> bool:
+    """Is `run` training on another machine, as its heartbeat says? (On this one, a `running`
+    run's process is looked up by its pid.)"""
+    return (run.status == "running" and bool(run.meta.get("heartbeat_s"))
+            and run.meta.get("host") != layout.host_name())
 
 
 def _resume_config(run: Run, overrides: list[str], allow_changes: bool

@@ -109,6 +109,8 @@ def test_a_job_killed_without_warning_on_one_node_is_resumed_by_its_resubmission
     monkeypatch.delenv("KDL_TEST_SIGNAL")
     monkeypatch.setenv("KDL_HOST", "node-b")
     assert Run(run.path).status == "running"  # as node b sees it: node a's process may live
+    # a temp file of node a's writer: a job that took the run's lock would clear it
+    (run.path / ".meta.json.1.tmp").write_text("{}")
     waited, stop = threading.Event(), threading.Event()
 
     def silence_the_heartbeat_once_the_job_waits() -> None:
@@ -116,8 +118,9 @@ def test_a_job_killed_without_warning_on_one_node_is_resumed_by_its_resubmission
         while not stop.is_set() and time.monotonic() < deadline:
             if _training(runs) and json.loads((run.path / "meta.json").read_text())["host"] == "node-a":
                 since = since or time.monotonic()
-                if time.monotonic() - since > 3:  # alive 3 s without taking the run: waiting
-                    waited.set()
+                if time.monotonic() - since > 3:  # alive 3 s without taking the run: waiting,
+                    if (run.path / ".meta.json.1.tmp").exists():  # its lock left alone
+                        waited.set()
                     break
             else:
                 since = None
@@ -133,7 +136,7 @@ def test_a_job_killed_without_warning_on_one_node_is_resumed_by_its_resubmission
         stop.set()
         watcher.join()
     assert again.exit_code == 0, again.stderr
-    assert waited.is_set(), "the resubmitted job did not wait for the run node a's heartbeat kept"
+    assert waited.is_set(), "the resubmitted job did not wait, lock untouched, for the run that beats"
     logs = "".join(p.read_text() for p in runs.glob(".sweeps/*/jobs/*_log.err"))
     assert f"run {run.id} of this config is training (pid {run.meta['pid']} on node-a): waiting" in logs
     [resumed] = iter_runs(runs)
