@@ -14,7 +14,7 @@ from .config.loading import apply_overrides, load_config, load_yaml, parse_overr
 from .config.root import Config
 from .errors import KdlError
 from .runfolder import layout, sweeps
-from .runfolder.fsio import Lock, RunLock
+from .runfolder.locks import Lock, RunLock
 from .runfolder.reader import Run, iter_runs, refuse_damaged, resolve_run
 from .trackers.base import check_installed
 

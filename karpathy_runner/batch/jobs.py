@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import KdlError
-from ..runfolder import fsio, sweeps
+from ..runfolder import fsio, locks, sweeps
 from ..runfolder.layout import process_running, process_start_time
 from ..runfolder.reader import Run, iter_runs
 from .launch import INSTALL, Launcher, executor
@@ -287,7 +287,7 @@ def run_grid(points: list[Point], hashes: list[str], sweep_id: str, root: Path,
              log: Callable[[str], None]) -> int:
     """Submit the grid's points as jobs, every point whose run is not completed (those are
     taken as they are), and wait for them; one command drives a sweep at a time."""
-    with fsio.RunLock(sweeps.sweep_folder(root, sweep_id), what=f"sweep {sweep_id}").acquire():
+    with locks.RunLock(sweeps.sweep_folder(root, sweep_id), what=f"sweep {sweep_id}").acquire():
         runs = runs_by_config(root)
         todo = []
         for point, wanted in zip(points, hashes, strict=True):

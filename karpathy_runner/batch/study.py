@@ -22,7 +22,7 @@ from typing import Any
 from ..config.root import Config
 from ..config.root import metric_direction as direction_of
 from ..errors import KdlError, RunFailed, quoted
-from ..runfolder import fsio, layout
+from ..runfolder import layout, locks
 from .space import Dimension
 
 STUDIES = ".studies"  # in the runs folder: the default storage and each study's locks
@@ -233,9 +233,9 @@ def study_folder(root: Path, study_name: str, host: str) -> Path:
     return layout.made_folder(root / STUDIES / study_name / host, root)
 
 
-def study_lock(root: Path, study_name: str, host: str) -> fsio.RunLock:
+def study_lock(root: Path, study_name: str, host: str) -> locks.RunLock:
     """One command per study on this machine: it owns the study's unfinished trials here."""
-    return fsio.RunLock(study_folder(root, study_name, host), what=f"study {study_name} on {host}").acquire()
+    return locks.RunLock(study_folder(root, study_name, host), what=f"study {study_name} on {host}").acquire()
 
 
 @contextlib.contextmanager

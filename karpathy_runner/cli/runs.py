@@ -12,8 +12,8 @@ import typer
 
 from ..errors import KdlError
 from ..runfolder import fsio, layout
-from ..runfolder.fsio import RunLock
 from ..runfolder.layout import runs_dir as runs_folder
+from ..runfolder.locks import RunLock
 from ..runfolder.reader import (
     Run,
     best_metric_name,

@@ -23,8 +23,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .fsio import Lock, read_jsonl_lines, refuse_foreign
+from .fsio import read_jsonl_lines, refuse_foreign
 from .layout import SWEEPS, made_folder, utc_now
+from .locks import Lock
 
 TAKEN = ("reused", "resumed")  # how a sweep takes a run it did not make
 CLAIMS = "claims"  # in .sweeps: a lock per config that `kdl train --skip-existing` trains

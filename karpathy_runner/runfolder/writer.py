@@ -26,7 +26,7 @@ from typing import IO, Any, TypeVar
 from ..errors import KdlError, RunFailed
 from ..trackers.base import Opening, Setup, Tracker, open_trackers
 from ..ui.pictures import png_grid
-from . import fsio, layout
+from . import fsio, layout, locks
 from .checkpoint import InBackground, captured, save_checkpoint, vocabulary_digest
 from .layout import utc_now
 
@@ -51,7 +51,7 @@ class RunWriter:
         self._metrics: IO[str] | None = None
         self._log: IO[str] | None = None
         self.trackers: list[Tracker] = []  # opened when training starts or resumes
-        self.lock: fsio.RunLock | None = None  # a new run's, taken with its folder
+        self.lock: locks.RunLock | None = None  # a new run's, taken with its folder
         self._saving = InBackground()  # the checkpoint being written while training goes on
         self._covering = False  # has it trackers' records to hand over once it is on disk?
         self._folders: dict[Path, int] = {}  # descriptors the checkpoint thread fsyncs
@@ -70,7 +70,7 @@ class RunWriter:
         folder = layout.create_run_folder(root, name)
         writer = cls(folder)
         try:
-            writer.lock = fsio.RunLock(folder).acquire()
+            writer.lock = locks.RunLock(folder).acquire()
         except KdlError:  # (a file system without locks) the folder just made, and nothing in it
             shutil.rmtree(folder, ignore_errors=True)
             raise

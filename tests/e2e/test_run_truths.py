@@ -17,7 +17,7 @@ import pytest
 from kdl import kdl, train_tiny
 from runfolders import make_run
 
-from karpathy_runner.runfolder import fsio, layout
+from karpathy_runner.runfolder import fsio, layout, locks
 from karpathy_runner.runfolder.writer import RunWriter
 from karpathy_runner.ui.tables import print_eval
 
@@ -219,10 +219,10 @@ def test_only_the_training_process_beats_a_process_that_takes_the_lock_to_look_d
     through a symlink put in its place; taking the lock (a --skip-existing that looks, a resume
     that refuses) leaves its time as it was, or it would keep a dead machine's run alive."""
     lock = tmp_path / ".lock"
-    held = fsio.RunLock(tmp_path).acquire()
+    held = locks.RunLock(tmp_path).acquire()
     _age(lock, 600)
     held.release()
-    fsio.RunLock(tmp_path).acquire().release()
+    locks.RunLock(tmp_path).acquire().release()
     assert time.time() - lock.stat().st_mtime > 590
     heartbeat = layout.Heartbeat(lock, every=0.05)
     try:

@@ -19,7 +19,7 @@ from stopping import RANDOM, assert_same_training, sets, wait_for
 from studies import DIGITS, HOOK, study_trials, trial_runs
 
 from karpathy_runner.runfolder import layout, sweeps
-from karpathy_runner.runfolder.fsio import RunLock
+from karpathy_runner.runfolder.locks import RunLock
 from karpathy_runner.runfolder.reader import Run, iter_runs
 
 SHORT = [*RANDOM, "train.max_steps=12"]  # checkpoints at steps 4, 8 and 12

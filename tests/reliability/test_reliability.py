@@ -37,7 +37,7 @@ from stopping import (
 
 import karpathy_runner.runfolder.checkpoint
 from karpathy_runner.errors import KdlError
-from karpathy_runner.runfolder import fsio
+from karpathy_runner.runfolder import fsio, locks
 from karpathy_runner.runfolder.checkpoint import InBackground, captured, load_checkpoint
 from karpathy_runner.tasks.classify import Classify
 
@@ -208,7 +208,7 @@ def test_two_resumes_at_once_one_trains_the_other_exits_2_naming_it(runs_dir):
 def test_rm_waits_for_no_one_and_removes_nothing_of_a_locked_run(runs_dir):
     runs = runs_dir / "runs"
     folder = runs / train(runs, *TINY, "train.epochs=1").last_line
-    with fsio.RunLock(folder).acquire():  # as a training process holds it
+    with locks.RunLock(folder).acquire():  # as a training process holds it
         result = kdl("rm", "--yes", folder.name, "--runs-dir", runs)
         assert result.exit_code == 2 and f"(pid {os.getpid()})" in result.stderr
         assert folder.is_dir()
@@ -222,9 +222,9 @@ def test_a_claim_removed_as_it_is_let_go_is_never_held_twice(tmp_path):
     a new one would hold the claim beside it. (Two descriptors of one file lock each other as two
     processes do: threads stand in for them.)"""
     path = tmp_path / "abc.lock"
-    first = fsio.Lock(path, "config abc", transient=True).acquire()
+    first = locks.Lock(path, "config abc", transient=True).acquire()
     waiting, taken = threading.Event(), threading.Event()
-    second = fsio.Lock(path, "config abc", transient=True)
+    second = locks.Lock(path, "config abc", transient=True)
     waiter = threading.Thread(target=lambda: (second.acquire(lambda pid: waiting.set()), taken.set()))
     waiter.start()
     assert waiting.wait(30)
@@ -232,11 +232,11 @@ def test_a_claim_removed_as_it_is_let_go_is_never_held_twice(tmp_path):
     first.release()
     assert taken.wait(30)
     with pytest.raises(KdlError, match=rf"config abc is in use by another kdl process \(pid {os.getpid()}\)"):
-        fsio.Lock(path, "config abc", transient=True).acquire()  # a third: the second holds it
+        locks.Lock(path, "config abc", transient=True).acquire()  # a third: the second holds it
     second.release()
     waiter.join()
     assert not path.exists()
-    fsio.Lock(path, "config abc", transient=True).acquire().release()
+    locks.Lock(path, "config abc", transient=True).acquire().release()
 
 
 # ----------------------------------------------------------------------------- 5: temp files
@@ -262,7 +262,7 @@ def test_stale_temp_files_are_removed_but_not_a_live_writers(tmp_path):
     writer.start()
     assert writing.wait(30)
     live = list(folder.glob(".eval.json.*.tmp"))
-    fsio.RunLock(folder).acquire().release()
+    locks.RunLock(folder).acquire().release()
     assert not stale.exists() and len(live) == 1 and live[0].exists()
     finish.set()
     writer.join()
