@@ -184,11 +184,10 @@ def _resume_config(run: Run, overrides: list[str], allow_changes: bool
     """The config a resume continues with, and its changes; refuses what cannot be resumed."""
     refuse_damaged(run)
     if run.status == "running":
-        every = run.meta.get("heartbeat_s")
-        elsewhere = run.meta.get("host") != layout.host_name() and every
         raise KdlError(f"run {run.id} is still running ({run.process}); stop it first" + (
             f". If that machine or its job died, the run reads crashed once its heartbeat has been "
-            f"silent for {round(layout.STALE_BEATS * every)} s: resume it then" if elsewhere else ""))
+            f"silent for {round(layout.STALE_BEATS * run.meta['heartbeat_s'])} s: resume it then"
+            if _beating_elsewhere(run) else ""))
     pending = run.meta.get("pending_config")
     if isinstance(pending, str):  # a change recorded, then a kill before it was applied: apply it
         raw = parse_yaml(pending, f"{run.path / layout.META} (pending_config)")
