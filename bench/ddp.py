@@ -9,7 +9,9 @@ come from its metrics.jsonl; samples/s is over the epochs after the first (warm-
 JSON line a run, then each variant's median ratio DDP / plain, and writes all of it to --out.
 
 Variants are BATCH:PRECISION: 64:fp32 is configs/cifar_cnn.yaml as it stands (the seed CNN,
-small steps, where a per-step cost shows most); 512:bf16 is its fast setting.
+small steps, where a per-step cost shows most); 512:bf16 is its fast setting. Another --config
+trains on its own data (configs/digits_cnn.yaml: scikit-learn's digits, steps short enough on a
+CPU for DDP's fixed cost to show), its samples counted as its whole batches.
 
     python bench/ddp.py [--device cuda] [--rounds 3] [--epochs 4] [--variants 64:fp32,512:bf16]
         [--config configs/cifar_cnn.yaml] [--out ddp.json] [--per-batch 10000]
@@ -56,10 +58,11 @@ def train(mode: str, variant: str, args: argparse.Namespace, work: Path, index: 
         return {"mode": mode, "variant": variant, "error": (done.stdout + done.stderr)[-2000:]}
     [folder] = [path for path in runs.iterdir() if not path.name.startswith(".")]
     meta = json.loads((folder / "meta.json").read_text())
-    records = map(json.loads, (folder / "metrics.jsonl").open())
-    ends = [r["time"] for r in records if r["split"] == "train_epoch"]
+    records = [r for r in map(json.loads, (folder / "metrics.jsonl").open()) if r["split"] == "train_epoch"]
+    ends = [r["time"] for r in records]
     epochs = [b - a for a, b in zip([0.0, *ends], ends, strict=False)]
-    samples = 5 * args.per_batch
+    # CIFAR-10's five synthetic files; another config's epoch in whole batches (its steps)
+    samples = 5 * args.per_batch if "cifar" in args.config.name else records[0]["step"] * int(batch)
     return {"mode": mode, "variant": variant, "processes": meta.get("processes", 1),
             "backend": meta.get("backend"), "epoch_s": [round(e, 3) for e in epochs],
             "samples_per_s": round(samples / statistics.median(epochs[1:]), 1), "wall_s": round(wall, 2)}
@@ -76,6 +79,7 @@ def main() -> None:
                         help="synthetic images per CIFAR file (5 train files, 1 test file)")
     parser.add_argument("--out", type=Path, default=Path("ddp.json"))
     args = parser.parse_args()
+    args.config = args.config.resolve()
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as temp:
         work = Path(temp)

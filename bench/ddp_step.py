@@ -4,11 +4,15 @@ epoch, slices, autocast), one process, nccl on CUDA (gloo on the CPU), the varia
 in rounds so that the machine's drift cancels. bench/ddp.py measures the same through whole
 `kdl train` runs; this one says where a difference comes from.
 
-Variants: plain (the model itself); ddp (what kdl wrapped with before: torch's defaults);
-ddp_view (gradient_as_bucket_view: the gradients are views into DDP's buckets, no copies in and
-out); ddp_view_static (and static_graph); ddp_view_nobuf (and broadcast_buffers off).
-Cases: seed_cnn_64 (configs/cifar_cnn.yaml, fp32), seed_cnn_512 (bf16), speedrun (configs/
-cifar_speedrun.yaml, batch 1024, bf16), on synthetic CIFAR-10 in the real file format.
+Variants: plain (the model itself); ddp (torch's defaults); ddp_view (gradient_as_bucket_view:
+the gradients are views into DDP's buckets, no copies in and out); ddp_view_static (and
+static_graph); ddp_view_nobuf (and no buffer broadcast at each forward); kdl (Ranks.wrap over one
+process, what `--nproc-per-node 1` trains through: bucket views, no buffer broadcast, and a
+communication hook that keeps a bucket as it is instead of an all-reduce over one process).
+Cases: digits_cnn_64 (configs/digits_cnn.yaml, fp32: scikit-learn's digits, steps short enough
+that DDP's fixed cost shows on a CPU), seed_cnn_64 (configs/cifar_cnn.yaml, fp32), seed_cnn_512
+(bf16), speedrun (configs/cifar_speedrun.yaml, batch 1024, bf16), the CIFAR ones on synthetic
+CIFAR-10 in the real file format.
 
     python bench/ddp_step.py [--device cuda] [--steps 300] [--rounds 3] [--cases ...] [--out F]
 """
@@ -30,12 +34,14 @@ from synthetic_cifar import use_synthetic_cifar
 
 from karpathy_runner.build import build_experiment
 from karpathy_runner.config.loading import load_config
+from karpathy_runner.distributed import Ranks, _forward_buffer_sync
 from karpathy_runner.models import build_model
 from karpathy_runner.optim import build_optimizer
 from karpathy_runner.updater import PRECISIONS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 CASES = {
+    "digits_cnn_64": ("digits_cnn.yaml", ["data.batch_size=64", "train.precision=fp32"]),
     "seed_cnn_64": ("cifar_cnn.yaml", ["data.batch_size=64", "train.precision=fp32"]),
     "seed_cnn_512": ("cifar_cnn.yaml", ["data.batch_size=512", "train.precision=bf16"]),
     "speedrun": ("cifar_speedrun.yaml", ["data.batch_size=1024", "train.precision=bf16"]),
@@ -45,7 +51,8 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "ddp": {},
     "ddp_view": {"gradient_as_bucket_view": True},
     "ddp_view_static": {"gradient_as_bucket_view": True, "static_graph": True},
-    "ddp_view_nobuf": {"gradient_as_bucket_view": True, "broadcast_buffers": False},
+    "ddp_view_nobuf": {"gradient_as_bucket_view": True, _forward_buffer_sync(): False},
+    "kdl": {},  # Ranks.wrap over one process: kdl's own wrapper, whatever it is
 }
 
 
@@ -57,7 +64,12 @@ def steps_per_second(exp: Any, variant: str, steps: int) -> float:
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optimizer, model.parameters())
     options = VARIANTS[variant]
-    forward = model if options is None else torch.nn.parallel.DistributedDataParallel(model, **options)
+    if variant == "kdl":
+        forward = Ranks(0, 1, 0, torch.distributed.get_backend()).wrap(model)
+    elif options is None:
+        forward = model
+    else:
+        forward = torch.nn.parallel.DistributedDataParallel(model, **options)
     dtype = PRECISIONS[cfg.train.precision]
     images = exp.data.train.images.to(device).float() / 255
     labels = exp.data.train.labels.to(device)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
+import inspect
 import os
 import signal
 import sys
@@ -98,12 +99,11 @@ class Ranks:
     def wrap(self, model: nn.Module, sync_batch_norm: bool = False) -> nn.Module:
         """What a training forward of `model` goes through: the model itself for one process
         that torchrun did not start; for torchrun's processes, a world of one too (what a user
-        of `--nproc-per-node 1` expects: DDP's own costs, measured in bench/ddp.py), its
-        DistributedDataParallel wrapper (rank 0's weights and buffers on every rank as it is
-        made), whose forward readies the gradient averaging of the backward pass that follows.
-        `sync_batch_norm`, with several processes: its batch norms become SyncBatchNorm first,
-        holding the same parameters and buffers (so its optimizer and checkpoints are unchanged);
-        over one process it would be plain batch norm."""
+        of `--nproc-per-node 1` expects), its DistributedDataParallel wrapper (rank 0's weights
+        and buffers on every rank as it is made), whose forward readies the gradient averaging
+        of the backward pass that follows. `sync_batch_norm`, with several processes: its batch
+        norms become SyncBatchNorm first, holding the same parameters and buffers (so its
+        optimizer and checkpoints are unchanged); over one process it would be plain batch norm."""
         if self.backend is None:
             return model
         if sync_batch_norm and self.world > 1:
@@ -114,8 +114,17 @@ class Ranks:
         # parameters or none (a phase that holds it fixed, a skipped step), which DDP allows
         # without searching the graph at every forward. The gradients are views into DDP's
         # buckets: no copy into them and back at each step (bench/ddp_step.py), half the memory
-        return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False,
-                                                         gradient_as_bucket_view=True)
+        alone = self.world == 1
+        buffers = {_forward_buffer_sync(): False} if alone else {}
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False,
+                                                        gradient_as_bucket_view=True, **buffers)
+        if alone:
+            # over one process rank 0's buffers are this one's and the average of the gradients
+            # is the gradients: neither collective (a broadcast at each forward, an all-reduce
+            # per bucket) can change a bit, and together they were most of DDP's cost a step
+            # (bench/ddp_step.py). DDP's own hook API (torch's "noop" example) replaces the second
+            ddp.register_comm_hook(None, _own_gradients)
+        return ddp
 
     def broadcast_buffers(self, models: list[nn.Module]) -> None:
         """Rank 0's buffers on every rank. Between forwards each rank holds the statistics of its
@@ -174,6 +183,20 @@ class Ranks:
 
 
 SINGLE = Ranks()
+
+
+def _own_gradients(state, bucket):  # type: ignore[no-untyped-def]  # DDP refuses other annotations
+    """A DDP communication hook for a world of one process: a bucket's average is itself."""
+    done = torch.futures.Future()
+    done.set_result(bucket.buffer())
+    return done
+
+
+def _forward_buffer_sync() -> str:
+    """The name of DDP's switch for rank 0's buffers at each forward: forward_sync_buffers since
+    torch 2.13 (where broadcast_buffers, its name before, is deprecated)."""
+    parameters = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+    return "forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers"
 
 
 def exit_worker(code: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import multiprocessing
 import os
@@ -358,6 +359,48 @@ def test_one_torchrun_process_trains_through_ddp_to_the_plain_runs_weights(tmp_p
     assert alone.exit_code == 0, alone.stderr
     assert_same_tensors(final_state(only_run(tmp_path / "torchrun"))["models"],
                         final_state(only_run(tmp_path / "alone"))["models"])
+
+
+def _one_process_steps(port: int, results: multiprocessing.Queue) -> None:
+    """A world of one gloo process: five training steps of a model with batch norm through
+    its wrapper, and of its copy alone, side by side: the collectives the wrapper's steps ran
+    once its buckets are rebuilt, and whether the gradients are the same at each step."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                                         world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1))
+        alone = copy.deepcopy(model)
+        wrapped = Ranks(0, 1, 0, "gloo").wrap(model)
+        same = []
+
+        def step(batch: torch.Tensor) -> None:
+            for net in (wrapped, alone):
+                net.zero_grad()
+                net(batch).square().mean().backward()
+            same.append(all(torch.equal(a.grad, b.grad)
+                            for a, b in zip(model.parameters(), alone.parameters(), strict=True)))
+
+        first, second, *later = torch.randn(5, 8, 3)
+        step(first)
+        step(second)  # where DDP rebuilds its buckets, once, in the order the first backward used
+        with torch.profiler.profile() as profile:
+            for batch in later:
+                step(batch)
+        ran = sorted({event.name for event in profile.events() if event.name.startswith(("c10d::", "gloo:"))})
+        results.put((ran, same))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_one_process_ddp_runs_no_collective_and_keeps_the_gradients(tmp_path):
+    """Over one process DistributedDataParallel's two collectives cannot change a bit: rank 0's
+    buffers at each forward are this process's own, and the average of one process's gradients
+    is the gradients. kdl's wrapper skips both (bench/ddp_step.py: most of DDP's cost a step)
+    and its gradients are those of the model alone, bit for bit, at every step."""
+    [(ran, same)] = forked_ranks(_one_process_steps, lambda rank: (_free_port(),), timeout=60, world=1)
+    assert ran == [] and same == [True] * 5, (ran, same)
 
 
 def test_two_machines_of_one_process_train_as_one_machine_of_two(two_processes, tmp_path):
