@@ -37,7 +37,7 @@ import numpy as np
 
 from ..config.data import ShapesDataConfig
 from ..errors import KdlError
-from ..runfolder.layout import process_running
+from ..runfolder.layout import host_name, process_running
 from .base import DataBundle, Preprocessing
 from .image_sets import channel_stats
 from .segmentation import bundle, read_pairs, voc_pairs, voc_palette
@@ -98,7 +98,7 @@ def ensure(cfg: ShapesDataConfig) -> Path:
     else:
         print(f"shapes: drawing {cfg.train_images + cfg.val_images + cfg.test_images} images into {root}",
               file=sys.stderr, flush=True)
-    temp = root.with_name(f".{root.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    temp = root.with_name(f".{root.name}.tmp-{host_name()}-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         _draw_folder(temp, cfg)
         _move_into_place(temp, root, wanted)
@@ -135,11 +135,15 @@ def _differences(found: dict[str, Any], wanted: dict[str, Any]) -> str:
 
 
 def _remove_stale(root: Path) -> None:
-    """Temporary folders beside root left by processes that died while drawing."""
+    """Temporary folders beside root left by this machine's processes that died while drawing.
+    Another machine's (the ranks of a run over several, on a shared file system) are left alone:
+    its process ids mean nothing here, and it may be drawing now."""
     for temp in root.parent.glob(f".{root.name}.tmp-*"):
-        with contextlib.suppress(ValueError, IndexError):
-            pid = int(temp.name.rsplit(".tmp-", 1)[1].split("-")[0])
-            if pid != os.getpid() and not process_running(pid):
+        with contextlib.suppress(ValueError):
+            # HOST-PID-HEX (HOST may hold dashes; an older kdl's PID-HEX is this machine's)
+            *host, pid, _ = temp.name.rsplit(".tmp-", 1)[1].rsplit("-", 2)
+            mine = not host or host[0] == host_name()
+            if mine and int(pid) != os.getpid() and not process_running(int(pid)):
                 shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -123,6 +125,23 @@ def test_a_draw_cut_short_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         build_data(shapes(tmp_path / "shapes"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_only_this_machines_dead_draws_are_cleared_beside_the_shapes(tmp_path, monkeypatch):
+    """The ranks of a run over several machines draw the shapes into one shared data.root: a
+    temporary folder of another machine's process is left alone (its pid means nothing here, and
+    it may be drawing now); this machine's dead processes' go, an older kdl's name included."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead = int(done.stdout)
+    monkeypatch.setenv("KDL_HOST", "node-b")
+    other, ours, older = (tmp_path / f".shapes.tmp-{tag}{dead}-0a1b2c3d"
+                          for tag in ("node-a-", "node-b-", ""))
+    for temp in (other, ours, older):
+        (temp / "JPEGImages").mkdir(parents=True)
+    build_data(shapes(tmp_path / "shapes"))
+    assert (other.exists(), ours.exists(), older.exists()) == (True, False, False)
+    assert (tmp_path / "shapes" / shapes_module.MANIFEST).is_file()
 
 
 def test_the_same_crop_and_flip_move_an_image_and_its_mask():
