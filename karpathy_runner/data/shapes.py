@@ -150,7 +150,7 @@ def _remove_stale(root: Path) -> None:
 def _move_into_place(temp: Path, root: Path, wanted: dict[str, Any]) -> None:
     """Rename the drawn folder to root: over nothing or an empty folder directly; over kdl's own
     folder of other settings by moving that aside first. When another process got there first
-    with the same settings, its folder stays and ours goes."""
+    with the same settings (before, or between our two renames), its folder stays and ours goes."""
     try:
         os.rename(temp, root)
         return
@@ -162,6 +162,9 @@ def _move_into_place(temp: Path, root: Path, wanted: dict[str, Any]) -> None:
         os.rename(root, old)
         os.rename(temp, root)
     except OSError as exc:
+        if _manifest(root) == wanted:
+            shutil.rmtree(old, ignore_errors=True)
+            return
         raise KdlError(f"data.root: could not put the new shapes in place of {root} ({exc.strerror}); "
                        "is another kdl drawing other settings there? Give each its own data.root") from None
     shutil.rmtree(old, ignore_errors=True)

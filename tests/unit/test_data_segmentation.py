@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -142,6 +143,26 @@ def test_only_this_machines_dead_draws_are_cleared_beside_the_shapes(tmp_path, m
     build_data(shapes(tmp_path / "shapes"))
     assert (other.exists(), ours.exists(), older.exists()) == (True, False, False)
     assert (tmp_path / "shapes" / shapes_module.MANIFEST).is_file()
+
+
+def test_another_process_that_puts_the_same_shapes_in_place_first_wins_without_an_error(
+        tmp_path, monkeypatch):
+    """Two processes (a run's ranks) replace kdl's folder of other settings at once: when the
+    other's new folder lands between this one's two renames (the old folder moved aside, its own
+    moved in), the other's stays and this one goes on with it, leaving nothing beside it."""
+    root, twin = tmp_path / "shapes", tmp_path / "twin"
+    build_data(shapes(root))
+    build_data(shapes(twin, train_images=5))  # what the other process drew, ready to move in
+    rename = os.rename
+
+    def other_lands_first(source, target):
+        rename(source, target)
+        if Path(source) == root:  # ours moved the old folder aside: the other's lands now
+            rename(twin, root)
+
+    monkeypatch.setattr(shapes_module.os, "rename", other_lands_first)
+    bundle = build_data(shapes(root, train_images=5))
+    assert len(bundle.train) == 5 and [p.name for p in tmp_path.iterdir()] == ["shapes"]
 
 
 def test_the_same_crop_and_flip_move_an_image_and_its_mask():
