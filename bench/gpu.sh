@@ -1,27 +1,46 @@
 #!/usr/bin/env bash
 # Every GPU figure of kdl's speed work in one go, on a CUDA machine without network (see the
 # README's Performance section; ../shared/gpu/README.md says how kdl runs on such a machine).
-# Writes synthetic CIFAR-10 in the real file format (no download), then:
-#   gpu.json          bench/gpu.py: seed CNN and cifar_speedrun in fp32, bf16, bf16 + channels
+# Writes synthetic CIFAR-10 in the real file format (no download), then, by PARTS (default: all):
+#   speed: gpu.json   bench/gpu.py: seed CNN and cifar_speedrun in fp32, bf16, bf16 + channels
 #                     last, + torch.compile: epoch times, samples/s, peak memory
-#   overhead_*.txt    bench/overhead.py seed_cnn: kdl vs a plain loop, batch 64 fp32, 512 bf16
-#   data_path.txt     bench/data_path.py: resident vs streamed batches
+#          overhead_*.txt  bench/overhead.py seed_cnn: kdl vs a plain loop, batch 64 fp32, 512 bf16
+#          data_path.txt   bench/data_path.py: resident vs streamed batches
+#   ddp:   ddp_step.json  bench/ddp_step.py: one step through each DDP setting and kdl's own
+#                     wrapper over one process against the bare model (where a cost comes from)
+#          ddp.json   bench/ddp.py: whole `kdl train` runs, plain against --nproc-per-node 1
+#                     (the one-GPU DDP run's throughput against the plain run's)
 # into $OUT (default: a new temporary folder). Dry run on a CPU, small and quick:
 #   DEVICE=cpu PYTHON=.venv/bin/python GPU_ARGS="--per-batch 300 --epochs 2 --variants fp32,bf16" \
-#   OVERHEAD_ARGS="--steps 20 --rounds 1" DATA_ARGS="--rounds 1" bench/gpu.sh
+#   OVERHEAD_ARGS="--steps 20 --rounds 1" DATA_ARGS="--rounds 1" \
+#   STEP_ARGS="--cases digits_cnn_64 --steps 20 --rounds 1" \
+#   DDP_ARGS="--config configs/digits_cnn.yaml --variants 64:fp32 --rounds 1 --epochs 2" bench/gpu.sh
+# PARTS=ddp bench/gpu.sh measures DDP's cost alone (about 5 minutes on a GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
 DEVICE=${DEVICE:-cuda}
 PYTHON=${PYTHON:-python3}
+PARTS=${PARTS:-speed,ddp}
 mkdir -p "$OUT"
 { nvidia-smi || true; "$PYTHON" -c "import torch; print('torch', torch.__version__)"; } >"$OUT/machine.txt" 2>&1
 # shellcheck disable=SC2086  # the *_ARGS are word lists on purpose
-"$PYTHON" bench/gpu.py --device "$DEVICE" --out "$OUT/gpu.json" ${GPU_ARGS:-} | tee "$OUT/gpu.txt"
-for run in "64 fp32" "512 bf16"; do
-  set -- $run
-  "$PYTHON" bench/overhead.py --case seed_cnn --device "$DEVICE" --batch-size "$1" --precision "$2" \
-    ${OVERHEAD_ARGS:-} | tee "$OUT/overhead_seed_cnn_b$1_$2.txt"
-done
-"$PYTHON" bench/data_path.py --device "$DEVICE" --workers 0,4 ${DATA_ARGS:-} | tee "$OUT/data_path.txt"
+if [[ ,$PARTS, == *,speed,* ]]; then
+  "$PYTHON" bench/gpu.py --device "$DEVICE" --out "$OUT/gpu.json" ${GPU_ARGS:-} | tee "$OUT/gpu.txt"
+  for run in "64 fp32" "512 bf16"; do
+    set -- $run
+    "$PYTHON" bench/overhead.py --case seed_cnn --device "$DEVICE" --batch-size "$1" --precision "$2" \
+      ${OVERHEAD_ARGS:-} | tee "$OUT/overhead_seed_cnn_b$1_$2.txt"
+  done
+  "$PYTHON" bench/data_path.py --device "$DEVICE" --workers 0,4 ${DATA_ARGS:-} | tee "$OUT/data_path.txt"
+fi
+# shellcheck disable=SC2086
+if [[ ,$PARTS, == *,ddp,* ]]; then
+  # one thread on both sides, as torchrun sets for its workers
+  OMP_NUM_THREADS=1 timeout 240 "$PYTHON" bench/ddp_step.py --device "$DEVICE" \
+    --variants plain,ddp,ddp_view,ddp_view_nobuf,kdl --out "$OUT/ddp_step.json" ${STEP_ARGS:-} 2>&1 \
+    | tee "$OUT/ddp_step.txt"
+  timeout 300 "$PYTHON" bench/ddp.py --device "$DEVICE" --rounds 2 --out "$OUT/ddp.json" ${DDP_ARGS:-} 2>&1 \
+    | tee "$OUT/ddp.txt"
+fi
 echo "results in $OUT"
