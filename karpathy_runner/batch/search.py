@@ -52,7 +52,7 @@ from .study import (
     study_lock,
     trials_lock,
 )
-from .sweep import Point, Processes, Sweep, shown, yaml_value
+from .sweep import Point, Processes, Sweep, yaml_value
 
 SEARCHES = ("tpe", "random", "grid")
 
@@ -418,34 +418,3 @@ class Search:
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def print_results(search: Search, rows: list[dict[str, Any]], best: dict[str, Any] | None) -> None:
-    """The end-of-search table and the best trial, on stderr (stdout keeps the study id)."""
-    import sys
-
-    from rich.console import Console
-    from rich.table import Table
-
-    keys = [d.key for d in search.spec.space]
-    table = Table(show_edge=False, header_style="bold")
-    rung = search.spec.halving is not None
-    for column in ["trial", *keys, "state", *(["rung"] if rung else []), "epochs",
-                   search.spec.metric, "run"]:
-        table.add_column(column)
-    for row in rows:
-        value = "-" if row["value"] is None else f"{row['value']:.4g}"
-        style = "bold green" if best and row["trial"] == best["trial"] else (
-            "red" if row["state"] == "fail" else None)
-        table.add_row(str(row["trial"]), *(shown(row["params"].get(k, "-")) for k in keys),
-                      row["state"], *([str(row.get("rung", "-"))] if rung else []),
-                      str(row["epochs"]), value, row["run"] or "-", style=style)
-    width = None if sys.stderr.isatty() else 200
-    console = Console(stderr=True, highlight=False, width=width)
-    console.print(table)
-    if best is None:
-        console.print("no trial completed")
-        return
-    values = " ".join(f"{k}={shown(v)}" for k, v in best["params"].items())
-    console.print(f"best: trial {best['trial']}, {search.spec.metric} {best['value']:.4g} "
-                  f"({values}), run {best['run']}")

@@ -6,7 +6,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
@@ -14,6 +14,9 @@ from ..batch.launch import Launcher, check_available, parse_launcher
 from ..errors import KdlError
 from ..runfolder.layout import runs_dir as runs_folder
 from .app import Command, ForceFlag, JsonFlag, RunsDir, SetOption, app, check_processes, echo
+
+if TYPE_CHECKING:
+    from ..batch.study import SearchSpec
 
 
 @app.command(cls=Command)
@@ -252,6 +255,37 @@ def _search(config: Path, base: list[str], search: str, space: list[str], trials
                          "direction": spec.direction, "metric": spec.metric, "trials": outcome.rows,
                          "best": outcome.best}))
     else:
-        searches.print_results(outcome.search, outcome.rows, outcome.best)
+        _print_results(spec, outcome.rows, outcome.best)
         echo(name)
     return outcome.code
+
+
+def _print_results(spec: SearchSpec, rows: list[dict[str, Any]], best: dict[str, Any] | None) -> None:
+    """The end-of-search table and the best trial, on stderr (stdout keeps the study id)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..batch.sweep import shown
+
+    keys = [d.key for d in spec.space]
+    table = Table(show_edge=False, header_style="bold")
+    rung = spec.halving is not None
+    for column in ["trial", *keys, "state", *(["rung"] if rung else []), "epochs",
+                   spec.metric, "run"]:
+        table.add_column(column)
+    for row in rows:
+        value = "-" if row["value"] is None else f"{row['value']:.4g}"
+        style = "bold green" if best and row["trial"] == best["trial"] else (
+            "red" if row["state"] == "fail" else None)
+        table.add_row(str(row["trial"]), *(shown(row["params"].get(k, "-")) for k in keys),
+                      row["state"], *([str(row.get("rung", "-"))] if rung else []),
+                      str(row["epochs"]), value, row["run"] or "-", style=style)
+    width = None if sys.stderr.isatty() else 200
+    console = Console(stderr=True, highlight=False, width=width)
+    console.print(table)
+    if best is None:
+        console.print("no trial completed")
+        return
+    values = " ".join(f"{k}={shown(v)}" for k, v in best["params"].items())
+    console.print(f"best: trial {best['trial']}, {spec.metric} {best['value']:.4g} "
+                  f"({values}), run {best['run']}")
