@@ -227,8 +227,14 @@ class Search:
         from optuna.trial import TrialState
 
         have = self.trial_runs()
-        mine = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                if t.user_attrs.get("host") == self.host]
+        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        mine = [t for t in running if t.user_attrs.get("host") == self.host]
+        theirs = [t for t in running if t.user_attrs.get("host") not in (self.host, None)]
+        if theirs:
+            hosts = sorted({str(t.user_attrs["host"]) for t in theirs})
+            self.log(f"{len(theirs)} unfinished trial(s) of another machine ({', '.join(hosts)}; this is "
+                     f"{self.host}) left to it: its command resumes them. If that machine is gone and "
+                     f"its trials' runs are in this runs folder, run this command with KDL_HOST={hosts[0]}")
         queue: list[TrialRun] = []
         for frozen in mine:  # left running by a command that stopped: resume or collect them
             if not self.drawn(frozen):

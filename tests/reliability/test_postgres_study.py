@@ -75,6 +75,9 @@ def test_two_machines_share_a_study_and_each_resumes_only_its_own_trials(tmp_pat
     code, stderr = ended(machine("a", runs, storage))
     assert code == 0, stderr
     assert f"resuming 1 unfinished trial(s): {left['a'].number}\n" in stderr
+    assert ("1 unfinished trial(s) of another machine (b; this is a) left to it: its command resumes "
+            "them. If that machine is gone and its trials' runs are in this runs folder, run this "
+            "command with KDL_HOST=b\n") in stderr
     states = {t.number: t.state.name for t in study.get_trials()}
     assert states.pop(left["b"].number) == "RUNNING"
     assert set(states.values()) == {"COMPLETE"} and len(states) == 3
