@@ -26,6 +26,7 @@ from __future__ import annotations
 import datetime as dt
 import gc
 import inspect
+import logging
 import os
 import signal
 import sys
@@ -246,13 +247,30 @@ def launch(worker_args: list[str], nproc_per_node: int, nnodes: int, node_rank: 
         f"--master-addr={master_addr}", *port, "--module", "karpathy_runner", *worker_args,
     ])
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun sets; without its warning
+    said = _SaidByKdl()
+    torchrun_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    torchrun_log.addFilter(said)
     try:
         run(args)
     except SignalException as exc:  # the workers got it too, saved a checkpoint and stopped
         return 128 + int(exc.sigval)
     except ChildFailedError as exc:
         return _exit_code(exc.failures)
+    finally:
+        torchrun_log.removeFilter(said)
     return 0
+
+
+class _SaidByKdl(logging.Filter):
+    """Leaves out torchrun's error line about a worker that ended with one of kdl's own exit
+    codes (1 failed, 2 bad input, 130 and 143 stopped with a checkpoint): that worker has said
+    why in its own words, and torchrun's line after them ("failed (exitcode: 143) ...") would be
+    the last a shell script reads. A worker killed by a signal said nothing: its line stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (str(record.msg).startswith("failed (exitcode") and args
+                    and args[0] in (1, 2, 128 + signal.SIGINT, 128 + signal.SIGTERM))
 
 
 def _exit_code(failures: dict[int, Any]) -> int:

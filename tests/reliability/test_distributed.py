@@ -140,6 +140,9 @@ LONG = "train.epochs=60"
 def test_sigterm_to_one_worker_stops_both_after_the_same_step(tmp_path):
     folder, code, printed = _stopped(tmp_path / "runs", LONG, target="rank1")
     assert code == 143, printed
+    # kdl's own resume line and the run id end the output, without torchrun's line about the
+    # worker's exit 143 after them
+    assert "failed (exitcode" not in printed and "with a checkpoint; resume with" in printed, printed
     meta = read_json(folder / "meta.json")
     assert meta["status"] == "interrupted" and meta["step"] == final_state(folder)["loop"]["step"]
 
@@ -148,6 +151,7 @@ def test_a_rank_that_dies_stops_the_others_and_leaves_a_resumable_run(tmp_path):
     runs = tmp_path / "runs"
     folder, code, printed = _stopped(runs, LONG, target="rank1", signum=signal.SIGKILL)
     assert code == 128 + signal.SIGKILL, printed
+    assert "failed (exitcode: -9)" in printed  # a worker killed says nothing: torchrun's line stays
     # rank 0 fails in its next collective, or torchrun stops it before: failed, or crashed;
     # either resumes from its last checkpoint (the launcher test resumes one to the end)
     assert read_json(folder / "meta.json")["status"] in ("failed", "running"), printed
