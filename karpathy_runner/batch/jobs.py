@@ -204,7 +204,7 @@ class JobPool:
             point.job = view
             return f"waiting for job {view.job_id} ({view.state()}), submitted before"
         with _controller_output(self.launcher, self.executor.folder):
-            job = self.executor.submit(TrainJob(point.argv))
+            job = self.executor.submit(TrainJob(self.argv(point)))
         record = {"key": point.index, "point": point.values, "job": str(job.job_id),
                   "launcher": self.launcher.name}
         if self.launcher.name == "submitit-local":  # its id is a pid: a later command checks it
@@ -212,6 +212,12 @@ class JobPool:
         sweeps.record_job(self.root, self.sweep_id, record)
         point.job = JobView(job, record)
         return f"submitted job {job.job_id}"
+
+    def argv(self, point: Point) -> list[str]:
+        """The point's `kdl train` in its job; a job of several GPUs trains it over all of them,
+        one process each (`--nproc-per-node`: torchrun, DistributedDataParallel), one run."""
+        gpus = self.launcher.gpus or 0
+        return [*point.argv, "--nproc-per-node", str(gpus)] if gpus > 1 else point.argv
 
     def ended(self, point: Point) -> bool:
         return point.job.ended()

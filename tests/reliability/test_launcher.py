@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import threading
@@ -259,8 +260,26 @@ def test_slurm_jobs_are_submitted_with_the_options_given(tmp_path, monkeypatch):
     assert lines.index("module load cuda") < next(i for i, s in enumerate(lines) if s.startswith("srun"))
     [submitted] = (bin_folder / "sbatch.args").read_text().split()  # submitit's link to the script
     assert Path(submitted).resolve() == path.resolve()
+    with (path.parent / "4242_submitted.pkl").open("rb") as file:  # what the job runs
+        job = pickle.load(file).function
+    assert job.argv[-2:] == ["--nproc-per-node", "2"]  # the point over both GPUs of its job
     [row] = status(runs, *grid)
     assert (row["job"], row["state"], row["run"]) == ("4242", "CANCELLED", None)
+
+
+def test_a_job_of_two_gpus_trains_its_point_in_two_processes(tmp_path):
+    """--slurm-gpus 2: a job trains its point over both GPUs, one process each (torchrun,
+    DistributedDataParallel), into one run folder of the sweep. Here a submitit-local job on the
+    CPU, where the two processes are gloo's."""
+    runs = tmp_path / "runs"
+    grid = ["--grid", "seed=0", *sets(SHORT), *JOBS, "--slurm-gpus", "2"]
+    result = kdl("sweep", DIGITS, *grid, "--runs-dir", runs)
+    assert result.exit_code == 0, result.stderr
+    [run] = iter_runs(runs)
+    assert (run.meta["status"], run.meta["processes"], run.meta["sweep"]["id"]) == (
+        "completed", 2, result.last_line)
+    [row] = status(runs, *grid)
+    assert (row["state"], row["run"]) == ("COMPLETED", run.id)
 
 
 @pytest.mark.parametrize("args, says", [
