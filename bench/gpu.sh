@@ -15,7 +15,7 @@
 #   OVERHEAD_ARGS="--steps 20 --rounds 1" DATA_ARGS="--rounds 1" \
 #   STEP_ARGS="--cases digits_cnn_64 --steps 20 --rounds 1" \
 #   DDP_ARGS="--config configs/digits_cnn.yaml --variants 64:fp32 --rounds 1 --epochs 2" bench/gpu.sh
-# PARTS=ddp bench/gpu.sh measures DDP's cost alone (about 5 minutes on a GPU).
+# PARTS=ddp bench/gpu.sh measures DDP's cost alone (at most 9 minutes: its two benches have timeouts).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
@@ -39,7 +39,7 @@ if [[ ,$PARTS, == *,ddp,* ]]; then
   # one thread on both sides, as torchrun sets for its workers
   OMP_NUM_THREADS=1 timeout 240 "$PYTHON" bench/ddp_step.py --device "$DEVICE" \
     --variants plain,ddp,ddp_view,ddp_view_nobuf,kdl --out "$OUT/ddp_step.json" ${STEP_ARGS:-} 2>&1 \
-    | tee "$OUT/ddp_step.txt"
+    | tee "$OUT/ddp_step.txt" || echo "bench/ddp_step.py ended early; what it printed is in ddp_step.txt"
   timeout 300 "$PYTHON" bench/ddp.py --device "$DEVICE" --rounds 2 --out "$OUT/ddp.json" ${DDP_ARGS:-} 2>&1 \
     | tee "$OUT/ddp.txt"
 fi
