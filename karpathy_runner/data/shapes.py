@@ -162,12 +162,11 @@ def _move_into_place(temp: Path, root: Path, wanted: dict[str, Any]) -> None:
         os.rename(root, old)
         os.rename(temp, root)
     except OSError as exc:
-        if _manifest(root) == wanted:
-            shutil.rmtree(old, ignore_errors=True)
-            return
-        raise KdlError(f"data.root: could not put the new shapes in place of {root} ({exc.strerror}); "
-                       "is another kdl drawing other settings there? Give each its own data.root") from None
-    shutil.rmtree(old, ignore_errors=True)
+        if _manifest(root) != wanted:
+            raise KdlError(f"data.root: could not put the new shapes in place of {root} "
+                           f"({exc.strerror}); is another kdl drawing other settings there? Give "
+                           "each its own data.root") from None
+    shutil.rmtree(old, ignore_errors=True)  # (the other's folder in place: ours goes with the temp)
 
 
 # ----------------------------------------------------------------------------- drawing
