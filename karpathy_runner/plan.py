@@ -156,15 +156,16 @@ def _existing_run(runs_root: Path, cfg: Config, wait: Callable[[str], None] | No
                 f"run {run.id} of this config is in use by another kdl process (pid {pid}): "
                 "waiting for it to end, to take the run (--skip-existing)"))
             run = Run(run.path)  # as it ended
-            if not _beating_elsewhere(run):
-                if run.status in ("completed", "running"):  # (running: an older kdl elsewhere)
-                    held.release()
-                    return run, None
-                if run.status not in ("failed", "damaged"):
-                    return run, held
+            if _beating_elsewhere(run):  # another machine took it meanwhile (its lock not shared)
+                held.release()
+            elif run.status in ("completed", "running"):  # (running: an older kdl elsewhere)
+                held.release()
+                return run, None
+            elif run.status not in ("failed", "damaged"):
+                return run, held
+            else:
                 held.release()  # it failed: look again
                 continue
-            held.release()  # another machine's process died a moment ago: it still beats
         if not told:
             wait(f"run {run.id} of this config is training ({run.process}): waiting for it to "
                  "end, or for its heartbeat to stop, to take the run (--skip-existing)")

@@ -14,9 +14,11 @@ import threading
 import time
 
 import pytest
-from kdl import kdl, train_tiny
+from kdl import CONFIGS, kdl, train_tiny
 from runfolders import make_run
 
+from karpathy_runner import plan
+from karpathy_runner.config.loading import load_config
 from karpathy_runner.runfolder import fsio, layout, locks
 from karpathy_runner.runfolder.writer import RunWriter
 from karpathy_runner.ui.tables import print_eval
@@ -212,6 +214,41 @@ def test_a_resume_of_a_run_another_machine_trains_names_the_machine_and_when_it_
     assert (f"run {folder.name} is still running (pid 12345 on node-a); stop it first. If that "
             "machine or its job died, the run reads crashed once its heartbeat has been silent for "
             "120 s: resume it then") in " ".join(refused.stderr.split())
+
+
+def test_skip_existing_waits_for_a_run_another_machine_took_while_it_waited_for_the_lock(
+        runs_dir, monkeypatch):
+    """--skip-existing finds its config's run interrupted and takes the run's lock; by the time
+    it holds it, another machine resumed the run (where locks are not shared between machines,
+    both are granted) and beats. The run is not taken as done, nor resumed twice: the lock goes
+    back, and the command waits until the run ends, then takes it as it ended."""
+    cfg = load_config(CONFIGS / "digits_cnn.yaml", [])
+    folder = make_run(runs_dir, status="interrupted")
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "config_hash": cfg.hash()}))
+
+    class ResumedElsewhereMeanwhile(locks.RunLock):
+        def acquire(self, wait=None):
+            held = super().acquire(wait)
+            written = json.loads((folder / "meta.json").read_text())
+            (folder / "meta.json").write_text(json.dumps({**written, "status": "running", "host": "node-a",
+                                                          "pid": 12345, "heartbeat_s": 15}))
+            return held
+
+    said = []
+
+    def wait(line: str) -> None:  # told once it waits: the other machine's run then completes
+        said.append(line)
+        written = json.loads((folder / "meta.json").read_text())
+        (folder / "meta.json").write_text(json.dumps({**written, "status": "completed"}))
+
+    monkeypatch.setattr(plan, "RunLock", ResumedElsewhereMeanwhile)
+    monkeypatch.setattr(plan, "ELSEWHERE_POLL_S", 0.01)
+    run, held = plan._existing_run(runs_dir, cfg, wait)
+    assert (run.id, run.status, held) == (folder.name, "completed", None)
+    assert said == [f"run {folder.name} of this config is training (pid 12345 on node-a): waiting for "
+                    "it to end, or for its heartbeat to stop, to take the run (--skip-existing)"]
+    locks.RunLock(folder).acquire().release()  # the lock went back
 
 
 def test_only_the_training_process_beats_a_process_that_takes_the_lock_to_look_does_not(tmp_path):
