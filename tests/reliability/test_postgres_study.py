@@ -21,6 +21,7 @@ from postgres import Server, free_port, postgres_server
 from stopping import sets, wait_for
 from studies import DIGITS, hooked, trial_runs
 
+from karpathy_runner.batch import study
 from karpathy_runner.batch.search import Search
 from karpathy_runner.batch.space import parse_space
 from karpathy_runner.batch.study import SearchSpec, open_study
@@ -216,6 +217,15 @@ def test_a_server_that_takes_the_connection_and_never_answers_is_given_up_in_sec
     said = " ".join(command.stderr.split())
     assert "cannot connect" in said and "timeout expired" in said
     assert time.monotonic() - started < 45
+
+
+def test_a_url_that_sets_its_own_connect_timeout_keeps_it():
+    """kdl's connect timeout is a default: a postgresql:// URL with its own connect_timeout goes
+    to Optuna as it is (nothing connects yet), as does another database's URL. (One without it
+    gets kdl's: the test of a server that never answers.)"""
+    own = "postgresql://kdl@db.invalid/studies?connect_timeout=3"
+    assert study._storage(own) == own
+    assert study._storage("sqlite:///studies.db") == "sqlite:///studies.db"
 
 
 def test_a_database_lost_during_a_search_is_one_paragraph_and_the_same_command_resumes(tmp_path):
