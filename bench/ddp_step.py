@@ -6,15 +6,19 @@ in rounds so that the machine's drift cancels. bench/ddp.py measures the same th
 
 Variants: plain (the model itself); ddp (torch's defaults); ddp_view (gradient_as_bucket_view:
 the gradients are views into DDP's buckets, no copies in and out); ddp_view_static (and
-static_graph); ddp_view_nobuf (and no buffer broadcast at each forward); kdl (Ranks.wrap over one
-process, what `--nproc-per-node 1` trains through: bucket views, no buffer broadcast, and a
-communication hook that keeps a bucket as it is instead of an all-reduce over one process).
+static_graph); ddp_view_nobuf (and no buffer broadcast at each forward); ddp_hook (and a
+communication hook that keeps a bucket as it is instead of an all-reduce over one process, kdl's
+wrapper before); kdl (Ranks.wrap over one process, what `--nproc-per-node 1` trains through: no
+buffer broadcast, and its forward under DDP's no_sync, so the reducer has nothing to do).
 Cases: digits_cnn_64 (configs/digits_cnn.yaml, fp32: scikit-learn's digits, steps short enough
 that DDP's fixed cost shows on a CPU), seed_cnn_64 (configs/cifar_cnn.yaml, fp32), seed_cnn_512
 (bf16), speedrun (configs/cifar_speedrun.yaml, batch 1024, bf16), the CIFAR ones on synthetic
 CIFAR-10 in the real file format.
 
     python bench/ddp_step.py [--device cuda] [--steps 300] [--rounds 3] [--cases ...] [--out F]
+
+With --no-group (variant plain only) the process starts no process group: against a run with
+one, what a group of one process (nccl's threads, its communicator) costs a plain step.
 """
 
 from __future__ import annotations
@@ -52,8 +56,16 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "ddp_view": {"gradient_as_bucket_view": True},
     "ddp_view_static": {"gradient_as_bucket_view": True, "static_graph": True},
     "ddp_view_nobuf": {"gradient_as_bucket_view": True, _forward_buffer_sync(): False},
+    "ddp_hook": {"gradient_as_bucket_view": True, _forward_buffer_sync(): False},  # + _own_bucket
     "kdl": {},  # Ranks.wrap over one process: kdl's own wrapper, whatever it is
 }
+
+
+def _own_bucket(state, bucket):  # type: ignore[no-untyped-def]  # DDP refuses other annotations
+    """A communication hook for a world of one process: a bucket's average is itself."""
+    done = torch.futures.Future()
+    done.set_result(bucket.buffer())
+    return done
 
 
 def steps_per_second(exp: Any, variant: str, steps: int) -> float:
@@ -70,6 +82,8 @@ def steps_per_second(exp: Any, variant: str, steps: int) -> float:
         forward = model
     else:
         forward = torch.nn.parallel.DistributedDataParallel(model, **options)
+        if variant == "ddp_hook":
+            forward.register_comm_hook(None, _own_bucket)
     dtype = PRECISIONS[cfg.train.precision]
     images = exp.data.train.images.to(device).float() / 255
     labels = exp.data.train.labels.to(device)
@@ -102,15 +116,22 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--per-batch", type=int, default=10_000)
     parser.add_argument("--out", type=Path, default=Path("ddp_step.json"))
+    parser.add_argument("--no-group", action="store_true", help="no process group (variant plain only)")
     args = parser.parse_args()
+    if args.no_group and args.variants != "plain":
+        parser.error("--no-group measures the variant plain alone: add --variants plain")
     root = use_synthetic_cifar(Path(tempfile.gettempdir()) / "kdl-bench-cifar", args.per_batch)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    backend = "nccl" if args.device.startswith("cuda") else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(0)
-    torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    if not args.no_group:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        backend = "nccl" if args.device.startswith("cuda") else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(0)
+        torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                                             world_size=1)
+        # the communicator, made at the first collective, as DDP's construction does
+        torch.distributed.broadcast(torch.zeros(1, device=args.device), src=0)
     report: dict[str, Any] = {}
     for case in args.cases.split(","):
         config, overrides = CASES[case]
@@ -130,8 +151,9 @@ def main() -> None:
         for variant, row in report[case].items():
             print(f"{case:13} {variant:16} {row['ms_per_step']:8.3f} ms/step  x{row['over_plain']:.4f} "
                   f"of plain  {row['steps_per_s']}", flush=True)
-    torch.distributed.destroy_process_group()
-    summary = {"device": args.device, "steps": args.steps, "cases": report}
+    if not args.no_group:
+        torch.distributed.destroy_process_group()
+    summary = {"device": args.device, "steps": args.steps, "group": not args.no_group, "cases": report}
     args.out.write_text(json.dumps(summary, indent=1) + "\n")
     print(f"wrote {args.out}")
 

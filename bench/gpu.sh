@@ -38,7 +38,7 @@ fi
 if [[ ,$PARTS, == *,ddp,* ]]; then
   # one thread on both sides, as torchrun sets for its workers
   OMP_NUM_THREADS=1 timeout 240 "$PYTHON" bench/ddp_step.py --device "$DEVICE" \
-    --variants plain,ddp,ddp_view,ddp_view_nobuf,kdl --out "$OUT/ddp_step.json" ${STEP_ARGS:-} 2>&1 \
+    --variants plain,ddp,ddp_hook,kdl --out "$OUT/ddp_step.json" ${STEP_ARGS:-} 2>&1 \
     | tee "$OUT/ddp_step.txt" || echo "bench/ddp_step.py ended early; what it printed is in ddp_step.txt"
   timeout 300 "$PYTHON" bench/ddp.py --device "$DEVICE" --rounds 2 --out "$OUT/ddp.json" ${DDP_ARGS:-} 2>&1 \
     | tee "$OUT/ddp.txt"

@@ -109,23 +109,16 @@ class Ranks:
             return model
         if sync_batch_norm and self.world > 1:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if self.world == 1:  # nothing to exchange (_OneProcessDDP)
+            return _OneProcessDDP(model, find_unused_parameters=False, **{_forward_buffer_sync(): False})
         # DDP's default for buffers: rank 0's on every rank at each forward, one model as a
         # single process carries it (batch-norm statistics, the spectral norm's vectors its
         # forward uses). find_unused_parameters off: a backward reaches all of a wrapped model's
         # parameters or none (a phase that holds it fixed, a skipped step), which DDP allows
         # without searching the graph at every forward. The gradients are views into DDP's
         # buckets: no copy into them and back at each step (bench/ddp_step.py), half the memory
-        alone = self.world == 1
-        buffers = {_forward_buffer_sync(): False} if alone else {}
-        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False,
-                                                        gradient_as_bucket_view=True, **buffers)
-        if alone:
-            # over one process rank 0's buffers are this one's and the average of the gradients
-            # is the gradients: neither collective (a broadcast at each forward, an all-reduce
-            # per bucket) can change a bit, and together they were most of DDP's cost a step
-            # (bench/ddp_step.py). DDP's own hook API (torch's "noop" example) replaces the second
-            ddp.register_comm_hook(None, _own_gradients)
-        return ddp
+        return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False,
+                                                         gradient_as_bucket_view=True)
 
     def broadcast_buffers(self, models: list[nn.Module]) -> None:
         """Rank 0's buffers on every rank. Between forwards each rank holds the statistics of its
@@ -186,11 +179,18 @@ class Ranks:
 SINGLE = Ranks()
 
 
-def _own_gradients(state, bucket):  # type: ignore[no-untyped-def]  # DDP refuses other annotations
-    """A DDP communication hook for a world of one process: a bucket's average is itself."""
-    done = torch.futures.Future()
-    done.set_result(bucket.buffer())
-    return done
+class _OneProcessDDP(torch.nn.parallel.DistributedDataParallel):
+    """DistributedDataParallel over a world of one process, where none of its exchanges can
+    change a bit: rank 0's buffers, broadcast at each forward, are this process's own (that sync
+    is off), and the average of the gradients over one process is the gradients. Its forward
+    runs under DDP's own `no_sync`, as for the backward passes of gradient accumulation: the
+    backward leaves the gradients in the parameters as the model alone does, without DDP's
+    reducer (its buckets, hooks, all-reduce), most of DDP's cost a step on a GPU
+    (bench/ddp_step.py). DDP's construction, its forward and its state are otherwise unchanged."""
+
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        with self.no_sync():
+            return super().forward(*inputs, **kwargs)
 
 
 def _forward_buffer_sync() -> str:

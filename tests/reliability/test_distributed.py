@@ -368,7 +368,8 @@ def test_one_torchrun_process_trains_through_ddp_to_the_plain_runs_weights(tmp_p
 def _one_process_steps(port: int, results: multiprocessing.Queue) -> None:
     """A world of one gloo process: five training steps of a model with batch norm through
     its wrapper, and of its copy alone, side by side: the collectives the wrapper's steps ran
-    once its buckets are rebuilt, and whether the gradients are the same at each step."""
+    once its buckets are rebuilt, whether the gradients are the same at each step, and whether
+    they are tensors of their own (views into one of DDP's buckets once its reducer ran)."""
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
                                          world_size=1)
@@ -393,18 +394,21 @@ def _one_process_steps(port: int, results: multiprocessing.Queue) -> None:
             for batch in later:
                 step(batch)
         ran = sorted({event.name for event in profile.events() if event.name.startswith(("c10d::", "gloo:"))})
-        results.put((ran, same))
+        storages = {p.grad.untyped_storage().data_ptr() for p in model.parameters()}
+        results.put((ran, same, len(storages) == len(list(model.parameters()))))
     finally:
         torch.distributed.destroy_process_group()
 
 
 def test_one_process_ddp_runs_no_collective_and_keeps_the_gradients(tmp_path):
-    """Over one process DistributedDataParallel's two collectives cannot change a bit: rank 0's
+    """Over one process DistributedDataParallel's exchanges cannot change a bit: rank 0's
     buffers at each forward are this process's own, and the average of one process's gradients
-    is the gradients. kdl's wrapper skips both (bench/ddp_step.py: most of DDP's cost a step)
-    and its gradients are those of the model alone, bit for bit, at every step."""
-    [(ran, same)] = forked_ranks(_one_process_steps, lambda rank: (_free_port(),), timeout=60, world=1)
-    assert ran == [] and same == [True] * 5, (ran, same)
+    is the gradients. kdl's wrapper skips the broadcast and leaves DDP's reducer out of the
+    backward (bench/ddp_step.py: most of DDP's cost a step): no collective runs, the gradients
+    stay in the parameters as the model alone leaves them, and they are its gradients, bit for
+    bit, at every step."""
+    [(ran, same, own)] = forked_ranks(_one_process_steps, lambda rank: (_free_port(),), timeout=60, world=1)
+    assert ran == [] and same == [True] * 5 and own, (ran, same, own)
 
 
 def test_two_machines_of_one_process_train_as_one_machine_of_two(two_processes, tmp_path):
