@@ -101,6 +101,7 @@ def test_predict_prints_boxes_at_the_inputs_size_and_draws_them(shapes_run, tmp_
     assert top.exit_code == 2 and "--top-k does not apply to a detect run" in top.stderr
 
 
+@pytest.mark.slow  # 9.5 s: TorchScript compiles torchvision's detector
 def test_export_scripts_the_detector_whose_boxes_predict_scales_to_each_input(shapes_run, tmp_path):
     """`kdl export` writes TorchScript only (the other formats refused, saying why); the file,
     given an input resized to the run's 32 px, finds the boxes `kdl predict` prints for that

@@ -38,7 +38,7 @@ def texts(path):
 
 def text(path):
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"To be, or not to be {i}: that is the question.\n" for i in range(1000)),
+    path.write_text("".join(f"To be, or not to be {i}: that is the question.\n" for i in range(500)),
                     encoding="utf-8")
 
 

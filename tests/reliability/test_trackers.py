@@ -9,7 +9,6 @@ import shutil
 import signal
 import sys
 
-import mlflow  # once for the module: a second or two
 import pytest
 import yaml
 from kdl import CONFIGS, TINY, kdl, train_tiny
@@ -27,7 +26,11 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 @pytest.fixture(scope="module")
 def empty_store(tmp_path_factory):
-    """An empty MLflow SQLite store: made once, since making its tables takes seconds."""
+    """An empty MLflow SQLite store: made once, since making its tables takes seconds. (mlflow is
+    imported here, not with the module: a second or two that every pytest worker would spend
+    collecting, whichever tests it runs.)"""
+    import mlflow
+
     path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
     mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
     return path
@@ -44,6 +47,8 @@ def runs(tmp_path, empty_store, monkeypatch):
 
 
 def client_for(runs):
+    import mlflow
+
     return mlflow.MlflowClient(tracking_uri=f"sqlite:///{runs.resolve() / 'mlflow.db'}")
 
 
