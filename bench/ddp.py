@@ -14,7 +14,12 @@ trains on its own data (configs/digits_cnn.yaml: scikit-learn's digits, steps sh
 CPU for DDP's fixed cost to show), its samples counted as its whole batches.
 
     python bench/ddp.py [--device cuda] [--rounds 3] [--epochs 4] [--variants 64:fp32,512:bf16]
-        [--config configs/cifar_cnn.yaml] [--out ddp.json] [--per-batch 10000]
+        [--config configs/cifar_cnn.yaml] [--out ddp.json] [--per-batch 10000] [--profile DIR]
+
+With --profile DIR each training process (the plain run's, the torchrun worker's) runs under
+cProfile, its stats written to DIR, and for each variant the functions whose time grew most
+from the plain run to the worker's are printed (per training step, round 0): where a whole run's
+difference comes from when one step through the wrapper shows none. cProfile slows both alike.
 """
 
 from __future__ import annotations
@@ -38,6 +43,23 @@ ACCEPT = """import torchvision.datasets.cifar as c
 c.CIFAR10._check_integrity = lambda self: True
 c.check_integrity = lambda *a, **k: True
 """
+# --profile: the training process under cProfile (a torchrun worker has RANK; its launcher is left
+# out), its stats written as kdl ends it (os._exit, after the exit handlers) or at exit
+PROFILE = """
+import cProfile, os
+_out = os.environ.get("KDL_BENCH_PROFILE")
+if _out and (os.environ.get("RANK") or not os.environ.get("KDL_BENCH_PROFILE_RANKED")):
+    _profile, _exit = cProfile.Profile(), os._exit
+    def _dump():
+        _profile.disable()
+        _profile.dump_stats(_out)
+    def _ended(code):
+        _dump()
+        _exit(code)
+    os._exit = _ended
+    __import__("atexit").register(_dump)
+    _profile.enable()
+"""
 
 
 def train(mode: str, variant: str, args: argparse.Namespace, work: Path, index: int) -> dict[str, Any]:
@@ -51,6 +73,10 @@ def train(mode: str, variant: str, args: argparse.Namespace, work: Path, index: 
         command += ["--set", setting]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(work / "site"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    if args.profile:
+        env["KDL_BENCH_PROFILE"] = str(args.profile / f"{index}-{mode}-{variant.replace(':', '-')}.prof")
+        if mode == "ddp":
+            env["KDL_BENCH_PROFILE_RANKED"] = "1"
     started = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - started
@@ -68,6 +94,35 @@ def train(mode: str, variant: str, args: argparse.Namespace, work: Path, index: 
             "samples_per_s": round(samples / statistics.median(epochs[1:]), 1), "wall_s": round(wall, 2)}
 
 
+def grown(folder: Path, variant: str, top: int = 25) -> None:
+    """The functions whose time per training step grew most from the plain run to the torchrun
+    worker's, in round 0 of `variant` (cProfile's own time, and with what they call)."""
+    import pstats
+
+    stats = {}
+    for mode in ("plain", "ddp"):
+        paths = sorted(folder.glob(f"*-{mode}-{variant.replace(':', '-')}.prof"),
+                       key=lambda path: int(path.name.split("-")[0]))
+        if not paths:
+            print(f"{variant}: no profile of the {mode} run")
+            return
+        stats[mode] = pstats.Stats(str(paths[0])).stats  # round 0's
+    steps = {mode: max((v[1] for (_, _, name), v in table.items() if name == "train_step"), default=1)
+             for mode, table in stats.items()}
+    rows = []
+    for key, (_, calls, own, total, _) in stats["ddp"].items():
+        _, plain_calls, plain_own, plain_total, _ = stats["plain"].get(key, (0, 0, 0.0, 0.0, None))
+        rows.append(((own / steps["ddp"] - plain_own / steps["plain"]) * 1e6,
+                     (total / steps["ddp"] - plain_total / steps["plain"]) * 1e6, calls, plain_calls, key))
+    lines = [f"{variant}: the worker's time per step less the plain run's, us (own, with callees), "
+             f"{steps['ddp']} / {steps['plain']} steps"]
+    for own, total, calls, plain_calls, (file, line, name) in sorted(rows, reverse=True)[:top]:
+        lines.append(f"  {own:9.1f} {total:9.1f}  calls {calls:7d} / {plain_calls:7d}  "
+                     f"{file.rsplit('site-packages/', 1)[-1]}:{line} {name}")
+    (folder / f"grown-{variant.replace(':', '-')}.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -78,14 +133,18 @@ def main() -> None:
     parser.add_argument("--per-batch", type=int, default=10_000,
                         help="synthetic images per CIFAR file (5 train files, 1 test file)")
     parser.add_argument("--out", type=Path, default=Path("ddp.json"))
+    parser.add_argument("--profile", type=Path, help="a folder for each training process's cProfile stats")
     args = parser.parse_args()
     args.config = args.config.resolve()
+    if args.profile:
+        args.profile = args.profile.resolve()
+        args.profile.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as temp:
         work = Path(temp)
         write_cifar10(work / "data", args.per_batch)
         (work / "site").mkdir()
-        (work / "site" / "sitecustomize.py").write_text(ACCEPT)
+        (work / "site" / "sitecustomize.py").write_text(ACCEPT + (PROFILE if args.profile else ""))
         for round_ in range(args.rounds):
             for variant in args.variants.split(","):
                 # each round starts with the other mode: neither always runs on a warmer GPU
@@ -104,6 +163,9 @@ def main() -> None:
                                "median": round(statistics.median(each), 4)}
             print(f"{variant}: DDP / plain samples/s per round {ratios[variant]['ddp_over_plain']}, "
                   f"median {ratios[variant]['median']}", flush=True)
+    if args.profile:
+        for variant in args.variants.split(","):
+            grown(args.profile, variant)
     report = {"config": str(args.config.relative_to(ROOT)), "device": args.device, "epochs": args.epochs,
               "results": results, "ratios": ratios}
     args.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -16,6 +16,8 @@
 #   STEP_ARGS="--cases digits_cnn_64 --steps 20 --rounds 1" \
 #   DDP_ARGS="--config configs/digits_cnn.yaml --variants 64:fp32 --rounds 1 --epochs 2" bench/gpu.sh
 # PARTS=ddp bench/gpu.sh measures DDP's cost alone (at most 9 minutes: its two benches have timeouts).
+# With DDP_ARGS="--rounds 1 --profile $OUT/profiles" its whole runs train under cProfile instead, and
+# bench/ddp.py prints the functions whose time per step grew from the plain run to the worker's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
