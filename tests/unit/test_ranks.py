@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import signal
 
 import torch
 
 from karpathy_runner.data import BatchDataset, Batches
-from karpathy_runner.distributed import Ranks, shard
+from karpathy_runner.distributed import Ranks, _forward_buffer_sync, shard
 
 
 def test_each_rank_takes_every_nth_item_of_each_global_batch():
@@ -54,3 +55,17 @@ def test_a_signal_that_lands_while_the_ranks_compare_is_not_lost():
     assert Trainer._stopping(trainer) is False  # this step's answer: nobody had stopped
     assert stop.signum == signal.SIGTERM  # kept
     assert Trainer._stopping(trainer) is True  # and agreed at the next step
+
+
+def test_the_buffer_sync_switch_has_the_name_the_installed_torch_gives_it(monkeypatch):
+    """Over one process kdl turns off DDP's broadcast of rank 0's buffers at each forward: the
+    switch is forward_sync_buffers since torch 2.13, broadcast_buffers before (torch 2.11 on the
+    project's GPU machine), which pyproject's torch>=2.6 allows."""
+    assert _forward_buffer_sync() in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+
+    class Before:  # DDP's signature before torch 2.13, in part
+        def __init__(self, module, device_ids=None, broadcast_buffers=True, find_unused_parameters=False):
+            pass
+
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", Before)
+    assert _forward_buffer_sync() == "broadcast_buffers"
