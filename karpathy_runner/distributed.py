@@ -103,9 +103,9 @@ class Ranks:
         of `--nproc-per-node 1` expects), its DistributedDataParallel wrapper (rank 0's weights
         and buffers on every rank as it is made), whose forward readies the gradient averaging
         of the backward pass that follows (over one process there is nothing to average:
-        `_OneProcessDDP`). `sync_batch_norm`, with several processes: its batch
-        norms become SyncBatchNorm first, holding the same parameters and buffers (so its
-        optimizer and checkpoints are unchanged); over one process it would be plain batch norm."""
+        `_OneProcessDDP`). `sync_batch_norm`, with several processes: its batch norms become
+        SyncBatchNorm first, holding the same parameters and buffers (so its optimizer and
+        checkpoints are unchanged); over one process it would be plain batch norm."""
         if self.backend is None:
             return model
         if sync_batch_norm and self.world > 1:

@@ -367,9 +367,9 @@ def test_one_torchrun_process_trains_through_ddp_to_the_plain_runs_weights(tmp_p
 
 def _one_process_steps(port: int, results: multiprocessing.Queue) -> None:
     """A world of one gloo process: five training steps of a model with batch norm through
-    its wrapper, and of its copy alone, side by side: the collectives the wrapper's steps ran
-    once its buckets are rebuilt, whether the gradients are the same at each step, and whether
-    they are tensors of their own (views into one of DDP's buckets once its reducer ran)."""
+    its wrapper, and of its copy alone, side by side: the collectives the wrapper's last three
+    steps ran, whether the gradients are the same at each step, and whether they are tensors of
+    their own (views into one of DDP's buckets once its reducer ran)."""
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
                                          world_size=1)
@@ -389,7 +389,7 @@ def _one_process_steps(port: int, results: multiprocessing.Queue) -> None:
 
         first, second, *later = torch.randn(5, 8, 3)
         step(first)
-        step(second)  # where DDP rebuilds its buckets, once, in the order the first backward used
+        step(second)  # (where a DDP whose reducer runs rebuilds its buckets, once: not profiled)
         with torch.profiler.profile() as profile:
             for batch in later:
                 step(batch)

@@ -149,7 +149,7 @@ def test_a_rerun_of_an_interrupted_sweep_compares_every_point_like_an_uninterrup
     assert again.returncode == 0, again.stderr
     rerun = again.stdout.split()[-1]
     assert table(runs, "--sweep", rerun) == [(lr, best, how) for (lr, best, _), how in
-                                  zip(expected, ["reused", "made", "resumed"], strict=True)]
+                                             zip(expected, ["reused", "made", "resumed"], strict=True)]
     shown = kdl("compare", "--sweep", rerun, "--runs-dir", runs)
     assert "how" in shown.stdout and "reused" in shown.stdout and "resumed" in shown.stdout
     assert kdl("runs", "--sweep", rerun, "--runs-dir", runs, "--json").stdout.count('"id"') == 3
