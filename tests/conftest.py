@@ -9,6 +9,7 @@ terminal screens, sweeps, searches, torchrun and compiles, marked `slow` here
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,13 @@ RELIABILITY = Path(__file__).parent / "reliability"
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Each pytest-xdist worker trains with one intra-op thread: several workers, each with
-    torch's default of one thread per core, run several times slower on a small machine."""
+    """Ctrl-C as a terminal gives it: a suite started in the background of a shell (`pytest &`
+    in a script, whose shell ignores SIGINT for it) would pass the ignored SIGINT on to every
+    process its tests start, and the tests of Ctrl-C would find it unheard. Each pytest-xdist
+    worker trains with one intra-op thread: several workers, each with torch's default of one
+    thread per core, run several times slower on a small machine."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
 
