@@ -5,8 +5,11 @@ The second is torchrun with one process, whose models train through DistributedD
 DDP run does; the first is the plain run. Each round trains both, one after the other in turn,
 as real `kdl train` commands, on synthetic CIFAR-10 in the real file format (no download, no
 validation split), with the same OMP_NUM_THREADS (1, what torchrun sets). Each run's epoch times
-come from its metrics.jsonl; samples/s is over the epochs after the first (warm-up). Prints one
-JSON line a run, then each variant's median ratio DDP / plain, and writes all of it to --out.
+come from its metrics.jsonl; samples/s is over the epochs after the first (warm-up). The median
+of its logging windows' own samples/s after the first epoch (train.log_every_steps) is the second
+figure: an epoch's end (its checkpoint's writes) falls in one window, which the median leaves
+out. Prints one JSON line a run, then each variant's median ratios DDP / plain by both figures,
+and writes all of it to --out.
 
 Variants are BATCH:PRECISION: 64:fp32 is configs/cifar_cnn.yaml as it stands (the seed CNN,
 small steps, where a per-step cost shows most); 512:bf16 is its fast setting. Another --config
@@ -84,14 +87,20 @@ def train(mode: str, variant: str, args: argparse.Namespace, work: Path, index: 
         return {"mode": mode, "variant": variant, "error": (done.stdout + done.stderr)[-2000:]}
     [folder] = [path for path in runs.iterdir() if not path.name.startswith(".")]
     meta = json.loads((folder / "meta.json").read_text())
-    records = [r for r in map(json.loads, (folder / "metrics.jsonl").open()) if r["split"] == "train_epoch"]
+    logged = [json.loads(line) for line in (folder / "metrics.jsonl").open()]
+    records = [r for r in logged if r["split"] == "train_epoch"]
+    # each train.log_every_steps window's own samples/s after the first epoch: their median
+    # leaves out what an epoch's end adds (its checkpoint's writes fall in one window)
+    windows = [r["samples_per_s"] for r in logged if r["split"] == "train" and r["epoch"] > 1]
     ends = [r["time"] for r in records]
     epochs = [b - a for a, b in zip([0.0, *ends], ends, strict=False)]
     # CIFAR-10's five synthetic files; another config's epoch in whole batches (its steps)
     samples = 5 * args.per_batch if "cifar" in args.config.name else records[0]["step"] * int(batch)
     return {"mode": mode, "variant": variant, "processes": meta.get("processes", 1),
             "backend": meta.get("backend"), "epoch_s": [round(e, 3) for e in epochs],
-            "samples_per_s": round(samples / statistics.median(epochs[1:]), 1), "wall_s": round(wall, 2)}
+            "samples_per_s": round(samples / statistics.median(epochs[1:]), 1),
+            "window_samples_per_s": round(statistics.median(windows), 1) if windows else None,
+            "windows": len(windows), "wall_s": round(wall, 2)}
 
 
 def grown(folder: Path, variant: str, top: int = 25) -> None:
@@ -158,11 +167,19 @@ def main() -> None:
         plain = {r["round"]: r["samples_per_s"] for r in by_round if r["mode"] == "plain"}
         ddp = {r["round"]: r["samples_per_s"] for r in by_round if r["mode"] == "ddp"}
         each = [ddp[n] / plain[n] for n in range(args.rounds) if n in plain and n in ddp]
+        plain_w = {r["round"]: r["window_samples_per_s"] for r in by_round if r["mode"] == "plain"}
+        ddp_w = {r["round"]: r["window_samples_per_s"] for r in by_round if r["mode"] == "ddp"}
+        each_w = [ddp_w[n] / plain_w[n] for n in range(args.rounds) if plain_w.get(n) and ddp_w.get(n)]
         if each:
             ratios[variant] = {"ddp_over_plain": [round(x, 4) for x in each],
                                "median": round(statistics.median(each), 4)}
             print(f"{variant}: DDP / plain samples/s per round {ratios[variant]['ddp_over_plain']}, "
                   f"median {ratios[variant]['median']}", flush=True)
+        if each_w:
+            ratios.setdefault(variant, {}).update({"windows_ddp_over_plain": [round(x, 4) for x in each_w],
+                                           "windows_median": round(statistics.median(each_w), 4)})
+            print(f"{variant}: by the median window, per round {ratios[variant]['windows_ddp_over_plain']}, "
+                  f"median {ratios[variant]['windows_median']}", flush=True)
     if args.profile:
         for variant in args.variants.split(","):
             grown(args.profile, variant)
