@@ -77,7 +77,7 @@ def train(mode: str, variant: str, args: argparse.Namespace, work: Path, index: 
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(work / "site"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     if args.profile:
-        env["KDL_BENCH_PROFILE"] = str(args.profile / f"{index}-{mode}-{variant.replace(':', '-')}.prof")
+        env["KDL_BENCH_PROFILE"] = str(args.profile / f"{index}-{mode}-{slug(variant)}.prof")
         if mode == "ddp":
             env["KDL_BENCH_PROFILE_RANKED"] = "1"
     started = time.perf_counter()
@@ -103,6 +103,32 @@ def train(mode: str, variant: str, args: argparse.Namespace, work: Path, index: 
             "windows": len(windows), "wall_s": round(wall, 2)}
 
 
+# a run's two figures: the keys of their DDP / plain ratios in the report, and their printed names
+FIGURES = {"samples_per_s": ("", "DDP / plain samples/s"),
+           "window_samples_per_s": ("windows_", "by the median window,")}
+
+
+def ratios_of(results: list[dict[str, Any]], variant: str, rounds: int) -> dict[str, Any]:
+    """DDP / plain of `variant` by each figure, round by round, and their median (printed)."""
+    by_round = [r for r in results if r["variant"] == variant and "samples_per_s" in r]
+    found: dict[str, Any] = {}
+    for field, (prefix, said) in FIGURES.items():
+        plain = {r["round"]: r[field] for r in by_round if r["mode"] == "plain"}
+        ddp = {r["round"]: r[field] for r in by_round if r["mode"] == "ddp"}
+        each = [ddp[n] / plain[n] for n in range(rounds) if plain.get(n) and ddp.get(n)]
+        if each:
+            found[f"{prefix}ddp_over_plain"] = [round(x, 4) for x in each]
+            found[f"{prefix}median"] = round(statistics.median(each), 4)
+            print(f"{variant}: {said} per round {found[f'{prefix}ddp_over_plain']}, "
+                  f"median {found[f'{prefix}median']}", flush=True)
+    return found
+
+
+def slug(variant: str) -> str:
+    """A variant (BATCH:PRECISION) as it names its files."""
+    return variant.replace(":", "-")
+
+
 def grown(folder: Path, variant: str, top: int = 25) -> None:
     """The functions whose time per training step grew most from the plain run to the torchrun
     worker's, in round 0 of `variant` (cProfile's own time, and with what they call)."""
@@ -110,7 +136,7 @@ def grown(folder: Path, variant: str, top: int = 25) -> None:
 
     stats = {}
     for mode in ("plain", "ddp"):
-        paths = sorted(folder.glob(f"*-{mode}-{variant.replace(':', '-')}.prof"),
+        paths = sorted(folder.glob(f"*-{mode}-{slug(variant)}.prof"),
                        key=lambda path: int(path.name.split("-")[0]))
         if not paths:
             print(f"{variant}: no profile of the {mode} run")
@@ -128,7 +154,7 @@ def grown(folder: Path, variant: str, top: int = 25) -> None:
     for own, total, calls, plain_calls, (file, line, name) in sorted(rows, reverse=True)[:top]:
         lines.append(f"  {own:9.1f} {total:9.1f}  calls {calls:7d} / {plain_calls:7d}  "
                      f"{file.rsplit('site-packages/', 1)[-1]}:{line} {name}")
-    (folder / f"grown-{variant.replace(':', '-')}.txt").write_text("\n".join(lines) + "\n")
+    (folder / f"grown-{slug(variant)}.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 
 
@@ -163,23 +189,9 @@ def main() -> None:
                     results.append(result)
     ratios = {}
     for variant in args.variants.split(","):
-        by_round = [r for r in results if r["variant"] == variant and "samples_per_s" in r]
-        plain = {r["round"]: r["samples_per_s"] for r in by_round if r["mode"] == "plain"}
-        ddp = {r["round"]: r["samples_per_s"] for r in by_round if r["mode"] == "ddp"}
-        each = [ddp[n] / plain[n] for n in range(args.rounds) if n in plain and n in ddp]
-        plain_w = {r["round"]: r["window_samples_per_s"] for r in by_round if r["mode"] == "plain"}
-        ddp_w = {r["round"]: r["window_samples_per_s"] for r in by_round if r["mode"] == "ddp"}
-        each_w = [ddp_w[n] / plain_w[n] for n in range(args.rounds) if plain_w.get(n) and ddp_w.get(n)]
-        if each:
-            ratios[variant] = {"ddp_over_plain": [round(x, 4) for x in each],
-                               "median": round(statistics.median(each), 4)}
-            print(f"{variant}: DDP / plain samples/s per round {ratios[variant]['ddp_over_plain']}, "
-                  f"median {ratios[variant]['median']}", flush=True)
-        if each_w:
-            ratios.setdefault(variant, {}).update({"windows_ddp_over_plain": [round(x, 4) for x in each_w],
-                                           "windows_median": round(statistics.median(each_w), 4)})
-            print(f"{variant}: by the median window, per round {ratios[variant]['windows_ddp_over_plain']}, "
-                  f"median {ratios[variant]['windows_median']}", flush=True)
+        found = ratios_of(results, variant, args.rounds)
+        if found:
+            ratios[variant] = found
     if args.profile:
         for variant in args.variants.split(","):
             grown(args.profile, variant)
