@@ -8,7 +8,9 @@ terminal screens, sweeps, searches, torchrun and compiles, marked `slow` here
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -62,6 +64,16 @@ def trained(tmp_path_factory):
     result = train_tiny(runs, "--set", "train.epochs=1")
     assert result.exit_code == 0, result.stderr
     return runs / result.last_line
+
+
+@pytest.fixture
+def run(trained, tmp_path):
+    """A private copy of the trained run, marked interrupted so that it can be resumed."""
+    folder = tmp_path / "runs" / trained.name
+    shutil.copytree(trained, folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "status": "interrupted"}))
+    return folder
 
 
 @pytest.fixture

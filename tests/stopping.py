@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,25 @@ def signal_at(monkeypatch, steps: Iterable[int], signum: int = signal.SIGINT, ti
         return result
 
     monkeypatch.setattr(task, "train_step", train_step)
+
+
+def stopped_and_resumed(monkeypatch, start: Callable[[Path], Result], runs: Path, stops: list[int],
+                        task: type, each: Callable[[Path, int], None] | None = None) -> Path:
+    """The folder of the run `start(runs)` begins, stopped by SIGINT during each of `stops` (from
+    inside the `task` class's step) and resumed by `kdl train --resume` each time until it
+    completes. At each stop the run exited 130 with a checkpoint of that step; `each(folder,
+    stop)` checks more there."""
+    signal_at(monkeypatch, stops, task=task)
+    result = start(runs)
+    folder = runs / result.last_line
+    for stop in stops:
+        assert result.exit_code == 130, result.stderr
+        assert final_state(folder)["loop"]["step"] == stop
+        if each is not None:
+            each(folder, stop)
+        result = kdl("train", "--resume", folder.name, "--runs-dir", runs, "--quiet")
+    assert result.exit_code == 0, result.stderr
+    return folder
 
 
 def final_state(folder: Path, which: str = "last") -> dict[str, Any]:

@@ -12,7 +12,7 @@ import torch
 from datafiles import write_folder
 from kdl import CONFIGS, kdl
 from PIL import Image
-from stopping import assert_same_training, final_state, one_thread, read_json, sets, signal_at
+from stopping import assert_same_training, final_state, one_thread, read_json, sets, stopped_and_resumed
 
 from karpathy_runner.build import Experiment, build_experiment, build_trainer, eval_batches
 from karpathy_runner.config.loading import load_config
@@ -130,14 +130,8 @@ def test_epoch_grids_samples_and_exact_resume(tmp_path, gan_yaml, monkeypatch):
     straight = train(tmp_path / "straight", gan_yaml)
     assert straight.exit_code == 0, straight.stderr
     baseline = tmp_path / "straight" / straight.last_line
-    signal_at(monkeypatch, [7, 25], task=GAN)
-    result = train(tmp_path / "stopped", gan_yaml)
-    folder = tmp_path / "stopped" / result.last_line
-    for stop in (7, 25):
-        assert result.exit_code == 130, result.stderr
-        assert final_state(folder)["loop"]["step"] == stop
-        result = kdl("train", "--resume", folder.name, "--runs-dir", tmp_path / "stopped", "--quiet")
-    assert result.exit_code == 0, result.stderr
+    folder = stopped_and_resumed(monkeypatch, lambda runs: train(runs, gan_yaml), tmp_path / "stopped",
+                                 [7, 25], GAN)
     assert_same_training(folder, baseline)  # both optimizers and the moving average included
     state = final_state(folder)
     assert set(state["models"]) == {"generator", "discriminator", "generator_ema"}

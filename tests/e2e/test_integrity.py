@@ -6,7 +6,6 @@ the checkpoint keeps."""
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 import zipfile
 from pathlib import Path
@@ -16,16 +15,6 @@ from kdl import kdl
 from test_language_model import corpus, lm_config, train  # noqa: F401 (corpus: a fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture
-def run(trained, tmp_path):
-    """A private copy of the trained run, marked interrupted so that it can be resumed."""
-    folder = tmp_path / "runs" / trained.name
-    shutil.copytree(trained, folder)
-    meta = json.loads((folder / "meta.json").read_text())
-    (folder / "meta.json").write_text(json.dumps({**meta, "status": "interrupted"}))
-    return folder
 
 
 def flip_a_weight(checkpoint: Path) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -24,16 +23,6 @@ class Payload:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
-
-
-@pytest.fixture
-def run(trained, tmp_path):
-    """A private copy of the trained run, marked interrupted so that it can be resumed."""
-    folder = tmp_path / "runs" / trained.name
-    shutil.copytree(trained, folder)
-    meta = json.loads((folder / "meta.json").read_text())
-    (folder / "meta.json").write_text(json.dumps({**meta, "status": "interrupted"}))
-    return folder
 
 
 def status(folder: Path) -> str:

@@ -23,7 +23,7 @@ from stopping import (
     final_state,
     metrics,
     read_json,
-    signal_at,
+    stopped_and_resumed,
     train,
 )
 
@@ -65,14 +65,8 @@ def test_two_model_task_trains_checkpoints_and_resumes_bit_for_bit(toy, tmp_path
     assert straight.exit_code == 0, straight.stderr
     baseline = tmp_path / "straight" / straight.last_line
 
-    signal_at(monkeypatch, [5, STEPS_PER_EPOCH + 2], task=toytask.ToyPair)
-    result = toy_train(tmp_path / "stopped")
-    folder = tmp_path / "stopped" / result.last_line
-    for stop in (5, STEPS_PER_EPOCH + 2):
-        assert result.exit_code == 130, result.stderr
-        assert final_state(folder)["loop"]["step"] == stop
-        result = toy_train(tmp_path / "stopped", resume=folder.name)
-    assert result.exit_code == 0, result.stderr
+    folder = stopped_and_resumed(monkeypatch, toy_train, tmp_path / "stopped", [5, STEPS_PER_EPOCH + 2],
+                                 toytask.ToyPair)
     assert_same_training(folder, baseline)
     for epoch in (1, 2):  # the epoch-end hook's pictures, identical too
         name = f"samples/epoch-{epoch:03d}.png"

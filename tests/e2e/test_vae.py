@@ -18,7 +18,7 @@ from stopping import (
     final_state,
     read_json,
     sets,
-    signal_at,
+    stopped_and_resumed,
 )
 from test_gan import classifier_run  # noqa: F401 (a fixture)
 from torch.distributions import Bernoulli, Normal, kl_divergence
@@ -102,14 +102,8 @@ def test_epoch_grids_samples_and_exact_resume(tmp_path, vae_yaml, monkeypatch):
     straight = train(tmp_path / "straight", vae_yaml)
     assert straight.exit_code == 0, straight.stderr
     baseline = tmp_path / "straight" / straight.last_line
-    signal_at(monkeypatch, [7, 25], task=VAE)
-    result = train(tmp_path / "stopped", vae_yaml)
-    folder = tmp_path / "stopped" / result.last_line
-    for stop in (7, 25):
-        assert result.exit_code == 130, result.stderr
-        assert final_state(folder)["loop"]["step"] == stop
-        result = kdl("train", "--resume", folder.name, "--runs-dir", tmp_path / "stopped", "--quiet")
-    assert result.exit_code == 0, result.stderr
+    folder = stopped_and_resumed(monkeypatch, lambda runs: train(runs, vae_yaml), tmp_path / "stopped",
+                                 [7, 25], VAE)
     assert_same_training(folder, baseline)
     state = final_state(folder)
     assert state["task"]["shown"].shape == (32, 1, 8, 8)  # the first batch's images, kept

@@ -20,16 +20,6 @@ from karpathy_runner.runfolder.writer import RunWriter
 from karpathy_runner.tasks import Sample
 
 
-@pytest.fixture
-def run(trained, tmp_path):
-    """A private copy of the trained run, marked interrupted so that it can be resumed."""
-    folder = tmp_path / "runs" / trained.name
-    shutil.copytree(trained, folder)
-    meta = json.loads((folder / "meta.json").read_text())
-    (folder / "meta.json").write_text(json.dumps({**meta, "status": "interrupted"}))
-    return folder
-
-
 def refused(result, *names) -> None:
     assert result.exit_code == 2, (result.stdout, result.stderr)
     assert "Traceback" not in result.stdout + result.stderr
