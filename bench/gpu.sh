@@ -18,6 +18,9 @@
 # PARTS=ddp bench/gpu.sh measures DDP's cost alone (at most 9 minutes: its two benches have timeouts).
 # With DDP_ARGS="--rounds 1 --profile $OUT/profiles" its whole runs train under cProfile instead, and
 # bench/ddp.py prints the functions whose time per step grew from the plain run to the worker's.
+#   ddp_runs: whole runs only, both in one lease (at most 9 minutes): ddp_profile.txt, one round
+#             of batch 64 fp32 under cProfile (profiles/: the functions whose time per step grew),
+#             then ddp_rounds.json, 3 rounds of both variants for the ratios by both figures
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
@@ -44,5 +47,14 @@ if [[ ,$PARTS, == *,ddp,* ]]; then
     | tee "$OUT/ddp_step.txt" || echo "bench/ddp_step.py ended early; what it printed is in ddp_step.txt"
   timeout 300 "$PYTHON" bench/ddp.py --device "$DEVICE" --rounds 2 --out "$OUT/ddp.json" ${DDP_ARGS:-} 2>&1 \
     | tee "$OUT/ddp.txt"
+fi
+# shellcheck disable=SC2086
+if [[ ,$PARTS, == *,ddp_runs,* ]]; then
+  timeout 180 "$PYTHON" bench/ddp.py --device "$DEVICE" --variants 64:fp32 --rounds 1 --epochs 3 \
+    --profile "$OUT/profiles" --out "$OUT/ddp_profile.json" ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/ddp_profile.txt" \
+    || echo "the profiled round ended early; what it printed is in ddp_profile.txt"
+  timeout 350 "$PYTHON" bench/ddp.py --device "$DEVICE" --rounds 3 --epochs 3 --out "$OUT/ddp_rounds.json" \
+    ${DDP_ARGS:-} 2>&1 | tee "$OUT/ddp_rounds.txt" \
+    || echo "the rounds ended early; each run's line is in ddp_rounds.txt"
 fi
 echo "results in $OUT"
