@@ -102,16 +102,17 @@ def stopped_and_resumed(monkeypatch, start: Callable[[Path], Result], runs: Path
     """The folder of the run `start(runs)` begins, stopped by SIGINT during each of `stops` (from
     inside the `task` class's step) and resumed by `kdl train --resume` each time until it
     completes. At each stop the run exited 130 with a checkpoint of that step; `each(folder,
-    stop)` checks more there."""
+    stop)` checks more there. Each resume goes on in the same folder."""
     signal_at(monkeypatch, stops, task=task)
     result = start(runs)
     folder = runs / result.last_line
     for stop in stops:
         assert result.exit_code == 130, result.stderr
-        assert final_state(folder)["loop"]["step"] == stop
+        assert final_state(folder)["loop"]["step"] == stop  # the step in flight was finished
         if each is not None:
             each(folder, stop)
-        result = kdl("train", "--resume", folder.name, "--runs-dir", runs, "--quiet")
+        result = train(runs, resume=folder.name)
+        assert result.last_line == folder.name
     assert result.exit_code == 0, result.stderr
     return folder
 

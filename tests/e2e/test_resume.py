@@ -20,6 +20,7 @@ from stopping import (
     segment_command,
     sets,
     signal_at,
+    stopped_and_resumed,
     train,
 )
 
@@ -45,23 +46,19 @@ def uninterrupted(runs, overrides, start=train):
 
 def resumed_run(monkeypatch, runs, overrides, stops, start=train, task=Classify):
     """Train (`start`: digits with RANDOM), stopped by SIGINT at each of `stops` (from inside
-    the `task` class's step), resuming each time until the run completes."""
-    signal_at(monkeypatch, stops, task=task)
-    result = start(runs, *overrides)
-    folder = runs / result.last_line
-    for stop in stops:
-        assert result.exit_code == 130, result.stderr
+    the `task` class's step), resuming each time until the run completes; at each stop, meta.json
+    and metrics.jsonl end at that step."""
+
+    def written_up_to_the_stop(folder, stop):
         meta = read_json(folder / "meta.json")
         assert meta["status"] == "interrupted" and meta["step"] == stop
-        assert final_state(folder)["loop"]["step"] == stop  # the step in flight was finished
         # metrics reached the disk up to the stop (logged every 3 steps), and nothing after it
         assert [r["step"] for r in metrics(folder) if r["split"] == "train"] == list(
             range(3, stop + 1, 3))
         assert max((r["step"] for r in metrics(folder)), default=0) <= stop
-        result = train(runs, resume=folder.name)
-        assert result.last_line == folder.name
-    assert result.exit_code == 0, result.stderr
-    return folder
+
+    return stopped_and_resumed(monkeypatch, lambda runs: start(runs, *overrides), runs, stops, task,
+                               each=written_up_to_the_stop)
 
 
 @pytest.mark.parametrize(
