@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure of kdl's speed work in one go, on a CUDA machine without network (see the
 # README's Performance section; ../shared/gpu/README.md says how kdl runs on such a machine).
-# Writes synthetic CIFAR-10 in the real file format (no download), then, by PARTS (default: all):
+# Writes synthetic CIFAR-10 in the real file format (no download), then, by PARTS (default: speed,ddp):
 #   speed: gpu.json   bench/gpu.py: seed CNN and cifar_speedrun in fp32, bf16, bf16 + channels
 #                     last, + torch.compile: epoch times, samples/s, peak memory
 #          overhead_*.txt  bench/overhead.py seed_cnn: kdl vs a plain loop, batch 64 fp32, 512 bf16
@@ -10,6 +10,10 @@
 #                     wrapper over one process against the bare model (where a cost comes from)
 #          ddp.json   bench/ddp.py: whole `kdl train` runs, plain against --nproc-per-node 1
 #                     (the one-GPU DDP run's throughput against the plain run's)
+#   ddp_runs: whole runs only, both in one lease (at most 9 minutes): ddp_profile.txt, one round
+#             of batch 64 fp32 under cProfile (profiles/: the functions whose time per step grew;
+#             more options in PROFILE_ARGS), then ddp_rounds.json, 3 rounds of both variants for
+#             the ratios by both figures (more options in DDP_ARGS)
 # into $OUT (default: a new temporary folder). Dry run on a CPU, small and quick:
 #   DEVICE=cpu PYTHON=.venv/bin/python GPU_ARGS="--per-batch 300 --epochs 2 --variants fp32,bf16" \
 #   OVERHEAD_ARGS="--steps 20 --rounds 1" DATA_ARGS="--rounds 1" \
@@ -18,9 +22,6 @@
 # PARTS=ddp bench/gpu.sh measures DDP's cost alone (at most 9 minutes: its two benches have timeouts).
 # With DDP_ARGS="--rounds 1 --profile $OUT/profiles" its whole runs train under cProfile instead, and
 # bench/ddp.py prints the functions whose time per step grew from the plain run to the worker's.
-#   ddp_runs: whole runs only, both in one lease (at most 9 minutes): ddp_profile.txt, one round
-#             of batch 64 fp32 under cProfile (profiles/: the functions whose time per step grew),
-#             then ddp_rounds.json, 3 rounds of both variants for the ratios by both figures
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
