@@ -4,7 +4,9 @@ The second is torchrun with one process, whose models train through DistributedD
 (its gradient buckets, hooks and one all-reduce over a group of one per bucket), as a one-GPU
 DDP run does; the first is the plain run. Each round trains both, one after the other in turn,
 as real `kdl train` commands, on synthetic CIFAR-10 in the real file format (no download, no
-validation split), with the same OMP_NUM_THREADS (1, what torchrun sets). Each run's epoch times
+validation split), with the same threads: torch's default (what both commands give a user:
+torchrun sets OMP_NUM_THREADS=1 only for several processes a machine), or --threads N for both
+(the leases before this option: 1). Each run's epoch times
 come from its metrics.jsonl; samples/s is over the epochs after the first (warm-up). The median
 of its logging windows' own samples/s after the first epoch (train.log_every_steps) is the second
 figure: an epoch's end (its checkpoint's writes) falls in one window, which the median leaves
@@ -18,6 +20,7 @@ CPU for DDP's fixed cost to show), its samples counted as its whole batches.
 
     python bench/ddp.py [--device cuda] [--rounds 3] [--epochs 4] [--variants 64:fp32,512:bf16]
         [--config configs/cifar_cnn.yaml] [--out ddp.json] [--per-batch 10000] [--profile DIR]
+        [--threads N]
 
 With --profile DIR each training process (the plain run's, the torchrun worker's) runs under
 cProfile, its stats written to DIR, and for each variant the functions whose time grew most
@@ -74,8 +77,10 @@ def train(mode: str, variant: str, args: argparse.Namespace, work: Path, index: 
                     "train.best_metric=null", f"train.epochs={args.epochs}", f"train.device={args.device}",
                     f"data.batch_size={batch}", f"train.precision={precision}", "train.channels_last=false"]:
         command += ["--set", setting]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
+    env = {**os.environ,
            "PYTHONPATH": os.pathsep.join([str(work / "site"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     if args.profile:
         env["KDL_BENCH_PROFILE"] = str(args.profile / f"{index}-{mode}-{slug(variant)}.prof")
         if mode == "ddp":
@@ -169,6 +174,8 @@ def main() -> None:
                         help="synthetic images per CIFAR file (5 train files, 1 test file)")
     parser.add_argument("--out", type=Path, default=Path("ddp.json"))
     parser.add_argument("--profile", type=Path, help="a folder for each training process's cProfile stats")
+    parser.add_argument("--threads", type=int,
+                        help="OMP_NUM_THREADS of both runs (default: the environment's)")
     args = parser.parse_args()
     args.config = args.config.resolve()
     if args.profile:
@@ -196,6 +203,7 @@ def main() -> None:
         for variant in args.variants.split(","):
             grown(args.profile, variant)
     report = {"config": str(args.config.relative_to(ROOT)), "device": args.device, "epochs": args.epochs,
+              "threads": args.threads,
               "results": results, "ratios": ratios}
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -9,7 +9,8 @@
 #   ddp:   ddp_step.json  bench/ddp_step.py: one step through each DDP setting and kdl's own
 #                     wrapper over one process against the bare model (where a cost comes from)
 #          ddp.json   bench/ddp.py: whole `kdl train` runs, plain against --nproc-per-node 1
-#                     (the one-GPU DDP run's throughput against the plain run's)
+#                     (the one-GPU DDP run's throughput against the plain run's; both with
+#                     torch's default threads, as users run them: DDP_ARGS="--threads 1" pins them)
 #   ddp_runs: whole runs only, both in one lease (at most 9 minutes): ddp_profile.txt, one round
 #             of batch 64 fp32 under cProfile (profiles/: the functions whose time per step grew;
 #             more options in PROFILE_ARGS), then ddp_rounds.json, 3 rounds of both variants for

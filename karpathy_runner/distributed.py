@@ -247,7 +247,8 @@ def launch(worker_args: list[str], nproc_per_node: int, nnodes: int, node_rank: 
         f"--nproc-per-node={nproc_per_node}", f"--nnodes={nnodes}", f"--node-rank={node_rank}",
         f"--master-addr={master_addr}", *port, "--module", "karpathy_runner", *worker_args,
     ])
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun sets; without its warning
+    if nproc_per_node > 1:  # what torchrun sets for several processes a machine; without its warning
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     said = _SaidByKdl()
     torchrun_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
     torchrun_log.addFilter(said)

@@ -106,8 +106,9 @@ class Session:
         writer = made or RunWriter(folder, rank=ranks.rank)
         with writer.lock or contextlib.nullcontext():
             trainer = build_trainer(exp, writer, self.reporter, ranks)
+            # a run torchrun started, one process included (a one-GPU DDP run), says so
             processes = ({"processes": ranks.world, "nodes": ranks.nodes, "backend": ranks.backend}
-                         if ranks.world > 1 else {})
+                         if ranks.backend else {})
             writer.start({
                 "name": cfg.name, "task": exp.task.name, "model": cfg.model.name,
                 "dataset": cfg.data.name, "config_hash": cfg.hash(), "config_schema": SCHEMA_MAJOR,

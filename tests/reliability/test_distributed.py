@@ -357,6 +357,8 @@ def test_one_torchrun_process_trains_through_ddp_to_the_plain_runs_weights(tmp_p
                                        patch=record_wrappers, world=1)
     assert (code, summary["steps"]) == (0, 6), summary
     assert wrapped.read_text() == "BatchNorm2d BatchNorm2d\n"  # one wrapper, plain batch norms
+    meta = read_json(only_run(tmp_path / "torchrun") / "meta.json")  # told from a run without torchrun
+    assert (meta["processes"], meta["nodes"], meta["backend"]) == (1, 1, "gloo")
     with one_thread():
         alone = kdl("train", CONFIGS / "digits_cnn.yaml", *sets(asked), "--runs-dir", tmp_path / "alone",
                     "--quiet")

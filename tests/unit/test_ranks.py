@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import inspect
+import os
 import signal
 
 import torch
 
 from karpathy_runner.data import BatchDataset, Batches
-from karpathy_runner.distributed import Ranks, _forward_buffer_sync, shard
+from karpathy_runner.distributed import Ranks, _forward_buffer_sync, launch, shard
 
 
 def test_each_rank_takes_every_nth_item_of_each_global_batch():
@@ -69,3 +70,21 @@ def test_the_buffer_sync_switch_has_the_name_the_installed_torch_gives_it(monkey
 
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", Before)
     assert _forward_buffer_sync() == "broadcast_buffers"
+
+
+def test_the_launcher_leaves_the_threads_of_one_process_a_machine_as_they_are(monkeypatch):
+    """torchrun gives its workers OMP_NUM_THREADS=1 only when a machine runs several of them
+    (they would share its cores) and never over the user's own; one process a machine (a
+    one-GPU DDP run) keeps torch's default, every core, as the plain run does."""
+    import torch.distributed.run
+
+    seen = []
+    monkeypatch.setattr(torch.distributed.run, "run",
+                        lambda args: seen.append(os.environ.get("OMP_NUM_THREADS")))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for nproc in (1, 2):
+        assert launch(["train", "config.yaml"], nproc, 1, 0, "127.0.0.1", None) == 0
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert launch(["train", "config.yaml"], 2, 1, 0, "127.0.0.1", None) == 0
+    assert seen == [None, "1", "3"]
