@@ -129,12 +129,12 @@ def _say(line: str) -> None:
 
 
 def _processes_of(root: Path, ref: str) -> int | None:
-    """How many training processes the run to resume had, when it had several on one machine
-    (it resumes with as many, exactly); None for one. A run over several machines is resumed
-    on each machine by hand."""
+    """How many training processes torchrun started for the run to resume on one machine (it
+    resumes with as many, exactly, through torchrun again: one included, a one-GPU DDP run);
+    None for a run without torchrun. A run over several machines is resumed on each by hand."""
     run = resolve_run(root, ref)
     processes, nodes = run.meta.get("processes"), run.meta.get("nodes", 1)
-    if not isinstance(processes, int) or processes <= 1:
+    if not isinstance(processes, int) or processes < 1:
         return None
     if nodes != 1:
         raise KdlError(

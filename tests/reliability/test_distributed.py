@@ -32,6 +32,7 @@ from stopping import (
 )
 
 from karpathy_runner import session
+from karpathy_runner.cli.train import _processes_of
 from karpathy_runner.distributed import Ranks
 from karpathy_runner.errors import KdlError
 from karpathy_runner.plan import plan_train
@@ -357,14 +358,17 @@ def test_one_torchrun_process_trains_through_ddp_to_the_plain_runs_weights(tmp_p
                                        patch=record_wrappers, world=1)
     assert (code, summary["steps"]) == (0, 6), summary
     assert wrapped.read_text() == "BatchNorm2d BatchNorm2d\n"  # one wrapper, plain batch norms
-    meta = read_json(only_run(tmp_path / "torchrun") / "meta.json")  # told from a run without torchrun
+    # told from a run without torchrun, and resumed as it was started: through torchrun
+    meta = read_json(only_run(tmp_path / "torchrun") / "meta.json")
     assert (meta["processes"], meta["nodes"], meta["backend"]) == (1, 1, "gloo")
+    assert _processes_of(tmp_path / "torchrun", only_run(tmp_path / "torchrun").name) == 1
     with one_thread():
         alone = kdl("train", CONFIGS / "digits_cnn.yaml", *sets(asked), "--runs-dir", tmp_path / "alone",
                     "--quiet")
     assert alone.exit_code == 0, alone.stderr
     assert_same_tensors(final_state(only_run(tmp_path / "torchrun"))["models"],
                         final_state(only_run(tmp_path / "alone"))["models"])
+    assert _processes_of(tmp_path / "alone", only_run(tmp_path / "alone").name) is None
 
 
 def _one_process_steps(port: int, results: multiprocessing.Queue) -> None:
