@@ -4,9 +4,12 @@ line can ask before torch loads."""
 
 from __future__ import annotations
 
+import json
 import os
 
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# kdl's launcher's own command line (JSON), set for the workers it starts
+LAUNCHED_AS = "KDL_LAUNCHED_AS"
 
 
 def in_worker() -> bool:
@@ -17,3 +20,17 @@ def in_worker() -> bool:
 def worker_rank() -> int:
     """This process's rank among the training processes: 0 when it is the only one."""
     return int(os.environ["RANK"]) if in_worker() else 0
+
+
+def command_line(argv: list[str]) -> list[str]:
+    """How the run was launched, as meta.json records it: `kdl ARGV`; in a worker of kdl's
+    launcher, the launcher's command (`kdl train ... --nproc-per-node N`, what the user ran),
+    not the worker's own."""
+    if in_worker():
+        try:
+            launched = json.loads(os.environ.get(LAUNCHED_AS, ""))
+        except ValueError:
+            launched = None
+        if isinstance(launched, list) and launched and all(isinstance(a, str) for a in launched):
+            return launched
+    return ["kdl", *argv]

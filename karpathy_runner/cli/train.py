@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -103,6 +104,7 @@ def train(
                   *[flag for flag, on in (("--allow-changes", allow_changes),
                                           ("--skip-existing", skip_existing), ("--quiet", quiet),
                                           ("--json", as_json)) if on]]
+        os.environ[workers.LAUNCHED_AS] = json.dumps(["kdl", *sys.argv[1:]])  # their meta.json's command
         try:  # the processes train under the launcher's claim (--skip-existing)
             code = distributed.launch(worker, nproc_per_node, nnodes, node_rank, master_addr, master_port)
         finally:
@@ -110,7 +112,7 @@ def train(
         raise typer.Exit(code)
     from .. import session
 
-    result = session.train(plan, root, command=["kdl", *sys.argv[1:]], quiet=quiet)
+    result = session.train(plan, root, command=workers.command_line(sys.argv[1:]), quiet=quiet)
     if result.rank == 0 and as_json:  # of several training processes, rank 0 reports
         echo(json.dumps({"id": result.run_id, "status": result.status, "skipped": result.skipped,
                         "folder": str(result.folder), "summary": result.summary}))

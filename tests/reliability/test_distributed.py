@@ -63,6 +63,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(two_processes):
     assert printed.strip().splitlines()[-1] == folder.name  # the id, printed once
     meta = read_json(folder / "meta.json")
     assert meta["status"] == "completed" and meta["processes"] == 2 and meta["backend"] == "gloo"
+    assert meta["command"][-3:] == ["--nproc-per-node", "2", "--quiet"]  # the launcher's, as run
     alone, together = final_state(only_run(root / "alone")), final_state(folder)
     assert together["loop"]["step"] == alone["loop"]["step"] == 126
     for name, weight in alone["models"]["model"].items():
@@ -129,7 +130,9 @@ def test_sigterm_to_the_launcher_stops_every_rank_and_the_run_resumes_exactly(tm
     (hint,) = re.findall(r"resume with `kdl train (--resume \S+)`", printed)
     resumed = launch(runs, *hint.split())
     assert resumed.wait(timeout=240) == 0, output(resumed)
-    assert read_json(folder / "meta.json")["status"] == "completed"
+    meta = read_json(folder / "meta.json")
+    assert meta["status"] == "completed"
+    assert meta["resumes"][-1]["command"] == ["kdl", "train", *hint.split(), "--quiet"]  # as run
     assert_same_training(folder, only_run(two_processes[0] / "together"))
 
 
