@@ -1,17 +1,17 @@
 """DDP's own cost on one GPU: `kdl train CONFIG` against `kdl train CONFIG --nproc-per-node 1`.
 
 The second is torchrun with one process, whose models train through DistributedDataParallel
-(its gradient buckets, hooks and one all-reduce over a group of one per bucket), as a one-GPU
-DDP run does; the first is the plain run. Each round trains both, one after the other in turn,
-as real `kdl train` commands, on synthetic CIFAR-10 in the real file format (no download, no
-validation split), with the same threads: torch's default (what both commands give a user:
+as a one-GPU DDP run does (over one process, kdl's wrapper runs DDP's forward under its no_sync:
+docs/distributed.md); the first is the plain run. Each round trains both, one after the other in
+turn, as real `kdl train` commands, on synthetic CIFAR-10 in the real file format (no download,
+no validation split), with the same threads: torch's default (what both commands give a user:
 torchrun sets OMP_NUM_THREADS=1 only for several processes a machine), or --threads N for both
-(the leases before this option: 1). Each run's epoch times
-come from its metrics.jsonl; samples/s is over the epochs after the first (warm-up). The median
-of its logging windows' own samples/s after the first epoch (train.log_every_steps) is the second
-figure: an epoch's end (its checkpoint's writes) falls in one window, which the median leaves
-out. Prints one JSON line a run, then each variant's median ratios DDP / plain by both figures,
-and writes all of it to --out.
+(the leases before this option: 1). Each run's epoch times come from its metrics.jsonl;
+samples/s is over the epochs after the first (warm-up). The median of its logging windows' own
+samples/s after the first epoch (train.log_every_steps) is the second figure: an epoch's end
+(its checkpoint's writes) falls in one window, which the median leaves out. Prints one JSON line
+a run, then each variant's median ratios DDP / plain by both figures, and writes all of it to
+--out.
 
 Variants are BATCH:PRECISION: 64:fp32 is configs/cifar_cnn.yaml as it stands (the seed CNN,
 small steps, where a per-step cost shows most); 512:bf16 is its fast setting. Another --config
