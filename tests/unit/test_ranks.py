@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import signal
 
 import torch
 
+from karpathy_runner import workers
 from karpathy_runner.data import BatchDataset, Batches
 from karpathy_runner.distributed import Ranks, _forward_buffer_sync, launch, shard
 
@@ -88,3 +90,20 @@ def test_the_launcher_leaves_the_threads_of_one_process_a_machine_as_they_are(mo
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert launch(["train", "config.yaml"], 2, 1, 0, "127.0.0.1", None) == 0
     assert seen == [None, "1", "3"]
+
+
+def test_a_run_records_the_command_its_user_ran(monkeypatch):
+    """A worker of kdl's launcher records the launcher's command (with --nproc-per-node); a
+    process torchrun did not start, or a worker of the user's own torchrun, its own arguments,
+    whatever the environment holds besides (a value that is no command line is not one)."""
+    launched = ["kdl", "train", "config.yaml", "--nproc-per-node", "2"]
+    monkeypatch.setenv(workers.LAUNCHED_AS, json.dumps(launched))
+    assert workers.command_line(["train", "config.yaml"]) == ["kdl", "train", "config.yaml"]  # no worker
+    for key in workers.LAUNCH_ENV:
+        monkeypatch.setenv(key, "0")
+    assert workers.command_line(["train", "config.yaml", "--runs-dir", "runs"]) == launched
+    for stray in ("not json", "{}", "[]", "[1]", '"kdl train"'):
+        monkeypatch.setenv(workers.LAUNCHED_AS, stray)
+        assert workers.command_line(["train", "config.yaml"]) == ["kdl", "train", "config.yaml"]
+    monkeypatch.delenv(workers.LAUNCHED_AS)
+    assert workers.command_line(["train", "config.yaml"]) == ["kdl", "train", "config.yaml"]
