@@ -168,7 +168,8 @@ class Search:
 
     def ask(self) -> TrialRun | None:
         """A new trial of this machine, its values drawn (a grid's: the next point queued in the
-        study); None once a grid's points are all taken."""
+        study); None once a grid's points are all taken, or once another machine took the last of
+        `--trials` (both saw one left)."""
         from optuna.trial import TrialState
 
         grid = self.spec.search == "grid"
@@ -176,10 +177,19 @@ class Search:
             return None
         trial = self.study.ask()
         trial.set_user_attr("host", self.host)  # first: a kill while it draws leaves a trial of ours
-        if grid and GRID_POINT not in trial.user_attrs:  # another machine took the last point
+        if (GRID_POINT not in trial.user_attrs if grid  # another machine took the last point
+                else self.size(before=trial.number) >= self.spec.trials):  # or took the last trial
             self.study.tell(trial.number, state=TrialState.FAIL)  # since the line above: no values
             return None
         return TrialRun(trial.number, {d.key: d.value(d.suggest(trial)) for d in self.spec.space}, None)
+
+    def size(self, before: float = math.inf) -> int:
+        """Trials of the study (those numbered below `before`) that count: drawn, or being drawn
+        on another machine. One dropped before Optuna drew all its values does not count."""
+        from optuna.trial import TrialState
+
+        return sum(1 for t in self.study.get_trials(deepcopy=False) if t.number < before
+                   and (self.drawn(t) or t.state == TrialState.RUNNING))
 
     def drop(self, frozen: Any) -> None:
         """A trial stopped while Optuna drew its values never ran: FAIL, its grid point queued
@@ -257,15 +267,11 @@ class Search:
         def more() -> Point | None:
             if queue:
                 return self.point(queue.pop(0), None)
-            asked = self.ask() if self._size() < self.spec.trials else None
+            asked = self.ask() if self.size() < self.spec.trials else None
             return None if asked is None else self.point(asked, None)
 
         return Sweep([], self.jobs, self.fail_fast, self.log, more=more, finished=self._finished,
                      total=self.spec.trials, launcher=self.launcher).run()
-
-    def _size(self) -> int:
-        """Trials the study has, less those dropped before Optuna drew all their values."""
-        return sum(1 for t in self.study.get_trials(deepcopy=False) if self.drawn(t))
 
     def _finished(self, point: Point) -> None:
         """Tell the study a trial's end, as its run folder has it; a trial stopped on the way

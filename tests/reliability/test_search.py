@@ -265,3 +265,40 @@ def test_a_grid_point_whose_trial_was_stopped_while_drawn_is_queued_again(tmp_pa
     study.ask().set_user_attr("host", search.host)  # point 0 taken, then the kill: no values
     assert sorted(trial.params["seed"] for trial in search._members()) == [0, 1, 2]
     assert [t.state.name for t in study.get_trials()] == ["FAIL"] + ["RUNNING"] * 3
+
+
+@pytest.mark.parametrize("other", ["drawn", "being drawn"])
+def test_the_last_trial_of_a_shared_study_goes_to_one_machine(tmp_path, monkeypatch, other):
+    """Machines a and b both see one of `--trials` left, and a asks first: b's trial gets no
+    values and runs nothing, so the study keeps `--trials` trials, whether a's are drawn yet or
+    not, and b asks for none after."""
+    from karpathy_runner.batch.search import Search
+    from karpathy_runner.batch.space import parse_space
+    from karpathy_runner.batch.study import open_study
+
+    spec = SearchSpec(DIGITS, [], parse_space(["seed=int(0,99)"]), "random", 2, "val.loss",
+                      "minimize", "hash", "digits", None)
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+    searches = {}
+    for host in "ab":
+        monkeypatch.setenv("KDL_HOST", host)
+        searches[host] = Search(spec, open_study(spec, storage, "shared", seed=0), "shared", tmp_path,
+                                1, lambda line: None)
+    a, b = searches["a"], searches["b"]
+    a.ask()
+    real_ask = b.study.ask
+
+    def ask_after_a() -> optuna.trial.Trial:
+        if other == "drawn":
+            a.ask()
+        else:  # a's trial asked, its values not drawn yet
+            a.study.ask().set_user_attr("host", "a")
+        return real_ask()
+
+    monkeypatch.setattr(b.study, "ask", ask_after_a)
+    assert b.ask() is None
+    trials = optuna.load_study(study_name="shared", storage=storage).get_trials()
+    assert [t.user_attrs["host"] for t in trials] == ["a", "a", "b"]
+    assert [t.state.name for t in trials] == ["RUNNING", "RUNNING", "FAIL"]
+    assert not trials[2].params
+    assert b.size() == spec.trials  # b's command asks for no more
