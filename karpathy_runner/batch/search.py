@@ -107,13 +107,12 @@ def run_search(spec: SearchSpec, root: Path, storage: str | None, study_name: st
     host = layout.host_name()
     with study_lock(root, name, host), trials_lock(root, name, host, log) as trials, storage_lost(url):
         study = open_study(spec, url, name, spec.seed, log)
-        done = len(study.get_trials(deepcopy=False))
-        rungs = f", halving by {spec.halving} over epochs {spec.rungs()}" if spec.halving else ""
-        log(f"study {name}: {spec.search} search, {done} of {spec.trials} trials so far, {jobs} at "
-            f"a time{rungs}; {spec.direction} {spec.metric}; storage {shown_url(url)}")
         pool = (JobPool(launcher, root, name) if launcher and launcher.jobs
                 else Processes(jobs, inherited=(trials,)))  # a trial's process holds the lock
         runner = Search(spec, study, name, root, jobs, log, fail_fast, pool)
+        rungs = f", halving by {spec.halving} over epochs {spec.rungs()}" if spec.halving else ""
+        log(f"study {name}: {spec.search} search, {runner.size()} of {spec.trials} trials so far, "
+            f"{jobs} at a time{rungs}; {spec.direction} {spec.metric}; storage {shown_url(url)}")
         code = runner.halve() if spec.halving else runner.run()
         rows = runner.results()
         best = runner.best(rows)

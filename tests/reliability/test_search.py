@@ -211,6 +211,7 @@ def test_a_grid_search_runs_each_point_once_and_a_rerun_runs_nothing(tmp_path, m
             "--jobs", "2", *sets([*TINY, "train.epochs=1"]), "--runs-dir", tmp_path]
     result = kdl(*args)
     assert result.exit_code == 0, result.stderr
+    assert "grid search, 0 of 2 trials so far" in result.stderr  # its points queued, none taken
     study = result.last_line
     done = trial_runs(tmp_path, study)
     assert sorted(run.meta["sweep"]["point"]["model.channels"] for run in done.values()) == [
@@ -218,6 +219,7 @@ def test_a_grid_search_runs_each_point_once_and_a_rerun_runs_nothing(tmp_path, m
     assert [t.state.name for t in study_trials(tmp_path, study)] == ["COMPLETE"] * 2
     again = kdl(*args)
     assert again.exit_code == 0 and "started" not in again.stderr
+    assert "grid search, 2 of 2 trials so far" in again.stderr
     assert trial_runs(tmp_path, study).keys() == done.keys()
 
 
