@@ -104,7 +104,7 @@ def train(
                   *[flag for flag, on in (("--allow-changes", allow_changes),
                                           ("--skip-existing", skip_existing), ("--quiet", quiet),
                                           ("--json", as_json)) if on]]
-        os.environ[workers.LAUNCHED_AS] = json.dumps(["kdl", *sys.argv[1:]])  # their meta.json's command
+        os.environ[workers.LAUNCHED_AS] = json.dumps(workers.command_line(sys.argv[1:]))  # their record
         try:  # the processes train under the launcher's claim (--skip-existing)
             code = distributed.launch(worker, nproc_per_node, nnodes, node_rank, master_addr, master_port)
         finally:
