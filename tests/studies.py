@@ -11,6 +11,8 @@ from pathlib import Path
 import optuna
 from kdl import CONFIGS
 
+from karpathy_runner.batch.search import Search
+from karpathy_runner.batch.study import SearchSpec, open_study
 from karpathy_runner.runfolder.reader import Run, iter_runs
 
 DIGITS = CONFIGS / "digits_cnn.yaml"
@@ -27,6 +29,14 @@ def trial_runs(runs: Path, study: str) -> dict[int, Run]:
     by_trial = {run.meta["sweep"]["trial"]: run for run in found}
     assert len(by_trial) == len(found), "two run folders for one trial"
     return by_trial
+
+
+def machine_search(monkeypatch, host: str, spec: SearchSpec, storage: str, study: str, runs: Path
+                   ) -> Search:
+    """What `kdl sweep` drives on machine `host` (KDL_HOST, left set): the study opened through a
+    connection of its own, one trial at a time, its runs in `runs`."""
+    monkeypatch.setenv("KDL_HOST", host)
+    return Search(spec, open_study(spec, storage, study, seed=0), study, runs, 1, lambda line: None)
 
 
 def hooked(**variables: str) -> dict[str, str]:

@@ -19,10 +19,9 @@ import pytest
 from kdl import TINY, kdl
 from postgres import Server, free_port, postgres_server
 from stopping import sets, wait_for
-from studies import DIGITS, hooked, trial_runs
+from studies import DIGITS, hooked, machine_search, trial_runs
 
 from karpathy_runner.batch import study
-from karpathy_runner.batch.search import Search
 from karpathy_runner.batch.space import parse_space
 from karpathy_runner.batch.study import SearchSpec, open_study
 from karpathy_runner.errors import KdlError
@@ -145,12 +144,7 @@ def test_the_last_grid_point_goes_to_one_machine(tmp_path, server, monkeypatch):
     storage = server.createdb("last_point")
     spec = SearchSpec(DIGITS, [], parse_space(["seed=int(0,1)"]), "grid", 2, "val.loss", "minimize",
                       "hash", "digits")
-    searches = {}
-    for host in "ab":
-        monkeypatch.setenv("KDL_HOST", host)
-        searches[host] = Search(spec, open_study(spec, storage, STUDY, seed=0), STUDY, tmp_path, 1,
-                                lambda line: None)
-    a, b = searches["a"], searches["b"]
+    a, b = (machine_search(monkeypatch, host, spec, storage, STUDY, tmp_path) for host in "ab")
     assert a.ask().params == {"seed": 0}
     real_ask = b.study.ask
 
@@ -186,12 +180,8 @@ def test_a_halving_study_with_another_machines_trials_is_refused(tmp_path, serve
     storage = server.createdb("halving")
     spec = SearchSpec(DIGITS, [], parse_space(["seed=int(0,3)"]), "random", 4, "val.loss",
                       "minimize", "hash", "digits", halving=2, min_epochs=1, epochs=2)
-    for host in ("b", "a"):
-        monkeypatch.setenv("KDL_HOST", host)
-        search = Search(spec, open_study(spec, storage, STUDY, seed=0), STUDY, tmp_path, 1,
-                        lambda line: None)
-        if host == "b":
-            search.ask()
+    machine_search(monkeypatch, "b", spec, storage, STUDY, tmp_path).ask()
+    search = machine_search(monkeypatch, "a", spec, storage, STUDY, tmp_path)
     with pytest.raises(KdlError) as refused:
         search.halve()
     said = str(refused.value)

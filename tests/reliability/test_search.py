@@ -11,7 +11,7 @@ import optuna
 import pytest
 from kdl import TINY, kdl
 from stopping import assert_same_training, read_json, sets
-from studies import DIGITS, hooked, study_trials, sweep_process, trial_runs
+from studies import DIGITS, hooked, machine_search, study_trials, sweep_process, trial_runs
 
 from karpathy_runner.batch.study import SearchSpec
 from karpathy_runner.runfolder.reader import Run, iter_runs, rung_of
@@ -274,19 +274,12 @@ def test_the_last_trial_of_a_shared_study_goes_to_one_machine(tmp_path, monkeypa
     """Machines a and b both see one of `--trials` left, and a asks first: b's trial gets no
     values and runs nothing, so the study keeps `--trials` trials, whether a's are drawn yet or
     not, and b asks for none after."""
-    from karpathy_runner.batch.search import Search
     from karpathy_runner.batch.space import parse_space
-    from karpathy_runner.batch.study import open_study
 
     spec = SearchSpec(DIGITS, [], parse_space(["seed=int(0,99)"]), "random", 2, "val.loss",
                       "minimize", "hash", "digits", None)
     storage = f"sqlite:///{tmp_path / 'studies.db'}"
-    searches = {}
-    for host in "ab":
-        monkeypatch.setenv("KDL_HOST", host)
-        searches[host] = Search(spec, open_study(spec, storage, "shared", seed=0), "shared", tmp_path,
-                                1, lambda line: None)
-    a, b = searches["a"], searches["b"]
+    a, b = (machine_search(monkeypatch, host, spec, storage, "shared", tmp_path) for host in "ab")
     a.ask()
     real_ask = b.study.ask
 
