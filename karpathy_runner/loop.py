@@ -429,7 +429,7 @@ class Trainer:
         if saved != self.ranks.world:
             how = f" --nproc-per-node {saved}" if saved > 1 else ""
             raise KdlError(f"this checkpoint was written by a run of {saved} process(es); resume it "
-                           f"with as many: kdl train --resume {self.run.id}{how} (the same --nnodes too)")
+                           f"with as many: {self.run.resume_command}{how} (the same --nnodes too)")
         return state["ranks"][self.ranks.rank] if "ranks" in state else state
 
     def _save(self, *which: str, meta: dict[str, Any] | None = None) -> None:

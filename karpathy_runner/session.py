@@ -207,20 +207,20 @@ class Session:
             saved = ("with a checkpoint" if trainer.state.stop_reason == "signal"
                      else "at once: resume goes on from the last checkpoint")
             self.reporter.notice(f"interrupted {_position(trainer)}, {saved}; resume with "
-                                 f"{self._resume_command(writer.id)}")
+                                 f"{self._resume_command(writer)}")
         elif status == "paused":
             self.reporter.notice(f"paused {_position(trainer)} at --until-epoch {self.until_epoch}; "
-                                 f"go on with {self._resume_command(writer.id)}")
+                                 f"go on with {self._resume_command(writer)}")
         else:
             _print_summary(self.reporter, summary)
-            for line in self._next_steps(writer.id):
+            for line in self._next_steps(writer.folder):
                 self.reporter.message(line)
 
-    def _resume_command(self, run_id: str) -> str:
+    def _resume_command(self, writer: RunWriter) -> str:
         """The command that resumes the run, quoted: `kdl train --resume ID` (a run of several
         processes on one machine is started again with as many), or for a run over several
         machines, this machine's command and what the others run."""
-        command = f"kdl train --resume {run_id}"
+        command = writer.resume_command
         if self.ranks.nodes == 1:
             return f"`{command}`"
         per_node = self.ranks.world // self.ranks.nodes
@@ -229,22 +229,22 @@ class Session:
                     f"{os.environ.get('MASTER_PORT')}")
         return f"`{command}` here, and the same with its own --node-rank on each other machine"
 
-    def _next_steps(self, run_id: str) -> list[str]:
+    def _next_steps(self, folder: Path) -> list[str]:
         """Commands that work on the finished run as they are printed: an evaluation on the test
         split if the data has one (else on val), where the task's eval can run here (a GAN's
         needs a classifier: Inception-v3 cached, or --features), a sample if the task draws, and
         `kdl show`."""
         from .evaluate import inception_weights
 
-        exp, lines = self.exp, []
+        exp, lines, run = self.exp, [], layout.run_ref(folder)
         if not exp.task.draws_images or exp.task.scores_optional or inception_weights().is_file():
             if exp.data.test is not None:
-                lines.append(f"test it:   kdl eval {run_id} --split test")
+                lines.append(f"test it:   kdl eval {run} --split test")
             elif exp.data.val is not None:
-                lines.append(f"evaluate:  kdl eval {run_id}")
+                lines.append(f"evaluate:  kdl eval {run}")
         if exp.task.can_sample:
-            lines.append(f"sample it: kdl sample {run_id}")
-        return [*lines, f"inspect:   kdl show {run_id}"]
+            lines.append(f"sample it: kdl sample {run}")
+        return [*lines, f"inspect:   kdl show {run}"]
 
 
 def _position(trainer: Trainer) -> str:

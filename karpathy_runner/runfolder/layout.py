@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
+import shlex
 import socket
 import threading
 import time
@@ -43,6 +44,16 @@ OWN_FOLDERS = (CHECKPOINTS, EVAL, SAMPLES, EXPORT, TENSORBOARD)
 def runs_dir(option: str | Path | None = None) -> Path:
     """--runs-dir, else $KDL_RUNS_DIR, else ./runs."""
     return Path(option or os.environ.get("KDL_RUNS_DIR") or DEFAULT_RUNS_DIR)
+
+
+def run_ref(folder: Path) -> str:
+    """How a command kdl prints names the run in `folder`: its id, followed by `--runs-dir` and
+    the whole path of its runs folder where that is not the one the command would read without
+    it ($KDL_RUNS_DIR, else ./runs), so that the command works as printed."""
+    root = os.path.abspath(folder.parent)
+    if root == os.path.abspath(runs_dir()):
+        return folder.name
+    return f"{folder.name} --runs-dir {shlex.quote(root)}"
 
 
 def host_name() -> str:

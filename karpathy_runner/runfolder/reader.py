@@ -24,6 +24,7 @@ from .layout import (
     beating,
     host_name,
     process_running,
+    run_ref,
 )
 from .sweeps import pruned
 
@@ -241,7 +242,7 @@ def refuse_damaged(run: Run) -> None:
     if run.damage:
         raise KdlError(
             f"run {run.id} is damaged: {run.damage}. kdl will not evaluate or resume it; inspect "
-            f"or restore the file in {run.path}, or remove the run with `kdl rm {run.id}`."
+            f"or restore the file in {run.path}, or remove the run with `kdl rm {run_ref(run.path)}`."
         )
 
 

@@ -81,6 +81,12 @@ class RunWriter:
     def id(self) -> str:
         return self.folder.name
 
+    @property
+    def resume_command(self) -> str:
+        """The command that continues this run, as kdl prints it (its runs folder included where
+        the command would not find it)."""
+        return f"kdl train --resume {layout.run_ref(self.folder)}"
+
     # ------------------------------------------------------------------ run lifecycle
 
     @_rank_zero
@@ -219,7 +225,8 @@ class RunWriter:
         opening = Opening(self.folder, tracking, self.meta,
                           (self.folder / layout.CONFIG).read_text(encoding="utf-8"),
                           self.folder / layout.TENSORBOARD, resumed_at, history or [],
-                          {"kdl.run_id": self.id, **_sweep_tags(self.meta.get("sweep"))})
+                          {"kdl.run_id": self.id, **_sweep_tags(self.meta.get("sweep"))},
+                          resume=self.resume_command)
         try:
             self.trackers = open_trackers(opening)
         except KdlError as exc:
@@ -318,7 +325,7 @@ class RunWriter:
             kept = kept() if callable(kept) else kept  # (what is on disk now, once it failed)
             raise RunFailed(
                 f"could not write {path}: {exc.strerror or exc}. {kept}; free some space (or "
-                f"fix the folder's permissions) and continue with `kdl train --resume {self.id}`."
+                f"fix the folder's permissions) and continue with `{self.resume_command}`."
             ) from None
 
     def wait_for_checkpoint(self) -> None:

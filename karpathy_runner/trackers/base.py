@@ -66,6 +66,7 @@ class Opening:
     resumed_at: int | None = None  # a resume: its checkpoint's step (None: a fresh run)
     history: list[dict[str, Any]] = field(default_factory=list)  # a resume: the records it keeps
     tags: dict[str, str] = field(default_factory=dict)
+    resume: str = field(kw_only=True)  # the command that continues the run, as kdl prints it
 
     @property
     def run_id(self) -> str:

@@ -77,7 +77,7 @@ class MlflowTracker(Held):
             raise KdlError(
                 f"could not open this run's MLflow run at {uri} ({str(exc).strip().rstrip('.')}). "
                 "Check train.mlflow.tracking_uri (or MLFLOW_TRACKING_URI), or leave mlflow out of "
-                f"train.loggers; then continue with `kdl train --resume {opening.run_id}`"
+                f"train.loggers; then continue with `{opening.resume}`"
             ) from None
 
     @classmethod

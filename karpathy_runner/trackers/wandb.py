@@ -69,7 +69,7 @@ class WandbTracker(Held):
             raise KdlError(
                 f"could not open this run's W&B run ({str(exc).strip().rstrip('.')}). Log in with "
                 "`wandb login`, set train.wandb.mode: offline, or leave wandb out of train.loggers; "
-                f"then continue with `kdl train --resume {opening.run_id}`"
+                f"then continue with `{opening.resume}`"
             ) from None
         tracker = cls(run)
         if opening.history and not previous:  # added at a resume: the history so far

@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 from pathlib import Path
@@ -150,6 +152,10 @@ def test_every_read_command_survives_a_damaged_run(runs, trained, tmp_path, case
         no_traceback(result)
         assert file in result.stderr and reason in result.stderr, (command, result.stderr)
         assert "could run code" not in result.stderr
+    removal = re.findall(r"remove the run with `(kdl rm [^`]+)`", " ".join(result.stderr.split()))
+    if removal:  # a run whose files do not read: its removal works as printed
+        assert kdl(*shlex.split(removal[0])[1:], "--yes").exit_code == 0, removal
+        assert not (runs / damaged).exists() and (runs / HEALTHY).is_dir()
 
 
 def test_a_symlink_in_the_runs_folder_is_not_a_run(runs, trained, tmp_path):

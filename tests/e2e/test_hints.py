@@ -1,6 +1,7 @@
 """Every command kdl prints for a next step works when it is run as printed: the end of a run's
 next steps (an evaluation only where one can run, a sample where the task draws), and the resume
-line of an interrupted run."""
+line of an interrupted run; where a command would not find the run by itself, they name its runs
+folder."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import yaml
 from kdl import CONFIGS, TINY, kdl
 
 NEXT_STEP = re.compile(r"^(?:test it|evaluate|sample it|inspect):\s+(kdl .+)$", re.M)
-RESUME = re.compile(r"resume with `(kdl train --resume \S+)`")
+RESUME = re.compile(r"resume with `(kdl train --resume [^`]+)`")
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # as the kdl processes run
 
@@ -67,3 +68,27 @@ def test_the_resume_line_of_an_interrupted_run_works_as_printed(runs_dir, monkey
     resumed = run_as_printed(command)
     assert resumed.exit_code == 0, resumed.stderr
     assert resumed.last_line == stopped.last_line
+
+
+def test_the_hints_of_a_run_in_another_runs_folder_name_it(runs_dir, tmp_path, monkeypatch):
+    """A run trained with --runs-dir elsewhere than the runs folder a command finds by itself
+    (KDL_RUNS_DIR's, here) prints hints that name its folder, quoted for the shell, and they work
+    as printed. A run in the folder a command finds anyway keeps them short."""
+    elsewhere, digits = tmp_path / "other runs", configs(tmp_path)["digits"]
+    stopping.signal_at(monkeypatch, [5])
+    stopped = kdl("train", *digits, "--runs-dir", elsewhere)
+    assert stopped.exit_code == 130
+    run = stopped.last_line
+    (command,) = RESUME.findall(stopped.stderr)
+    assert command == f"kdl train --resume {run} --runs-dir '{elsewhere}'"
+    resumed = run_as_printed(command)
+    assert resumed.exit_code == 0, resumed.stderr
+    steps = NEXT_STEP.findall(resumed.stderr)
+    assert steps == [f"kdl eval {run} --runs-dir '{elsewhere}' --split test",
+                     f"kdl show {run} --runs-dir '{elsewhere}'"]
+    for step in steps:
+        ran = run_as_printed(step)
+        assert ran.exit_code == 0, (step, ran.stderr)
+    here = kdl("train", *digits, "--runs-dir", runs_dir)
+    assert NEXT_STEP.findall(here.stderr) == [f"kdl eval {here.last_line} --split test",
+                                              f"kdl show {here.last_line}"]

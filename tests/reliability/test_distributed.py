@@ -165,13 +165,15 @@ def test_a_rank_that_dies_stops_the_others_and_leaves_a_resumable_run(tmp_path):
 
 
 def test_a_checkpoint_resumes_only_with_as_many_processes(two_processes, tmp_path):
-    """Asked for another number of processes, a resume refuses and names the command that works."""
+    """Asked for another number of processes, a resume refuses and names the command that works
+    (with the runs folder it was given, one KDL_RUNS_DIR does not name)."""
     folder = only_run(two_processes[0] / "together")
     resumed = launch(folder.parent, "--resume", folder.name, "--nproc-per-node", "1", "--set",
-                     "train.epochs=3", "--allow-changes")
+                     "train.epochs=3", "--allow-changes", "--runs-dir", str(folder.parent),
+                     env={"KDL_RUNS_DIR": str(tmp_path / "elsewhere")})
     assert resumed.wait(timeout=240) == 2, output(resumed)
     assert (f"written by a run of 2 process(es); resume it with as many: kdl train --resume "
-            f"{folder.name} --nproc-per-node 2") in output(resumed)
+            f"{folder.name} --runs-dir {folder.parent} --nproc-per-node 2") in output(resumed)
 
 
 def _skip_step_rank(rank: int, init_file: str, results: multiprocessing.Queue) -> None:
@@ -445,3 +447,9 @@ def test_two_machines_of_one_process_train_as_one_machine_of_two(two_processes, 
     assert meta["status"] == "completed" and (meta["processes"], meta["nodes"]) == (2, 2)
     assert_same_tensors(final_state(folder)["models"],
                         final_state(only_run(two_processes[0] / "together"))["models"])
+    # resumed on one machine without its launch options: the command for each machine, named
+    refused = kdl("train", "--resume", folder.name, "--runs-dir", folder.parent)
+    assert refused.exit_code == 2, refused.stderr
+    assert (f"resume it on each machine with kdl train --resume {folder.name} --runs-dir "
+            f"{folder.parent} --nproc-per-node 1 --nnodes 2 --node-rank N"
+            ) in " ".join(refused.stderr.split()), refused.stderr

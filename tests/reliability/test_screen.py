@@ -16,9 +16,8 @@ from karpathy_runner.ui.tables import short_id
 CONFIG = str(CONFIGS / "digits_cnn.yaml")
 
 
-def test_a_finished_run_clears_its_bar_and_says_what_next(tmp_path):
-    screen = run_in_terminal(["train", CONFIG, *stopping.sets([*TINY, "train.epochs=3"]),
-                              "--runs-dir", str(tmp_path)])
+def test_a_finished_run_clears_its_bar_and_says_what_next(runs_dir):
+    screen = run_in_terminal(["train", CONFIG, *stopping.sets([*TINY, "train.epochs=3"])])
     assert screen.exit_code == 0, screen.raw
     run_id = screen.lines[-1]
     # the bar was drawn, with the epoch's and the whole run's time left
@@ -33,9 +32,9 @@ def test_a_finished_run_clears_its_bar_and_says_what_next(tmp_path):
     assert screen.lines[-5].startswith("epoch 3/3")  # no bar left between them
 
 
-def test_ctrl_c_on_a_terminal_says_it_was_heard_and_where_it_stopped(tmp_path):
+def test_ctrl_c_on_a_terminal_says_it_was_heard_and_where_it_stopped(runs_dir):
     screen = run_in_terminal(
-        ["train", CONFIG, *stopping.sets([*TINY, "train.epochs=40"]), "--runs-dir", str(tmp_path)],
+        ["train", CONFIG, *stopping.sets([*TINY, "train.epochs=40"])],
         on_output=press_ctrl_c_once(lambda raw: "epoch 2/40  train" in raw),
     )
     assert screen.exit_code == 130, screen.raw
@@ -49,8 +48,7 @@ def test_ctrl_c_on_a_terminal_says_it_was_heard_and_where_it_stopped(tmp_path):
     assert screen.text.index(heard) < screen.text.index("interrupted ")
     # the resume (off a terminal) says where it starts from: where the stop said it ended
     step = int(re.search(r"step (\d+)", stopped.group(1)).group(1))
-    resumed = kdl("train", "--resume", run_id, "--runs-dir", tmp_path,
-                  "--set", f"train.max_steps={step + 3}", "--allow-changes")
+    resumed = kdl("train", "--resume", run_id, "--set", f"train.max_steps={step + 3}", "--allow-changes")
     assert resumed.exit_code == 0, resumed.stderr
     where = stopped.group(1)
     assert f"run {run_id}: resumed {where}" in resumed.stderr, resumed.stderr
@@ -62,7 +60,7 @@ def test_sigterm_off_a_terminal_prints_both_lines(tmp_path, monkeypatch):
     assert result.exit_code == 143
     assert "SIGTERM: stopping after this step with a checkpoint" in result.stderr
     assert (f"interrupted in epoch 1/2 at step 5, with a checkpoint; resume with "
-            f"`kdl train --resume {result.last_line}`") in result.stderr
+            f"`kdl train --resume {result.last_line} --runs-dir {tmp_path}`") in result.stderr
     assert "done in" not in result.stderr
 
 

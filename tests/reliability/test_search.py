@@ -74,7 +74,7 @@ def test_until_epoch_pauses_a_run_that_resume_takes_to_the_end(tmp_path):
     meta = read_json(tmp_path / run_id / "meta.json")
     assert (meta["status"], meta["epochs_done"], meta["until_epoch"]) == ("paused", 1, 1)
     assert f"paused after epoch 1/3 (step 21) at --until-epoch 1; go on with `kdl train --resume " \
-           f"{run_id}`" in result.stderr
+           f"{run_id} --runs-dir {tmp_path}`" in result.stderr
     listed = kdl("runs", "--status", "paused", "--runs-dir", tmp_path, "--json")
     assert [r["id"] for r in json.loads(listed.stdout)] == [run_id]
     result = kdl("train", "--resume", run_id, "--runs-dir", tmp_path, "--quiet")

@@ -270,7 +270,7 @@ def test_an_mlflow_store_that_cannot_open_fails_the_run_with_its_reason(tmp_path
     assert "nosuchscheme://store" in result.stderr and "train.mlflow.tracking_uri" in result.stderr
     meta = json.loads((the_run(runs) / "meta.json").read_text())
     assert meta["status"] == "failed" and "nosuchscheme://store" in meta["error"]
-    assert f"kdl train --resume {meta['id']}" in result.stderr
+    assert f"then continue with `kdl train --resume {meta['id']} --runs-dir {runs}`" in result.stderr
 
 
 def wandb_records(path):
