@@ -152,9 +152,9 @@ def test_every_read_command_survives_a_damaged_run(runs, trained, tmp_path, case
         no_traceback(result)
         assert file in result.stderr and reason in result.stderr, (command, result.stderr)
         assert "could run code" not in result.stderr
-    removal = re.findall(r"remove the run with `(kdl rm [^`]+)`", " ".join(result.stderr.split()))
-    if removal:  # a run whose files do not read: its removal works as printed
-        assert kdl(*shlex.split(removal[0])[1:], "--yes").exit_code == 0, removal
+    if files_of_the_run:  # refused for its files: the removal it names works as printed
+        (removal,) = re.findall(r"remove the run with `(kdl rm [^`]+)`", " ".join(result.stderr.split()))
+        assert kdl(*shlex.split(removal)[1:], "--yes").exit_code == 0, removal
         assert not (runs / damaged).exists() and (runs / HEALTHY).is_dir()
 
 
