@@ -12,7 +12,7 @@ import typer
 
 from .. import workers
 from ..errors import KdlError
-from ..runfolder import layout
+from ..runfolder.layout import run_ref
 from ..runfolder.layout import runs_dir as runs_folder
 from ..runfolder.reader import resolve_run
 from .app import Command, ForceFlag, JsonFlag, RunsDir, SetOption, app, check_processes, echo
@@ -142,7 +142,7 @@ def _processes_of(root: Path, ref: str) -> int | None:
     if nodes != 1:
         raise KdlError(
             f"run {run.id} trained in {processes} processes on {nodes} machines: resume it on each "
-            f"machine with kdl train --resume {layout.run_ref(run.path)} --nproc-per-node "
+            f"machine with kdl train --resume {run_ref(run.path)} --nproc-per-node "
             f"{processes // nodes} --nnodes {nodes} --node-rank N --master-addr HOST --master-port "
             "PORT (N: the machine's index, 0 on the one at HOST)"
         )
