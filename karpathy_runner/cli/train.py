@@ -58,8 +58,9 @@ def train(
     nnodes: Annotated[int, typer.Option(min=1, help="With --nproc-per-node: machines in all.")] = 1,
     node_rank: Annotated[int, typer.Option(min=0, help="With --nnodes: this machine's index.")] = 0,
     master_addr: Annotated[
-        str, typer.Option(help="With --nnodes: address of the machine with --node-rank 0.")
-    ] = "127.0.0.1",
+        Optional[str],  # noqa: UP045
+        typer.Option(help="With --nnodes: address of the machine with --node-rank 0 (default 127.0.0.1)."),
+    ] = None,
     master_port: Annotated[
         Optional[int],  # noqa: UP045
         typer.Option(help="With --nnodes: a free port on it (default 29500; one machine: any free)."),
@@ -81,8 +82,15 @@ def train(
                  *([f"train.device={device}"] if device is not None else [])]
     root, tag = runs_folder(runs_dir), json.loads(trial) if trial else None
     given = nproc_per_node
+    if node_rank >= nnodes:
+        raise KdlError(f"--node-rank {node_rank} with --nnodes {nnodes}: the machines are numbered 0 to "
+                       f"{nnodes - 1}, 0 being the one at --master-addr. Give each machine its own "
+                       "number in that range, the same --nnodes on all")
     if resume is not None and nproc_per_node is None and not workers.in_worker():
         nproc_per_node = _processes_of(root, resume)  # a run resumes with as many processes
+    if nproc_per_node is None:
+        _no_launch_options(nnodes=nnodes != 1, node_rank=node_rank != 0, master_addr=master_addr is not None,
+                           master_port=master_port is not None)
     # config and run references are checked before torch loads (seconds): mistakes answer at once;
     # a launcher of several processes checks them before any starts, and locks no run: of the
     # training processes, rank 0 locks the run it resumes (with --skip-existing the launcher,
@@ -107,7 +115,8 @@ def train(
                                           ("--json", as_json)) if on]]
         os.environ[workers.LAUNCHED_AS] = json.dumps(workers.command_line(sys.argv[1:]))  # their record
         try:  # the processes train under the launcher's claim (--skip-existing)
-            code = distributed.launch(worker, nproc_per_node, nnodes, node_rank, master_addr, master_port)
+            code = distributed.launch(worker, nproc_per_node, nnodes, node_rank, master_addr or "127.0.0.1",
+                                      master_port)
         finally:
             plan.release()
         raise typer.Exit(code)
@@ -129,6 +138,19 @@ def train(
 def _say(line: str) -> None:
     """A wait of --skip-existing, said even with --quiet: a command that waits says for what."""
     print(line, file=sys.stderr, flush=True)
+
+
+def _no_launch_options(**given: bool) -> None:
+    """Refuse torchrun's launch options without --nproc-per-node: without it kdl trains one
+    process here, and machines told to train together would each train a run of their own."""
+    named = [f"--{option.replace('_', '-')}" for option, on in given.items() if on]
+    if named:
+        raise KdlError(
+            f"{' and '.join(named)} {'is an option' if len(named) == 1 else 'are options'} of a launch "
+            "through torchrun, which --nproc-per-node N asks for (N: the training processes on this "
+            "machine, one per GPU); without it this command trains one process, alone, here. Add "
+            f"--nproc-per-node, or leave out {' and '.join(named)}"
+        )
 
 
 def _processes_of(root: Path, ref: str) -> int | None:

@@ -55,3 +55,28 @@ def test_a_fifo_or_a_device_is_called_what_it_is(tmp_path, runs_dir, where, what
     assert text.exit_code == 2 and f"{path} is {what}, not a text file" in text.stderr
     config = kdl("train", path)
     assert config.exit_code == 2 and f"config file '{path}' is {what}, not a file" in config.stderr
+
+
+@pytest.mark.parametrize("options, named", [
+    (["--nnodes", "2"], "--nnodes is an option"),
+    (["--nnodes", "2", "--node-rank", "1"], "--nnodes and --node-rank are options"),
+    (["--master-addr", "10.0.0.1", "--master-port", "29500"], "--master-addr and --master-port are options"),
+])
+def test_launch_options_without_nproc_per_node_are_refused(runs_dir, options, named):
+    """They used to be ignored: each machine told to train together trained a run of its own."""
+    result = kdl("train", CONFIGS / "digits_cnn.yaml", *SHORT, *options)
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.startswith(f"error: {named} of a launch through torchrun, which --nproc-per-node N "
+                                    "asks for"), result.stderr
+    options_named = named.removesuffix(" is an option").removesuffix(" are options")
+    assert result.stderr.rstrip().endswith(f"Add --nproc-per-node, or leave out {options_named}")
+    assert not runs_dir.exists()
+
+
+def test_a_node_rank_outside_the_machines_is_refused(runs_dir):
+    """It used to wait ten minutes for a rendezvous that could never complete."""
+    result = kdl("train", CONFIGS / "digits_cnn.yaml", *SHORT, "--nproc-per-node", "1", "--nnodes", "2",
+                 "--node-rank", "2")
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.startswith("error: --node-rank 2 with --nnodes 2: the machines are numbered 0 to 1")
+    assert not runs_dir.exists()
