@@ -1,0 +1,102 @@
+"""The launcher of a run over several machines while the machines meet, before any training
+process starts: what one left alone says, how it gives up, Ctrl-C meanwhile. (test_distributed
+trains over two "machines".)"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+
+import pytest
+from kdl import CONFIGS, kdl
+from stopping import launch, output, train_command, wait_for
+
+from karpathy_runner import distributed
+
+CONFIG = [str(CONFIGS / "digits_cnn.yaml"), "--set", "train.device=cpu"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def machine(rank: int, machines: int, port: int, *more: str):
+    return kdl("train", *CONFIG, "--nproc-per-node", "1", "--nnodes", machines, "--node-rank", rank,
+               "--master-port", port, *more)
+
+
+def test_a_machine_left_alone_says_what_it_waits_for_and_gives_up_in_one_paragraph(runs_dir, monkeypatch):
+    """It used to wait silently, then end in a Python traceback and exit 1 (after 10 minutes,
+    here 1 s)."""
+    monkeypatch.setattr(distributed, "MEETING_TIMEOUT_S", 1)
+    port = free_port()
+    alone = machine(1, 2, port)
+    assert alone.exit_code == 2, alone.stderr
+    lines = alone.stderr.strip().splitlines()
+    assert lines[0] == (f"machine 1 of 2: waiting to join machine 0 at 127.0.0.1:{port}, for up to 1 s "
+                        "(machine 0 shows the training)")
+    assert lines[-1].startswith(f"error: machine 1 could not join machine 0 at 127.0.0.1:{port} within "
+                                "1 s (The client socket has timed out"), lines
+    assert lines[-1].endswith("Start the same command there with --node-rank 0 (it waits for the others), "
+                              "and check that --master-addr is that machine's address and --master-port a "
+                              "port on it that this machine can reach")
+    assert "Traceback" not in alone.stderr
+
+    first = machine(0, 3, port)
+    assert first.exit_code == 2, first.stderr
+    lines = first.stderr.strip().splitlines()
+    assert lines[0] == (f"machine 0 of 3: waiting at port {port} for the other 2 machines to join, "
+                        "for up to 1 s")
+    assert lines[-1].startswith(f"error: the other machines did not all join machine 0 at port {port} "
+                                "within 1 s (Timed out after"), lines
+    assert "with its own --node-rank (1 to 2), --master-addr the address of this machine and " \
+           f"--master-port {port}," in lines[-1]
+    assert "Traceback" not in first.stderr and not runs_dir.exists()
+
+
+def test_a_port_in_use_or_an_address_not_found_is_one_paragraph_at_once(runs_dir, monkeypatch):
+    monkeypatch.setattr(distributed, "MEETING_TIMEOUT_S", 1)  # (not waited for: refused before)
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        first = machine(0, 2, port)
+        assert first.exit_code == 2, first.stderr
+        last = first.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: port {port} is in use on this machine"), last
+        assert last.endswith("choose a free one with --master-port, the same on every machine"), last
+        one = kdl("train", *CONFIG, "--nproc-per-node", "1", "--master-port", port)
+        assert one.exit_code == 2 and one.stderr.strip().endswith(
+            "or leave it out (on one machine torchrun finds a free one)"), one.stderr
+    unknown = machine(1, 2, port, "--master-addr", "no-such-host.invalid")
+    assert unknown.exit_code == 2, unknown.stderr
+    assert unknown.stderr.startswith("error: --master-addr no-such-host.invalid: this machine cannot look "
+                                     "that address up ("), unknown.stderr
+    assert "Traceback" not in first.stderr + one.stderr + unknown.stderr and not runs_dir.exists()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_ctrl_c_while_the_machines_meet_ends_the_launcher_at_once(tmp_path, rank):
+    """torchrun waits for the machines inside torch's TCPStore, where Python's signal handlers
+    wait with it: a Ctrl-C used to do nothing for 10 minutes. (test_distributed stops two
+    machines by Ctrl-C once they train, with a checkpoint.)"""
+    runs, port = tmp_path / "runs", free_port()
+    waiting = launch(runs, *train_command(), "--nproc-per-node", "1", "--nnodes", "2", "--node-rank",
+                     str(rank), "--master-port", str(port), start_new_session=True,
+                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a terminal's
+    try:
+        wait_for(lambda: f"machine {rank} of 2: waiting" in output(waiting), timeout=120)
+        os.kill(waiting.pid, signal.SIGINT)
+        assert waiting.wait(timeout=10) == 130, output(waiting)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(waiting.pid, signal.SIGKILL)
+    where = (f"at port {port} for the other machine to join" if rank == 0
+             else f"to join machine 0 at 127.0.0.1:{port}")
+    assert output(waiting).strip().splitlines()[-1] == (
+        f"interrupted waiting {where}; no training process had started")
+    assert not any(runs.iterdir())
