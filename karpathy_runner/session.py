@@ -69,8 +69,13 @@ def train(plan: Plan, runs_root: Path, command: list[str], quiet: bool = False) 
 
 
 def _check_processes(cfg: Config, ranks: Ranks, device: str | None) -> None:
-    """Refuse what several processes cannot train, before anything is built or written: every
-    rank refuses together, after the others have joined (none left joining a group that is gone)."""
+    """Refuse what several processes cannot train, and configs that differ between them (the
+    commands of several machines), before anything is built or written: every rank refuses
+    together, after the others have joined (none left joining a group that is gone)."""
+    if not ranks.all_true(ranks.share(cfg.hash()) == cfg.hash()):  # machines given other commands
+        raise KdlError("the training processes were not all given the same config: the commands "
+                       "started on the machines differ in their config file, --set values or run to "
+                       "resume. Run the same command on every machine, with its own --node-rank")
     problem = None
     if cfg.data.batch_size < ranks.world:
         problem = (f"data.batch_size is {cfg.data.batch_size}, the global batch, but {ranks.world} "

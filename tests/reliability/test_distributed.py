@@ -453,3 +453,17 @@ def test_two_machines_of_one_process_train_as_one_machine_of_two(two_processes, 
     assert (f"resume it on each machine with kdl train --resume {folder.name} --runs-dir "
             f"{folder.parent} --nproc-per-node 1 --nnodes 2 --node-rank N"
             ) in " ".join(refused.stderr.split()), refused.stderr
+
+
+def test_machines_given_different_configs_refuse_together_before_anything_is_written(tmp_path):
+    """The machines' commands must give the same config: one whose learning rate differs used to
+    train a whole epoch, each machine its own way, and stop on weights that differ, blamed on a
+    model trained outside its wrapper."""
+    runs, port = tmp_path / "runs", _free_port()
+    config = str(CONFIGS / "digits_cnn.yaml")
+    results = forked_ranks(_worker_rank, lambda rank: (
+        rank, 2, port, runs, config, [*PLAIN, f"optimizer.lr={0.01 * (rank + 1)}"], None), timeout=120)
+    assert sorted(code for _, code, _ in results) == [2, 2], results
+    for _, _, error in results:
+        assert str(error).startswith("the training processes were not all given the same config"), error
+    assert not runs.exists() or not any(runs.iterdir())
