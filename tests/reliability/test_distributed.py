@@ -426,25 +426,38 @@ def test_two_machines_of_one_process_train_as_one_machine_of_two(two_processes, 
     """torchrun over two "machines" (two launchers here, one rendezvous): global rank 0 runs on
     the machine of --node-rank 0 and writes the run into its runs folder, and its launcher
     prints the id; the other machine writes nothing (on real machines the runs folder must be
-    one they share: a resume reads the checkpoint on each). The weights are those of one
-    machine of two processes, bit for bit."""
+    one they share: a resume reads the checkpoint on each). A Ctrl-C on machine 0 after the
+    first checkpoint stops both (exit 130), and the resume line it prints, run on each machine
+    with its own --node-rank, ends with the weights of one machine of two processes, bit for bit."""
     port = str(_free_port())
+    ctrl_c = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent / "sitehook"),
+                                             os.environ.get("PYTHONPATH", "")]),
+              "KDL_TEST_SIGNAL": "last.pt:1:SIGINT:parent"}  # to machine 0's launcher, from rank 0
     nodes = [launch(tmp_path / f"node{rank}", *train_command(*PLAIN), "--nproc-per-node", "1",
                     "--nnodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1",
-                    "--master-port", port, start_new_session=True) for rank in range(2)]
+                    "--master-port", port, env=ctrl_c if rank == 0 else None, start_new_session=True)
+             for rank in range(2)]
     try:
-        for node in nodes:
-            assert node.wait(timeout=240) == 0, output(node)
+        assert [node.wait(timeout=240) for node in nodes] == [130, 130], [output(n) for n in nodes]
+        folder = only_run(tmp_path / "node0")
+        assert output(nodes[0]).strip().splitlines()[-1] == folder.name
+        assert folder.name not in output(nodes[1])
+        assert not any((tmp_path / "node1").iterdir())
+        meta = read_json(folder / "meta.json")
+        assert meta["status"] == "interrupted" and (meta["processes"], meta["nodes"]) == (2, 2)
+        assert 0 < final_state(folder)["loop"]["step"] < 126
+        # the resume line, as machine 0 printed it: there, and with --node-rank 1 on the other
+        (hint,) = re.findall(r"resume with `kdl train ([^`]*)` here, and the same with its own "
+                             r"--node-rank on each other machine", output(nodes[0]))
+        assert hint.split()[:2] == ["--resume", folder.name] and "--node-rank 0" in hint
+        nodes = [launch(tmp_path / "node0", *hint.replace("--node-rank 0", f"--node-rank {rank}").split(),
+                        start_new_session=True) for rank in range(2)]
+        assert [node.wait(timeout=240) for node in nodes] == [0, 0], [output(n) for n in nodes]
     finally:  # a launcher left waiting for the other must not outlive the test
         for node in nodes:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(node.pid, signal.SIGKILL)
-    folder = only_run(tmp_path / "node0")
-    assert output(nodes[0]).strip().splitlines()[-1] == folder.name
-    assert folder.name not in output(nodes[1])
-    assert not any((tmp_path / "node1").iterdir())
-    meta = read_json(folder / "meta.json")
-    assert meta["status"] == "completed" and (meta["processes"], meta["nodes"]) == (2, 2)
+    assert read_json(folder / "meta.json")["status"] == "completed"
     assert_same_tensors(final_state(folder)["models"],
                         final_state(only_run(two_processes[0] / "together"))["models"])
     # resumed on one machine without its launch options: the command for each machine, named
