@@ -29,9 +29,11 @@ import gc
 import inspect
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,7 +43,7 @@ import torch
 from torch import nn
 
 from .errors import KdlError
-from .workers import in_worker
+from .workers import ERRORS, in_worker, left_errors
 
 # how long a rank waits for the others in one collective before failing (not hanging forever)
 TIMEOUT = dt.timedelta(minutes=10)
@@ -265,6 +267,8 @@ def launch(worker_args: list[str], nproc_per_node: int, nnodes: int, node_rank: 
     said = _SaidByKdl()
     torchrun_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
     torchrun_log.addFilter(said)
+    errors = tempfile.mkdtemp(prefix="kdl-errors-")  # where the workers leave theirs
+    os.environ[ERRORS] = errors
     try:
         with meeting.interruptible():
             run(args)
@@ -276,7 +280,26 @@ def launch(worker_args: list[str], nproc_per_node: int, nnodes: int, node_rank: 
         raise meeting.failed(exc) from None
     finally:
         torchrun_log.removeFilter(said)
+        with contextlib.suppress(OSError):  # last: after torchrun's lines about its workers
+            for line in _error_lines(left_errors(errors)):
+                print(line, file=sys.stderr, flush=True)
+        shutil.rmtree(errors, ignore_errors=True)
+        os.environ.pop(ERRORS, None)
     return 0
+
+
+def _error_lines(errors: dict[int, str]) -> list[str]:
+    """The workers' errors, each said once (in the order of the ranks), with the ranks that gave
+    it unless rank 0 did: processes that failed alike (a missing file, a refused config) say
+    one paragraph, not one each."""
+    ranks: dict[str, list[int]] = {}
+    for rank, text in sorted(errors.items()):
+        ranks.setdefault(text, []).append(rank)
+    return [f"error: {'' if 0 in who else _ranks(who)}{text}" for text, who in ranks.items()]
+
+
+def _ranks(ranks: list[int]) -> str:
+    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: "
 
 
 @dataclass

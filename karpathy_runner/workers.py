@@ -10,6 +10,8 @@ import os
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # kdl's launcher's own command line (JSON), set for the workers it starts
 LAUNCHED_AS = "KDL_LAUNCHED_AS"
+# a folder of kdl's launcher where its workers leave their errors, for it to say each once
+ERRORS = "KDL_WORKER_ERRORS"
 
 
 def in_worker() -> bool:
@@ -34,3 +36,30 @@ def command_line(argv: list[str]) -> list[str]:
         if isinstance(launched, list) and launched and all(isinstance(a, str) for a in launched):
             return launched
     return ["kdl", *argv]
+
+
+def leave_error(text: str) -> bool:
+    """In a worker of kdl's launcher, leave the error `text` for the launcher to say once its
+    workers have ended (N processes that fail alike say it once, as the last line); True if it
+    was left, False where this process must say it itself (no such launcher, or no folder)."""
+    folder = os.environ.get(ERRORS) if in_worker() else None
+    if not folder:
+        return False
+    path = os.path.join(folder, os.environ["RANK"])
+    try:
+        with open(path + ".tmp", "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(path + ".tmp", path)
+    except OSError:
+        return False
+    return True
+
+
+def left_errors(folder: str) -> dict[int, str]:
+    """The errors the workers left in `folder`, by rank."""
+    errors: dict[int, str] = {}
+    for name in os.listdir(folder):
+        if name.isdigit():
+            with open(os.path.join(folder, name), encoding="utf-8", errors="replace") as file:
+                errors[int(name)] = file.read()
+    return errors

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from .. import __version__
+from .. import __version__, workers
 from ..errors import KdlError
 from ..runfolder.layout import host_name
 
@@ -32,7 +32,8 @@ class _Commands(TyperGroup):
         try:
             return super().invoke(ctx)
         except KdlError as exc:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+            if not workers.leave_error(str(exc)):  # (a worker of kdl's launcher: it says it)
+                print(f"error: {exc}", file=sys.stderr, flush=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:  # Ctrl-C before a loop started (a running loop has its own)
             print("interrupted", file=sys.stderr, flush=True)

@@ -31,7 +31,7 @@ from stopping import (
     wait_for,
 )
 
-from karpathy_runner import session
+from karpathy_runner import session, workers
 from karpathy_runner.cli.train import _processes_of
 from karpathy_runner.distributed import Ranks
 from karpathy_runner.errors import KdlError
@@ -288,11 +288,16 @@ def test_every_rank_evaluates_the_model_rank_0_saves(tmp_path, config, overrides
 def test_a_model_trained_outside_its_wrapper_stops_the_run_before_a_checkpoint(tmp_path):
     """A family whose step calls `models[name]` instead of `wrapped(name)` trains each rank on its
     own share, unaveraged: at the first checkpoint every rank sees that the weights differ and
-    stops with exit 2 naming the fix, before anything is saved."""
+    stops with exit 2 naming the fix, before anything is saved. Workers of kdl's launcher leave
+    the error for it to say once (test_machines: how it says them)."""
+    errors = tmp_path / "errors"  # the launcher's folder for its workers' errors
+    errors.mkdir()
+
     def unwrapped() -> None:
         from karpathy_runner.tasks import Task
 
         Task.wrapped = lambda self, name: self.models[name]
+        os.environ[workers.ERRORS] = str(errors)
 
     runs = tmp_path / "runs"
     results = two_workers(runs, CONFIGS / "digits_cnn.yaml", *PLAIN[:3], "train.epochs=1",
@@ -301,6 +306,8 @@ def test_a_model_trained_outside_its_wrapper_stops_the_run_before_a_checkpoint(t
     folder = only_run(runs)
     assert "must call each model it trains through self.wrapped(name)" in (folder / "train.log").read_text()
     assert not any(folder.glob("checkpoints/*.pt"))
+    left = workers.left_errors(str(errors))
+    assert sorted(left) == [0, 1] and left[0] == left[1] == read_json(folder / "meta.json")["error"], left
 
 
 def test_a_last_batch_with_fewer_items_than_processes_is_left_out_on_every_rank(tmp_path):

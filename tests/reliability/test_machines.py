@@ -1,6 +1,6 @@
 """The launcher of a run over several machines while the machines meet, before any training
-process starts: what one left alone says, how it gives up, Ctrl-C meanwhile. (test_distributed
-trains over two "machines".)"""
+process starts: what one left alone says, how it gives up, Ctrl-C meanwhile; and the errors of
+several training processes, said once. (test_distributed trains over two "machines".)"""
 
 from __future__ import annotations
 
@@ -100,3 +100,14 @@ def test_ctrl_c_while_the_machines_meet_ends_the_launcher_at_once(tmp_path, rank
     assert output(waiting).strip().splitlines()[-1] == (
         f"interrupted waiting {where}; no training process had started")
     assert not any(runs.iterdir())
+
+
+def test_training_processes_that_fail_alike_say_it_once_as_the_last_line(tmp_path):
+    """Each of the processes used to print the same paragraph, and torchrun's lines came after."""
+    missing = tmp_path / "no such folder"
+    failed = launch(tmp_path / "runs", str(CONFIGS / "my_images_cnn.yaml"), "--set", f"data.root={missing}",
+                    "--set", "train.device=cpu", "--nproc-per-node", "2")
+    assert failed.wait(timeout=240) == 2, output(failed)
+    error = f"error: image_folder: {missing} (data.root) does not exist."
+    assert output(failed).count(error) == 1, output(failed)
+    assert output(failed).strip().splitlines()[-1].startswith(error), output(failed)

@@ -11,7 +11,7 @@ import torch
 
 from karpathy_runner import workers
 from karpathy_runner.data import BatchDataset, Batches
-from karpathy_runner.distributed import Ranks, _forward_buffer_sync, launch, shard
+from karpathy_runner.distributed import Ranks, _error_lines, _forward_buffer_sync, launch, shard
 
 
 def test_each_rank_takes_every_nth_item_of_each_global_batch():
@@ -107,3 +107,9 @@ def test_a_run_records_the_command_its_user_ran(monkeypatch):
         assert workers.command_line(["train", "config.yaml"]) == ["kdl", "train", "config.yaml"]
     monkeypatch.delenv(workers.LAUNCHED_AS)
     assert workers.command_line(["train", "config.yaml"]) == ["kdl", "train", "config.yaml"]
+
+
+def test_the_errors_of_the_workers_are_said_once_each_with_the_ranks_unless_rank_0_gave_it():
+    assert _error_lines({1: "no data", 0: "no data"}) == ["error: no data"]
+    assert _error_lines({3: "c", 1: "b", 2: "b"}) == ["error: ranks 1, 2: b", "error: rank 3: c"]
+    assert _error_lines({}) == []
