@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 
-import pytest
 from kdl import CONFIGS, kdl
 from stopping import launch, output, train_command, wait_for
 
@@ -29,33 +28,36 @@ def machine(rank: int, machines: int, port: int, *more: str):
                "--master-port", port, *more)
 
 
+def left_alone(rank: int, machines: int, port: int) -> tuple[str, str]:
+    """The launcher of machine `rank` of `machines`, without the others: it gives up with exit 2
+    and no traceback; its first line and its last."""
+    result = machine(rank, machines, port)
+    assert result.exit_code == 2 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    return lines[0], lines[-1]
+
+
 def test_a_machine_left_alone_says_what_it_waits_for_and_gives_up_in_one_paragraph(runs_dir, monkeypatch):
     """It used to wait silently, then end in a Python traceback and exit 1 (after 10 minutes,
     here 1 s)."""
     monkeypatch.setattr(distributed, "MEETING_TIMEOUT_S", 1)
     port = free_port()
-    alone = machine(1, 2, port)
-    assert alone.exit_code == 2, alone.stderr
-    lines = alone.stderr.strip().splitlines()
-    assert lines[0] == (f"machine 1 of 2: waiting to join machine 0 at 127.0.0.1:{port}, for up to 1 s "
-                        "(machine 0 shows the training)")
-    assert lines[-1].startswith(f"error: machine 1 could not join machine 0 at 127.0.0.1:{port} within "
-                                "1 s (The client socket has timed out"), lines
-    assert lines[-1].endswith("Start the same command there with --node-rank 0 (it waits for the others), "
-                              "and check that --master-addr is that machine's address and --master-port a "
-                              "port on it that this machine can reach")
-    assert "Traceback" not in alone.stderr
+    first, last = left_alone(1, 2, port)
+    assert first == (f"machine 1 of 2: waiting to join machine 0 at 127.0.0.1:{port}, for up to 1 s "
+                     "(machine 0 shows the training)")
+    assert last.startswith(f"error: machine 1 could not join machine 0 at 127.0.0.1:{port} within "
+                           "1 s (The client socket has timed out"), last
+    assert last.endswith("Start the same command there with --node-rank 0 (it waits for the others), and "
+                         "check that --master-addr is that machine's address and --master-port a port on "
+                         "it that this machine can reach")
 
-    first = machine(0, 3, port)
-    assert first.exit_code == 2, first.stderr
-    lines = first.stderr.strip().splitlines()
-    assert lines[0] == (f"machine 0 of 3: waiting at port {port} for the other 2 machines to join, "
-                        "for up to 1 s")
-    assert lines[-1].startswith(f"error: the other machines did not all join machine 0 at port {port} "
-                                "within 1 s (Timed out after"), lines
-    assert "with its own --node-rank (1 to 2), --master-addr the address of this machine and " \
-           f"--master-port {port}," in lines[-1]
-    assert "Traceback" not in first.stderr and not runs_dir.exists()
+    first, last = left_alone(0, 3, port)
+    assert first == f"machine 0 of 3: waiting at port {port} for the other 2 machines to join, for up to 1 s"
+    assert last.startswith(f"error: the other machines did not all join machine 0 at port {port} within "
+                           "1 s (Timed out after"), last
+    assert (f"with its own --node-rank (1 to 2), --master-addr the address of this machine and --master-port "
+            f"{port},") in last
+    assert not runs_dir.exists()
 
 
 def test_a_port_in_use_or_an_address_not_found_is_one_paragraph_at_once(runs_dir, monkeypatch):
@@ -79,26 +81,23 @@ def test_a_port_in_use_or_an_address_not_found_is_one_paragraph_at_once(runs_dir
     assert "Traceback" not in first.stderr + one.stderr + unknown.stderr and not runs_dir.exists()
 
 
-@pytest.mark.parametrize("rank", [0, 1])
-def test_ctrl_c_while_the_machines_meet_ends_the_launcher_at_once(tmp_path, rank):
-    """torchrun waits for the machines inside torch's TCPStore, where Python's signal handlers
-    wait with it: a Ctrl-C used to do nothing for 10 minutes. (test_distributed stops two
-    machines by Ctrl-C once they train, with a checkpoint.)"""
+def test_ctrl_c_while_the_machines_meet_ends_the_launcher_at_once(tmp_path):
+    """torchrun waits for the machines inside torch's TCPStore (machine 0 in its server, the
+    others in its client), where Python's signal handlers wait with it: a Ctrl-C used to do
+    nothing for 10 minutes. (test_distributed stops two machines by Ctrl-C once they train.)"""
     runs, port = tmp_path / "runs", free_port()
     waiting = launch(runs, *train_command(), "--nproc-per-node", "1", "--nnodes", "2", "--node-rank",
-                     str(rank), "--master-port", str(port), start_new_session=True,
+                     "0", "--master-port", str(port), start_new_session=True,
                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a terminal's
     try:
-        wait_for(lambda: f"machine {rank} of 2: waiting" in output(waiting), timeout=120)
+        wait_for(lambda: "machine 0 of 2: waiting" in output(waiting), timeout=120)
         os.kill(waiting.pid, signal.SIGINT)
         assert waiting.wait(timeout=10) == 130, output(waiting)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(waiting.pid, signal.SIGKILL)
-    where = (f"at port {port} for the other machine to join" if rank == 0
-             else f"to join machine 0 at 127.0.0.1:{port}")
     assert output(waiting).strip().splitlines()[-1] == (
-        f"interrupted waiting {where}; no training process had started")
+        f"interrupted waiting at port {port} for the other machine to join; no training process had started")
     assert not any(runs.iterdir())
 
 
