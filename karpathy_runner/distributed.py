@@ -260,7 +260,7 @@ def launch(worker_args: list[str], nproc_per_node: int, nnodes: int, node_rank: 
     ])
     if nproc_per_node > 1:  # what torchrun sets for several processes a machine; without its warning
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-    meeting = _Meeting(nnodes, node_rank, master_addr, master_port)
+    meeting = _Meeting(nnodes, node_rank, master_addr, master_port or DEFAULT_PORT)
     meeting.check_address()
     if nnodes > 1:  # a launcher that waits says for what
         print(meeting.announcement(), file=sys.stderr, flush=True)
@@ -311,17 +311,17 @@ class _Meeting:
     nnodes: int
     node_rank: int
     addr: str
-    port: int | None
+    port: int  # (torchrun's DEFAULT_PORT where none was given)
 
     @property
     def where(self) -> str:
-        return f"{self.addr}:{self.port or DEFAULT_PORT}"
+        return f"{self.addr}:{self.port}"
 
     @property
     def waiting(self) -> str:
         if self.node_rank == 0:
             others = "the other machine" if self.nnodes == 2 else f"the other {self.nnodes - 1} machines"
-            return f"waiting at port {self.port or DEFAULT_PORT} for {others} to join"
+            return f"waiting at port {self.port} for {others} to join"
         return f"waiting to join machine 0 at {self.where}"
 
     def announcement(self) -> str:
@@ -332,7 +332,7 @@ class _Meeting:
         """Refuse an address this machine cannot look up, at once: torch's client would retry it
         for MEETING_TIMEOUT_S, with a warning twice a second."""
         try:
-            socket.getaddrinfo(self.addr, self.port or DEFAULT_PORT, type=socket.SOCK_STREAM)
+            socket.getaddrinfo(self.addr, self.port, type=socket.SOCK_STREAM)
         except (socket.gaierror, UnicodeError) as exc:
             raise KdlError(
                 f"--master-addr {self.addr}: this machine cannot look that address up "
@@ -342,18 +342,17 @@ class _Meeting:
     def failed(self, exc: Exception) -> KdlError:
         """What a launcher that met no other says: torch's reason, and what to check."""
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
-        port = self.port or DEFAULT_PORT
         if "EADDRINUSE" in reason or "address already in use" in reason:
             return KdlError(
-                f"port {port} is in use on this machine ({reason}): choose a free one with --master-port"
+                f"port {self.port} is in use on this machine ({reason}): choose a free one with --master-port"
                 + (", the same on every machine" if self.nnodes > 1 else ", or leave it out (on one "
                    "machine torchrun finds a free one)"))
         if self.node_rank == 0:
             return KdlError(
-                f"the other machines did not all join machine 0 at port {port} within "
+                f"the other machines did not all join machine 0 at port {self.port} within "
                 f"{_span(MEETING_TIMEOUT_S)} ({reason}). Start the same command on each of them "
                 f"with its own --node-rank (1 to {self.nnodes - 1}), --master-addr the address of "
-                f"this machine and --master-port {port}, and check that they can reach it there")
+                f"this machine and --master-port {self.port}, and check that they can reach it there")
         return KdlError(
             f"machine {self.node_rank} could not join machine 0 at {self.where} within "
             f"{_span(MEETING_TIMEOUT_S)} ({reason}). Start the same command there with --node-rank 0 "

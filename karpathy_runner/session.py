@@ -205,11 +205,8 @@ class Session:
                  summary: dict[str, Any]) -> None:
         """The run's last lines: why it failed, where it stopped and how to go on, or what it
         reached and what to do next."""
-        if error:  # shown even with --quiet: a failed run must say why (a worker of kdl's
-            # launcher leaves it to the launcher, which says each error of its workers once)
-            rank = f"rank {writer.rank}: " if writer.rank else ""
-            if not workers.leave_error(error):
-                print(f"error: {rank}{error}", file=sys.stderr, flush=True)
+        if error:  # shown even with --quiet: a failed run must say why
+            workers.say_error(error, f"rank {writer.rank}: " if writer.rank else "")
         elif status == "interrupted":  # also shown with --quiet: where it stopped, how to go on
             saved = ("with a checkpoint" if trainer.state.stop_reason == "signal"
                      else "at once: resume goes on from the last checkpoint")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # kdl's launcher's own command line (JSON), set for the workers it starts
@@ -38,10 +39,16 @@ def command_line(argv: list[str]) -> list[str]:
     return ["kdl", *argv]
 
 
-def leave_error(text: str) -> bool:
-    """In a worker of kdl's launcher, leave the error `text` for the launcher to say once its
-    workers have ended (N processes that fail alike say it once, as the last line); True if it
-    was left, False where this process must say it itself (no such launcher, or no folder)."""
+def say_error(text: str, label: str = "") -> None:
+    """`error: LABEL TEXT` on stderr, as kdl says an error; in a worker of kdl's launcher, the
+    error is left for the launcher instead, which says each of its workers' errors once, as its
+    last line (N processes that fail alike: one paragraph)."""
+    if not _leave_error(text):
+        print(f"error: {label}{text}", file=sys.stderr, flush=True)
+
+
+def _leave_error(text: str) -> bool:
+    """Leave `text` in the folder of kdl's launcher (True), or not: no such launcher, no folder."""
     folder = os.environ.get(ERRORS) if in_worker() else None
     if not folder:
         return False

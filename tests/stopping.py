@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -267,6 +268,13 @@ def segment_command(shapes: Path, *overrides: str) -> list[str]:
 
 def output(process: subprocess.Popen) -> str:
     return process.log_path.read_text()  # type: ignore[attr-defined]
+
+
+def free_port() -> int:
+    """A port nothing listens on (a moment later, something may)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def wait_for(predicate, timeout: float = 60.0, every: float = 0.02) -> None:

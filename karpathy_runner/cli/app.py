@@ -32,8 +32,7 @@ class _Commands(TyperGroup):
         try:
             return super().invoke(ctx)
         except KdlError as exc:
-            if not workers.leave_error(str(exc)):  # (a worker of kdl's launcher: it says it)
-                print(f"error: {exc}", file=sys.stderr, flush=True)
+            workers.say_error(str(exc))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:  # Ctrl-C before a loop started (a running loop has its own)
             print("interrupted", file=sys.stderr, flush=True)

@@ -9,7 +9,6 @@ import multiprocessing
 import os
 import re
 import signal
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from stopping import (
     assert_same_tensors,
     assert_same_training,
     final_state,
+    free_port,
     launch,
     one_thread,
     only_run,
@@ -210,12 +210,6 @@ def test_skip_step_is_decided_by_all_ranks_together(tmp_path):
 # ----------------------------------------------------------------------------- forked workers
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _worker_rank(rank: int, world: int, port: int, runs: Path, config: str, overrides: list[str],
                  patch: Callable[[], None] | None, results: multiprocessing.Queue) -> None:
     """Rank `rank` of `world` torchrun workers of `kdl train CONFIG --set OVERRIDES`, as
@@ -239,7 +233,7 @@ def two_workers(runs: Path, config: Path, *overrides: str, patch: Callable[[], N
     """Two (or `world`) training processes forked from this one (no torch import each: seconds
     sooner than torchrun's), each one's (rank, exit code, summary or refusal) in rank order.
     `patch` runs in each before it trains."""
-    port = _free_port()
+    port = free_port()
     results = forked_ranks(_worker_rank, lambda rank: (rank, world, port, runs, str(config), list(overrides),
                                                        patch), timeout=120, world=world)
     return sorted(results, key=lambda result: result[0])
@@ -425,7 +419,7 @@ def test_one_process_ddp_runs_no_collective_and_keeps_the_gradients(tmp_path):
     backward (bench/ddp_step.py: most of DDP's cost a step): no collective runs, the gradients
     stay in the parameters as the model alone leaves them, and they are its gradients, bit for
     bit, at every step."""
-    [(ran, same, own)] = forked_ranks(_one_process_steps, lambda rank: (_free_port(),), timeout=60, world=1)
+    [(ran, same, own)] = forked_ranks(_one_process_steps, lambda rank: (free_port(),), timeout=60, world=1)
     assert ran == [] and same == [True] * 5 and own, (ran, same, own)
 
 
@@ -436,7 +430,7 @@ def test_two_machines_of_one_process_train_as_one_machine_of_two(two_processes, 
     one they share: a resume reads the checkpoint on each). A Ctrl-C on machine 0 after the
     first checkpoint stops both (exit 130), and the resume line it prints, run on each machine
     with its own --node-rank, ends with the weights of one machine of two processes, bit for bit."""
-    port = str(_free_port())
+    port = str(free_port())
     ctrl_c = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent / "sitehook"),
                                              os.environ.get("PYTHONPATH", "")]),
               "KDL_TEST_SIGNAL": "last.pt:1:SIGINT:parent"}  # to machine 0's launcher, from rank 0
@@ -479,7 +473,7 @@ def test_machines_given_different_configs_refuse_together_before_anything_is_wri
     """The machines' commands must give the same config: one whose learning rate differs used to
     train a whole epoch, each machine its own way, and stop on weights that differ, blamed on a
     model trained outside its wrapper."""
-    runs, port = tmp_path / "runs", _free_port()
+    runs, port = tmp_path / "runs", free_port()
     config = str(CONFIGS / "digits_cnn.yaml")
     results = forked_ranks(_worker_rank, lambda rank: (
         rank, 2, port, runs, config, [*PLAIN, f"optimizer.lr={0.01 * (rank + 1)}"], None), timeout=120)

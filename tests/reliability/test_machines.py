@@ -10,17 +10,11 @@ import signal
 import socket
 
 from kdl import CONFIGS, kdl
-from stopping import launch, output, train_command, wait_for
+from stopping import free_port, launch, output, train_command, wait_for
 
 from karpathy_runner import distributed
 
 CONFIG = [str(CONFIGS / "digits_cnn.yaml"), "--set", "train.device=cpu"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def machine(rank: int, machines: int, port: int, *more: str):
