@@ -289,13 +289,15 @@ def launch(worker_args: list[str], nproc_per_node: int, nnodes: int, node_rank: 
 
 
 def _error_lines(errors: dict[int, str]) -> list[str]:
-    """The workers' errors, each said once (in the order of the ranks), with the ranks that gave
-    it unless rank 0 did: processes that failed alike (a missing file, a refused config) say
-    one paragraph, not one each."""
+    """The workers' errors, each said once (in the order of the ranks): processes that failed
+    alike (a missing file, a refused config) say one paragraph, not one each, and without ranks
+    (which of them got there before torchrun stopped the others is a race). Errors that differ
+    name the ranks that gave each, unless rank 0 did."""
     ranks: dict[str, list[int]] = {}
     for rank, text in sorted(errors.items()):
         ranks.setdefault(text, []).append(rank)
-    return [f"error: {'' if 0 in who else _ranks(who)}{text}" for text, who in ranks.items()]
+    alike = len(ranks) == 1
+    return [f"error: {'' if alike or 0 in who else _ranks(who)}{text}" for text, who in ranks.items()]
 
 
 def _ranks(ranks: list[int]) -> str:

@@ -109,7 +109,8 @@ def test_a_run_records_the_command_its_user_ran(monkeypatch):
     assert workers.command_line(["train", "config.yaml"]) == ["kdl", "train", "config.yaml"]
 
 
-def test_the_errors_of_the_workers_are_said_once_each_with_the_ranks_unless_rank_0_gave_it():
+def test_the_errors_of_the_workers_are_said_once_each_with_the_ranks_where_they_differ():
     assert _error_lines({1: "no data", 0: "no data"}) == ["error: no data"]
+    assert _error_lines({1: "no data"}) == ["error: no data"]  # rank 0 stopped before it said it
     assert _error_lines({3: "c", 1: "b", 2: "b"}) == ["error: ranks 1, 2: b", "error: rank 3: c"]
     assert _error_lines({}) == []
