@@ -69,10 +69,17 @@ class Ranks:
     backend: str | None = None
     control: Any = None  # the gloo group for host-side decisions
     nodes: int = 1  # machines the processes run on
+    here: int = 1  # of the processes, those on this process's machine (its --nproc-per-node)
 
     @property
     def primary(self) -> bool:
         return self.rank == 0
+
+    @property
+    def even(self) -> bool:
+        """Each machine runs as many processes, as kdl's runs over several machines train and
+        resume (torchrun also lets each machine start a number of its own)."""
+        return self.world == self.nodes * self.here
 
     def draw(self, step: int) -> int:
         """The index of a step's random augmentation draw: distinct per rank and step."""
@@ -220,6 +227,13 @@ def exit_worker(code: int) -> None:
     os._exit(code)
 
 
+def _machines(world: int) -> tuple[int, int]:
+    """The machines of torchrun's processes, and the processes on this one (torchrun's agents,
+    one a machine, and their workers)."""
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return int(os.environ.get("GROUP_WORLD_SIZE", world // here)), here
+
+
 def start(device: str) -> tuple[Ranks, str | None]:
     """Join the other processes when torchrun started this one; else one process alone.
     Returns the ranks and the device this process trains on (None: the configured one)."""
@@ -238,8 +252,7 @@ def start(device: str) -> tuple[Ranks, str | None]:
     torch.distributed.init_process_group(backend, timeout=TIMEOUT)
     control = torch.distributed.new_group(backend="gloo") if cuda else None
     world = torch.distributed.get_world_size()
-    nodes = world // int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    ranks = Ranks(torch.distributed.get_rank(), world, local_rank, backend, control, nodes)
+    ranks = Ranks(torch.distributed.get_rank(), world, local_rank, backend, control, *_machines(world))
     return ranks, f"cuda:{local_rank}" if cuda else "cpu"
 
 

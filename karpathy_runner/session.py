@@ -76,6 +76,11 @@ def _check_processes(cfg: Config, ranks: Ranks, device: str | None) -> None:
         raise KdlError("the training processes were not all given the same config: the commands "
                        "started on the machines differ in their config file, --set values or run to "
                        "resume. Run the same command on every machine, with its own --node-rank")
+    if not ranks.all_true(ranks.even):  # (a machine of the mean count among others sees no fault)
+        raise KdlError(f"the machines were not all given the same --nproc-per-node: {ranks.world} "
+                       f"training processes on {ranks.nodes} machines, {ranks.here} of them on this one. "
+                       "Run the same command on every machine, with its own --node-rank: a run over "
+                       "several machines trains as many processes on each, and resumes so")
     problem = None
     if cfg.data.batch_size < ranks.world:
         problem = (f"data.batch_size is {cfg.data.batch_size}, the global batch, but {ranks.world} "

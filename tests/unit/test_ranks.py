@@ -7,11 +7,16 @@ import json
 import os
 import signal
 
+import pytest
 import torch
+from kdl import CONFIGS
 
 from karpathy_runner import workers
+from karpathy_runner.config.loading import load_config
 from karpathy_runner.data import BatchDataset, Batches
-from karpathy_runner.distributed import Ranks, _error_lines, _forward_buffer_sync, launch, shard
+from karpathy_runner.distributed import Ranks, _error_lines, _forward_buffer_sync, _machines, launch, shard
+from karpathy_runner.errors import KdlError
+from karpathy_runner.session import _check_processes
 
 
 def test_each_rank_takes_every_nth_item_of_each_global_batch():
@@ -58,6 +63,46 @@ def test_a_signal_that_lands_while_the_ranks_compare_is_not_lost():
     assert Trainer._stopping(trainer) is False  # this step's answer: nobody had stopped
     assert stop.signum == signal.SIGTERM  # kept
     assert Trainer._stopping(trainer) is True  # and agreed at the next step
+
+
+def test_machines_that_start_different_numbers_of_processes_refuse_together(monkeypatch):
+    """torchrun lets each machine start a number of its own; kdl's runs over several machines
+    train, and resume, as many on each (the resume line names one --nproc-per-node). Counts of
+    1, 2 and 3: every process refuses, those of the machine of 2 (the mean) included."""
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "3")
+    machines = []
+    for here in (1, 2, 3):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(here))
+        machines.append(Together(0, 6, 0, "gloo", None, *_machines(6)))
+    assert [(r.nodes, r.here, r.even) for r in machines] == [(3, 1, False), (3, 2, True), (3, 3, False)]
+    monkeypatch.delenv("GROUP_WORLD_SIZE")  # (a torchrun that does not say: equal counts)
+    assert _machines(6) == (2, 3)
+
+    cfg = load_config(CONFIGS / "digits_cnn.yaml")
+    for ranks in machines:  # the others' answers: the same config, not the same counts
+        ranks.answers = iter([True, False])
+        with pytest.raises(KdlError) as refused:
+            _check_processes(cfg, ranks, "cpu")
+        assert str(refused.value).startswith(
+            f"the machines were not all given the same --nproc-per-node: 6 training processes on 3 "
+            f"machines, {ranks.here} of them on this one. Run the same command on every machine")
+    for here in (1, 2, 3):  # the same count on every machine
+        ranks = Together(0, 3 * here, 0, "gloo", None, 3, here)
+        ranks.answers = iter([True, True, True])
+        _check_processes(cfg, ranks, "cpu")
+
+
+class Together(Ranks):
+    """A process among others that were all given the same config: its collectives, with the
+    `answers` of the others to each check in turn."""
+
+    answers = iter(())
+
+    def share(self, value: object) -> object:
+        return value
+
+    def all_true(self, flag: bool) -> bool:
+        return next(self.answers) and flag
 
 
 def test_the_buffer_sync_switch_has_the_name_the_installed_torch_gives_it(monkeypatch):
