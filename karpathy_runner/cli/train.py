@@ -103,7 +103,7 @@ def train(
                       until_epoch=until_epoch, trial=tag, claim=not workers.in_worker() and node_rank == 0,
                       say=_say)
     if launching:  # the same command for each process torchrun starts, less the launcher's options
-        from .. import distributed
+        from .. import launcher
 
         worker = ["train", *([str(config)] if config else []),
                   *[item for s in overrides for item in ("--set", s)], "--runs-dir", str(root),
@@ -115,8 +115,8 @@ def train(
                                           ("--json", as_json)) if on]]
         os.environ[workers.LAUNCHED_AS] = json.dumps(workers.command_line(sys.argv[1:]))  # their record
         try:  # the processes train under the launcher's claim (--skip-existing)
-            code = distributed.launch(worker, nproc_per_node, nnodes, node_rank, master_addr or "127.0.0.1",
-                                      master_port)
+            code = launcher.launch(worker, nproc_per_node, nnodes, node_rank, master_addr or "127.0.0.1",
+                                   master_port)
         finally:
             plan.release()
         raise typer.Exit(code)

@@ -76,9 +76,9 @@ def test_launch_options_without_nproc_per_node_are_refused(runs_dir, options, na
 def test_a_node_rank_outside_the_machines_is_refused(runs_dir, monkeypatch):
     """It used to wait ten minutes for a rendezvous that could never complete (here, let through,
     1 s)."""
-    from karpathy_runner import distributed
+    from karpathy_runner import launcher
 
-    monkeypatch.setattr(distributed, "MEETING_TIMEOUT_S", 1)
+    monkeypatch.setattr(launcher, "MEETING_TIMEOUT_S", 1)
     result = kdl("train", CONFIGS / "digits_cnn.yaml", *SHORT, "--nproc-per-node", "1", "--nnodes", "2",
                  "--node-rank", "2")
     assert result.exit_code == 2, result.stderr

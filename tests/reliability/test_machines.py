@@ -12,7 +12,7 @@ import socket
 from kdl import CONFIGS, kdl
 from stopping import free_port, launch, output, train_command, wait_for
 
-from karpathy_runner import distributed
+from karpathy_runner import launcher
 
 CONFIG = [str(CONFIGS / "digits_cnn.yaml"), "--set", "train.device=cpu"]
 
@@ -34,7 +34,7 @@ def left_alone(rank: int, machines: int, port: int) -> tuple[str, str]:
 def test_a_machine_left_alone_says_what_it_waits_for_and_gives_up_in_one_paragraph(runs_dir, monkeypatch):
     """It used to wait silently, then end in a Python traceback and exit 1 (after 10 minutes,
     here 1 s)."""
-    monkeypatch.setattr(distributed, "MEETING_TIMEOUT_S", 1)
+    monkeypatch.setattr(launcher, "MEETING_TIMEOUT_S", 1)
     port = free_port()
     first, last = left_alone(1, 2, port)
     assert first == (f"machine 1 of 2: waiting to join machine 0 at 127.0.0.1:{port}, for up to 1 s "
@@ -55,7 +55,7 @@ def test_a_machine_left_alone_says_what_it_waits_for_and_gives_up_in_one_paragra
 
 
 def test_a_port_in_use_or_an_address_not_found_is_one_paragraph_at_once(runs_dir, monkeypatch):
-    monkeypatch.setattr(distributed, "MEETING_TIMEOUT_S", 1)  # (not waited for: refused before)
+    monkeypatch.setattr(launcher, "MEETING_TIMEOUT_S", 1)  # (not waited for: refused before)
     with socket.socket() as taken:
         taken.bind(("0.0.0.0", 0))
         taken.listen()

@@ -14,8 +14,9 @@ from kdl import CONFIGS
 from karpathy_runner import workers
 from karpathy_runner.config.loading import load_config
 from karpathy_runner.data import BatchDataset, Batches
-from karpathy_runner.distributed import Ranks, _error_lines, _forward_buffer_sync, _machines, launch, shard
+from karpathy_runner.distributed import Ranks, _forward_buffer_sync, _machines, shard
 from karpathy_runner.errors import KdlError
+from karpathy_runner.launcher import _error_lines, launch
 from karpathy_runner.session import _check_processes
 
 

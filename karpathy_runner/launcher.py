@@ -1,0 +1,212 @@
+"""`kdl train CONFIG --nproc-per-node N [--nnodes M ...]`: the launcher. It runs PyTorch's own
+torch.distributed.run (what `torchrun` runs) on kdl's entry point, `python -m karpathy_runner
+train ...`, whose processes then train as distributed.py says. Over several machines the
+launchers first meet at the machine of --node-rank 0 (`_Meeting`): each says what it waits
+for, and a failed meeting or a Ctrl-C meanwhile is one line. The launcher says the errors its
+workers left, each once, and exits with their code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import KdlError
+from .workers import ERRORS, left_errors
+
+# how long the launchers of several machines wait to meet (torchrun's own default), and the port
+# torchrun meets at on the machine of --node-rank 0 when --master-port is left out
+MEETING_TIMEOUT_S = 600
+DEFAULT_PORT = 29500
+
+
+def launch(worker_args: list[str], nproc_per_node: int, nnodes: int, node_rank: int,
+           master_addr: str, master_port: int | None) -> int:
+    """Run torch.distributed.run on `python -m karpathy_runner WORKER_ARGS` and return the exit
+    code: 0, the failed ranks' own code (1 failed, 2 bad input), or 128 + signal. On one machine
+    without a port, torchrun finds a free one."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    port = [] if master_port is None else [f"--master-port={master_port}"]
+    args = parse_args([
+        f"--nproc-per-node={nproc_per_node}", f"--nnodes={nnodes}", f"--node-rank={node_rank}",
+        f"--master-addr={master_addr}", *port, f"--rdzv-conf=timeout={MEETING_TIMEOUT_S}",
+        "--module", "karpathy_runner", *worker_args,
+    ])
+    if nproc_per_node > 1:  # what torchrun sets for several processes a machine; without its warning
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+    meeting = _Meeting(nnodes, node_rank, master_addr, master_port or DEFAULT_PORT)
+    meeting.check_address()
+    if nnodes > 1:  # a launcher that waits says for what
+        print(meeting.announcement(), file=sys.stderr, flush=True)
+    said = _SaidByKdl()
+    torchrun_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    torchrun_log.addFilter(said)
+    errors = tempfile.mkdtemp(prefix="kdl-errors-")  # where the workers leave theirs
+    os.environ[ERRORS] = errors
+    try:
+        with meeting.interruptible():
+            run(args)
+    except SignalException as exc:  # the workers got it too, saved a checkpoint and stopped
+        return 128 + int(exc.sigval)
+    except ChildFailedError as exc:
+        return _exit_code(exc.failures)
+    except torch.distributed.DistError as exc:  # the launchers never met: no worker started
+        raise meeting.failed(exc) from None
+    finally:
+        torchrun_log.removeFilter(said)
+        with contextlib.suppress(OSError):  # last: after torchrun's lines about its workers
+            for line in _error_lines(left_errors(errors)):
+                print(line, file=sys.stderr, flush=True)
+        shutil.rmtree(errors, ignore_errors=True)
+        os.environ.pop(ERRORS, None)
+    return 0
+
+
+def _error_lines(errors: dict[int, str]) -> list[str]:
+    """The workers' errors, each said once (in the order of the ranks): processes that failed
+    alike (a missing file, a refused config) say one paragraph, not one each, and without ranks
+    (which of them got there before torchrun stopped the others is a race). Errors that differ
+    name the ranks that gave each, unless rank 0 did."""
+    ranks: dict[str, list[int]] = {}
+    for rank, text in sorted(errors.items()):
+        ranks.setdefault(text, []).append(rank)
+    alike = len(ranks) == 1
+    return [f"error: {'' if alike or 0 in who else _ranks(who)}{text}" for text, who in ranks.items()]
+
+
+def _ranks(ranks: list[int]) -> str:
+    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: "
+
+
+@dataclass
+class _Meeting:
+    """Where the launchers meet before any worker starts (torchrun's static rendezvous): the
+    launcher of --node-rank 0 listens at --master-port and waits for the others, which connect
+    to it at --master-addr, for MEETING_TIMEOUT_S at most."""
+
+    nnodes: int
+    node_rank: int
+    addr: str
+    port: int  # (torchrun's DEFAULT_PORT where none was given)
+
+    @property
+    def where(self) -> str:
+        return f"{self.addr}:{self.port}"
+
+    @property
+    def waiting(self) -> str:
+        if self.node_rank == 0:
+            others = "the other machine" if self.nnodes == 2 else f"the other {self.nnodes - 1} machines"
+            return f"waiting at port {self.port} for {others} to join"
+        return f"waiting to join machine 0 at {self.where}"
+
+    def announcement(self) -> str:
+        return (f"machine {self.node_rank} of {self.nnodes}: {self.waiting}, for up to "
+                f"{_span(MEETING_TIMEOUT_S)}" + (" (machine 0 shows the training)" if self.node_rank else ""))
+
+    def check_address(self) -> None:
+        """Refuse an address this machine cannot look up, at once: torch's client would retry it
+        for MEETING_TIMEOUT_S, with a warning twice a second."""
+        try:
+            socket.getaddrinfo(self.addr, self.port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise KdlError(
+                f"--master-addr {self.addr}: this machine cannot look that address up "
+                f"({getattr(exc, 'strerror', None) or exc}). Give the host name or IP address of the "
+                "machine of --node-rank 0, as every machine reaches it") from None
+
+    def failed(self, exc: Exception) -> KdlError:
+        """What a launcher that met no other says: torch's reason, and what to check."""
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+        if "EADDRINUSE" in reason or "address already in use" in reason:
+            return KdlError(
+                f"port {self.port} is in use on this machine ({reason}): choose a free one with --master-port"
+                + (", the same on every machine" if self.nnodes > 1 else ", or leave it out (on one "
+                   "machine torchrun finds a free one)"))
+        if self.node_rank == 0:
+            return KdlError(
+                f"the other machines did not all join machine 0 at port {self.port} within "
+                f"{_span(MEETING_TIMEOUT_S)} ({reason}). Start the same command on each of them "
+                f"with its own --node-rank (1 to {self.nnodes - 1}), --master-addr the address of "
+                f"this machine and --master-port {self.port}, and check that they can reach it there")
+        return KdlError(
+            f"machine {self.node_rank} could not join machine 0 at {self.where} within "
+            f"{_span(MEETING_TIMEOUT_S)} ({reason}). Start the same command there with --node-rank 0 "
+            "(it waits for the others), and check that --master-addr is that machine's address and "
+            "--master-port a port on it that this machine can reach")
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """Ctrl-C while the launchers meet ends this one at once, with exit 130: torchrun waits
+        inside torch's TCPStore, where Python's signal handlers wait for it to return (up to
+        MEETING_TIMEOUT_S). The signal reaches a thread through Python's wakeup fd; until torchrun
+        starts the workers (and puts its own SIGINT handler in place, which passes signals on to
+        them: they stop with a checkpoint), nothing exists to stop or save."""
+        before = signal.getsignal(signal.SIGINT)
+        if (self.nnodes == 1 or threading.current_thread() is not threading.main_thread()
+                or not callable(before)
+                or "SIGINT" not in os.environ.get("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGINT")):
+            yield  # (one machine meets at once; SIGINT ignored, or left to the workers alone)
+            return
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        watcher = threading.Thread(target=self._watch, args=(read, before), daemon=True,
+                                   name="kdl-meeting")
+        watcher.start()
+        try:
+            yield
+        finally:
+            signal.set_wakeup_fd(previous)
+            os.close(write)  # the watcher reads the end of the pipe and ends
+            watcher.join()
+            os.close(read)
+
+    def _watch(self, read: int, before: Any) -> None:
+        while got := os.read(read, 64):  # empty: the launch is over
+            if signal.SIGINT in got and signal.getsignal(signal.SIGINT) is before:  # no worker yet
+                print(f"interrupted {self.waiting}; no training process had started", file=sys.stderr,
+                      flush=True)
+                os._exit(128 + signal.SIGINT)
+
+
+def _span(seconds: int) -> str:
+    return f"{seconds // 60} minutes" if seconds % 60 == 0 and seconds >= 120 else f"{seconds} s"
+
+
+class _SaidByKdl(logging.Filter):
+    """Leaves out torchrun's error line about a worker that ended with one of kdl's own exit
+    codes (1 failed, 2 bad input, 130 and 143 stopped with a checkpoint): that worker has said
+    why in its own words, and torchrun's line after them ("failed (exitcode: 143) ...") would be
+    the last a shell script reads. A worker killed by a signal said nothing: its line stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (str(record.msg).startswith("failed (exitcode") and args
+                    and args[0] in (1, 2, 128 + signal.SIGINT, 128 + signal.SIGTERM))
+
+
+def _exit_code(failures: dict[int, Any]) -> int:
+    """The launcher's exit code from its workers' (by rank): a worker killed by a signal (the
+    likely first cause: the others then fail in a collective), else the lowest rank's code. A
+    SIGTERM exit is only the cause when every worker stopped for it."""
+    codes = {rank: 128 - f.exitcode if f.exitcode < 0 else f.exitcode for rank, f in failures.items()}
+    causes = {rank: code for rank, code in codes.items() if code != 128 + signal.SIGTERM}
+    if not causes:
+        return 128 + signal.SIGTERM
+    return min(causes.items(), key=lambda item: (item[1] < 128, item[0]))[1]
