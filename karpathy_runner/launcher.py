@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -41,25 +43,23 @@ def launch(worker_args: list[str], nproc_per_node: int, nnodes: int, node_rank: 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    meeting = _Meeting(nnodes, node_rank, master_addr, master_port or DEFAULT_PORT)
+    meeting.check_address()
     port = [] if master_port is None else [f"--master-port={master_port}"]
     args = parse_args([
         f"--nproc-per-node={nproc_per_node}", f"--nnodes={nnodes}", f"--node-rank={node_rank}",
-        f"--master-addr={master_addr}", *port, f"--rdzv-conf=timeout={MEETING_TIMEOUT_S}",
+        f"--master-addr={master_addr}", *port, f"--rdzv-conf=timeout={meeting.torch_timeout_s}",
         "--module", "karpathy_runner", *worker_args,
     ])
     if nproc_per_node > 1:  # what torchrun sets for several processes a machine; without its warning
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-    meeting = _Meeting(nnodes, node_rank, master_addr, master_port or DEFAULT_PORT)
-    meeting.check_address()
-    if nnodes > 1:  # a launcher that waits says for what
-        print(meeting.announcement(), file=sys.stderr, flush=True)
     said = _SaidByKdl()
     torchrun_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
     torchrun_log.addFilter(said)
-    errors = tempfile.mkdtemp(prefix="kdl-errors-")  # where the workers leave theirs
+    errors = meeting.scratch = tempfile.mkdtemp(prefix="kdl-errors-")  # where the workers leave theirs
     os.environ[ERRORS] = errors
     try:
-        with meeting.interruptible():
+        with meeting.watched():
             run(args)
     except SignalException as exc:  # the workers got it too, saved a checkpoint and stopped
         return 128 + int(exc.sigval)
@@ -103,6 +103,7 @@ class _Meeting:
     node_rank: int
     addr: str
     port: int  # (torchrun's DEFAULT_PORT where none was given)
+    scratch: str | None = None  # a folder of the launch's, removed by a launcher that gives up
 
     @property
     def where(self) -> str:
@@ -115,9 +116,26 @@ class _Meeting:
             return f"waiting at port {self.port} for {others} to join"
         return f"waiting to join machine 0 at {self.where}"
 
-    def announcement(self) -> str:
-        return (f"machine {self.node_rank} of {self.nnodes}: {self.waiting}, for up to "
-                f"{_span(MEETING_TIMEOUT_S)}" + (" (machine 0 shows the training)" if self.node_rank else ""))
+    @property
+    def watchable(self) -> bool:
+        """Whether a thread can tell that the launchers still meet: torchrun's SIGINT handler is
+        not in place yet (it puts it there as it starts the workers, from the main thread)."""
+        return (self.nnodes > 1 and threading.current_thread() is threading.main_thread()
+                and "SIGINT" in os.environ.get("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGINT"))
+
+    @property
+    def torch_timeout_s(self) -> int:
+        """torchrun's limit for the meeting. On a machine other than 0 kdl keeps the time itself
+        (`_watch`), and torch's a minute later: its client gives up after trying twice (twice
+        the time), each time with pages of C++ log."""
+        return MEETING_TIMEOUT_S + (60 if self.node_rank and self.watchable else 0)
+
+    def _announce(self) -> None:
+        """A launcher that waits for other machines says for what."""
+        if self.nnodes > 1:
+            shows = " (machine 0 shows the training)" if self.node_rank else ""
+            print(f"machine {self.node_rank} of {self.nnodes}: {self.waiting}, for up to "
+                  f"{_span(MEETING_TIMEOUT_S)}{shows}", file=sys.stderr, flush=True)
 
     def check_address(self) -> None:
         """Refuse an address this machine cannot look up, at once: torch's client would retry it
@@ -130,59 +148,94 @@ class _Meeting:
                 f"({getattr(exc, 'strerror', None) or exc}). Give the host name or IP address of the "
                 "machine of --node-rank 0, as every machine reaches it") from None
 
-    def failed(self, exc: Exception) -> KdlError:
-        """What a launcher that met no other says: torch's reason, and what to check."""
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+    def failed(self, exc: Exception | None) -> KdlError:
+        """What a launcher that met no other says: torch's reason (None: kdl's time ran out), and
+        what to check."""
+        reason = "" if exc is None else (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
         if "EADDRINUSE" in reason or "address already in use" in reason:
             return KdlError(
                 f"port {self.port} is in use on this machine ({reason}): choose a free one with --master-port"
                 + (", the same on every machine" if self.nnodes > 1 else ", or leave it out (on one "
                    "machine torchrun finds a free one)"))
+        within = f"within {_span(MEETING_TIMEOUT_S)}" + (f" ({reason})" if reason else "")
         if self.node_rank == 0:
             return KdlError(
-                f"the other machines did not all join machine 0 at port {self.port} within "
-                f"{_span(MEETING_TIMEOUT_S)} ({reason}). Start the same command on each of them "
-                f"with its own --node-rank (1 to {self.nnodes - 1}), --master-addr the address of "
-                f"this machine and --master-port {self.port}, and check that they can reach it there")
+                f"the other machines did not all join machine 0 at port {self.port} {within}. Start "
+                f"the same command on each of them with its own --node-rank (1 to {self.nnodes - 1}), "
+                f"--master-addr the address of this machine and --master-port {self.port}, and check "
+                "that they can reach it there")
+        others = " and on the others with their own --node-rank" if self.nnodes > 2 else ""
         return KdlError(
-            f"machine {self.node_rank} could not join machine 0 at {self.where} within "
-            f"{_span(MEETING_TIMEOUT_S)} ({reason}). Start the same command there with --node-rank 0 "
-            "(it waits for the others), and check that --master-addr is that machine's address and "
-            "--master-port a port on it that this machine can reach")
+            f"machine {self.node_rank} could not meet the other machines at machine 0, {self.where}, "
+            f"{within}. Start the same command there with --node-rank 0 (it waits for the others){others}, "
+            "and check that --master-addr is that machine's address and --master-port a port on it "
+            "that this machine can reach")
 
     @contextlib.contextmanager
-    def interruptible(self) -> Iterator[None]:
-        """Ctrl-C while the launchers meet ends this one at once, with exit 130: torchrun waits
-        inside torch's TCPStore, where Python's signal handlers wait for it to return (up to
-        MEETING_TIMEOUT_S). The signal reaches a thread through Python's wakeup fd; until torchrun
-        starts the workers (and puts its own SIGINT handler in place, which passes signals on to
-        them: they stop with a checkpoint), nothing exists to stop or save."""
-        before = signal.getsignal(signal.SIGINT)
-        if (self.nnodes == 1 or threading.current_thread() is not threading.main_thread()
-                or not callable(before)
-                or "SIGINT" not in os.environ.get("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGINT")):
-            yield  # (one machine meets at once; SIGINT ignored, or left to the workers alone)
+    def watched(self) -> Iterator[None]:
+        """While the launchers meet, a thread keeps the time on machines other than 0 and ends
+        the launcher at a Ctrl-C (exit 130): torchrun waits inside torch's TCPStore, where
+        Python's signal handlers wait for it to return. The signal reaches the thread through
+        Python's wakeup fd. Once torchrun starts the workers (and puts its own SIGINT handler in
+        place, which passes signals on to them: they stop with a checkpoint), the thread only
+        waits for the launch to end."""
+        if not self.watchable:  # (one machine meets at once; SIGINT left to the workers alone)
+            self._announce()
+            yield
             return
+        before = signal.getsignal(signal.SIGINT)
+        heard = callable(before)  # (a Ctrl-C not ignored): the thread alone acts on it, no
+        if heard:  # KeyboardInterrupt in the main thread (where torchrun may be in Python yet)
+            signal.signal(signal.SIGINT, _meanwhile)
         read, write = os.pipe()
         os.set_blocking(write, False)
-        previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
-        watcher = threading.Thread(target=self._watch, args=(read, before), daemon=True,
-                                   name="kdl-meeting")
+        previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False) if heard else None
+        watcher = threading.Thread(target=self._watch, args=(read, signal.getsignal(signal.SIGINT)),
+                                   daemon=True, name="kdl-meeting")
         watcher.start()
         try:
+            self._announce()  # (a Ctrl-C is heard from now on)
             yield
         finally:
-            signal.set_wakeup_fd(previous)
+            if previous is not None:
+                signal.set_wakeup_fd(previous)
+            if signal.getsignal(signal.SIGINT) is _meanwhile:  # (no worker started: torchrun's is not)
+                signal.signal(signal.SIGINT, before)
             os.close(write)  # the watcher reads the end of the pipe and ends
             watcher.join()
             os.close(read)
 
-    def _watch(self, read: int, before: Any) -> None:
-        while got := os.read(read, 64):  # empty: the launch is over
-            if signal.SIGINT in got and signal.getsignal(signal.SIGINT) is before:  # no worker yet
-                print(f"interrupted {self.waiting}; no training process had started", file=sys.stderr,
-                      flush=True)
-                os._exit(128 + signal.SIGINT)
+    def _watch(self, read: int, meeting_handler: Any) -> None:
+        deadline = time.monotonic() + MEETING_TIMEOUT_S if self.node_rank else None
+        while True:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            got = os.read(read, 64) if select.select([read], [], [], wait)[0] else None
+            if got == b"":  # the launch is over
+                return
+            meeting = signal.getsignal(signal.SIGINT) is meeting_handler  # no worker yet
+            if got is None:  # the time is up
+                deadline = None
+                if meeting:
+                    self._give_up(f"error: {self.failed(None)}", 2)
+            elif signal.SIGINT in got and meeting:
+                self._give_up(f"interrupted {self.waiting}; no training process had started",
+                              128 + signal.SIGINT)
+
+    def _give_up(self, line: str, code: int) -> None:
+        """End the launcher from the watcher (torchrun's wait cannot be interrupted), `line` its
+        last: torch's C++ client logs its connect that a Ctrl-C interrupted, with a stack."""
+        sys.stderr.flush()
+        said = os.dup(2)
+        with open(os.devnull, "wb") as nowhere:
+            os.dup2(nowhere.fileno(), 2)
+        os.write(said, f"{line}\n".encode())
+        if self.scratch:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+        os._exit(code)
+
+
+def _meanwhile(signum: int, frame: Any) -> None:
+    """SIGINT's handler while the launchers meet: the meeting's thread hears it (wakeup fd)."""
 
 
 def _span(seconds: int) -> str:

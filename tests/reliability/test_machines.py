@@ -8,6 +8,9 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
+import sys
+import time
 
 from kdl import CONFIGS, kdl
 from stopping import free_port, launch, output, train_command, wait_for
@@ -31,20 +34,33 @@ def left_alone(rank: int, machines: int, port: int) -> tuple[str, str]:
     return lines[0], lines[-1]
 
 
-def test_a_machine_left_alone_says_what_it_waits_for_and_gives_up_in_one_paragraph(runs_dir, monkeypatch):
+def test_a_machine_left_alone_says_what_it_waits_for_and_gives_up_in_one_paragraph(
+        tmp_path, runs_dir, monkeypatch):
     """It used to wait silently, then end in a Python traceback and exit 1 (after 10 minutes,
-    here 1 s)."""
-    monkeypatch.setattr(launcher, "MEETING_TIMEOUT_S", 1)
-    port = free_port()
-    first, last = left_alone(1, 2, port)
-    assert first == (f"machine 1 of 2: waiting to join machine 0 at 127.0.0.1:{port}, for up to 1 s "
-                     "(machine 0 shows the training)")
-    assert last.startswith(f"error: machine 1 could not join machine 0 at 127.0.0.1:{port} within "
-                           "1 s (The client socket has timed out"), last
-    assert last.endswith("Start the same command there with --node-rank 0 (it waits for the others), and "
-                         "check that --master-addr is that machine's address and --master-port a port on "
-                         "it that this machine can reach")
+    here 1 s); a machine other than 0 after twice the time, torch's client trying twice, each
+    time with pages of C++ log. Machine 1 runs as a process of its own (torch's C++ log goes to
+    its stderr), started as a script's background job is, with SIGINT ignored."""
+    port, scratch = free_port(), tmp_path / "tmp"
+    scratch.mkdir()
+    with open(tmp_path / "machine1.log", "wb") as log:
+        alone = subprocess.run(
+            [sys.executable, "-c", "import sys; from karpathy_runner import launcher, cli; "
+             "launcher.MEETING_TIMEOUT_S = 1; sys.argv[0] = 'kdl'; cli.main()",
+             "train", *CONFIG, "--nproc-per-node", "1", "--nnodes", "2", "--node-rank", "1", "--master-port",
+             str(port), "--runs-dir", str(runs_dir)], stdout=log, stderr=subprocess.STDOUT, timeout=30,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(scratch)},
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    said = (tmp_path / "machine1.log").read_text()
+    assert alone.returncode == 2 and said.splitlines() == [
+        f"machine 1 of 2: waiting to join machine 0 at 127.0.0.1:{port}, for up to 1 s (machine 0 shows "
+        "the training)",
+        f"error: machine 1 could not meet the other machines at machine 0, 127.0.0.1:{port}, within 1 s. "
+        "Start the same command there with --node-rank 0 (it waits for the others), and check that "
+        "--master-addr is that machine's address and --master-port a port on it that this machine can reach",
+    ], said
+    assert not list(scratch.glob("kdl-*"))  # the launch's folder for its workers' errors, removed
 
+    monkeypatch.setattr(launcher, "MEETING_TIMEOUT_S", 1)
     first, last = left_alone(0, 3, port)
     assert first == f"machine 0 of 3: waiting at port {port} for the other 2 machines to join, for up to 1 s"
     assert last.startswith(f"error: the other machines did not all join machine 0 at port {port} within "
@@ -78,20 +94,23 @@ def test_a_port_in_use_or_an_address_not_found_is_one_paragraph_at_once(runs_dir
 def test_ctrl_c_while_the_machines_meet_ends_the_launcher_at_once(tmp_path):
     """torchrun waits for the machines inside torch's TCPStore (machine 0 in its server, the
     others in its client), where Python's signal handlers wait with it: a Ctrl-C used to do
-    nothing for 10 minutes. (test_distributed stops two machines by Ctrl-C once they train.)"""
+    nothing for 10 minutes. On a machine other than 0, torch's client logs the connect that the
+    signal interrupts, with a C++ stack, as it happens: kdl's line is the last. (test_distributed
+    stops two machines by Ctrl-C once they train.)"""
     runs, port = tmp_path / "runs", free_port()
     waiting = launch(runs, *train_command(), "--nproc-per-node", "1", "--nnodes", "2", "--node-rank",
-                     "0", "--master-port", str(port), start_new_session=True,
+                     "1", "--master-port", str(port), start_new_session=True,
                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a terminal's
     try:
-        wait_for(lambda: "machine 0 of 2: waiting" in output(waiting), timeout=120)
+        wait_for(lambda: "machine 1 of 2: waiting" in output(waiting), timeout=120)
+        time.sleep(1)  # (torchrun's Python is done by now: the launcher waits in torch's client)
         os.kill(waiting.pid, signal.SIGINT)
         assert waiting.wait(timeout=10) == 130, output(waiting)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(waiting.pid, signal.SIGKILL)
     assert output(waiting).strip().splitlines()[-1] == (
-        f"interrupted waiting at port {port} for the other machine to join; no training process had started")
+        f"interrupted waiting to join machine 0 at 127.0.0.1:{port}; no training process had started")
     assert not any(runs.iterdir())
 
 
