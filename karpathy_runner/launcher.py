@@ -54,8 +54,10 @@ def launch(worker_args: list[str], nproc_per_node: int, nnodes: int, node_rank: 
     if nproc_per_node > 1:  # what torchrun sets for several processes a machine; without its warning
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     said = _SaidByKdl()
-    torchrun_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
-    torchrun_log.addFilter(said)
+    torchrun_logs = [logging.getLogger(f"torch.distributed.elastic.{name}.api")
+                     for name in ("multiprocessing", "agent.server")]
+    for log in torchrun_logs:
+        log.addFilter(said)
     errors = meeting.scratch = tempfile.mkdtemp(prefix="kdl-errors-")  # where the workers leave theirs
     os.environ[ERRORS] = errors
     try:
@@ -68,7 +70,8 @@ def launch(worker_args: list[str], nproc_per_node: int, nnodes: int, node_rank: 
     except torch.distributed.DistError as exc:  # the launchers never met: no worker started
         raise meeting.failed(exc) from None
     finally:
-        torchrun_log.removeFilter(said)
+        for log in torchrun_logs:
+            log.removeFilter(said)
         with contextlib.suppress(OSError):  # last: after torchrun's lines about its workers
             for line in _error_lines(left_errors(errors)):
                 print(line, file=sys.stderr, flush=True)
@@ -246,11 +249,18 @@ class _SaidByKdl(logging.Filter):
     """Leaves out torchrun's error line about a worker that ended with one of kdl's own exit
     codes (1 failed, 2 bad input, 130 and 143 stopped with a checkpoint): that worker has said
     why in its own words, and torchrun's line after them ("failed (exitcode: 143) ...") would be
-    the last a shell script reads. A worker killed by a signal said nothing: its line stays."""
+    the last a shell script reads. A worker killed by a signal said nothing: its line stays.
+    Also torchrun's lines as it passes a stop signal on, or stops the others after a worker
+    ended ("Received 2 death signal, shutting down workers", "Sending process 6213 closing
+    signal SIGINT"): kdl's processes say how they stop. A process that torchrun has to kill
+    after its shutdown timeout still reads "Unable to shutdown process"."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        if message.startswith(("Received %s death signal", "Sending process %s closing signal")):
+            return False
         args = record.args if isinstance(record.args, tuple) else ()
-        return not (str(record.msg).startswith("failed (exitcode") and args
+        return not (message.startswith("failed (exitcode") and args
                     and args[0] in (1, 2, 128 + signal.SIGINT, 128 + signal.SIGTERM))
 
 
