@@ -45,12 +45,6 @@ def launch(worker_args: list[str], nproc_per_node: int, nnodes: int, node_rank: 
 
     meeting = _Meeting(nnodes, node_rank, master_addr, master_port or DEFAULT_PORT)
     meeting.check_address()
-    port = [] if master_port is None else [f"--master-port={master_port}"]
-    args = parse_args([
-        f"--nproc-per-node={nproc_per_node}", f"--nnodes={nnodes}", f"--node-rank={node_rank}",
-        f"--master-addr={master_addr}", *port, f"--rdzv-conf=timeout={meeting.torch_timeout_s}",
-        "--module", "karpathy_runner", *worker_args,
-    ])
     if nproc_per_node > 1:  # what torchrun sets for several processes a machine; without its warning
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     said = _SaidByKdl()
@@ -58,9 +52,17 @@ def launch(worker_args: list[str], nproc_per_node: int, nnodes: int, node_rank: 
                      for name in ("multiprocessing", "agent.server")]
     for log in torchrun_logs:
         log.addFilter(said)
-    errors = meeting.scratch = tempfile.mkdtemp(prefix="kdl-errors-")  # where the workers leave theirs
+    # the launch's own folder, removed at its end: the errors the workers leave, and torchrun's
+    # folders of each worker (else a folder of torchrun's own in the temporary folder, left there)
+    errors = meeting.scratch = tempfile.mkdtemp(prefix="kdl-launch-")
     os.environ[ERRORS] = errors
     try:
+        port = [] if master_port is None else [f"--master-port={master_port}"]
+        args = parse_args([
+            f"--nproc-per-node={nproc_per_node}", f"--nnodes={nnodes}", f"--node-rank={node_rank}",
+            f"--master-addr={master_addr}", *port, f"--rdzv-conf=timeout={meeting.torch_timeout_s}",
+            f"--log-dir={os.path.join(errors, 'torchrun')}", "--module", "karpathy_runner", *worker_args,
+        ])
         with meeting.watched():
             run(args)
     except SignalException as exc:  # the workers got it too, saved a checkpoint and stopped

@@ -58,7 +58,7 @@ def test_a_machine_left_alone_says_what_it_waits_for_and_gives_up_in_one_paragra
         "Start the same command there with --node-rank 0 (it waits for the others), and check that "
         "--master-addr is that machine's address and --master-port a port on it that this machine can reach",
     ], said
-    assert not list(scratch.glob("kdl-*"))  # the launch's folder for its workers' errors, removed
+    assert not any(scratch.iterdir())  # the launch's folder (the workers' errors, torchrun's), removed
 
     monkeypatch.setattr(launcher, "MEETING_TIMEOUT_S", 1)
     first, last = left_alone(0, 3, port)
@@ -116,10 +116,12 @@ def test_ctrl_c_while_the_machines_meet_ends_the_launcher_at_once(tmp_path):
 
 def test_training_processes_that_fail_alike_say_it_once_as_the_last_line(tmp_path):
     """Each of the processes used to print the same paragraph, and torchrun's lines came after."""
-    missing = tmp_path / "no such folder"
+    missing, scratch = tmp_path / "no such folder", tmp_path / "tmp"
+    scratch.mkdir()
     failed = launch(tmp_path / "runs", str(CONFIGS / "my_images_cnn.yaml"), "--set", f"data.root={missing}",
-                    "--set", "train.device=cpu", "--nproc-per-node", "2")
+                    "--set", "train.device=cpu", "--nproc-per-node", "2", env={"TMPDIR": str(scratch)})
     assert failed.wait(timeout=240) == 2, output(failed)
+    assert not any(scratch.iterdir())  # the launch's folder (the workers' errors, torchrun's), removed
     error = f"error: image_folder: {missing} (data.root) does not exist."
     assert output(failed).count(error) == 1, output(failed)
     assert output(failed).strip().splitlines()[-1].startswith(error), output(failed)
