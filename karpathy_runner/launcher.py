@@ -179,19 +179,20 @@ class _Meeting:
     @contextlib.contextmanager
     def watched(self) -> Iterator[None]:
         """While the launchers meet, a thread keeps the time on machines other than 0 and ends
-        the launcher at a Ctrl-C (exit 130): torchrun waits inside torch's TCPStore, where
-        Python's signal handlers wait for it to return. The signal reaches the thread through
-        Python's wakeup fd. Once torchrun starts the workers (and puts its own SIGINT handler in
-        place, which passes signals on to them: they stop with a checkpoint), the thread only
-        waits for the launch to end."""
+        the launcher at a Ctrl-C or a SIGTERM (exit 130 or 143), saying so: torchrun waits
+        inside torch's TCPStore, where Python's signal handlers wait for it to return. The
+        signals reach the thread through Python's wakeup fd (their handlers do nothing
+        meanwhile: no KeyboardInterrupt where torchrun may be in Python yet). Once torchrun starts
+        the workers (and puts its own handlers in place, which pass signals on to them: they stop
+        with a checkpoint), the thread only waits for the launch to end."""
         if not self.watchable:  # (one machine meets at once; SIGINT left to the workers alone)
             self._announce()
             yield
             return
-        before = signal.getsignal(signal.SIGINT)
-        heard = callable(before)  # (a Ctrl-C not ignored): the thread alone acts on it, no
-        if heard:  # KeyboardInterrupt in the main thread (where torchrun may be in Python yet)
-            signal.signal(signal.SIGINT, _meanwhile)
+        before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+        heard = [signum for signum, handler in before.items() if handler not in (signal.SIG_IGN, None)]
+        for signum in heard:  # (a signal ignored stays ignored: a script's background job)
+            signal.signal(signum, _meanwhile)
         read, write = os.pipe()
         os.set_blocking(write, False)
         previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False) if heard else None
@@ -199,13 +200,14 @@ class _Meeting:
                                    daemon=True, name="kdl-meeting")
         watcher.start()
         try:
-            self._announce()  # (a Ctrl-C is heard from now on)
+            self._announce()  # (a signal is heard from now on)
             yield
         finally:
             if previous is not None:
                 signal.set_wakeup_fd(previous)
-            if signal.getsignal(signal.SIGINT) is _meanwhile:  # (no worker started: torchrun's is not)
-                signal.signal(signal.SIGINT, before)
+            for signum in heard:
+                if signal.getsignal(signum) is _meanwhile:  # (no worker started: torchrun's is not)
+                    signal.signal(signum, before[signum])
             os.close(write)  # the watcher reads the end of the pipe and ends
             watcher.join()
             os.close(read)
@@ -222,9 +224,10 @@ class _Meeting:
                 deadline = None
                 if meeting:
                     self._give_up(f"error: {self.failed(None)}", 2)
-            elif signal.SIGINT in got and meeting:
-                self._give_up(f"interrupted {self.waiting}; no training process had started",
-                              128 + signal.SIGINT)
+            elif meeting and (signal.SIGINT in got or signal.SIGTERM in got):
+                how = "interrupted" if signal.SIGINT in got else "stopped by SIGTERM,"
+                self._give_up(f"{how} {self.waiting}; no training process had started",
+                              128 + (signal.SIGINT if signal.SIGINT in got else signal.SIGTERM))
 
     def _give_up(self, line: str, code: int) -> None:
         """End the launcher from the watcher (torchrun's wait cannot be interrupted), `line` its
@@ -240,7 +243,8 @@ class _Meeting:
 
 
 def _meanwhile(signum: int, frame: Any) -> None:
-    """SIGINT's handler while the launchers meet: the meeting's thread hears it (wakeup fd)."""
+    """SIGINT's and SIGTERM's handler while the launchers meet: the meeting's thread hears them
+    (wakeup fd)."""
 
 
 def _span(seconds: int) -> str:

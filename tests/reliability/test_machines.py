@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -91,27 +92,38 @@ def test_a_port_in_use_or_an_address_not_found_is_one_paragraph_at_once(runs_dir
     assert "Traceback" not in first.stderr + one.stderr + unknown.stderr and not runs_dir.exists()
 
 
-def test_ctrl_c_while_the_machines_meet_ends_the_launcher_at_once(tmp_path):
+def test_ctrl_c_or_sigterm_while_the_machines_meet_ends_the_launcher_at_once(tmp_path):
     """torchrun waits for the machines inside torch's TCPStore (machine 0 in its server, the
     others in its client), where Python's signal handlers wait with it: a Ctrl-C used to do
-    nothing for 10 minutes. On a machine other than 0, torch's client logs the connect that the
-    signal interrupts, with a C++ stack, as it happens: kdl's line is the last. (test_distributed
-    stops two machines by Ctrl-C once they train.)"""
-    runs, port = tmp_path / "runs", free_port()
-    waiting = launch(runs, *train_command(), "--nproc-per-node", "1", "--nnodes", "2", "--node-rank",
-                     "1", "--master-port", str(port), start_new_session=True,
-                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a terminal's
+    nothing for 10 minutes, and a SIGTERM ended the launcher without a word, its temporary folder
+    left behind. On a machine other than 0, torch's client logs the connect that the signal
+    interrupts, with a C++ stack, as it happens: kdl's line is the last. (test_distributed stops
+    two machines by Ctrl-C once they train.)"""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    waiting = {signum: launch(tmp_path / f"runs-{signum.name}", *train_command(), "--nproc-per-node", "1",
+                              "--nnodes", "2", "--node-rank", "1", "--master-port", str(free_port()),
+                              start_new_session=True, env={"TMPDIR": str(scratch)},
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a terminal's
+               for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        wait_for(lambda: "machine 1 of 2: waiting" in output(waiting), timeout=120)
-        time.sleep(1)  # (torchrun's Python is done by now: the launcher waits in torch's client)
-        os.kill(waiting.pid, signal.SIGINT)
-        assert waiting.wait(timeout=10) == 130, output(waiting)
+        for process in waiting.values():
+            wait_for(lambda: "machine 1 of 2: waiting" in output(process), timeout=120)  # noqa: B023
+        time.sleep(1)  # (torchrun's Python is done by now: the launchers wait in torch's client)
+        for signum, process in waiting.items():
+            os.kill(process.pid, signum)
+        for signum, process in waiting.items():
+            assert process.wait(timeout=10) == 128 + signum, output(process)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(waiting.pid, signal.SIGKILL)
-    assert output(waiting).strip().splitlines()[-1] == (
-        f"interrupted waiting to join machine 0 at 127.0.0.1:{port}; no training process had started")
-    assert not any(runs.iterdir())
+        for process in waiting.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+    for signum, process in waiting.items():
+        where = re.search(r"waiting to join machine 0 at \S+:\d+", output(process))[0]
+        how = "interrupted" if signum == signal.SIGINT else "stopped by SIGTERM,"
+        assert output(process).strip().splitlines()[-1] == f"{how} {where}; no training process had started"
+        assert not any((tmp_path / f"runs-{signum.name}").iterdir())
+    assert not any(scratch.iterdir())  # the launches' folders, removed
 
 
 def test_training_processes_that_fail_alike_say_it_once_as_the_last_line(tmp_path):
