@@ -54,14 +54,14 @@ def launch(worker_args: list[str], nproc_per_node: int, nnodes: int, node_rank: 
         log.addFilter(said)
     # the launch's own folder, removed at its end: the errors the workers leave, and torchrun's
     # folders of each worker (else a folder of torchrun's own in the temporary folder, left there)
-    errors = meeting.scratch = tempfile.mkdtemp(prefix="kdl-launch-")
-    os.environ[ERRORS] = errors
+    scratch = meeting.scratch = tempfile.mkdtemp(prefix="kdl-launch-")
+    os.environ[ERRORS] = scratch
     try:
         port = [] if master_port is None else [f"--master-port={master_port}"]
         args = parse_args([
             f"--nproc-per-node={nproc_per_node}", f"--nnodes={nnodes}", f"--node-rank={node_rank}",
             f"--master-addr={master_addr}", *port, f"--rdzv-conf=timeout={meeting.torch_timeout_s}",
-            f"--log-dir={os.path.join(errors, 'torchrun')}", "--module", "karpathy_runner", *worker_args,
+            f"--log-dir={os.path.join(scratch, 'torchrun')}", "--module", "karpathy_runner", *worker_args,
         ])
         with meeting.watched():
             run(args)
@@ -75,9 +75,9 @@ def launch(worker_args: list[str], nproc_per_node: int, nnodes: int, node_rank: 
         for log in torchrun_logs:
             log.removeFilter(said)
         with contextlib.suppress(OSError):  # last: after torchrun's lines about its workers
-            for line in _error_lines(left_errors(errors)):
+            for line in _error_lines(left_errors(scratch)):
                 print(line, file=sys.stderr, flush=True)
-        shutil.rmtree(errors, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
         os.environ.pop(ERRORS, None)
     return 0
 
