@@ -32,6 +32,8 @@ from .workers import ERRORS, left_errors
 # torchrun meets at on the machine of --node-rank 0 when --master-port is left out
 MEETING_TIMEOUT_S = 600
 DEFAULT_PORT = 29500
+# the signals that end a launcher while the machines meet, and how it says so
+_STOPS = {signal.SIGINT: "interrupted", signal.SIGTERM: "stopped by SIGTERM,"}
 
 
 def launch(worker_args: list[str], nproc_per_node: int, nnodes: int, node_rank: int,
@@ -189,7 +191,7 @@ class _Meeting:
             self._announce()
             yield
             return
-        before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+        before = {signum: signal.getsignal(signum) for signum in _STOPS}
         heard = [signum for signum, handler in before.items() if handler not in (signal.SIG_IGN, None)]
         for signum in heard:  # (a signal ignored stays ignored: a script's background job)
             signal.signal(signum, _meanwhile)
@@ -224,10 +226,8 @@ class _Meeting:
                 deadline = None
                 if meeting:
                     self._give_up(f"error: {self.failed(None)}", 2)
-            elif meeting and (signal.SIGINT in got or signal.SIGTERM in got):
-                how = "interrupted" if signal.SIGINT in got else "stopped by SIGTERM,"
-                self._give_up(f"{how} {self.waiting}; no training process had started",
-                              128 + (signal.SIGINT if signal.SIGINT in got else signal.SIGTERM))
+            elif meeting and (stop := next((signum for signum in _STOPS if signum in got), None)):
+                self._give_up(f"{_STOPS[stop]} {self.waiting}; no training process had started", 128 + stop)
 
     def _give_up(self, line: str, code: int) -> None:
         """End the launcher from the watcher (torchrun's wait cannot be interrupted), `line` its
