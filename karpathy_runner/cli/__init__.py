@@ -15,21 +15,19 @@ from .app import app
 from . import train, evaluate, export, sweep, runs  # noqa: E402, F401
 # isort: on
 
-__all__ = ["app", "main"]
+__all__ = ["app", "exit_last", "main"]
 
 
-def main() -> None:
+def main(ending: _Ending | None = None) -> None:
     """The `kdl` command. Once the command is done, the process exits at once, skipping
     Python's teardown of the modules it loaded: for a command that trained, the teardown of
     torch (torch.optim imports torch._dynamo and sympy: some 2,500 modules) takes most of a
     second on a laptop and several on a loaded machine, all after the run's last line, long
     enough to turn a clean run into a `timeout` failure. Everything kdl writes is closed and
     synced by then; the exit handlers that the command's libraries registered (DataLoader
-    workers, trackers, logging) still run first."""
-    import atexit
-
-    ending = _Ending()
-    atexit.register(ending.exit)  # the first registered runs last: after every other handler
+    workers, trackers, logging) still run first. A sweep's fork server, which imports them
+    before it forks the point that calls this, gives the `ending` it registered before."""
+    ending = ending or exit_last()
     try:
         app()
     except SystemExit as exc:
@@ -61,3 +59,13 @@ class _Ending:
             except (OSError, ValueError):  # the reader left, or the stream is closed
                 pass
         os._exit(status)
+
+
+def exit_last() -> _Ending:
+    """The end of the process, registered now as the exit handler that runs last (the first
+    registered runs last): after those of every library imported from now on."""
+    import atexit
+
+    ending = _Ending()
+    atexit.register(ending.exit)
+    return ending
