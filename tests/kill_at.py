@@ -53,19 +53,34 @@ def signal_before(name: str, nth: int, signum: int, target: str = "self", once: 
 
 
 def install_from_environment() -> None:
-    """The hook KDL_TEST_SIGNAL asks for, if it is set."""
-    spec = os.environ.get(ENVIRONMENT)
-    if spec and _chosen(os.environ.get(PROCESS)):
-        name, nth, signum, target, *once = spec.split(":")
+    """The hook KDL_TEST_SIGNAL asks for, if it is set. In kdl's fork server (a sweep's local
+    points are forked from it, karpathy_runner/batch/forks.py) it is installed in each point as
+    the server forks it, as it would be at the start of a fresh `kdl train` process."""
+    if not os.environ.get(ENVIRONMENT):
+        return
+    if _fork_server():
+        server = os.getpid()
+        os.register_at_fork(after_in_child=lambda: os.getppid() == server and _install(forked=True))
+    else:
+        _install(forked=False)
+
+
+def _install(forked: bool) -> None:
+    if _chosen(os.environ.get(PROCESS), forked):
+        name, nth, signum, target, *once = os.environ[ENVIRONMENT].split(":")
         signal_before(name, int(nth), getattr(signal, signum), target, once[0] if once else None,
                       float(os.environ.get(LINGER, "0")))
 
 
-def _chosen(process: str | None) -> bool:
+def _fork_server() -> bool:
+    return sys.orig_argv[1:3] == ["-m", "karpathy_runner.forkserver"]
+
+
+def _chosen(process: str | None, forked: bool) -> bool:
     """Is this the process KDL_TEST_SIGNAL_PROCESS picks (K:FOLDER: the K-th `kdl train`)?"""
     if process is None:
         return True
-    if sys.orig_argv[1:4] != ["-m", "karpathy_runner", "train"]:
+    if not forked and sys.orig_argv[1:4] != ["-m", "karpathy_runner", "train"]:
         return False
     k, folder = process.split(":", 1)
     Path(folder).mkdir(parents=True, exist_ok=True)
@@ -86,10 +101,21 @@ def _first(once: str | None) -> bool:
 
 
 def _send(signum: int, target: str) -> None:
+    launcher = _launcher()
     if target == "parent-group":  # as a terminal's Ctrl-C: the launcher's whole group
-        os.killpg(os.getpgid(os.getppid()), signum)
+        os.killpg(os.getpgid(launcher), signum)
     elif target == "parent-and-self":
-        os.kill(os.getppid(), signum)
+        os.kill(launcher, signum)
         os.kill(os.getpid(), signum)
     else:
-        os.kill(os.getppid() if target == "parent" else os.getpid(), signum)
+        os.kill(launcher if target == "parent" else os.getpid(), signum)
+
+
+def _launcher() -> int:
+    """The process that started this one: its parent, or for a sweep's point forked by kdl's
+    fork server, the server's parent (the sweep)."""
+    parent = os.getppid()
+    if _fork_server():
+        stat = Path(f"/proc/{parent}/stat").read_text()
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+    return parent

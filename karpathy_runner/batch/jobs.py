@@ -193,6 +193,9 @@ class JobPool:
         return ("interrupted: the Ctrl-C stopped the jobs too, each with a checkpoint; the same "
                 "command run again resumes them")
 
+    def close(self) -> None:
+        """The command is done with its jobs; they are the scheduler's."""
+
     def active(self, key: int) -> bool:
         """Is point `key`'s job from an earlier command still queued or running?"""
         view = self.earlier.get(key)

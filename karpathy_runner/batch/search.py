@@ -27,6 +27,7 @@ study, as its rungs are decided from every trial's value.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Callable
@@ -113,7 +114,8 @@ def run_search(spec: SearchSpec, root: Path, storage: str | None, study_name: st
         rungs = f", halving by {spec.halving} over epochs {spec.rungs()}" if spec.halving else ""
         log(f"study {name}: {spec.search} search, {runner.size()} of {spec.trials} trials so far, "
             f"{jobs} at a time{rungs}; {spec.direction} {spec.metric}; storage {shown_url(url)}")
-        code = runner.halve() if spec.halving else runner.run()
+        with contextlib.closing(pool):  # one pool for every rung
+            code = runner.halve() if spec.halving else runner.run()
         rows = runner.results()
         best = runner.best(rows)
     return Outcome(runner, shown_url(url), rows, best, 1 if code == 0 and best is None else code)

@@ -26,6 +26,7 @@ from typing import IO, Any
 import yaml
 
 from ..errors import KdlError, quoted
+from . import forks
 
 # exit codes of `kdl train`; killed by a signal (a second Ctrl-C) Popen says -SIGNAL
 STATUS_BY_EXIT = {0: "completed", 1: "failed", 2: "bad config", 130: "interrupted", 143: "interrupted",
@@ -146,7 +147,7 @@ class Point:
     run_id: str | None = None
     seconds: float = 0.0
     error: str = ""
-    process: subprocess.Popen | None = field(default=None, repr=False)
+    process: subprocess.Popen | forks.Forked | None = field(default=None, repr=False)
     files: tuple[IO[str], IO[str]] | None = field(default=None, repr=False)
     job: Any = field(default=None, repr=False)  # its submitit job (jobs.JobPool)
     started: float = 0.0
@@ -191,9 +192,17 @@ class Sweep:
         self.finished = finished or (lambda point: None)
         self.total = total or len(points)
         self.launcher = launcher or Processes(self.jobs)
+        self.owned = launcher is None  # closed at the end of run(); a given one is its giver's
         self.stopping = False
 
     def run(self) -> int:
+        try:
+            return self._run()
+        finally:
+            if self.owned:
+                self.launcher.close()
+
+    def _run(self) -> int:
         pending = list(self.points)
         running: list[Point] = []
         try:
@@ -269,9 +278,10 @@ class Sweep:
 
 
 class Processes:
-    """The local pool: each point a `python -m karpathy_runner train ...` process on this
-    machine, its output in temp files; each holds the `inherited` descriptors (a search's lock
-    on its trials)."""
+    """The local pool: each point a `kdl train` process on this machine, its output in temp
+    files; each holds the `inherited` descriptors (a search's lock on its trials). On Linux the
+    points are forked from a server that has imported torch already (forks.py), otherwise each
+    is `python -m karpathy_runner train ...`, as they are should the server be gone."""
 
     detached = False  # a point's process stops with the sweep's command
     poll_s = 0.05
@@ -279,19 +289,30 @@ class Processes:
     def __init__(self, jobs: int, inherited: tuple[int, ...] = ()):
         self.jobs = jobs
         self.inherited = inherited
+        self.forks: forks.Forks | None = None
 
     def start(self, point: Point) -> str:
         out = tempfile.TemporaryFile("w+")
         err = tempfile.TemporaryFile("w+")
         point.files = (out, err)
+        if self.forks is None and forks.available():  # the first point waits for its imports
+            self.forks = forks.Forks(self._environment())
+        fds = [out.fileno(), err.fileno(), *self.inherited]
+        forked = self.forks.start(point.argv, fds) if self.forks else None
         # in a session of its own: a Ctrl-C at the terminal reaches the sweep alone, which passes
         # one SIGINT on (two would stop a point at once, without its checkpoint)
-        point.process = subprocess.Popen(
+        point.process = forked or subprocess.Popen(
             [sys.executable, "-m", "karpathy_runner", *point.argv],
             stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True,
             env=self._environment(), pass_fds=self.inherited,
         )
         return "started"
+
+    def close(self) -> None:
+        """The points are done: the server ends."""
+        if self.forks is not None:
+            self.forks.close()
+            self.forks = None
 
     def active(self, key: int) -> bool:
         """Is point `key` running already, started by an earlier command? Not as this pool

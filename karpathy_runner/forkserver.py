@@ -1,0 +1,39 @@
+"""`python -m karpathy_runner.forkserver FD`: the process a sweep's local points are forked from
+(batch/forks.py, which starts it). It imports what `kdl train` imports, serves the sweep on the
+socket FD, and each point, once forked, runs `kdl train` as `python -m karpathy_runner` does."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+
+def _preload() -> None:
+    """What every point imports, once: torch, kdl's command line, training and TensorBoard
+    writer (the default tracker), and what torch's first optimizer imports (torch._dynamo: most
+    of the seconds). Nothing here starts a thread or touches a GPU: a forked child would have
+    neither (tests/reliability/test_forks.py counts the server's threads)."""
+    import torch
+
+    from . import cli, evaluate, session  # noqa: F401
+    from .trackers import tensorboard  # noqa: F401
+
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)])
+
+
+if __name__ == "__main__":
+    from .cli import exit_last, main
+
+    ending = exit_last()  # a point's last exit handler, registered before torch registers its own
+    try:
+        _preload()
+    except Exception:  # noqa: BLE001  each point meets the same error, and reports it as its own
+        pass
+    from .batch import forks
+
+    argv = forks.serve(int(sys.argv[1]))
+    if argv is None:  # the sweep closed its end: the server ends, without tearing torch down
+        os._exit(0)
+    sys.argv = [str(Path(__file__).with_name("__main__.py")), *argv]  # a point
+    main(ending)

@@ -1,0 +1,130 @@
+"""The local pool's fork server (karpathy_runner/batch/forks.py): a point forked from it is a
+`kdl train` process as a fresh one is; a server gone leaves the sweep to fresh processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from kdl import CONFIGS, TINY
+from stopping import only_run, read_json
+
+from karpathy_runner.batch import forks
+from karpathy_runner.batch.sweep import Point, Processes
+
+pytestmark = pytest.mark.skipif(not forks.available(), reason="points are forked on Linux only")
+
+
+def argv(runs: Path, *sets: str) -> list[str]:
+    return ["train", str(CONFIGS / "digits_cnn.yaml"),
+            *[item for s in [*TINY, *sets] for item in ("--set", s)], "--runs-dir", str(runs), "--quiet"]
+
+
+def wait_for(check, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
+        time.sleep(0.02)
+
+
+# in the server, a weakref.finalize of each point, on an object that outlives its command: it is
+# called at the point's exit by the exit handler of weakref, which the server's imports registered
+FINALIZED = """
+import os, sys, weakref
+if sys.orig_argv[1:3] == ["-m", "karpathy_runner.forkserver"]:
+    server, HELD = os.getpid(), type("Held", (), {})()
+    def in_point():
+        if os.getppid() == server:
+            weakref.finalize(HELD, lambda: open(os.environ["KDL_TEST_MARK"], "w").close())
+    os.register_at_fork(after_in_child=in_point)
+"""
+
+
+def test_a_forked_point_is_a_kdl_train_process_of_its_own_and_the_server_ends_with_the_sweep(tmp_path):
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(FINALIZED)
+    mark = tmp_path / "finalized"
+    server = forks.Forks({**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path / "site"),
+                          "KDL_TEST_MARK": str(mark)})
+    try:
+        assert server.serving
+        # torch imported, and no thread but the main one: a fork has only the thread that forked
+        assert os.listdir(f"/proc/{server.server.pid}/task") == [str(server.server.pid)]
+        runs = tmp_path / "runs"
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+            streamed = argv(runs, "train.epochs=500", "data.placement=stream", "data.num_workers=2")
+            point = server.start(streamed, [out.fileno(), err.fileno()])
+            wait_for(lambda: runs.exists() and any(runs.glob("*/metrics.jsonl")), "metrics")
+            assert os.getsid(point.pid) == point.pid  # a session of its own: a Ctrl-C is the sweep's
+            assert os.readlink(f"/proc/{point.pid}/fd/0") == os.devnull
+            children = Path(f"/proc/{point.pid}/task/{point.pid}/children")
+            wait_for(lambda: len(children.read_text().split()) == 2, "DataLoader workers")
+            workers = children.read_text().split()
+            point.send_signal(signal.SIGINT)  # as the sweep passes on a Ctrl-C: a checkpoint, exit 130
+            assert point.wait() == 130
+            assert all(forks._over(int(pid)) for pid in workers)  # its DataLoader's, forked in turn
+            out.seek(0)
+            err.seek(0)
+            run = only_run(runs)
+            assert out.read().split() == [run.name]
+            assert "Ctrl-C" in err.read()
+        # it ended as `python -m karpathy_runner` does: after the exit handlers that the modules it
+        # imported registered (here, imported by the server before the fork), kdl's last
+        assert mark.is_file()
+        meta = read_json(run / "meta.json")
+        assert meta["status"] == "interrupted" and meta["pid"] == point.pid
+        assert meta["command"][:2] == ["kdl", "train"]
+        assert meta["versions"]["cpu_threads"] == 1
+    finally:
+        server.close()
+    assert server.server.returncode == 0  # the server ended as the pool closed its end
+
+
+def test_a_server_killed_leaves_its_point_running_and_the_next_points_start_afresh(tmp_path):
+    pool = Processes(1)
+    runs = tmp_path / "runs"
+    first = Point(0, {}, argv(runs, "train.epochs=500"))
+    pool.start(first)
+    try:
+        wait_for(lambda: runs.exists() and any(runs.glob("*/metrics.jsonl")), "metrics")
+        os.kill(pool.forks.server.pid, signal.SIGKILL)
+        pool.forks.server.wait()
+        assert not pool.ended(first)  # the point goes on without its server
+        pool.stop(first, signal.SIGINT)  # and is still the sweep's to stop
+        pool.wait(first)
+        pool.finish(first)
+        assert first.status == "failed" and first.exit_code == forks.UNKNOWN_EXIT  # its end unheard
+        assert read_json(runs / first.run_id / "meta.json")["status"] == "interrupted"
+        second = Point(1, {}, argv(runs, "train.epochs=1"))
+        pool.start(second)
+        assert isinstance(second.process, subprocess.Popen)  # a fresh `python -m karpathy_runner`
+        pool.wait(second)
+        pool.finish(second)
+        assert second.status == "completed", second.error
+    finally:
+        pool.close()
+
+
+def test_the_server_ignores_a_ctrl_c_and_ends_when_its_sweep_is_killed(tmp_path):
+    """A Ctrl-C goes to the sweep's process group; the server, in a session of its own, would
+    not get it, and ignores it besides; the sweep killed, its end of the socket closes."""
+    code = ("import os, sys, time; from karpathy_runner.batch import forks; "
+            "f = forks.Forks(dict(os.environ)); print(f.server.pid, flush=True); time.sleep(60)")
+    sweep = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(sweep.stdout.readline())
+        assert os.getsid(pid) == pid
+        os.kill(pid, signal.SIGINT)
+        time.sleep(0.3)
+        assert not forks._over(pid)
+        sweep.kill()
+        sweep.wait()
+        wait_for(lambda: forks._over(pid), "end of the server", timeout=10)
+    finally:
+        sweep.kill()
