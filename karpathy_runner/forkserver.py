@@ -12,14 +12,26 @@ from pathlib import Path
 def _preload() -> None:
     """What every point imports, once: torch, kdl's command line, training and TensorBoard
     writer (the default tracker), and what torch's first optimizer imports (torch._dynamo: most
-    of the seconds). Nothing here starts a thread or touches a GPU: a forked child would have
-    neither (tests/reliability/test_forks.py counts the server's threads)."""
+    of the seconds). None of it starts a thread or touches a GPU (see _safe)."""
     import torch
 
     from . import cli, evaluate, session  # noqa: F401
     from .trackers import tensorboard  # noqa: F401
 
     torch.optim.SGD([torch.zeros(1, requires_grad=True)])
+
+
+def _safe() -> bool:
+    """Can a point be forked from here? A fork has only the thread that forked, and a lock that
+    another thread held stays held for ever; it cannot use CUDA once its parent has. A server
+    that has either does not serve, and the sweep starts fresh processes. (numpy's OpenBLAS
+    starts a thread of its own as torch imports it, unless OMP_NUM_THREADS=1; OpenBLAS stops it
+    for a fork and starts it again after, as every process that forks with numpy relies on.)"""
+    import threading
+
+    import torch
+
+    return threading.active_count() == 1 and not torch.cuda.is_initialized()
 
 
 if __name__ == "__main__":
@@ -30,6 +42,8 @@ if __name__ == "__main__":
         _preload()
     except Exception:  # noqa: BLE001  each point meets the same error, and reports it as its own
         pass
+    if not _safe():
+        os._exit(0)
     from .batch import forks
 
     argv = forks.serve(int(sys.argv[1]))

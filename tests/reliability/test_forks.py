@@ -55,6 +55,7 @@ def test_a_forked_point_is_a_kdl_train_process_of_its_own_and_the_server_ends_wi
     try:
         assert server.serving
         # torch imported, and no thread but the main one: a fork has only the thread that forked
+        # (with OMP_NUM_THREADS=1 numpy's OpenBLAS starts none either)
         assert os.listdir(f"/proc/{server.server.pid}/task") == [str(server.server.pid)]
         runs = tmp_path / "runs"
         with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -115,10 +116,13 @@ def test_the_server_ignores_a_ctrl_c_and_ends_when_its_sweep_is_killed(tmp_path)
     """A Ctrl-C goes to the sweep's process group; the server, in a session of its own, would
     not get it, and ignores it besides; the sweep killed, its end of the socket closes."""
     code = ("import os, sys, time; from karpathy_runner.batch import forks; "
-            "f = forks.Forks(dict(os.environ)); print(f.server.pid, flush=True); time.sleep(60)")
-    sweep = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+            "f = forks.Forks(dict(os.environ)); print(f.server.pid if f.serving else 0, flush=True); "
+            "time.sleep(60)")
+    environment = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # numpy's BLAS thread
+    sweep = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=environment)
     try:
         pid = int(sweep.stdout.readline())
+        assert pid, "the server did not serve"
         assert os.getsid(pid) == pid
         os.kill(pid, signal.SIGINT)
         time.sleep(0.3)
