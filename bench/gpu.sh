@@ -11,6 +11,9 @@
 #          ddp.json   bench/ddp.py: whole `kdl train` runs, plain against --nproc-per-node 1
 #                     (the one-GPU DDP run's throughput against the plain run's; both with
 #                     torch's default threads, as users run them: DDP_ARGS="--threads 1" pins them)
+#   sweep: sweep.txt  a sweep's two points, forked from its server (karpathy_runner/batch/forks.py),
+#                     train on the GPU: whether the server serves on a CUDA machine, the sweep's
+#                     lines and each point's device (at most 2 minutes)
 #   ddp_runs: whole runs only, both in one lease (at most 9 minutes): ddp_profile.txt, one round
 #             of batch 64 fp32 under cProfile (profiles/: the functions whose time per step grew;
 #             more options in PROFILE_ARGS), then ddp_rounds.json, 3 rounds of both variants for
@@ -49,6 +52,14 @@ if [[ ,$PARTS, == *,ddp,* ]]; then
     | tee "$OUT/ddp_step.txt" || echo "bench/ddp_step.py ended early; what it printed is in ddp_step.txt"
   timeout 300 "$PYTHON" bench/ddp.py --device "$DEVICE" --rounds 2 --out "$OUT/ddp.json" ${DDP_ARGS:-} 2>&1 \
     | tee "$OUT/ddp.txt"
+fi
+if [[ ,$PARTS, == *,sweep,* ]]; then
+  { timeout 60 "$PYTHON" -c "import os; from karpathy_runner.batch import forks
+f = forks.Forks(dict(os.environ)); print('fork server serving:', f.serving); f.close()"
+    timeout 60 "$PYTHON" -m karpathy_runner sweep configs/digits_cnn.yaml --grid seed=0,1 --jobs 2 \
+      --set train.epochs=2 --set train.device="$DEVICE" --runs-dir "$OUT/sweep_runs"
+    grep -h '"device"' "$OUT"/sweep_runs/*/meta.json; } 2>&1 | tee "$OUT/sweep.txt" \
+    || echo "the sweep part ended early; what it printed is in sweep.txt"
 fi
 # shellcheck disable=SC2086
 if [[ ,$PARTS, == *,ddp_runs,* ]]; then
