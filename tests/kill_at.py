@@ -4,7 +4,8 @@ between two exact file writes however busy the machine is.
 
 Installed two ways: by `signal_before` in a process forked by the test (stopping.fork), or, in a
 process the test cannot fork (torchrun's workers, a sweep's points), at start-up by
-tests/sitehook/sitecustomize.py from the environment: KDL_TEST_SIGNAL=NAME:N:SIGNAL:TARGET, with
+tests/sitehook/sitecustomize.py from the environment (a sweep's points are forked by kdl's fork
+server: there, as the server forks each): KDL_TEST_SIGNAL=NAME:N:SIGNAL:TARGET, with
 TARGET `self`, `parent` (the launcher of a torchrun worker, a sweep), `parent-group` (the
 launcher's process group, as a Ctrl-C at a terminal signals it) or `parent-and-self` (a sweep and
 its trial, as a machine going down stops both, or a job's two processes, as Slurm signals a
