@@ -34,8 +34,9 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
+
+from ..runfolder.layout import process_running
 
 SERVER = "karpathy_runner.forkserver"
 POLL_S = 0.05  # how soon the server reports a point that ended
@@ -100,7 +101,7 @@ class Forks:
             self._take(self._receive())
         # the server is gone: a point it forked ends unheard, once its pid is gone or a zombie
         time.sleep(timeout)
-        for pid in [pid for pid in self.alive if _over(pid)]:
+        for pid in [pid for pid in self.alive if not process_running(pid)]:
             self.ended[pid] = UNKNOWN_EXIT
             self.alive.discard(pid)
 
@@ -151,14 +152,6 @@ class Forks:
         if self.channel is not None:
             self.channel.close()
             self.channel = None
-
-
-def _over(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"  # ended, not yet reaped by its new parent
 
 
 class Forked:

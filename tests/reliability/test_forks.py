@@ -17,6 +17,7 @@ from stopping import only_run, read_json
 
 from karpathy_runner.batch import forks
 from karpathy_runner.batch.sweep import Point, Processes
+from karpathy_runner.runfolder.layout import process_running
 
 pytestmark = pytest.mark.skipif(not forks.available(), reason="points are forked on Linux only")
 
@@ -69,7 +70,7 @@ def test_a_forked_point_is_a_kdl_train_process_of_its_own_and_the_server_ends_wi
             workers = children.read_text().split()
             point.send_signal(signal.SIGINT)  # as the sweep passes on a Ctrl-C: a checkpoint, exit 130
             assert point.wait() == 130
-            assert all(forks._over(int(pid)) for pid in workers)  # its DataLoader's, forked in turn
+            assert not any(process_running(int(pid)) for pid in workers)  # its DataLoader's, forked in turn
             out.seek(0)
             err.seek(0)
             run = only_run(runs)
@@ -127,9 +128,9 @@ def test_the_server_ignores_a_ctrl_c_and_ends_when_its_sweep_is_killed(tmp_path)
         assert os.getsid(pid) == pid
         os.kill(pid, signal.SIGINT)
         time.sleep(0.3)
-        assert not forks._over(pid)
+        assert process_running(pid)
         sweep.kill()
         sweep.wait()
-        wait_for(lambda: forks._over(pid), "end of the server", timeout=10)
+        wait_for(lambda: not process_running(pid), "end of the server", timeout=10)
     finally:
         sweep.kill()
