@@ -52,6 +52,10 @@ class _Ending:
         import sys
 
         code = self.code
+        if code is None:  # an exception escaped before main() could note it (a Ctrl-C in that
+            # instant, in a sweep's forked point): Python printed it, and its status is said so
+            escaped = getattr(sys, "last_value", None)
+            code = None if escaped is None else 130 if isinstance(escaped, KeyboardInterrupt) else 1
         status = 0 if code is None else code if isinstance(code, int) else 1
         for stream in (sys.stdout, sys.stderr):
             try:

@@ -83,12 +83,15 @@ def test_kdl_ends_after_its_exit_handlers_without_tearing_down_its_modules(tmp_p
 
 
 @pytest.mark.parametrize("raised, code", [("ZeroDivisionError", 1), ("KeyboardInterrupt", 130)])
-def test_an_exception_no_command_handles_still_ends_kdl_with_a_failure(raised, code):
+@pytest.mark.parametrize("where", ["in a command", "before main"])
+def test_an_exception_no_command_handles_still_ends_kdl_with_a_failure(raised, code, where):
     """A bug in a command (an exception that reaches the top) prints Python's traceback and exits
-    1, and a Ctrl-C outside the loop's handling 130, as without kdl's prompt exit: never 0."""
-    script = ("import karpathy_runner.cli as cli\n"
-              f"def command():\n    raise {raised}()\n"
-              "cli.app = command\ncli.main()\n")
+    1, and a Ctrl-C outside the loop's handling 130, as without kdl's prompt exit: never 0. So
+    does one raised before main() runs, once kdl's ending is registered (a sweep's fork server
+    registers it before it forks a point, which a Ctrl-C can reach in that instant)."""
+    script = "import karpathy_runner.cli as cli\n" + (
+        f"def command():\n    raise {raised}()\ncli.app = command\ncli.main()\n" if where == "in a command"
+        else f"cli.exit_last()\nraise {raised}()\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == code, done.stderr
     assert "Traceback" in done.stderr and raised in done.stderr
