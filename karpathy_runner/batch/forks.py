@@ -18,10 +18,15 @@ checkpoints) and starts the next points as fresh processes.
 Linux only: the system libraries of macOS are not safe in a forked child (Python's
 multiprocessing spawns there for that reason); elsewhere each point is a fresh process.
 
-The socket carries one JSON message a packet: the pool asks {"start": ARGV} (with the point's
-stdout, stderr and other descriptors) and {"signal": N, "pid": PID}; the server says {"ready":
-PID} once it has imported, {"started": PID} to each start, and {"ended": PID, "code": CODE} (as
-Popen's returncode: -N for a signal) once it has reaped a point.
+The socket carries one JSON message a packet: the pool asks {"start": ARGV, "point": N} (N its
+own number for the point, never used twice: a pid can be) and {"signal": S, "point": N}; the
+server says {"ready": PID} once it has imported, and {"ended": N, "code": CODE} (as Popen's
+returncode: -S for a signal) once it has reaped point N. A start comes with the point's
+descriptors: the write end of a pipe, then its stdout, its stderr and the others it holds. The
+point writes its pid to the pipe and closes it as soon as it has its own session, SIGINT handler
+and output; the server closes its copy once it has forked (or dies). So the pool reads the pid,
+or an end without one if no point was forked: it never starts afresh a point that runs, whenever
+the server is killed, and never signals one that still ignores SIGINT as the server does.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import sys
 import time
 from typing import Any
 
-from ..runfolder.layout import process_running
+from ..runfolder.layout import process_running, process_start_time
 
 SERVER = "karpathy_runner.forkserver"
 POLL_S = 0.05  # how soon the server reports a point that ended
@@ -61,9 +66,10 @@ class Forks:
             stderr=subprocess.DEVNULL, start_new_session=True)
         theirs.close()
         self.channel: socket.socket | None = ours
-        self.ended: dict[int, int] = {}
-        self.alive: set[int] = set()
-        if self._reply("ready") is None:  # it could not start: points start as fresh processes
+        self.started = 0  # the points asked for, which numbers them
+        self.ended: dict[int, int] = {}  # point: exit code
+        self.alive: dict[int, tuple[int, int | None]] = {}  # point: its pid and start time
+        if self._receive().get("ready") is None:  # it could not start: points start as fresh processes
             self.close()
 
     @property
@@ -72,14 +78,22 @@ class Forks:
 
     def start(self, argv: list[str], fds: list[int]) -> Forked | None:
         """Fork a point running `kdl train ARGV` (argv less the program), its stdout and stderr
-        fds[0] and fds[1], holding the others; None if the server is gone."""
-        if not self._send({"start": argv}, fds):
+        fds[0] and fds[1], holding the others; None if none was forked (the server is gone)."""
+        self.started += 1
+        point = self.started
+        born, told = os.pipe()
+        try:
+            sent = self._send({"start": argv, "point": point}, [told, *fds])
+        finally:
+            os.close(told)
+        try:  # the point's pid, or nothing once every copy of `told` is closed: no point
+            pid = int(os.read(born, 32) or 0) if sent else 0
+        finally:
+            os.close(born)
+        if not pid:
             return None
-        pid = self._reply("started")
-        if pid is None:
-            return None
-        self.alive.add(pid)
-        return Forked(self, pid)
+        self.alive[point] = (pid, process_start_time(pid))
+        return Forked(self, point, pid)
 
     def close(self) -> None:
         """Let the server end (points running go on)."""
@@ -101,32 +115,23 @@ class Forks:
             self._take(self._receive())
         # the server is gone: a point it forked ends unheard, once its pid is gone or a zombie
         time.sleep(timeout)
-        for pid in [pid for pid in self.alive if not process_running(pid)]:
-            self.ended[pid] = UNKNOWN_EXIT
-            self.alive.discard(pid)
+        for point in [p for p, process in self.alive.items() if not process_running(*process)]:
+            self.ended[point] = UNKNOWN_EXIT
+            del self.alive[point]
 
-    def signal(self, pid: int, signum: int) -> None:
+    def signal(self, point: int, signum: int) -> None:
         if self.channel is not None:  # the server signals it only if it has not reaped it
-            self._send({"signal": signum, "pid": pid}, [])
-        elif pid in self.alive:
+            self._send({"signal": signum, "point": point}, [])
+        elif point in self.alive and process_running(*self.alive[point]):
             try:
-                os.kill(pid, signum)
+                os.kill(self.alive[point][0], signum)
             except ProcessLookupError:
                 pass
-
-    def _reply(self, kind: str) -> int | None:
-        """The server's next word of `kind` (reading those of points that ended on the way)."""
-        while self.channel is not None:
-            message = self._receive()
-            if kind in message:
-                return message[kind]
-            self._take(message)
-        return None
 
     def _take(self, message: dict[str, Any]) -> None:
         if "ended" in message:
             self.ended[message["ended"]] = message["code"]
-            self.alive.discard(message["ended"])
+            self.alive.pop(message["ended"], None)
 
     def _send(self, message: dict[str, Any], fds: list[int]) -> bool:
         if self.channel is None:
@@ -157,13 +162,13 @@ class Forks:
 class Forked:
     """A point forked by the server, waited on and signalled as a subprocess.Popen is."""
 
-    def __init__(self, forks: Forks, pid: int):
-        self.forks, self.pid, self.returncode = forks, pid, None
+    def __init__(self, forks: Forks, point: int, pid: int):
+        self.forks, self.point, self.pid, self.returncode = forks, point, pid, None
 
     def poll(self) -> int | None:
         if self.returncode is None:
             self.forks.collect()
-            self.returncode = self.forks.ended.get(self.pid)
+            self.returncode = self.forks.ended.get(self.point)
         return self.returncode
 
     def wait(self) -> int:
@@ -173,7 +178,7 @@ class Forked:
 
     def send_signal(self, signum: int) -> None:
         if self.poll() is None:
-            self.forks.signal(self.pid, signum)
+            self.forks.signal(self.point, signum)
 
 
 # ----------------------------------------------------------------------------- the server
@@ -186,15 +191,14 @@ def serve(fd: int) -> list[str] | None:
     channel = socket.socket(fileno=fd)
     interrupt = signal.getsignal(signal.SIGINT)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    children: set[int] = set()
+    children: dict[int, int] = {}  # pid: the pool's number of the point
     channel.send(json.dumps({"ready": os.getpid()}).encode())
     while True:
         readable = select.select([channel], [], [], POLL_S)[0]
         for pid in list(children):
             ended, status = os.waitpid(pid, os.WNOHANG)
             if ended:
-                children.discard(pid)
-                _tell(channel, {"ended": pid, "code": os.waitstatus_to_exitcode(status)})
+                _tell(channel, {"ended": children.pop(pid), "code": os.waitstatus_to_exitcode(status)})
         if not readable:
             continue
         try:
@@ -205,18 +209,20 @@ def serve(fd: int) -> list[str] | None:
             return None
         request = json.loads(packet)
         if "signal" in request:
-            if request["pid"] in children:  # not reaped: the pid is still the point's
-                os.kill(request["pid"], request["signal"])
+            for pid in [pid for pid, point in children.items() if point == request["point"]]:
+                os.kill(pid, request["signal"])  # not reaped: the pid is still the point's
             continue
         pid = os.fork()
         if pid == 0:
             channel.close()
+            born, *fds = fds
             _become_point(fds, interrupt)
+            os.write(born, str(os.getpid()).encode())  # (signals come once the pool has its pid)
+            os.close(born)
             return request["start"]
-        children.add(pid)
+        children[pid] = request["point"]
         for descriptor in fds:
             os.close(descriptor)
-        _tell(channel, {"started": pid})
 
 
 def _tell(channel: socket.socket, message: dict[str, Any]) -> None:

@@ -114,6 +114,40 @@ def test_a_server_killed_leaves_its_point_running_and_the_next_points_start_afre
         pool.close()
 
 
+# in the server, a SIGKILL to itself in the instant of a fork: KDL_TEST_KILL=before, as it is about
+# to fork (no point starts), or after_in_parent, once forked and before it can say so
+KILLED_AT_FORK = """
+import os, signal, sys
+if sys.orig_argv[1:3] == ["-m", "karpathy_runner.forkserver"]:
+    os.register_at_fork(**{os.environ["KDL_TEST_KILL"]: lambda: os.kill(os.getpid(), signal.SIGKILL)})
+"""
+
+
+@pytest.mark.parametrize("when", ["before", "after_in_parent"])
+def test_a_server_killed_as_it_forks_a_point_leaves_that_point_started_once(tmp_path, monkeypatch, when):
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(KILLED_AT_FORK)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "site"))
+    monkeypatch.setenv("KDL_TEST_KILL", when)
+    pool = Processes(1)
+    runs = tmp_path / "runs"
+    point = Point(0, {}, argv(runs))
+    pool.start(point)
+    try:
+        pool.wait(point)
+        pool.finish(point)
+    finally:
+        pool.close()
+    assert pool.forks is None or not pool.forks.serving
+    run = only_run(runs)  # one run of the point, never two
+    assert read_json(run / "meta.json")["status"] == "completed"
+    if when == "before":  # never forked: the pool started it afresh, and heard its end
+        assert isinstance(point.process, subprocess.Popen) and point.status == "completed"
+    else:  # forked: the pool knows its process, but not its exit code (the server's to hear)
+        assert isinstance(point.process, forks.Forked) and point.exit_code == forks.UNKNOWN_EXIT
+        assert point.run_id == run.name
+
+
 def test_the_server_ignores_a_ctrl_c_and_ends_when_its_sweep_is_killed(tmp_path):
     """A Ctrl-C goes to the sweep's process group; the server, in a session of its own, would
     not get it, and ignores it besides; the sweep killed, its end of the socket closes."""
