@@ -6,6 +6,7 @@ killed takes nothing else with it; each is tagged with the sweep id and its poin
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import itertools
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -211,7 +212,8 @@ class Sweep:
                     point = pending.pop(0) if pending else self._more()
                     if point is None:
                         break
-                    running.append(self._start(point))
+                    with interrupt_after():  # a point started is in `running`, to be stopped
+                        running.append(self._start(point))
                 if not running:
                     break
                 for point in [p for p in running if self.launcher.ended(p)]:
@@ -347,6 +349,24 @@ class Processes:
         if self.jobs > 1 and "OMP_NUM_THREADS" not in environment:
             environment["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.jobs))
         return environment
+
+
+@contextlib.contextmanager
+def interrupt_after() -> Iterator[None]:
+    """A Ctrl-C during the block raises KeyboardInterrupt at its end, not in its middle: a point
+    whose process had started but whose start was not yet recorded would train on unseen."""
+    heard: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: heard.append(signum))
+    except ValueError:  # not the main thread: no Ctrl-C here
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+            if heard:
+                raise KeyboardInterrupt
 
 
 def last_line(text: str) -> str | None:

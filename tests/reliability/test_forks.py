@@ -148,6 +148,44 @@ def test_a_server_killed_as_it_forks_a_point_leaves_that_point_started_once(tmp_
         assert point.run_id == run.name
 
 
+# in the server, each point as it is forked writes its pid to KDL_TEST_MARK and sends the sweep
+# (the server's parent) a SIGINT, a Ctrl-C before the sweep knows the point's pid; and the point
+# is slow to take its own session (a signal sent meanwhile would find SIGINT ignored, as the
+# server ignores it)
+INTERRUPTING = """
+import os, signal, sys, time
+if sys.orig_argv[1:3] == ["-m", "karpathy_runner.forkserver"]:
+    server, sweep, setsid = os.getpid(), os.getppid(), os.setsid
+    def in_point():
+        if os.getppid() == server:
+            with open(os.environ["KDL_TEST_MARK"], "w") as mark:
+                mark.write(str(os.getpid()))
+            os.kill(sweep, signal.SIGINT)
+    os.register_at_fork(after_in_child=in_point)
+    os.setsid = lambda: (time.sleep(0.5), setsid())[1]
+"""
+
+
+def test_a_ctrl_c_as_a_point_starts_stops_that_point_too(tmp_path):
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(INTERRUPTING)
+    mark, runs = tmp_path / "point", tmp_path / "runs"
+    command = [sys.executable, "-m", "karpathy_runner", "sweep", str(CONFIGS / "digits_cnn.yaml"),
+               "--grid", "optimizer.lr=0.01", *argv(runs, "train.epochs=500")[2:]]
+    command.remove("--quiet")
+    try:
+        sweep = subprocess.run(command, capture_output=True, text=True, timeout=120, env={
+            **os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path / "site"),
+            "KDL_TEST_MARK": str(mark)})
+        assert sweep.returncode == 130, sweep.stderr
+        assert "[1/1] interrupted" in sweep.stderr, sweep.stderr  # the point's own exit: 130
+        # the sweep passed it on and waited for it: not left training where no one sees it
+        assert not process_running(int(mark.read_text()))
+    finally:
+        if mark.is_file() and process_running(int(mark.read_text())):
+            os.kill(int(mark.read_text()), signal.SIGKILL)
+
+
 def test_the_server_ignores_a_ctrl_c_and_ends_when_its_sweep_is_killed(tmp_path):
     """A Ctrl-C goes to the sweep's process group; the server, in a session of its own, would
     not get it, and ignores it besides; the sweep killed, its end of the socket closes."""
