@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -355,18 +356,17 @@ class Processes:
 def interrupt_after() -> Iterator[None]:
     """A Ctrl-C during the block raises KeyboardInterrupt at its end, not in its middle: a point
     whose process had started but whose start was not yet recorded would train on unseen."""
+    if threading.current_thread() is not threading.main_thread():  # no Ctrl-C is raised here
+        yield
+        return
     heard: list[int] = []
-    try:
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: heard.append(signum))
-    except ValueError:  # not the main thread: no Ctrl-C here
-        previous = None
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: heard.append(signum))
     try:
         yield
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-            if heard:
-                raise KeyboardInterrupt
+        signal.signal(signal.SIGINT, previous)
+        if heard:
+            raise KeyboardInterrupt
 
 
 def last_line(text: str) -> str | None:
