@@ -355,8 +355,11 @@ class Processes:
 @contextlib.contextmanager
 def interrupt_after() -> Iterator[None]:
     """A Ctrl-C during the block raises KeyboardInterrupt at its end, not in its middle: a point
-    whose process had started but whose start was not yet recorded would train on unseen."""
-    if threading.current_thread() is not threading.main_thread():  # no Ctrl-C is raised here
+    whose process had started but whose start was not yet recorded would train on unseen. Where
+    a Ctrl-C raises none (off the main thread, or SIGINT ignored: a script's background job), it
+    does nothing."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
         yield
         return
     heard: list[int] = []

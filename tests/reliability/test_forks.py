@@ -166,17 +166,23 @@ if sys.orig_argv[1:3] == ["-m", "karpathy_runner.forkserver"]:
 """
 
 
-def test_a_ctrl_c_as_a_point_starts_stops_that_point_too(tmp_path):
+@pytest.mark.parametrize("ignored", [False, True], ids=["heard", "ignored"])
+def test_a_ctrl_c_as_a_point_starts_stops_that_point_too(tmp_path, ignored):
+    """And a sweep that ignores SIGINT (a script's background job) ignores that one too."""
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(INTERRUPTING)
     mark, runs = tmp_path / "point", tmp_path / "runs"
     command = [sys.executable, "-m", "karpathy_runner", "sweep", str(CONFIGS / "digits_cnn.yaml"),
-               "--grid", "optimizer.lr=0.01", *argv(runs, "train.epochs=500")[2:]]
+               "--grid", "optimizer.lr=0.01", *argv(runs, *([] if ignored else ["train.epochs=500"]))[2:]]
     command.remove("--quiet")
     try:
         sweep = subprocess.run(command, capture_output=True, text=True, timeout=120, env={
             **os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path / "site"),
-            "KDL_TEST_MARK": str(mark)})
+            "KDL_TEST_MARK": str(mark)},
+            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignored else None)
+        if ignored:  # as a shell starts a script's `kdl sweep ... &`: it and its point go on
+            assert sweep.returncode == 0 and "[1/1] completed" in sweep.stderr, sweep.stderr
+            return
         assert sweep.returncode == 130, sweep.stderr
         assert "[1/1] interrupted" in sweep.stderr, sweep.stderr  # the point's own exit: 130
         # the sweep passed it on and waited for it: not left training where no one sees it
