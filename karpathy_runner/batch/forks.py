@@ -191,14 +191,15 @@ def serve(fd: int) -> list[str] | None:
     channel = socket.socket(fileno=fd)
     interrupt = signal.getsignal(signal.SIGINT)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    children: dict[int, int] = {}  # pid: the pool's number of the point
+    children: dict[int, int] = {}  # the pool's number of a point: its pid, until reaped
     channel.send(json.dumps({"ready": os.getpid()}).encode())
     while True:
         readable = select.select([channel], [], [], POLL_S)[0]
-        for pid in list(children):
+        for point, pid in list(children.items()):
             ended, status = os.waitpid(pid, os.WNOHANG)
             if ended:
-                _tell(channel, {"ended": children.pop(pid), "code": os.waitstatus_to_exitcode(status)})
+                del children[point]
+                _tell(channel, {"ended": point, "code": os.waitstatus_to_exitcode(status)})
         if not readable:
             continue
         try:
@@ -209,8 +210,8 @@ def serve(fd: int) -> list[str] | None:
             return None
         request = json.loads(packet)
         if "signal" in request:
-            for pid in [pid for pid, point in children.items() if point == request["point"]]:
-                os.kill(pid, request["signal"])  # not reaped: the pid is still the point's
+            if request["point"] in children:  # not reaped: the pid is still the point's
+                os.kill(children[request["point"]], request["signal"])
             continue
         pid = os.fork()
         if pid == 0:
@@ -220,7 +221,7 @@ def serve(fd: int) -> list[str] | None:
             os.write(born, str(os.getpid()).encode())  # (signals come once the pool has its pid)
             os.close(born)
             return request["start"]
-        children[pid] = request["point"]
+        children[request["point"]] = pid
         for descriptor in fds:
             os.close(descriptor)
 
