@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from kdl import CONFIGS, TINY
-from stopping import only_run, read_json
+from stopping import only_run, read_json, wait_for
 
 from karpathy_runner.batch import forks
 from karpathy_runner.batch.sweep import Point, Processes
@@ -25,13 +25,6 @@ pytestmark = pytest.mark.skipif(not forks.available(), reason="points are forked
 def argv(runs: Path, *sets: str) -> list[str]:
     return ["train", str(CONFIGS / "digits_cnn.yaml"),
             *[item for s in [*TINY, *sets] for item in ("--set", s)], "--runs-dir", str(runs), "--quiet"]
-
-
-def wait_for(check, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
-        time.sleep(0.02)
 
 
 # in the server, a weakref.finalize of each point, on an object that outlives its command: it is
@@ -62,11 +55,11 @@ def test_a_forked_point_is_a_kdl_train_process_of_its_own_and_the_server_ends_wi
         with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
             streamed = argv(runs, "train.epochs=500", "data.placement=stream", "data.num_workers=2")
             point = server.start(streamed, [out.fileno(), err.fileno()])
-            wait_for(lambda: runs.exists() and any(runs.glob("*/metrics.jsonl")), "metrics")
+            wait_for(lambda: runs.exists() and any(runs.glob("*/metrics.jsonl")))
             assert os.getsid(point.pid) == point.pid  # a session of its own: a Ctrl-C is the sweep's
             assert os.readlink(f"/proc/{point.pid}/fd/0") == os.devnull
             children = Path(f"/proc/{point.pid}/task/{point.pid}/children")
-            wait_for(lambda: len(children.read_text().split()) == 2, "DataLoader workers")
+            wait_for(lambda: len(children.read_text().split()) == 2)  # its DataLoader workers
             workers = children.read_text().split()
             point.send_signal(signal.SIGINT)  # as the sweep passes on a Ctrl-C: a checkpoint, exit 130
             assert point.wait() == 130
@@ -94,7 +87,7 @@ def test_a_server_killed_leaves_its_point_running_and_the_next_points_start_afre
     first = Point(0, {}, argv(runs, "train.epochs=500"))
     pool.start(first)
     try:
-        wait_for(lambda: runs.exists() and any(runs.glob("*/metrics.jsonl")), "metrics")
+        wait_for(lambda: runs.exists() and any(runs.glob("*/metrics.jsonl")))
         os.kill(pool.forks.server.pid, signal.SIGKILL)
         pool.forks.server.wait()
         assert not pool.ended(first)  # the point goes on without its server
@@ -209,6 +202,6 @@ def test_the_server_ignores_a_ctrl_c_and_ends_when_its_sweep_is_killed(tmp_path)
         assert process_running(pid)
         sweep.kill()
         sweep.wait()
-        wait_for(lambda: not process_running(pid), "end of the server", timeout=10)
+        wait_for(lambda: not process_running(pid), timeout=10)  # the server ended
     finally:
         sweep.kill()
