@@ -47,7 +47,7 @@ SERVER = "karpathy_runner.forkserver"
 POLL_S = 0.05  # how soon the server reports a point that ended
 MAX_FDS = 16
 PACKET = 1 << 20  # the largest message: a point's arguments
-# a point whose end the pool could not hear (its server was killed first): reported as failed
+# the return code of a point whose end the pool could not hear (its server was killed first)
 UNKNOWN_EXIT = 1
 
 
@@ -68,6 +68,7 @@ class Forks:
         self.channel: socket.socket | None = ours
         self.started = 0  # the points asked for, which numbers them
         self.ended: dict[int, int] = {}  # point: exit code
+        self.unheard: set[int] = set()  # points that ended after the server: UNKNOWN_EXIT
         self.alive: dict[int, tuple[int, int | None]] = {}  # point: its pid and start time
         if self._receive().get("ready") is None:  # it could not start: points start as fresh processes
             self.close()
@@ -117,6 +118,7 @@ class Forks:
         time.sleep(timeout)
         for point in [p for p, process in self.alive.items() if not process_running(*process)]:
             self.ended[point] = UNKNOWN_EXIT
+            self.unheard.add(point)
             del self.alive[point]
 
     def signal(self, point: int, signum: int) -> None:
@@ -164,6 +166,11 @@ class Forked:
 
     def __init__(self, forks: Forks, point: int, pid: int):
         self.forks, self.point, self.pid, self.returncode = forks, point, pid, None
+
+    @property
+    def heard(self) -> bool:
+        """Is its return code the point's own? Not if it ended after the server (UNKNOWN_EXIT)."""
+        return self.point not in self.forks.unheard
 
     def poll(self) -> int | None:
         if self.returncode is None:

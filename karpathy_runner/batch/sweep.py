@@ -334,6 +334,8 @@ class Processes:
         out.close()
         err.close()
         point.status = STATUS_BY_EXIT.get(point.exit_code, f"exit {point.exit_code}")
+        if isinstance(point.process, forks.Forked) and not point.process.heard:
+            point.exit_code, point.status = None, status_of_run(point)
 
     def stop(self, point: Point, signum: int) -> None:
         if point.process.poll() is None:
@@ -370,6 +372,25 @@ def interrupt_after() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
         if heard:
             raise KeyboardInterrupt
+
+
+# a run's status as the point's: its kdl train exited 0, 130 or 143 (interrupted), or 1
+RUN_ENDS = {"completed": "completed", "paused": "completed", "pruned": "completed",
+            "interrupted": "interrupted"}
+
+
+def status_of_run(point: Point) -> str:
+    """The status of a point whose exit code no one heard (its fork server was killed before it
+    ended), as its run folder has it: what its kdl train wrote there as it ended (a run still
+    `running` is `crashed`: killed). Without a run, or with another status, it failed."""
+    from ..runfolder.layout import runs_dir
+    from ..runfolder.reader import Run
+
+    argv = point.argv
+    root = runs_dir(argv[argv.index("--runs-dir") + 1] if "--runs-dir" in argv else None)
+    if not point.run_id or point.run_id != Path(point.run_id).name or not (root / point.run_id).is_dir():
+        return "failed"
+    return RUN_ENDS.get(Run(root / point.run_id).status, "failed")
 
 
 def last_line(text: str) -> str | None:
