@@ -255,9 +255,8 @@ class Sweep:
         return point
 
     def _start(self, point: Point) -> Point:
-        point.started = time.time()
-        how = self.launcher.start(point)
-        point.status = "running"
+        how = self.launcher.start(point)  # (for the first local point, the fork server's start too)
+        point.started, point.status = time.time(), "running"
         self.log(f"{self._where(point)} {how}  {point.label()}")
         return point
 

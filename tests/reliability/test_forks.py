@@ -16,7 +16,7 @@ from kdl import CONFIGS, TINY
 from stopping import only_run, read_json, wait_for
 
 from karpathy_runner.batch import forks
-from karpathy_runner.batch.sweep import Point, Processes
+from karpathy_runner.batch.sweep import Point, Processes, Sweep
 from karpathy_runner.runfolder.layout import process_running
 
 pytestmark = pytest.mark.skipif(not forks.available(), reason="points are forked on Linux only")
@@ -109,6 +109,17 @@ def test_a_server_killed_leaves_its_point_running_and_the_next_points_start_afre
         assert second.status == "bad config" and "train.epochs" in second.error, second.error
     finally:
         pool.close()
+
+
+def test_a_points_seconds_are_its_own_not_its_servers_start(tmp_path):
+    # a point that ends at once (a mistake in its config), forked from a server that the sweep
+    # starts for it: seconds of imports before it, a fraction of one for the point
+    point = Point(0, {}, argv(tmp_path / "runs", "train.epochs=0"))
+    began = time.time()
+    assert Sweep([point], 1, False, log=lambda line: None).run() == 1
+    took = time.time() - began
+    assert isinstance(point.process, forks.Forked) and point.status == "bad config"
+    assert point.seconds < took / 2, (point.seconds, took)
 
 
 # in the server, a SIGKILL to itself in the instant of a fork: KDL_TEST_KILL=before, as it is about
