@@ -11,9 +11,9 @@ output in the pool's files, the descriptors the pool passes it, the same environ
 The server is not the sweep: a fork of the sweep would copy its state (a study's database
 connections, its locks). It ignores SIGINT (a Ctrl-C is the sweep's to pass on) and ends when
 the sweep's end of its socket closes, the sweep ended or killed, leaving running points to end
-as they would. Should it end first (killed), the pool counts the points it forked as failed once
-they end (their exit codes were the server's to hear; a rerun resumes them from their
-checkpoints) and starts the next points as fresh processes.
+as they would. Should it end first (killed), the pool cannot hear the exit codes of the points it
+forked (they were the server's to hear): once such a point ends, the sweep takes its status from
+its run folder (sweep.status_of_run). The next points start as fresh processes.
 
 Linux only: the system libraries of macOS are not safe in a forked child (Python's
 multiprocessing spawns there for that reason); elsewhere each point is a fresh process.
