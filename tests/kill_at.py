@@ -116,7 +116,9 @@ def _launcher() -> int:
     """The process that started this one: its parent, or for a sweep's point forked by kdl's
     fork server, the server's parent (the sweep)."""
     parent = os.getppid()
-    if _fork_server():
-        stat = Path(f"/proc/{parent}/stat").read_text()
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-    return parent
+    return parent_of(parent) if _fork_server() else parent
+
+
+def parent_of(pid: int) -> int:
+    """The pid of process `pid`'s parent, as /proc has it (OSError once `pid` is gone)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 from kdl import CONFIGS, kdl
+from kill_at import parent_of
 from stopping import (
     assert_same_tensors,
     assert_same_training,
@@ -83,7 +84,7 @@ def _worker(launcher: int, rank: int) -> int:
     """The pid of the torchrun worker of `rank` that `launcher` started."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            parent = parent_of(int(pid))
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except (OSError, IndexError):
             continue
